@@ -1,0 +1,94 @@
+"""GPU check of the plugin: D2DMoE GPT-2 and Gemma 3 checkpoints served by vLLM on CUDA with
+torch.compile and CUDA graphs on, against vLLM's dense model on the same weights (tau = 0).
+
+    python benchmarks/gpu_check_plugin.py --tokenizer-dir DIR --out benchmarks/results
+
+Each engine runs in its own process (tests/vllm_runner.py). Prints a table, writes JSON.
+"""
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+PROMPTS = ["Hello world, this is", "The state of the union is strong because", "In 1790 George Washington",
+           "Mixture of experts"] * 4
+
+
+def run_engine(model, workdir, name, **llm_kwargs):
+    spec, out = workdir / f"{name}.json", workdir / f"{name}.out.json"
+    spec.write_text(json.dumps({"model": str(model), "prompts": PROMPTS, "max_tokens": 16, "report": True,
+                                "llm_kwargs": llm_kwargs}))
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_runner.py"), str(spec), str(out)],
+                          capture_output=True, text=True)
+    (workdir / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    if not out.exists():
+        print(proc.stderr[-4000:])
+        raise SystemExit(f"{name}: engine failed")
+    res = json.loads(out.read_text())
+    if "error" in res:
+        raise SystemExit(f"{name}: {res['error']}")
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+def git_sha():
+    out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, cwd=ROOT).stdout
+    return (out.stdout.strip() or "uncommitted") + ("+dirty" if dirty.strip() else "")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokenizer-dir", type=Path, help="dir with GPT-2 vocab.json + merges.txt")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--families", default="gpt2,gemma3_text")
+    args = ap.parse_args()
+
+    import torch
+    import vllm
+
+    from d2dmoe_converter import ConvertOptions, convert
+    from tiny_models import make_dense
+
+    common = dict(dtype="float32", enforce_eager=False, gpu_memory_utilization=0.3, max_model_len=256)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for family in args.families.split(","):
+            dense = make_dense(family, tmp / f"dense-{family}", hidden=256, layers=4, tokenizer_source=args.tokenizer_dir)
+            moe = tmp / f"moe-{family}"
+            convert(dense, moe, ConvertOptions(expert_size=32))
+            d = run_engine(dense, tmp, f"dense-{family}", **common)
+            m = run_engine(moe, tmp, f"moe-{family}", **common)
+            same = sum(a["tokens"] == b["tokens"] for a, b in zip(d["batch"], m["batch"]))
+            diff = max(abs(p - q) for a, b in zip(d["batch"], m["batch"]) for p, q in zip(a["logprobs"], b["logprobs"]))
+            rows.append({"family": family, "prompts": len(PROMPTS), "identical_greedy_outputs": same,
+                         "max_logprob_diff": diff, "executed_fraction": m["report"]["overall_fraction"],
+                         "dense_engine_s": d["seconds"], "d2dmoe_engine_s": m["seconds"]})
+    print(f"{'family':12s} {'identical':>10s} {'max |dlogp|':>12s} {'executed':>9s}")
+    for r in rows:
+        print(f"{r['family']:12s} {r['identical_greedy_outputs']:>4d}/{r['prompts']:<5d} {r['max_logprob_diff']:12.2e} "
+              f"{r['executed_fraction']:9.2f}")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    result = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "git_sha": git_sha(), "torch": torch.__version__, "vllm": vllm.__version__,
+              "command": " ".join(sys.argv), "settings": {**common, "tau": 0.0, "cuda_graphs": True}, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "gpu-check-plugin-" + device.replace(" ", "-").lower() + ".json"
+    (args.out / name).write_text(json.dumps(result, indent=1))
+    ok = all(r["identical_greedy_outputs"] == r["prompts"] for r in rows)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

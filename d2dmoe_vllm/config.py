@@ -1,0 +1,151 @@
+"""The ``d2dmoe`` block of a checkpoint's config.json, parsed and validated into a frozen dataclass.
+
+Every error names the field, what was found and how to fix it. Deployment-time overrides use flat
+keys (``d2dmoe_tau``, ``d2dmoe_top_k``) so they pass through vLLM's ``hf_overrides`` unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from d2dmoe_kernels.reference import ACTIVATIONS
+
+FORMAT_VERSION = 1
+TAU_OVERRIDE_KEY = "d2dmoe_tau"
+TOP_K_OVERRIDE_KEY = "d2dmoe_top_k"
+EXPERT_MODULES = ("mlp",)
+
+# D2DMoE architecture name -> (base model_type, "module:Class" for lazy registration).
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "D2DMoEGPT2LMHeadModel": ("gpt2", "d2dmoe_vllm.models.gpt2:D2DMoEGPT2LMHeadModel"),
+    "D2DMoEGemmaForCausalLM": ("gemma", "d2dmoe_vllm.models.gemma:D2DMoEGemmaForCausalLM"),
+    "D2DMoEGemma2ForCausalLM": ("gemma2", "d2dmoe_vllm.models.gemma:D2DMoEGemma2ForCausalLM"),
+    "D2DMoEGemma3ForCausalLM": ("gemma3_text", "d2dmoe_vllm.models.gemma:D2DMoEGemma3ForCausalLM"),
+}
+GATED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+
+
+_JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", list: "array"}
+
+
+class CheckpointError(ValueError):
+    """A D2DMoE checkpoint or its configuration is malformed; the message says what to fix."""
+
+
+def _fail(field: str, problem: str, fix: str) -> CheckpointError:
+    return CheckpointError(f"D2DMoE checkpoint: {field}: {problem}. Fix: {fix}")
+
+
+def check_tau(tau: Any, field: str = "d2dmoe.tau") -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= float(tau) <= 1.0:
+        raise _fail(field, f"{tau!r} is not a number in [0, 1]",
+                    "use 0 to run every expert, 1 to run only the highest-scoring one, or a value between")
+    return float(tau)
+
+
+@dataclass(frozen=True)
+class D2DMoEConfig:
+    format_version: int
+    tau: float
+    top_k: int                      # 0: dynamic-k (tau); > 0: fixed top-k (MoEfication baseline)
+    activation: str
+    gated: bool
+    expert_modules: tuple[str, ...]
+    d_ff: int
+    num_experts: tuple[int, ...]    # per layer
+    expert_size: tuple[int, ...]    # per layer
+    router_width: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "tau": self.tau,
+            "top_k": self.top_k,
+            "activation": self.activation,
+            "gated": self.gated,
+            "expert_modules": list(self.expert_modules),
+            "d_ff": self.d_ff,
+            "num_experts": list(self.num_experts),
+            "expert_size": list(self.expert_size),
+            "router_width": self.router_width,
+        }
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "D2DMoEConfig":
+        """Parse and validate from a config.json dict (deployment overrides applied)."""
+        model_type = hf.get("model_type")
+        archs = hf.get("architectures") or []
+        known = [a for a in archs if a in ARCHITECTURES]
+        if len(archs) != 1 or not known:
+            raise _fail("architectures", f"{archs!r} names no D2DMoE architecture",
+                        f"set it to one of {sorted(ARCHITECTURES)} (convert the dense model with d2dmoe-convert)")
+        want_type = ARCHITECTURES[known[0]][0]
+        if model_type != want_type:
+            raise _fail("model_type", f"{model_type!r} does not match architecture {known[0]}",
+                        f"keep the base model_type {want_type!r}")
+        block = hf.get("d2dmoe")
+        if not isinstance(block, Mapping):
+            raise _fail("d2dmoe", "missing or not an object", "re-export the checkpoint with d2dmoe-convert")
+
+        def need(key: str, kind: type) -> Any:
+            if key not in block:
+                raise _fail(f"d2dmoe.{key}", "missing", "re-export the checkpoint with d2dmoe-convert")
+            val = block[key]
+            if isinstance(val, bool) and kind is not bool or not isinstance(val, kind):
+                raise _fail(f"d2dmoe.{key}", f"{val!r} is not a JSON {_JSON_TYPES[kind]}",
+                            f"write a {_JSON_TYPES[kind]} (see docs/checkpoint-format.md)")
+            return val
+
+        version = need("format_version", int)
+        if version != FORMAT_VERSION:
+            raise _fail("d2dmoe.format_version", f"{version} is not supported (this plugin reads {FORMAT_VERSION})",
+                        "upgrade d2dmoe-vllm or re-export the checkpoint")
+        if TAU_OVERRIDE_KEY in hf:
+            tau = check_tau(hf[TAU_OVERRIDE_KEY], TAU_OVERRIDE_KEY)
+        else:
+            tau = check_tau(block["tau"] if "tau" in block else need("tau", float))
+        top_k = hf.get(TOP_K_OVERRIDE_KEY, block.get("top_k", 0))
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise _fail("d2dmoe.top_k", f"{top_k!r} is not an integer >= 0", "use 0 for dynamic-k or k > 0 for top-k")
+        activation = need("activation", str)
+        if activation not in ACTIVATIONS:
+            raise _fail("d2dmoe.activation", f"{activation!r} is unknown", f"use one of {list(ACTIVATIONS)}")
+        gated = need("gated", bool)
+        if gated != (model_type in GATED_MODEL_TYPES):
+            raise _fail("d2dmoe.gated", f"{gated} is wrong for model_type {model_type!r}",
+                        f"set it to {model_type in GATED_MODEL_TYPES}")
+        modules = tuple(need("expert_modules", list))
+        bad = [m for m in modules if m not in EXPERT_MODULES] or ([] if modules else ["(empty)"])
+        if bad:
+            raise _fail("d2dmoe.expert_modules", f"{bad} not supported", f"list a subset of {list(EXPERT_MODULES)}")
+        d_ff = need("d_ff", int)
+        if model_type == "gpt2":
+            base_d_ff = hf.get("n_inner") or 4 * hf.get("n_embd", 0)
+        else:
+            base_d_ff = hf.get("intermediate_size")
+        if d_ff <= 0 or d_ff != base_d_ff:
+            raise _fail("d2dmoe.d_ff", f"{d_ff} does not match the model's FFN width {base_d_ff}",
+                        "set it to the dense model's intermediate size")
+        n_layers = hf.get("num_hidden_layers", hf.get("n_layer"))
+        per_layer = {}
+        for key in ("num_experts", "expert_size"):
+            vals = need(key, list)
+            if len(vals) != n_layers or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
+                raise _fail(f"d2dmoe.{key}", f"needs {n_layers} positive integers (one per layer), got {vals!r}",
+                            "write one value per transformer layer")
+            per_layer[key] = tuple(vals)
+        for i, (n, size) in enumerate(zip(per_layer["num_experts"], per_layer["expert_size"])):
+            if d_ff % size or n * size != d_ff:
+                raise _fail(f"d2dmoe.expert_size[{i}]", f"{n} experts of {size} neurons do not tile d_ff = {d_ff}",
+                            "choose an expert size that divides d_ff and num_experts = d_ff / expert_size")
+        router_width = need("router_width", int)
+        if router_width <= 0:
+            raise _fail("d2dmoe.router_width", f"{router_width} is not positive", "use the trained router's hidden width")
+        return cls(version, tau, top_k, activation, gated, modules, d_ff,
+                   per_layer["num_experts"], per_layer["expert_size"], router_width)
+
+
+def d2dmoe_config_from_vllm(hf_config: Any) -> D2DMoEConfig:
+    """Parse from the transformers config object vLLM hands a model (overrides already merged in)."""
+    return D2DMoEConfig.from_hf(hf_config.to_dict())

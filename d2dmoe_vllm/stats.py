@@ -1,0 +1,113 @@
+"""Compute accounting: the fraction of expert compute the engine executed, per layer and overall.
+
+The op adds to per-layer device counters; reading them is the only synchronising step and happens
+only when a report is asked for (``compute_report``), at process exit (log line), or, when
+``D2DMOE_STATS_FILE`` is set, every ``D2DMOE_STATS_INTERVAL`` seconds (default 10) in a background
+thread of the serving process that rewrites that JSON file (a server's engine process may be killed
+at shutdown, so the file must not wait for exit). On CUDA the thread copies the counters on a side
+stream, so the serving stream never waits for it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from d2dmoe_vllm.expert_layer import DynamicKMLP
+
+logger = logging.getLogger("d2dmoe_vllm")
+STATS_FILE_ENV = "D2DMOE_STATS_FILE"
+STATS_INTERVAL_ENV = "D2DMOE_STATS_INTERVAL"
+
+
+def expert_layers(model: nn.Module) -> list[DynamicKMLP]:
+    return [m for m in model.modules() if isinstance(m, DynamicKMLP)]
+
+
+def compute_report(model: nn.Module) -> dict[str, Any]:
+    """Executed expert compute since the last reset, as fractions of running every expert."""
+    layers, done, full = [], 0, 0
+    mlps = expert_layers(model)
+    counters = [m.counters for m in mlps]
+    if counters and counters[0].is_cuda:
+        side = torch.cuda.Stream(device=counters[0].device)
+        with torch.cuda.stream(side):
+            counters = [c.to("cpu", non_blocking=True) for c in counters]
+        side.synchronize()
+    for m, c in zip(mlps, counters):
+        tokens, pairs = (int(v) for v in c.tolist())
+        fraction = pairs / (tokens * m.num_experts) if tokens else None
+        layers.append({"layer": m.layer, "tokens": tokens, "executed_pairs": pairs,
+                       "num_experts": m.num_experts, "expert_size": m.expert_size, "fraction": fraction})
+        done += pairs * m.expert_size
+        full += tokens * m.num_experts * m.expert_size
+    return {"overall_fraction": done / full if full else None, "layers": layers}
+
+
+def reset_counters(model: nn.Module) -> bool:
+    for m in expert_layers(model):
+        m.counters.zero_()
+    return True
+
+
+def engine_compute_report(llm: Any) -> dict[str, Any]:
+    """Report of an offline ``vllm.LLM`` engine (first worker)."""
+    return llm.apply_model(compute_report)[0]
+
+
+def reset_engine_counters(llm: Any) -> None:
+    """Zero the counters, e.g. after start-up so warm-up runs are not counted."""
+    llm.apply_model(reset_counters)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    if report["overall_fraction"] is None:
+        return "D2DMoE: no tokens served"
+    per_layer = " ".join(f"{r['fraction']:.2f}" for r in report["layers"] if r["fraction"] is not None)
+    tokens = report["layers"][0]["tokens"] if report["layers"] else 0
+    return (f"D2DMoE executed {100 * report['overall_fraction']:.1f}% of expert compute over {tokens} tokens "
+            f"(per layer: {per_layer})")
+
+
+def write_report(model: nn.Module, path: str) -> dict[str, Any]:
+    report = compute_report(model)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)  # readers never see a half-written file
+    return report
+
+
+def start_reporting(model: nn.Module) -> None:
+    """Log the report at process exit; keep $D2DMOE_STATS_FILE up to date while serving."""
+    ref = weakref.ref(model)
+    path = os.environ.get(STATS_FILE_ENV)
+
+    def at_exit() -> None:
+        m = ref()
+        if m is not None:
+            logger.warning(format_report(write_report(m, path) if path else compute_report(m)))
+
+    atexit.register(at_exit)
+    if path:
+        interval = float(os.environ.get(STATS_INTERVAL_ENV, "10"))
+
+        def loop() -> None:
+            while True:
+                time.sleep(interval)
+                m = ref()
+                if m is None:
+                    return
+                write_report(m, path)
+                del m
+
+        threading.Thread(target=loop, name="d2dmoe-stats", daemon=True).start()

@@ -1,0 +1,53 @@
+"""The opaque custom op the vLLM plugin calls: ``torch.ops.d2dmoe.dynamic_k_experts``.
+
+Selection and expert compute live behind one op so torch.compile and CUDA graphs see a single
+node with a fixed output shape (a fake implementation gives it), whatever the routing.
+``counters`` (int64 [2]: tokens seen, token-expert pairs executed) is updated on the device, so
+compute accounting costs no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from d2dmoe_kernels.cpu import dynamic_k_experts_cpu
+from d2dmoe_kernels.reference import dynamic_k_experts_reference, select_experts
+
+
+def _count(counters: torch.Tensor, mask: torch.Tensor) -> None:
+    counters[0] += mask.shape[0]
+    counters[1] += mask.sum()
+
+
+@torch.library.custom_op("d2dmoe::dynamic_k_experts", mutates_args=("counters",))
+def dynamic_k_experts(
+    x: torch.Tensor,
+    scores: torch.Tensor,
+    tau: float,
+    top_k: int,
+    w_in: torch.Tensor,
+    w_up: torch.Tensor | None,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    activation: str,
+    counters: torch.Tensor,
+) -> torch.Tensor:
+    """x [T, d], scores [T, E] (router output, >= 0) -> [T, d]: selected experts summed + b_out."""
+    mask = select_experts(scores, tau, top_k)
+    _count(counters, mask)
+    return dynamic_k_experts_cpu(x, mask, w_in, w_up, w_out, b_in, b_out, activation)
+
+
+@dynamic_k_experts.register_kernel("cuda")
+def _dynamic_k_experts_cuda(x, scores, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation, counters):
+    # Interim CUDA body until the Triton kernels land: every expert computed, unselected ones
+    # masked. Sync-free and graph-capturable, but saves no compute.
+    mask = select_experts(scores, tau, top_k)
+    _count(counters, mask)
+    return dynamic_k_experts_reference(x, mask, w_in, w_up, w_out, b_in, b_out, activation)
+
+
+@dynamic_k_experts.register_fake
+def _(x, scores, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation, counters):
+    return torch.empty_like(x)

@@ -1,0 +1,69 @@
+"""Plain-torch reference of the dynamic-k expert layer: selection, then every expert computed and masked.
+
+This is the definition the fast paths are tested against; it is never the serving path.
+Expert layout (one home for it, shared by checkpoint, plugin and kernels):
+
+    w_in  [E, e, d]   first layer rows (GPT-2 ``c_fc``, Gemma ``gate_proj``)
+    w_up  [E, e, d]   Gemma ``up_proj`` rows, or None for plain (non-gated) experts
+    w_out [E, e, d]   second layer, stored transposed so one expert's rows are contiguous
+    b_in  [E, e]      first-layer bias (GPT-2) or None
+    b_out [d]         second-layer bias, shared: added once whatever the routing
+
+    expert_e(x) = w_out[e]^T (act(w_in[e] x + b_in[e]) * (w_up[e] x))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+
+
+def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    raise ValueError(f"unknown expert activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def select_experts(scores: torch.Tensor, tau: float, top_k: int = 0) -> torch.Tensor:
+    """Boolean [T, E] mask of the experts each token runs.
+
+    Dynamic-k (top_k == 0, paper convention): expert e runs iff R_e >= tau * max_e R_e, so
+    tau = 0 runs every expert and the arg-max expert always runs.
+    Top-k (top_k > 0, the MoEfication baseline): the k highest-scoring experts run.
+    """
+    if top_k > 0:
+        idx = scores.topk(min(top_k, scores.shape[-1]), dim=-1).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+    return scores >= tau * scores.amax(dim=-1, keepdim=True)
+
+
+def dynamic_k_experts_reference(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    w_in: torch.Tensor,
+    w_up: torch.Tensor | None,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """Sum of the selected experts' outputs plus the shared bias, computing all experts (fp32 inside)."""
+    E, e, d = w_in.shape
+    xf = x.float()
+    h = xf @ w_in.float().reshape(E * e, d).t()
+    if b_in is not None:
+        h = h + b_in.float().reshape(E * e)
+    h = apply_activation(h, activation)
+    if w_up is not None:
+        h = h * (xf @ w_up.float().reshape(E * e, d).t())
+    h = h.reshape(-1, E, e) * mask.reshape(-1, E, 1).float()
+    out = h.reshape(-1, E * e) @ w_out.float().reshape(E * e, d)
+    if b_out is not None:
+        out = out + b_out.float()
+    return out.to(x.dtype)

