@@ -11,12 +11,7 @@ from __future__ import annotations
 import torch
 
 from d2dmoe_kernels.cpu import dynamic_k_experts_cpu
-from d2dmoe_kernels.reference import dynamic_k_experts_reference, select_experts
-
-
-def _count(counters: torch.Tensor, mask: torch.Tensor) -> None:
-    counters[0] += mask.shape[0]
-    counters[1] += mask.sum()
+from d2dmoe_kernels.reference import select_experts
 
 
 @torch.library.custom_op("d2dmoe::dynamic_k_experts", mutates_args=("counters",))
@@ -35,17 +30,17 @@ def dynamic_k_experts(
 ) -> torch.Tensor:
     """x [T, d], scores [T, E] (router output, >= 0) -> [T, d]: selected experts summed + b_out."""
     mask = select_experts(scores, tau, top_k)
-    _count(counters, mask)
+    counters[0] += mask.shape[0]
+    counters[1] += mask.sum()
     return dynamic_k_experts_cpu(x, mask, w_in, w_up, w_out, b_in, b_out, activation)
 
 
 @dynamic_k_experts.register_kernel("cuda")
 def _dynamic_k_experts_cuda(x, scores, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation, counters):
-    # Interim CUDA body until the Triton kernels land: every expert computed, unselected ones
-    # masked. Sync-free and graph-capturable, but saves no compute.
-    mask = select_experts(scores, tau, top_k)
-    _count(counters, mask)
-    return dynamic_k_experts_reference(x, mask, w_in, w_up, w_out, b_in, b_out, activation)
+    # Triton kernels: decode / grouped / dense fallback, chosen from host-known sizes.
+    from d2dmoe_kernels.dispatch import dynamic_k_experts_triton
+
+    return dynamic_k_experts_triton(x, scores, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation, counters)
 
 
 @dynamic_k_experts.register_fake

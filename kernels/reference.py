@@ -30,17 +30,24 @@ def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown expert activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
-def select_experts(scores: torch.Tensor, tau: float, top_k: int = 0) -> torch.Tensor:
-    """Boolean [T, E] mask of the experts each token runs.
+def selection_rule(scores: torch.Tensor, tau: float, top_k: int = 0) -> tuple[torch.Tensor, float]:
+    """(per-token reference value [T] in fp32, factor): expert e runs iff R_e >= factor * reference.
 
-    Dynamic-k (top_k == 0, paper convention): expert e runs iff R_e >= tau * max_e R_e, so
-    tau = 0 runs every expert and the arg-max expert always runs.
-    Top-k (top_k > 0, the MoEfication baseline): the k highest-scoring experts run.
+    Dynamic-k (top_k == 0, paper convention): reference = max_e R_e, factor = tau, so tau = 0 runs
+    every expert and the arg-max expert always runs. Top-k (top_k > 0, the MoEfication baseline):
+    reference = the k-th largest score, factor = 1 (experts tied with the k-th also run).
+    Every implementation (reference, CPU, Triton) selects through this one rule, in fp32.
     """
+    s = scores.float()
     if top_k > 0:
-        idx = scores.topk(min(top_k, scores.shape[-1]), dim=-1).indices
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
-    return scores >= tau * scores.amax(dim=-1, keepdim=True)
+        return s.topk(min(top_k, s.shape[-1]), dim=-1).values[:, -1].contiguous(), 1.0
+    return s.amax(dim=-1), float(tau)
+
+
+def select_experts(scores: torch.Tensor, tau: float, top_k: int = 0) -> torch.Tensor:
+    """Boolean [T, E] mask of the experts each token runs (see ``selection_rule``)."""
+    ref, factor = selection_rule(scores, tau, top_k)
+    return scores.float() >= factor * ref[:, None]
 
 
 def dynamic_k_experts_reference(

@@ -1,0 +1,84 @@
+"""Offline tuning of the kernels' launch configs for this device (no run-time autotuning).
+
+    python benchmarks/tune_kernels.py --out DIR     # writes <device>.json for kernels/configs/
+
+For each (hidden size, expert size) served and each path (fused T=1, decode T=16, grouped T=4096),
+times a small grid of configs on the expert op alone (CUDA graphs, weights rotated beyond L2, 30% of
+experts, independent routing) and keeps the fastest. Prints what it tried.
+"""
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_kernels import copies_for, graphed, make_moe, routing_scores, time_us  # noqa: E402
+
+import d2dmoe_kernels.configs  # noqa: E402
+from d2dmoe_kernels.configs import kernel_config  # noqa: E402
+from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
+
+SHAPES = [(768, 3072, False, 64), (768, 3072, False, 128), (640, 2048, True, 64), (640, 2048, True, 128),
+          (2048, 16384, True, 256), (2048, 16384, True, 512)]
+GRID = {
+    "fused": (1, [dict(BLOCK_J=j, BLOCK_K=k, num_warps=w, num_stages=s, BLOCK_N_REDUCE=r) for j, k, w, s, r in
+                  itertools.product((16, 32, 64), (128, 256), (4, 8), (3,), (32, 64))]),
+    "decode": (16, [dict(BLOCK_E=b, BLOCK_K=k, SPLIT=sp) for b, k, sp in
+                    itertools.product((16, 32, 64), (128, 256), (4, 8, 16))]),
+    "grouped": (4096, [dict(BM=bm, BN_UP=bu, BN_DOWN=bd, num_warps=w, num_stages=s) for bm, (bu, bd), (w, s) in
+                       itertools.product((64, 128), ((64, 128), (128, 128), (128, 256)), ((4, 3), (8, 3), (8, 4)))]),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--paths", default=",".join(GRID), help="re-tune only these paths (others kept from the "
+                    "device's file in kernels/configs/)")
+    args = ap.parse_args()
+    import d2dmoe_kernels.op  # noqa: F401
+
+    device = torch.cuda.get_device_name()
+    base = kernel_config(None)
+    own = Path(d2dmoe_kernels.configs.CONFIG_DIR) / (device.replace(" ", "_") + ".json")
+    tuned = json.loads(own.read_text()) if own.is_file() else {}
+    tuned["_comment"] = f"tuned by benchmarks/tune_kernels.py on {device}"
+    paths = {p: GRID[p] for p in args.paths.split(",")}
+    for (d, dff, gated, es), (path, (T, grid)) in itertools.product(SHAPES, paths.items()):
+        n = copies_for((3 if gated else 2) * d * dff * 2)
+        ws = [make_moe(d, dff, gated, es, 128, torch.bfloat16) for _ in range(n)]
+        x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+        scores, _ = routing_scores(T, dff // es, 0.3, "independent", torch.bfloat16)
+        counters = torch.zeros(2, dtype=torch.int64, device="cuda")
+        best = None
+        for cand in grid:
+            cfg = {p: dict(v) for p, v in base.items()}
+            cfg["fused"]["max_tokens"] = T if path == "fused" else 0
+            cfg["decode"]["max_tokens"] = T if path == "decode" else 0
+            cfg[path].update(cand)
+            try:
+                us = time_us(graphed([lambda w=w: dynamic_k_experts_triton(
+                    x, scores, 0.99, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"], w["b_out"], "relu", counters, cfg)
+                    for w in ws], 8 if T <= 16 else 2))
+            except Exception as err:  # a config the compiler rejects (e.g. out of shared memory)
+                print(f"  d={d} e={es} {path} {cand}: failed ({type(err).__name__})")
+                continue
+            print(f"  d={d} e={es} {path} {cand}: {us:.1f} us", flush=True)
+            if best is None or us < best[0]:
+                best = (us, cand)
+        tuned[f"{path}@d{d}e{es}"] = best[1]
+        print(f"d={d} e={es} {path}: best {best[1]} {best[0]:.1f} us", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / (device.replace(" ", "_") + ".json")
+    path.write_text(json.dumps(tuned, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

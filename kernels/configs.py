@@ -1,0 +1,29 @@
+"""Kernel launch configs, stored as data per device (no run-time autotuning).
+
+``kernels/configs/default.json`` holds defaults that are good on H100/H200; a file named after the
+device (``torch.cuda.get_device_name()`` with spaces as underscores) overrides keys of it.
+"""
+
+import functools
+import json
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_config(device_name: str | None) -> dict:
+    cfg = json.loads((CONFIG_DIR / "default.json").read_text())
+    cfg.pop("_comment", None)
+    if device_name:
+        own = CONFIG_DIR / (device_name.replace(" ", "_") + ".json")
+        if own.is_file():
+            for path, values in json.loads(own.read_text()).items():
+                if not path.startswith("_"):
+                    cfg[path] = {**cfg.get(path, {}), **values}
+    return cfg
+
+
+def path_config(cfg: dict, path: str, d: int, expert_size: int) -> dict:
+    """A path's config with the shape-specific overrides ("path@d2048", "path@d2048e256") applied."""
+    return {**cfg[path], **cfg.get(f"{path}@d{d}", {}), **cfg.get(f"{path}@d{d}e{expert_size}", {})}

@@ -1,0 +1,141 @@
+"""Decode path for a handful of tokens (T <= 4 by default): one fused kernel + one reduction.
+
+  fused  grid (E, ceil(e / BLOCK_J)): a program owns a slice of one expert's neurons. It finds the
+         per-token maximum router score itself (T x E scores, a few KB), exits at once if no token
+         selected its expert, else computes h = act(x w_in^T + b_in) * (x w_up^T) for the slice and
+         immediately multiplies by the slice's rows of w_out, writing a partial output
+         P[e, slice] = h w_out[slice] (fp32, [T, d]). Every selected weight byte is read once, in
+         contiguous rows, by one of E * e / BLOCK_J programs.
+  reduce grid (ceil(d / BLOCK_N), T): out[t] = sum of the selected slices' partials in a fixed
+         order (deterministic, no atomics) + b_out.
+Three launches fewer than the two-kernel path (no separate row-max, up and down kernels).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from d2dmoe_kernels.triton_common import ACT_CODES, INTERPRET, activation, dot_operand, selected
+
+
+@triton.jit
+def _fused_decode_kernel(
+    x_ptr, scores_ptr, ref_ptr, tau, w_in_ptr, w_up_ptr, w_out_ptr, b_in_ptr, part_ptr, counters_ptr,
+    T, D, ES, E,
+    stride_x, stride_s,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
+    OWN_MAX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_EALL: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    e = tl.program_id(0)
+    c = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
+    if OWN_MAX:  # dynamic-k: reference value = max_e R_te, computed here (saves a launch)
+        offs_all = tl.arange(0, BLOCK_EALL)
+        s_all = tl.load(scores_ptr + offs_t[:, None] * stride_s + offs_all[None, :],
+                        mask=tmask[:, None] & (offs_all < E)[None, :], other=0.0).to(tl.float32)
+        rmax = tl.max(s_all, axis=1)
+        s = tl.load(scores_ptr + offs_t * stride_s + e, mask=tmask, other=-1.0).to(tl.float32)
+        sel = (s >= tau * rmax) & tmask
+    else:
+        sel = selected(scores_ptr, ref_ptr, tau, offs_t, tmask, e, stride_s)
+    n_sel = tl.sum(sel.to(tl.int32), axis=0)
+    if c == 0:  # compute accounting
+        tl.atomic_add(counters_ptr + 1, n_sel.to(tl.int64))
+        if e == 0:
+            tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T)
+    if n_sel == 0:
+        return
+    offs_j = c * BLOCK_J + tl.arange(0, BLOCK_J)
+    jmask = offs_j < ES
+    rows = (e * ES + offs_j).to(tl.int64) * D
+    acc = tl.zeros((BLOCK_T, BLOCK_J), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_T, BLOCK_J), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < D
+        xk = dot_operand(tl.load(x_ptr + offs_t[:, None] * stride_x + offs_k[None, :],
+                                 mask=tmask[:, None] & kmask[None, :], other=0.0), UPCAST)
+        w = tl.load(w_in_ptr + rows[:, None] + offs_k[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
+        acc += tl.dot(xk, tl.trans(dot_operand(w, UPCAST)))
+        if GATED:
+            wu = tl.load(w_up_ptr + rows[:, None] + offs_k[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
+            acc_up += tl.dot(xk, tl.trans(dot_operand(wu, UPCAST)))
+    if HAS_BIAS:
+        acc += tl.load(b_in_ptr + e * ES + offs_j, mask=jmask, other=0.0).to(tl.float32)[None, :]
+    h = activation(acc, ACT)
+    if GATED:
+        h = h * acc_up
+    h = tl.where(sel[:, None] & jmask[None, :], h, 0.0)   # unselected tokens contribute nothing
+    if not UPCAST:
+        h = h.to(w_out_ptr.dtype.element_ty)
+    slot = e * tl.num_programs(1) + c
+    for n0 in range(0, D, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < D
+        w = dot_operand(tl.load(w_out_ptr + rows[:, None] + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
+                                other=0.0), UPCAST)
+        p = tl.dot(h, w)
+        tl.store(part_ptr + (slot * T + offs_t)[:, None] * D + offs_n[None, :], p, mask=tmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _fused_reduce_kernel(
+    part_ptr, scores_ptr, ref_ptr, tau, b_out_ptr, out_ptr,
+    T, D, E, NC, stride_s, stride_o,
+    HAS_BIAS: tl.constexpr, OWN_MAX: tl.constexpr,
+    BLOCK_EALL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per (column block, token): all of the token's selected slices are loaded as one
+    # [BLOCK_S, BLOCK_N] tile per step (no data-dependent branch, so the loads overlap).
+    t = tl.program_id(1)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < D
+    if OWN_MAX:
+        offs_all = tl.arange(0, BLOCK_EALL)
+        s_all = tl.load(scores_ptr + t * stride_s + offs_all, mask=offs_all < E, other=0.0).to(tl.float32)
+        thr = tau * tl.max(s_all, axis=0)
+    else:
+        thr = tau * tl.load(ref_ptr + t).to(tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s0 in range(0, E * NC, BLOCK_S):
+        slots = s0 + tl.arange(0, BLOCK_S)
+        smask = slots < E * NC
+        sc = tl.load(scores_ptr + t * stride_s + slots // NC, mask=smask, other=-1.0).to(tl.float32)
+        sel = (sc >= thr) & smask
+        p = tl.load(part_ptr + (slots.to(tl.int64) * T + t)[:, None] * D + offs_n[None, :],
+                    mask=sel[:, None] & nmask[None, :], other=0.0)
+        acc += tl.sum(p, axis=0)
+    if HAS_BIAS:
+        acc += tl.load(b_out_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_o + offs_n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg, out=None,
+                         own_max=False):
+    """x [T, d] with T small. ``own_max``: ref is ignored and each program takes the row max itself."""
+    T, D = x.shape
+    E, ES, _ = w_in.shape
+    block_t = max(16, triton.next_power_of_2(T))
+    block_eall = triton.next_power_of_2(E)
+    block_j = min(cfg["BLOCK_J"], triton.next_power_of_2(ES))
+    nc = triton.cdiv(ES, block_j)
+    if out is None:
+        out = torch.empty_like(x)
+    part = torch.empty((E * nc, T, D), device=x.device, dtype=torch.float32)
+    gated, has_b_in, has_b_out = w_up is not None, b_in is not None, b_out is not None
+    _fused_decode_kernel[(E, nc)](
+        x, scores, ref, tau, w_in, w_up if gated else w_in, w_out, b_in if has_b_in else w_in, part, counters,
+        T, D, ES, E, x.stride(0), scores.stride(0),
+        GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=INTERPRET, OWN_MAX=own_max,
+        BLOCK_T=block_t, BLOCK_EALL=block_eall, BLOCK_J=block_j, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    _fused_reduce_kernel[(triton.cdiv(D, cfg["BLOCK_N_REDUCE"]), T)](
+        part, scores, ref, tau, b_out if has_b_out else part, out,
+        T, D, E, nc, scores.stride(0), out.stride(0),
+        HAS_BIAS=has_b_out, OWN_MAX=own_max, BLOCK_EALL=block_eall,
+        BLOCK_S=min(64, triton.next_power_of_2(E * nc)), BLOCK_N=cfg["BLOCK_N_REDUCE"],
+    )
+    return out

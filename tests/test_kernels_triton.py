@@ -1,0 +1,137 @@
+"""Triton kernels (decode and grouped paths) under TRITON_INTERPRET=1 against the torch reference.
+
+Fresh random inputs per case, relative error in fp64, NaN never passes, output buffer poisoned
+first so every element must be written; tau from all experts to one expert, tokens that pick one
+expert, experts that get no token, expert sizes that are not powers of two.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the triton import (kernels run on the CPU)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
+from d2dmoe_kernels.expert_decode import decode_experts  # noqa: E402
+from d2dmoe_kernels.expert_decode_fused import fused_decode_experts  # noqa: E402
+from d2dmoe_kernels.expert_grouped import grouped_experts  # noqa: E402
+from d2dmoe_kernels.reference import dynamic_k_experts_reference, select_experts, selection_rule  # noqa: E402
+
+DECODE = dict(max_tokens=32, BLOCK_E=16, BLOCK_K=32, BLOCK_N=32, BLOCK_J=16, SPLIT=3, num_warps=4)
+GROUPED = dict(BLOCK_T_SCAN=16, BM=16, BN_UP=16, BK_UP=32, BN_DOWN=32, BK_DOWN=16, programs_per_sm=1,
+               num_warps=4, num_stages=2, BLOCK_T_REDUCE=16, BLOCK_N_REDUCE=32, chunk_tokens=48)
+FUSED = dict(max_tokens=4, BLOCK_J=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2, BLOCK_N_REDUCE=32)
+SMALL = dict(fused=FUSED, decode=dict(DECODE, max_tokens=8), grouped=GROUPED)
+PATHS = {  # path: (launcher, config, tokens)
+    "fused": (fused_decode_experts, FUSED, 3),
+    "fused-own-max": (lambda *a, **k: fused_decode_experts(*a, **k, own_max=True), FUSED, 4),
+    "decode": (decode_experts, DECODE, 5),
+    "grouped": (grouped_experts, GROUPED, 61),
+}
+
+
+def layer(E, ES, D, gated, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(w_in=r(E, ES, D) / D**0.5, w_up=r(E, ES, D) / D**0.5 if gated else None,
+                w_out=r(E, ES, D) / (E * ES) ** 0.5, b_in=None if gated else r(E, ES) * 0.1,
+                b_out=None if gated else r(D) * 0.1)
+
+
+def reference(x, mask, w, activation):
+    f64 = {k: None if v is None else v.double() for k, v in w.items()}
+    return dynamic_k_experts_reference(x.double(), mask, **f64, activation=activation)
+
+
+def check(out, ref, tol=1e-5):
+    assert not torch.isnan(out).any(), "NaN (unwritten or invalid) output"
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < tol, err
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("gated,activation,ES", [(False, "gelu_tanh", 32), (True, "relu", 16), (True, "gelu_tanh", 48),
+                                                 (False, "gelu", 24)])
+@pytest.mark.parametrize("tau", [0.0, 0.4, 0.8, 1.0])
+def test_kernel_matches_reference(path, gated, activation, ES, tau):
+    seed = hash((path, gated, activation, ES, tau)) % 10_000
+    E, D = 7, 40
+    launch, cfg, T = PATHS[path]
+    w = layer(E, ES, D, gated, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(T, D, generator=g)
+    scores = torch.rand(T, E, generator=g) ** 4          # skewed: at high tau most tokens keep one expert
+    ref_val, factor = selection_rule(scores, tau)
+    mask = select_experts(scores, tau)
+    if tau == 1.0:
+        assert (mask.sum(-1) == 1).all()
+    counters = torch.zeros(2, dtype=torch.int64)
+    out = torch.full_like(x, float("nan"))               # poisoned: every element must be written
+    launch(x, scores, ref_val, factor, *w.values(), activation, counters, cfg, out=out)
+    check(out, reference(x, mask, w, activation))
+    assert counters.tolist() == [T, int(mask.sum())]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_idle_experts_and_single_expert_tokens(path):
+    E, ES, D = 9, 16, 32
+    launch, cfg, T = PATHS[path]
+    w = layer(E, ES, D, True, 3)
+    x = torch.randn(T, D)
+    scores = torch.full((T, E), 0.01)
+    scores[:, 4] = 1.0                                    # every token: expert 4 only...
+    scores[::3, 7] = 0.9                                  # ...every third also expert 7; 7 of 9 experts idle
+    counters = torch.zeros(2, dtype=torch.int64)
+    ref_val, factor = selection_rule(scores, 0.5)
+    out = launch(x, scores, ref_val, factor, *w.values(), "relu", counters, cfg)
+    mask = select_experts(scores, 0.5)
+    assert mask.sum(0).tolist() == [0, 0, 0, 0, T, 0, 0, len(range(0, T, 3)), 0]
+    check(out, reference(x, mask, w, "relu"))
+    assert counters.tolist() == [T, int(mask.sum())]
+
+
+@pytest.mark.parametrize("T", [3, 6, 30])
+def test_top_k_through_kernels(T):
+    E, ES, D = 8, 16, 32
+    w = layer(E, ES, D, False, 5)
+    x, scores = torch.randn(T, D), torch.rand(T, E)
+    counters = torch.zeros(2, dtype=torch.int64)
+    out = dynamic_k_experts_triton(x, scores, 0.0, 3, *w.values(), "relu", counters, SMALL)
+    mask = select_experts(scores, 0.0, top_k=3)
+    assert (mask.sum(-1) == 3).all()
+    check(out, reference(x, mask, w, "relu"))
+    assert counters.tolist() == [T, 3 * T]
+
+
+@pytest.mark.parametrize("T", [2, 6, 30])
+def test_dispatch_dynamic_k(T):
+    E, ES, D = 8, 16, 32
+    w = layer(E, ES, D, True, 7)
+    x, scores = torch.randn(T, D), torch.rand(T, E)
+    counters = torch.zeros(2, dtype=torch.int64)
+    out = dynamic_k_experts_triton(x, scores, 0.6, 0, *w.values(), "gelu_tanh", counters, SMALL)
+    mask = select_experts(scores, 0.6)
+    check(out, reference(x, mask, w, "gelu_tanh"))
+    assert counters.tolist() == [T, int(mask.sum())]
+
+
+def test_dense_fallback_when_every_expert_runs():
+    E, ES, D, T = 6, 16, 32, 12
+    w = layer(E, ES, D, True, 9)
+    x, scores = torch.randn(T, D), torch.rand(T, E)
+    counters = torch.zeros(2, dtype=torch.int64)
+    out = dynamic_k_experts_triton(x, scores, 0.0, 0, *w.values(), "gelu_tanh", counters, SMALL)
+    check(out, reference(x, torch.ones(T, E, dtype=torch.bool), w, "gelu_tanh"))
+    assert counters.tolist() == [T, T * E]
+
+
+def test_grouped_chunks_match_one_pass():
+    """Buffers are bounded by processing chunk_tokens at a time; results must not depend on it."""
+    E, ES, D, T = 5, 16, 32, 50
+    w = layer(E, ES, D, False, 11)
+    x, scores = torch.randn(T, D), torch.rand(T, E)
+    ref_val, factor = selection_rule(scores, 0.5)
+    outs = [grouped_experts(x, scores, ref_val, factor, *w.values(), "relu", torch.zeros(2, dtype=torch.int64),
+                            dict(GROUPED, chunk_tokens=c)) for c in (7, 64)]
+    assert torch.equal(outs[0], outs[1])
