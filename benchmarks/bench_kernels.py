@@ -11,11 +11,8 @@ executed fraction is exactly the one asked for ("independent": every token its o
 """
 
 import argparse
-import datetime
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +20,9 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-ROOT = Path(__file__).resolve().parents[1]
+from d2dmoe_kernels.dispatch import dynamic_k_experts_triton
+from provenance import ROOT, provenance
+
 SHAPES = {  # name: (d, d_ff, gated, activation, router width, expert sizes)
     "gpt2-ffn": (768, 3072, False, "relu", 128, (32, 64, 128)),
     "gemma3-270m-ffn": (640, 2048, True, "gelu_tanh", 128, (32, 64, 128)),
@@ -76,14 +75,15 @@ def routing_scores(T, E, fraction, routing, dtype):
         chosen.scatter_(1, torch.rand(T, E, device="cuda").argsort(dim=1)[:, :k], True)
     hi = 0.995 + 0.005 * torch.rand(T, E, device="cuda")
     lo = 0.9 * torch.rand(T, E, device="cuda")
-    return torch.where(chosen, hi, lo).to(dtype), k / E
+    scores = torch.where(chosen, hi, lo).to(dtype)
+    return (scores, scores.float().amax(-1), 0.99), k / E
 
 
-def moe_forward(x, scores, w, tau, activation, counters):
-    # The router runs (as in serving); the benchmark then routes with controlled scores.
-    F.linear(F.relu(F.linear(x, w["router_in"])), w["router_out"]).abs()
-    return torch.ops.d2dmoe.dynamic_k_experts(x, scores, tau, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"],
-                                              w["b_out"], activation, counters)
+def moe_forward(x, routing, w, tau, activation, counters):
+    # The op's CUDA body as vLLM calls it: the router runs (fused or cuBLAS, as in serving), then the
+    # benchmark's controlled routing decides which experts run.
+    return dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, w["w_in"], w["w_up"], w["w_out"],
+                                    w["b_in"], w["b_out"], activation, counters, route_override=routing)
 
 
 def graphed(fns, reps):
@@ -115,19 +115,12 @@ def copies_for(nbytes):
     return max(1, min(8, math.ceil(L2_ROTATE_BYTES / max(nbytes, 1))))
 
 
-def git_sha():
-    out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, cwd=ROOT).stdout
-    return (out.stdout.strip() or "uncommitted") + ("+dirty" if dirty.strip() else "")
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a small subset (smoke run)")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
-    import d2dmoe_kernels.op  # noqa: F401
 
     dtype = torch.bfloat16
     tokens = (1, 16, 1024, 16384) if args.quick else TOKENS
@@ -147,7 +140,7 @@ def main():
             for es in sizes:
                 moe_ws = [make_moe(d, dff, gated, es, width, dtype) for _ in range(n)]
                 E = dff // es
-                counters = torch.zeros(2, dtype=torch.int64, device="cuda")
+                counters = torch.zeros(3, dtype=torch.int64, device="cuda")
                 for fraction in fractions:
                     for routing in ("independent", "shared"):
                         if fraction == 1.0 and routing == "shared":
@@ -169,9 +162,7 @@ def main():
                 del moe_ws
                 torch.cuda.empty_cache()
     device = torch.cuda.get_device_name()
-    result = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_sha": git_sha(), "torch": torch.__version__, "triton": triton.__version__,
-              "command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "dtype": "bfloat16",
+    result = {**provenance(triton=triton.__version__), "dtype": "bfloat16",
               "method": "per-layer time = one CUDA graph of 32 (T<=64), 8 (T<=1024) or 2 back-to-back layer calls, "
                         "do_bench median (warmup 10 ms, rep 40 ms) / calls; weights rotated over "
                         f">= {L2_ROTATE_BYTES >> 20} MiB when a layer fits in L2; D2DMoE time includes the router; "

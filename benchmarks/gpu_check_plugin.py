@@ -1,5 +1,6 @@
 """GPU check of the plugin: D2DMoE GPT-2 and Gemma 3 checkpoints served by vLLM on CUDA with
-torch.compile and CUDA graphs on, against vLLM's dense model on the same weights (tau = 0).
+torch.compile and CUDA graphs on: at tau = 0 against vLLM's dense model on the same weights, at
+tau = 0.5 (the Triton kernels) against the masked torch reference.
 
     python benchmarks/gpu_check_plugin.py --tokenizer-dir DIR --out benchmarks/results
 
@@ -7,7 +8,6 @@ Each engine runs in its own process (tests/vllm_runner.py). Prints a table, writ
 """
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from provenance import ROOT, provenance  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tests"))
 
 PROMPTS = ["Hello world, this is", "The state of the union is strong because", "In 1790 George Washington",
@@ -40,10 +41,15 @@ def run_engine(model, workdir, name, **llm_kwargs):
     return res
 
 
-def git_sha():
-    out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], capture_output=True, text=True, cwd=ROOT).stdout
-    return (out.stdout.strip() or "uncommitted") + ("+dirty" if dirty.strip() else "")
+TAU = 0.5
+
+
+def compare(family, against, tau, want, got, n):
+    same = sum(a["tokens"] == b["tokens"] for a, b in zip(want, got["batch"]))
+    diff = max(abs(p - q) for a, b in zip(want, got["batch"]) for p, q in zip(a["logprobs"], b["logprobs"]))
+    return {"family": family, "tau": tau, "against": against, "prompts": n, "identical_greedy_outputs": same,
+            "max_logprob_diff": diff, "executed_fraction": got["report"]["overall_fraction"],
+            "engine_s": got["seconds"]}
 
 
 def main():
@@ -53,10 +59,10 @@ def main():
     ap.add_argument("--families", default="gpt2,gemma3_text")
     args = ap.parse_args()
 
-    import torch
     import vllm
 
     from d2dmoe_converter import ConvertOptions, convert
+    from reference_model import greedy, reference_model
     from tiny_models import make_dense
 
     common = dict(dtype="float32", enforce_eager=False, gpu_memory_utilization=0.3, max_model_len=256)
@@ -69,19 +75,20 @@ def main():
             convert(dense, moe, ConvertOptions(expert_size=32))
             d = run_engine(dense, tmp, f"dense-{family}", **common)
             m = run_engine(moe, tmp, f"moe-{family}", **common)
-            same = sum(a["tokens"] == b["tokens"] for a, b in zip(d["batch"], m["batch"]))
-            diff = max(abs(p - q) for a, b in zip(d["batch"], m["batch"]) for p, q in zip(a["logprobs"], b["logprobs"]))
-            rows.append({"family": family, "prompts": len(PROMPTS), "identical_greedy_outputs": same,
-                         "max_logprob_diff": diff, "executed_fraction": m["report"]["overall_fraction"],
-                         "dense_engine_s": d["seconds"], "d2dmoe_engine_s": m["seconds"]})
-    print(f"{'family':12s} {'identical':>10s} {'max |dlogp|':>12s} {'executed':>9s}")
+            rows.append(compare(family, "dense vLLM", 0.0, d["batch"], m, len(PROMPTS)))
+            # tau > 0: the Triton kernels serve (fused router, decode and grouped paths) under CUDA graphs;
+            # checked against the masked torch reference (fp32, on the CPU).
+            k = run_engine(moe, tmp, f"moe-{family}-tau", **common, hf_overrides={"d2dmoe_tau": TAU})
+            ref = reference_model(dense, moe, TAU)
+            want = [dict(zip(("tokens", "logprobs"), greedy(ref, o["prompt_ids"], len(o["tokens"]))))
+                    for o in k["batch"]]
+            rows.append(compare(family, "torch reference", TAU, want, k, len(PROMPTS)))
+    print(f"{'family':12s} {'tau':>4s} {'against':16s} {'identical':>10s} {'max |dlogp|':>12s} {'executed':>9s}")
     for r in rows:
-        print(f"{r['family']:12s} {r['identical_greedy_outputs']:>4d}/{r['prompts']:<5d} {r['max_logprob_diff']:12.2e} "
-              f"{r['executed_fraction']:9.2f}")
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    result = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_sha": git_sha(), "torch": torch.__version__, "vllm": vllm.__version__,
-              "command": " ".join(sys.argv), "settings": {**common, "tau": 0.0, "cuda_graphs": True}, "rows": rows}
+        print(f"{r['family']:12s} {r['tau']:4.1f} {r['against']:16s} {r['identical_greedy_outputs']:>4d}/{r['prompts']:<5d} "
+              f"{r['max_logprob_diff']:12.2e} {r['executed_fraction']:9.2f}")
+    result = {**provenance(vllm=vllm.__version__), "settings": {**common, "cuda_graphs": True}, "rows": rows}
+    device = result["device"]
     args.out.mkdir(parents=True, exist_ok=True)
     name = "gpu-check-plugin-" + device.replace(" ", "-").lower() + ".json"
     (args.out / name).write_text(json.dumps(result, indent=1))

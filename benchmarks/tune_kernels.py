@@ -18,8 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernels import copies_for, graphed, make_moe, routing_scores, time_us  # noqa: E402
 
-import d2dmoe_kernels.configs  # noqa: E402
-from d2dmoe_kernels.configs import kernel_config  # noqa: E402
+from d2dmoe_kernels.configs import CONFIG_DIR, kernel_config  # noqa: E402
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 
 SHAPES = [(768, 3072, False, 64), (768, 3072, False, 128), (640, 2048, True, 64), (640, 2048, True, 128),
@@ -40,11 +39,10 @@ def main():
     ap.add_argument("--paths", default=",".join(GRID), help="re-tune only these paths (others kept from the "
                     "device's file in kernels/configs/)")
     args = ap.parse_args()
-    import d2dmoe_kernels.op  # noqa: F401
 
     device = torch.cuda.get_device_name()
     base = kernel_config(None)
-    own = Path(d2dmoe_kernels.configs.CONFIG_DIR) / (device.replace(" ", "_") + ".json")
+    own = CONFIG_DIR / (device.replace(" ", "_") + ".json")
     tuned = json.loads(own.read_text()) if own.is_file() else {}
     tuned["_comment"] = f"tuned by benchmarks/tune_kernels.py on {device}"
     paths = {p: GRID[p] for p in args.paths.split(",")}
@@ -52,8 +50,8 @@ def main():
         n = copies_for((3 if gated else 2) * d * dff * 2)
         ws = [make_moe(d, dff, gated, es, 128, torch.bfloat16) for _ in range(n)]
         x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-        scores, _ = routing_scores(T, dff // es, 0.3, "independent", torch.bfloat16)
-        counters = torch.zeros(2, dtype=torch.int64, device="cuda")
+        routing, _ = routing_scores(T, dff // es, 0.3, "independent", torch.bfloat16)
+        counters = torch.zeros(3, dtype=torch.int64, device="cuda")
         best = None
         for cand in grid:
             cfg = {p: dict(v) for p, v in base.items()}
@@ -62,8 +60,8 @@ def main():
             cfg[path].update(cand)
             try:
                 us = time_us(graphed([lambda w=w: dynamic_k_experts_triton(
-                    x, scores, 0.99, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"], w["b_out"], "relu", counters, cfg)
-                    for w in ws], 8 if T <= 16 else 2))
+                    x, w["router_in"], w["router_out"], 0.99, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"],
+                    w["b_out"], "relu", counters, cfg, route_override=routing) for w in ws], 8 if T <= 16 else 2))
             except Exception as err:  # a config the compiler rejects (e.g. out of shared memory)
                 print(f"  d={d} e={es} {path} {cand}: failed ({type(err).__name__})")
                 continue

@@ -1,17 +1,18 @@
 """The one new idea in our model files: an FFN run as dynamic-k experts.
 
-``ExpertRouter`` (Linear -> ReLU -> Linear -> abs, traced by torch.compile) predicts each expert's
-output norm; the opaque op ``torch.ops.d2dmoe.dynamic_k_experts`` selects experts (R_e >= tau * max R)
-and computes only those. Parameter names match the checkpoint (see ``checkpoint.expert_tensor_shapes``).
+``ExpertRouter`` (Linear -> ReLU -> Linear -> abs) predicts each expert's output norm; the opaque op
+``torch.ops.d2dmoe.dynamic_k_experts`` runs the router, selects experts (R_e >= tau * max R) and
+computes only those (on the GPU the router is fused into the op's kernels). Parameter names match
+the checkpoint (see ``checkpoint.expert_tensor_shapes``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import d2dmoe_kernels.op  # noqa: F401  (registers torch.ops.d2dmoe.dynamic_k_experts)
+from d2dmoe_kernels.op import COUNTER_SLOTS
+from d2dmoe_kernels.reference import router_scores
 from d2dmoe_vllm.config import CheckpointError, D2DMoEConfig
 
 
@@ -46,7 +47,7 @@ class ExpertRouter(nn.Module):
         self.out_proj.weight = _param(f"{prefix}.out_proj", "weight", num_experts, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.relu(F.linear(x, self.in_proj.weight)), self.out_proj.weight).abs()
+        return router_scores(x, self.in_proj.weight, self.out_proj.weight)
 
 
 class DynamicKMLP(nn.Module):
@@ -65,13 +66,12 @@ class DynamicKMLP(nn.Module):
         self.experts.w_out = _param(f"{prefix}.experts", "w_out", E, e, hidden_size)
         self.experts.b_in = None if cfg.gated else _param(f"{prefix}.experts", "b_in", E, e)
         self.b_out = None if cfg.gated else _param(prefix, "b_out", hidden_size)
-        # [tokens seen, token-expert pairs executed], accumulated on the device by the op.
-        self.register_buffer("counters", torch.zeros(2, dtype=torch.int64), persistent=False)
+        # [tokens seen, token-expert pairs executed, router semaphore], kept on the device by the op.
+        self.register_buffer("counters", torch.zeros(COUNTER_SLOTS, dtype=torch.int64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = self.router(x)
-        ex = self.experts
+        ex, r = self.experts, self.router
         return torch.ops.d2dmoe.dynamic_k_experts(
-            x, scores, self.tau, self.top_k, ex.w_in, ex.w_up, ex.w_out, ex.b_in, self.b_out,
-            self.activation, self.counters,
+            x, r.in_proj.weight, r.out_proj.weight, self.tau, self.top_k, ex.w_in, ex.w_up, ex.w_out, ex.b_in,
+            self.b_out, self.activation, self.counters,
         )

@@ -44,7 +44,7 @@ def compute_report(model: nn.Module) -> dict[str, Any]:
             counters = [c.to("cpu", non_blocking=True) for c in counters]
         side.synchronize()
     for m, c in zip(mlps, counters):
-        tokens, pairs = (int(v) for v in c.tolist())
+        tokens, pairs = (int(v) for v in c.tolist()[:2])
         fraction = pairs / (tokens * m.num_experts) if tokens else None
         layers.append({"layer": m.layer, "tokens": tokens, "executed_pairs": pairs,
                        "num_experts": m.num_experts, "expert_size": m.expert_size, "fraction": fraction})

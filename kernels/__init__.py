@@ -5,6 +5,12 @@
 ``torch.ops.d2dmoe.dynamic_k_experts`` that the vLLM plugin calls.
 """
 
-from d2dmoe_kernels.reference import ACTIVATIONS, apply_activation, dynamic_k_experts_reference, select_experts
+from d2dmoe_kernels.reference import (
+    ACTIVATIONS,
+    apply_activation,
+    dynamic_k_experts_reference,
+    router_scores,
+    select_experts,
+)
 
-__all__ = ["ACTIVATIONS", "apply_activation", "dynamic_k_experts_reference", "select_experts"]
+__all__ = ["ACTIVATIONS", "apply_activation", "dynamic_k_experts_reference", "router_scores", "select_experts"]

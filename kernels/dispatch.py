@@ -1,8 +1,10 @@
 """CUDA body of the expert op: picks the path from host-known facts only.
 
-- every expert selected for sure (tau == 0, or top_k >= E): the dense GEMMs (cuBLAS), since no
-  sparsity can win there;
-- T <= fused max_tokens (decode of a few sequences): one fused kernel + a reduction;
+- every expert selected for sure (tau == 0, or top_k >= E): the dense GEMMs (cuBLAS) on the expert
+  weights, and no router at all, since no sparsity can win there;
+- router: cuBLAS, or the one-launch Triton router for up to ``router.max_tokens`` tokens (off by
+  default: measured slower than cuBLAS on the H100, see the kernels note);
+- T <= fused max_tokens (decoding a few sequences): one fused expert kernel + a reduction;
 - T <= decode max_tokens: the two-kernel decode path (streams only selected experts' weights);
 - otherwise: the grouped path (FLOPs of selected token-expert pairs only).
 No host synchronisation: selection, counts and tile schedules stay on the device.
@@ -14,9 +16,10 @@ from d2dmoe_kernels.configs import kernel_config, path_config
 from d2dmoe_kernels.expert_decode import decode_experts
 from d2dmoe_kernels.expert_decode_fused import fused_decode_experts
 from d2dmoe_kernels.expert_grouped import grouped_experts
-from d2dmoe_kernels.reference import apply_activation, selection_rule
+from d2dmoe_kernels.reference import apply_activation, router_scores, selection_rule
+from d2dmoe_kernels.router import fused_router, fused_router_fits
 
-OWN_MAX_MAX_EXPERTS = 256  # the fused kernels take the row max themselves up to this many experts
+OWN_MAX_MAX_EXPERTS = 256  # the fused decode kernels take the row max themselves up to this many experts
 
 
 def dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation):
@@ -26,11 +29,27 @@ def dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation):
     h = apply_activation(h, activation)
     if w_up is not None:
         h = h * torch.nn.functional.linear(x, w_up.reshape(E * ES, D))
-    out = h @ w_out.reshape(E * ES, D)
-    return out if b_out is None else out + b_out
+    w2 = w_out.reshape(E * ES, D)
+    return h @ w2 if b_out is None else torch.addmm(b_out, h, w2)  # bias in the GEMM epilogue
 
 
-def dynamic_k_experts_triton(x, scores, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg=None):
+def route(x, router_in, router_out, tau, top_k, counters, cfg, own_max):
+    """(scores [T, E], per-token reference [T] fp32 or None, factor): expert e runs iff
+    scores >= factor * ref; ref None means the fused decode kernels take the row max themselves."""
+    T = x.shape[0]
+    if top_k == 0 and T <= cfg["router"]["max_tokens"] and fused_router_fits(router_out.shape[0], router_out.shape[1]):
+        scores, rowmax = fused_router(x, router_in, router_out, counters[2:3], cfg["router"])
+        return scores, rowmax, float(tau)
+    scores = router_scores(x, router_in, router_out)
+    if own_max:
+        return scores, None, float(tau)
+    return (scores, *selection_rule(scores, tau, top_k))
+
+
+def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation,
+                             counters, cfg=None, route_override=None):
+    """``route_override`` (benchmarks only): (scores, ref, factor) used for selection after the router
+    has run, so a benchmark pays the router's cost but controls which experts run."""
     T, D = x.shape
     E, ES, _ = w_in.shape
     if (top_k == 0 and tau == 0.0) or top_k >= E:
@@ -40,14 +59,16 @@ def dynamic_k_experts_triton(x, scores, tau, top_k, w_in, w_up, w_out, b_in, b_o
     if cfg is None:
         cfg = kernel_config(torch.cuda.get_device_name(x.device) if x.is_cuda else None)
     x = x.contiguous()
-    weights = (w_in, w_up, w_out, b_in, b_out, activation, counters)
     fused = path_config(cfg, "fused", D, ES)
-    if T <= fused["max_tokens"] and top_k == 0 and E <= OWN_MAX_MAX_EXPERTS:
-        return fused_decode_experts(x, scores, scores, float(tau), *weights, fused, own_max=True)
-    ref, factor = selection_rule(scores, tau, top_k)
+    own_max = T <= fused["max_tokens"] and top_k == 0 and E <= OWN_MAX_MAX_EXPERTS
+    routing = route(x, router_in, router_out, tau, top_k, counters, cfg, own_max)
+    scores, ref, factor = routing if route_override is None else route_override
     if T <= fused["max_tokens"]:
-        return fused_decode_experts(x, scores, ref, factor, *weights, fused)
+        own = ref is None
+        return fused_decode_experts(x, scores, scores if own else ref, factor, w_in, w_up, w_out, b_in, b_out,
+                                    activation, counters, fused, own_max=own)
+    args = (x, scores, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters)
     decode = path_config(cfg, "decode", D, ES)
     if T <= decode["max_tokens"]:
-        return decode_experts(x, scores, ref, factor, *weights, decode)
-    return grouped_experts(x, scores, ref, factor, *weights, path_config(cfg, "grouped", D, ES))
+        return decode_experts(*args, decode)
+    return grouped_experts(*args, path_config(cfg, "grouped", D, ES))

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2dmoe_kernels.triton_common import ACT_CODES, INTERPRET, activation, dot_operand, selected
+from d2dmoe_kernels.triton_common import ACT_CODES, count_selected, expert_hidden, fp32_dots, mma, selected
 
 
 @triton.jit
@@ -32,33 +32,12 @@ def _decode_up_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     tmask = offs_t < T
     sel = selected(scores_ptr, rowmax_ptr, tau, offs_t, tmask, e, stride_s)
-    n_sel = tl.sum(sel.to(tl.int32), axis=0)
-    if c == 0:  # compute accounting: tokens seen, token-expert pairs executed
-        tl.atomic_add(counters_ptr + 1, n_sel.to(tl.int64))
-        if e == 0:
-            tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T)
-    if n_sel == 0:
+    if count_selected(sel, counters_ptr, e, c, T) == 0:
         return
     offs_j = c * BLOCK_E + tl.arange(0, BLOCK_E)
     jmask = offs_j < ES
-    w_rows = (e * ES + offs_j).to(tl.int64) * D
-    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < D
-        xk = tl.load(x_ptr + offs_t[:, None] * stride_x + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
-        xk = dot_operand(xk, UPCAST)
-        w = tl.load(w_in_ptr + w_rows[:, None] + offs_k[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
-        acc += tl.dot(xk, tl.trans(dot_operand(w, UPCAST)))
-        if GATED:
-            wu = tl.load(w_up_ptr + w_rows[:, None] + offs_k[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
-            acc_up += tl.dot(xk, tl.trans(dot_operand(wu, UPCAST)))
-    if HAS_BIAS:
-        acc += tl.load(b_in_ptr + e * ES + offs_j, mask=jmask, other=0.0).to(tl.float32)[None, :]
-    h = activation(acc, ACT)
-    if GATED:
-        h = h * acc_up
+    h = expert_hidden(x_ptr, offs_t, tmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, e, offs_j, jmask, D, ES,
+                      GATED, HAS_BIAS, ACT, UPCAST, BLOCK_T, BLOCK_E, BLOCK_K)
     tl.store(h_ptr + offs_t[:, None] * (E * ES) + (e * ES + offs_j)[None, :], h, mask=tmask[:, None] & jmask[None, :])
 
 
@@ -87,10 +66,7 @@ def _decode_down_kernel(
                             mask=sel[:, None] & jmask[None, :], other=0.0)
                 w = tl.load(w_out_ptr + (e * ES + offs_j).to(tl.int64)[:, None] * D + offs_n[None, :],
                             mask=jmask[:, None] & nmask[None, :], other=0.0)
-                if UPCAST:
-                    acc += tl.dot(h, w.to(tl.float32))
-                else:
-                    acc += tl.dot(h.to(w.dtype), w)
+                acc += mma(h if UPCAST else h.to(w.dtype), w, UPCAST)
     omask = tmask[:, None] & nmask[None, :]
     if SPLIT == 1:
         if HAS_BIAS:
@@ -131,14 +107,14 @@ def decode_experts(x, scores, rowmax, tau, w_in, w_up, w_out, b_in, b_out, activ
     _decode_up_kernel[(E, triton.cdiv(ES, block_e))](
         x, scores, rowmax, tau, w_in, w_up if gated else w_in, b_in if has_b_in else w_in, h, counters,
         T, D, ES, E, x.stride(0), scores.stride(0),
-        GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=INTERPRET,
+        GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=fp32_dots(x),
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
     )
     part = torch.empty((split, T, D), device=x.device, dtype=torch.float32) if split > 1 else h
     _decode_down_kernel[(triton.cdiv(D, block_n), split)](
         h, scores, rowmax, tau, w_out, b_out if has_b_out else w_out, out, part,
         T, D, ES, E, scores.stride(0), out.stride(0),
-        HAS_BIAS=has_b_out, SPLIT=split, UPCAST=INTERPRET,
+        HAS_BIAS=has_b_out, SPLIT=split, UPCAST=fp32_dots(x),
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_J=block_j, num_warps=cfg["num_warps"],
     )
     if split > 1:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2dmoe_kernels.triton_common import ACT_CODES, INTERPRET, activation, dot_operand, selected
+from d2dmoe_kernels.triton_common import ACT_CODES, count_selected, expert_hidden, fp32_dots, mma, selected
 
 
 @triton.jit
@@ -40,33 +40,12 @@ def _fused_decode_kernel(
         sel = (s >= tau * rmax) & tmask
     else:
         sel = selected(scores_ptr, ref_ptr, tau, offs_t, tmask, e, stride_s)
-    n_sel = tl.sum(sel.to(tl.int32), axis=0)
-    if c == 0:  # compute accounting
-        tl.atomic_add(counters_ptr + 1, n_sel.to(tl.int64))
-        if e == 0:
-            tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T)
-    if n_sel == 0:
+    if count_selected(sel, counters_ptr, e, c, T) == 0:
         return
     offs_j = c * BLOCK_J + tl.arange(0, BLOCK_J)
     jmask = offs_j < ES
-    rows = (e * ES + offs_j).to(tl.int64) * D
-    acc = tl.zeros((BLOCK_T, BLOCK_J), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_T, BLOCK_J), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < D
-        xk = dot_operand(tl.load(x_ptr + offs_t[:, None] * stride_x + offs_k[None, :],
-                                 mask=tmask[:, None] & kmask[None, :], other=0.0), UPCAST)
-        w = tl.load(w_in_ptr + rows[:, None] + offs_k[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
-        acc += tl.dot(xk, tl.trans(dot_operand(w, UPCAST)))
-        if GATED:
-            wu = tl.load(w_up_ptr + rows[:, None] + offs_k[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
-            acc_up += tl.dot(xk, tl.trans(dot_operand(wu, UPCAST)))
-    if HAS_BIAS:
-        acc += tl.load(b_in_ptr + e * ES + offs_j, mask=jmask, other=0.0).to(tl.float32)[None, :]
-    h = activation(acc, ACT)
-    if GATED:
-        h = h * acc_up
+    h = expert_hidden(x_ptr, offs_t, tmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, e, offs_j, jmask, D, ES,
+                      GATED, HAS_BIAS, ACT, UPCAST, BLOCK_T, BLOCK_J, BLOCK_K)
     h = tl.where(sel[:, None] & jmask[None, :], h, 0.0)   # unselected tokens contribute nothing
     if not UPCAST:
         h = h.to(w_out_ptr.dtype.element_ty)
@@ -74,9 +53,9 @@ def _fused_decode_kernel(
     for n0 in range(0, D, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < D
-        w = dot_operand(tl.load(w_out_ptr + rows[:, None] + offs_n[None, :], mask=jmask[:, None] & nmask[None, :],
-                                other=0.0), UPCAST)
-        p = tl.dot(h, w)
+        w = tl.load(w_out_ptr + (e * ES + offs_j).to(tl.int64)[:, None] * D + offs_n[None, :],
+                    mask=jmask[:, None] & nmask[None, :], other=0.0)
+        p = mma(h, w, UPCAST)
         tl.store(part_ptr + (slot * T + offs_t)[:, None] * D + offs_n[None, :], p, mask=tmask[:, None] & nmask[None, :])
 
 
@@ -128,7 +107,7 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
     _fused_decode_kernel[(E, nc)](
         x, scores, ref, tau, w_in, w_up if gated else w_in, w_out, b_in if has_b_in else w_in, part, counters,
         T, D, ES, E, x.stride(0), scores.stride(0),
-        GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=INTERPRET, OWN_MAX=own_max,
+        GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=fp32_dots(x), OWN_MAX=own_max,
         BLOCK_T=block_t, BLOCK_EALL=block_eall, BLOCK_J=block_j, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2dmoe_kernels.triton_common import ACT_CODES, INTERPRET, activation, dot_operand, selected
+from d2dmoe_kernels.triton_common import ACT_CODES, expert_hidden, fp32_dots, mma, selected
 
 
 @triton.jit
@@ -78,6 +78,17 @@ def _find_tile(tile_start_ptr, tile, E, LOG2E: tl.constexpr):
 
 
 @triton.jit
+def _tile(tile, nch, tile_start_ptr, starts_ptr, E, NTB, LOG2E: tl.constexpr, BM: tl.constexpr):
+    """Tile -> (expert, column block, first pair of the expert, its rows in this tile, row mask)."""
+    mt = tile // nch
+    e = _find_tile(tile_start_ptr, mt, E, LOG2E)
+    first = tl.load(starts_ptr + e * NTB)
+    count = tl.load(starts_ptr + (e + 1) * NTB) - first
+    rows = (mt - tl.load(tile_start_ptr + e)) * BM + tl.arange(0, BM)
+    return e, tile % nch, first, rows, rows < count
+
+
+@triton.jit
 def _grouped_up_kernel(
     x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, h_ptr, tokens_ptr, starts_ptr, tile_start_ptr,
     D, ES, E, NTB, stride_x,
@@ -87,34 +98,12 @@ def _grouped_up_kernel(
     nch = tl.cdiv(ES, BN)
     total = tl.load(tile_start_ptr + E) * nch
     for tile in range(tl.program_id(0), total, NPROG):
-        mt = tile // nch
-        c = tile % nch
-        e = _find_tile(tile_start_ptr, mt, E, LOG2E)
-        first = tl.load(starts_ptr + e * NTB)
-        count = tl.load(starts_ptr + (e + 1) * NTB) - first
-        rows = (mt - tl.load(tile_start_ptr + e)) * BM + tl.arange(0, BM)
-        rmask = rows < count
+        e, c, first, rows, rmask = _tile(tile, nch, tile_start_ptr, starts_ptr, E, NTB, LOG2E, BM)
         tok = tl.load(tokens_ptr + first + rows, mask=rmask, other=0).to(tl.int64)
         offs_j = c * BN + tl.arange(0, BN)
         jmask = offs_j < ES
-        w_rows = (e * ES + offs_j).to(tl.int64) * D
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_up = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, D, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            kmask = offs_k < D
-            xk = dot_operand(tl.load(x_ptr + tok[:, None] * stride_x + offs_k[None, :],
-                                     mask=rmask[:, None] & kmask[None, :], other=0.0), UPCAST)
-            w = tl.load(w_in_ptr + w_rows[:, None] + offs_k[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
-            acc += tl.dot(xk, tl.trans(dot_operand(w, UPCAST)))
-            if GATED:
-                wu = tl.load(w_up_ptr + w_rows[:, None] + offs_k[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
-                acc_up += tl.dot(xk, tl.trans(dot_operand(wu, UPCAST)))
-        if HAS_BIAS:
-            acc += tl.load(b_in_ptr + e * ES + offs_j, mask=jmask, other=0.0).to(tl.float32)[None, :]
-        h = activation(acc, ACT)
-        if GATED:
-            h = h * acc_up
+        h = expert_hidden(x_ptr, tok, rmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, e, offs_j, jmask, D, ES,
+                          GATED, HAS_BIAS, ACT, UPCAST, BM, BN, BK)
         pair = (first + rows).to(tl.int64)
         tl.store(h_ptr + pair[:, None] * ES + offs_j[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=rmask[:, None] & jmask[None, :])
@@ -130,13 +119,7 @@ def _grouped_down_kernel(
     nch = tl.cdiv(D, BN)
     total = tl.load(tile_start_ptr + E) * nch
     for tile in range(tl.program_id(0), total, NPROG):
-        mt = tile // nch
-        c = tile % nch
-        e = _find_tile(tile_start_ptr, mt, E, LOG2E)
-        first = tl.load(starts_ptr + e * NTB)
-        count = tl.load(starts_ptr + (e + 1) * NTB) - first
-        rows = (mt - tl.load(tile_start_ptr + e)) * BM + tl.arange(0, BM)
-        rmask = rows < count
+        e, c, first, rows, rmask = _tile(tile, nch, tile_start_ptr, starts_ptr, E, NTB, LOG2E, BM)
         pair = (first + rows).to(tl.int64)
         offs_n = c * BN + tl.arange(0, BN)
         nmask = offs_n < D
@@ -147,7 +130,7 @@ def _grouped_down_kernel(
             h = tl.load(h_ptr + pair[:, None] * ES + offs_k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_out_ptr + (e * ES + offs_k).to(tl.int64)[:, None] * D + offs_n[None, :],
                         mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc += tl.dot(dot_operand(h, UPCAST), dot_operand(w, UPCAST))
+            acc += mma(h, w, UPCAST)
         tl.store(y_ptr + pair[:, None] * D + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
 
@@ -217,12 +200,12 @@ def _grouped_pass(x, scores, rowmax, tau, w_in, w_up, w_out, b_in, b_out, activa
     _grouped_up_kernel[(nprog,)](
         x, w_in, w_up if gated else w_in, b_in if has_b_in else w_in, h, tokens, starts, tile_start,
         D, ES, E, ntb, x.stride(0),
-        GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=INTERPRET, LOG2E=log2e,
+        GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=fp32_dots(x), LOG2E=log2e,
         BM=bm, BN=bn_up, BK=cfg["BK_UP"], NPROG=nprog, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _grouped_down_kernel[(nprog,)](
         h, w_out, y, starts, tile_start, D, ES, E, ntb,
-        UPCAST=INTERPRET, LOG2E=log2e, BM=bm, BN=cfg["BN_DOWN"], BK=min(cfg["BK_DOWN"], triton.next_power_of_2(ES)),
+        UPCAST=fp32_dots(x), LOG2E=log2e, BM=bm, BN=cfg["BN_DOWN"], BK=min(cfg["BK_DOWN"], triton.next_power_of_2(ES)),
         NPROG=nprog, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     bt, bn = cfg["BLOCK_T_REDUCE"], cfg["BLOCK_N_REDUCE"]

@@ -1,9 +1,10 @@
 """The opaque custom op the vLLM plugin calls: ``torch.ops.d2dmoe.dynamic_k_experts``.
 
-Selection and expert compute live behind one op so torch.compile and CUDA graphs see a single
-node with a fixed output shape (a fake implementation gives it), whatever the routing.
-``counters`` (int64 [2]: tokens seen, token-expert pairs executed) is updated on the device, so
-compute accounting costs no host synchronisation.
+Router, selection and expert compute live behind one op so torch.compile and CUDA graphs see a
+single node with a fixed output shape (a fake implementation gives it), whatever the routing; the
+CUDA body can then fuse the router into its kernels.
+``counters`` (int64 [3]: tokens seen, token-expert pairs executed, and a semaphore the fused router
+kernel leaves at 0) is updated on the device, so compute accounting costs no host synchronisation.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import torch
 
 from d2dmoe_kernels.cpu import dynamic_k_experts_cpu
-from d2dmoe_kernels.reference import select_experts
+from d2dmoe_kernels.reference import router_scores, select_experts
+
+COUNTER_SLOTS = 3
 
 
 @torch.library.custom_op("d2dmoe::dynamic_k_experts", mutates_args=("counters",))
 def dynamic_k_experts(
     x: torch.Tensor,
-    scores: torch.Tensor,
+    router_in: torch.Tensor,
+    router_out: torch.Tensor,
     tau: float,
     top_k: int,
     w_in: torch.Tensor,
@@ -28,21 +32,23 @@ def dynamic_k_experts(
     activation: str,
     counters: torch.Tensor,
 ) -> torch.Tensor:
-    """x [T, d], scores [T, E] (router output, >= 0) -> [T, d]: selected experts summed + b_out."""
-    mask = select_experts(scores, tau, top_k)
+    """x [T, d], router weights [w, d] and [E, w] -> [T, d]: selected experts summed + b_out."""
+    mask = select_experts(router_scores(x, router_in, router_out), tau, top_k)
     counters[0] += mask.shape[0]
     counters[1] += mask.sum()
     return dynamic_k_experts_cpu(x, mask, w_in, w_up, w_out, b_in, b_out, activation)
 
 
 @dynamic_k_experts.register_kernel("cuda")
-def _dynamic_k_experts_cuda(x, scores, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation, counters):
-    # Triton kernels: decode / grouped / dense fallback, chosen from host-known sizes.
+def _dynamic_k_experts_cuda(x, router_in, router_out, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation,
+                            counters):
+    # Triton kernels: fused router + decode / grouped / dense fallback, chosen from host-known sizes.
     from d2dmoe_kernels.dispatch import dynamic_k_experts_triton
 
-    return dynamic_k_experts_triton(x, scores, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation, counters)
+    return dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w_out, b_in, b_out,
+                                    activation, counters)
 
 
 @dynamic_k_experts.register_fake
-def _(x, scores, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation, counters):
+def _(x, router_in, router_out, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation, counters):
     return torch.empty_like(x)

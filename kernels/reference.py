@@ -30,6 +30,11 @@ def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown expert activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
+def router_scores(x: torch.Tensor, router_in: torch.Tensor, router_out: torch.Tensor) -> torch.Tensor:
+    """Regression router: R = |W_out relu(W_in x)|, the predicted norm of every expert's output."""
+    return F.linear(F.relu(F.linear(x, router_in)), router_out).abs()
+
+
 def selection_rule(scores: torch.Tensor, tau: float, top_k: int = 0) -> tuple[torch.Tensor, float]:
     """(per-token reference value [T] in fp32, factor): expert e runs iff R_e >= factor * reference.
 

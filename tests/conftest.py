@@ -12,6 +12,13 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from tiny_models import make_dense  # noqa: E402
 
 
+def subprocess_env(**extra):
+    """Environment for engine subprocesses: without the Triton interpreter switch the kernel tests set."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra)
+    return env
+
+
 @pytest.fixture(scope="session")
 def dense_dir(tmp_path_factory):
     """Factory: tiny dense checkpoint of a family (cached per session)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import d2dmoe_kernels.op  # noqa: F401
-from d2dmoe_kernels import dynamic_k_experts_reference, select_experts
+from d2dmoe_kernels import dynamic_k_experts_reference, router_scores, select_experts
 from d2dmoe_kernels.cpu import dynamic_k_experts_cpu
 
 TAUS = [0.0, 0.3, 0.6, 0.9, 1.0]
@@ -28,7 +28,7 @@ def test_selection_rule():
     m = select_experts(s, 1.0)                                # tau = 1: only the arg-max (and ties)
     assert m.tolist() == [[True, False, False, False], [True] * 4, [False, True, False, False]]
     assert select_experts(s, 0.5).tolist()[0] == [True, True, False, True]
-    assert select_experts(s, 0.0, top_k=2).sum(-1).tolist() == [2, 2, 2]
+    assert select_experts(s, 0.0, top_k=2).sum(-1).tolist() == [2, 4, 2]   # ties with the k-th score also run
     assert select_experts(s, 0.0, top_k=2)[2].tolist() == [False, True, True, False]
 
 
@@ -78,22 +78,24 @@ def test_cpu_op_bf16_upcasts():
 
 
 def test_custom_op_counts_and_compiles():
-    E, e, d, T = 10, 8, 32, 6
+    E, e, d, T, width = 10, 8, 32, 6, 16
     w = make_layer(E, e, d, gated=False)
-    x, scores = torch.randn(T, d), torch.rand(T, E)
-    counters = torch.zeros(2, dtype=torch.int64)
+    r_in, r_out = torch.randn(width, d) / d**0.5, torch.randn(E, width) / width**0.5
+    x = torch.randn(T, d)
+    counters = torch.zeros(3, dtype=torch.int64)
 
-    def layer(x, scores, counters):
-        return torch.ops.d2dmoe.dynamic_k_experts(x, scores, 0.5, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"],
-                                                  w["b_out"], "gelu_tanh", counters)
+    def layer(x, counters):
+        return torch.ops.d2dmoe.dynamic_k_experts(x, r_in, r_out, 0.5, 0, w["w_in"], w["w_up"], w["w_out"],
+                                                  w["b_in"], w["b_out"], "gelu_tanh", counters)
 
-    eager = layer(x, scores, counters)
-    expected_pairs = int(select_experts(scores, 0.5).sum())
-    assert counters.tolist() == [T, expected_pairs]
-    compiled = torch.compile(layer, fullgraph=True)(x, scores, counters)
-    assert counters.tolist() == [2 * T, 2 * expected_pairs]   # the mutation survives compilation
+    eager = layer(x, counters)
+    mask = select_experts(router_scores(x, r_in, r_out), 0.5)
+    assert 0 < int(mask.sum()) < T * E
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+    compiled = torch.compile(layer, fullgraph=True)(x, counters)
+    assert counters.tolist() == [2 * T, 2 * int(mask.sum()), 0]   # the mutation survives compilation
     assert torch.allclose(eager, compiled)
-    ref = dynamic_k_experts_reference(x, select_experts(scores, 0.5), **w, activation="gelu_tanh")
+    ref = dynamic_k_experts_reference(x, mask, **w, activation="gelu_tanh")
     assert rel_err(eager, ref) < 1e-5
 
 

@@ -4,11 +4,23 @@ Against the fp64 reference on fresh random inputs in bf16 and fp16; poisoned out
 capture and replay with new inputs and new routing; no host synchronisation (sync debug mode).
 """
 
+import importlib
+
 import pytest
 import torch
 
-from d2dmoe_kernels.dispatch import dynamic_k_experts_triton
-from d2dmoe_kernels.reference import dynamic_k_experts_reference, select_experts
+from d2dmoe_kernels.configs import kernel_config
+from d2dmoe_kernels.reference import dynamic_k_experts_reference, router_scores, select_experts, selection_rule
+
+
+def lazy(module, name):
+    # Kernel modules are imported only when a GPU test runs: importing them at collection would
+    # build their Triton functions before the CPU tests switch on TRITON_INTERPRET.
+    return lambda *a, **k: getattr(importlib.import_module(module), name)(*a, **k)
+
+
+dynamic_k_experts_triton = lazy("d2dmoe_kernels.dispatch", "dynamic_k_experts_triton")
+fused_router = lazy("d2dmoe_kernels.router", "fused_router")
 
 pytestmark = pytest.mark.gpu
 
@@ -26,11 +38,12 @@ def need_cuda():
         pytest.fail("GPU tests need CUDA: run them on the GPU machine (pytest -m gpu)")
 
 
-def make(d, dff, es, gated, dtype, seed):
+def make(d, dff, es, gated, dtype, seed, width=128):
     g = torch.Generator(device="cuda").manual_seed(seed)
     E = dff // es
     r = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
-    w = dict(w_in=(r(E, es, d) / d**0.5).to(dtype), w_up=(r(E, es, d) / d**0.5).to(dtype) if gated else None,
+    w = dict(router_in=(r(width, d) / d**0.5).to(dtype), router_out=(r(E, width) / width**0.5).to(dtype),
+             w_in=(r(E, es, d) / d**0.5).to(dtype), w_up=(r(E, es, d) / d**0.5).to(dtype) if gated else None,
              w_out=(r(E, es, d) / dff**0.5).to(dtype), b_in=None if gated else (r(E, es) * 0.1).to(dtype),
              b_out=None if gated else (r(d) * 0.1).to(dtype))
     return w, E, g
@@ -42,9 +55,21 @@ def inputs(T, d, E, dtype, g):
     return x, scores
 
 
-def ref64(x, scores, tau, w, act):
-    f64 = {k: None if v is None else v.double() for k, v in w.items()}
-    return dynamic_k_experts_reference(x.double(), select_experts(scores, tau), **f64, activation=act)
+EXPERT_KEYS = ("w_in", "w_up", "w_out", "b_in", "b_out")
+
+
+def experts(w):
+    return [w[k] for k in EXPERT_KEYS]
+
+
+def ref64(x, mask, w, act):
+    f64 = {k: None if w[k] is None else w[k].double() for k in EXPERT_KEYS}
+    return dynamic_k_experts_reference(x.double(), mask, **f64, activation=act)
+
+
+def run(x, w, tau, counters, act="gelu_tanh", top_k=0, route_override=None):
+    return dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, top_k, *experts(w), act, counters,
+                                    route_override=route_override)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -54,14 +79,51 @@ def ref64(x, scores, tau, w, act):
 def test_matches_fp64_reference(dtype, shape, T, tau):
     d, dff, es, gated = shape
     w, E, g = make(d, dff, es, gated, dtype, seed=T + int(tau * 10))
-    x, scores = inputs(T, d, E, dtype, g)
-    counters = torch.zeros(2, dtype=torch.int64, device="cuda")
-    out = dynamic_k_experts_triton(x, scores, tau, 0, *w.values(), "gelu_tanh", counters)
-    ref = ref64(x, scores, tau, w, "gelu_tanh")
+    x, scores = inputs(T, d, E, dtype, g)       # controlled routing (the router still runs)
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    out = run(x, w, tau, counters, route_override=(scores, *selection_rule(scores, tau)))
+    mask = select_experts(scores, tau) if tau > 0 else torch.ones_like(scores, dtype=torch.bool)
+    ref = ref64(x, mask, w, "gelu_tanh")
     assert not torch.isnan(out).any()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
-    assert counters.tolist() == [T, int(select_experts(scores, tau).sum())]
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
+@pytest.mark.parametrize("T", [1, 7, 32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_router(T, shape):
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=T)
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    sem = torch.zeros(1, dtype=torch.int64, device="cuda")
+    for _ in range(2):
+        scores, rowmax = fused_router(x, w["router_in"], w["router_out"], sem, kernel_config(None)["router"])
+        want = router_scores(x.double(), w["router_in"].double(), w["router_out"].double())
+        assert ((scores.double() - want).norm() / want.norm()).item() < 1e-2
+        assert torch.equal(rowmax, scores.amax(-1)) and sem.item() == 0
+
+
+@pytest.mark.parametrize("T", [1, 4, 32, 300])
+def test_end_to_end_with_own_router(T):
+    """No override: the op's own router (fused for small T) decides; the reference selects from the
+    same scores so threshold ties cannot differ."""
+    d, dff, es, gated = SHAPES[1]
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=7 + T)
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    out = run(x, w, 0.5, counters)
+    cfg = kernel_config(torch.cuda.get_device_name())
+    if T <= cfg["router"]["max_tokens"]:
+        scores, rowmax = fused_router(x, w["router_in"], w["router_out"], torch.zeros(1, dtype=torch.int64,
+                                      device="cuda"), cfg["router"])
+        mask = scores >= 0.5 * rowmax[:, None]
+    else:
+        mask = select_experts(router_scores(x, w["router_in"], w["router_out"]), 0.5)
+    assert 0 < int(mask.sum()) < T * E
+    ref = ref64(x, mask, w, "gelu_tanh")
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
 @pytest.mark.parametrize("T", [1, 16, 1000])
@@ -69,7 +131,6 @@ def test_every_element_written(T):
     d, dff, es, gated = SHAPES[1]
     w, E, g = make(d, dff, es, gated, torch.bfloat16, 1)
     x, scores = inputs(T, d, E, torch.bfloat16, g)
-    from d2dmoe_kernels.configs import kernel_config
     from d2dmoe_kernels.expert_decode import decode_experts
     from d2dmoe_kernels.expert_grouped import grouped_experts
     from d2dmoe_kernels.reference import selection_rule
@@ -78,7 +139,7 @@ def test_every_element_written(T):
     ref_val, factor = selection_rule(scores, 0.9)
     out = torch.full_like(x, float("nan"))
     launch, c = (decode_experts, cfg["decode"]) if T <= cfg["decode"]["max_tokens"] else (grouped_experts, cfg["grouped"])
-    launch(x, scores, ref_val, factor, *w.values(), "relu", torch.zeros(2, dtype=torch.int64, device="cuda"), c, out=out)
+    launch(x, scores, ref_val, factor, *experts(w), "relu", torch.zeros(3, dtype=torch.int64, device="cuda"), c, out=out)
     assert not torch.isnan(out).any()
 
 
@@ -86,38 +147,40 @@ def test_every_element_written(T):
 def test_cuda_graph_replay_with_new_routing(T):
     d, dff, es, gated = SHAPES[2]
     w, E, g = make(d, dff, es, gated, torch.bfloat16, 2)
-    x, scores = inputs(T, d, E, torch.bfloat16, g)
-    counters = torch.zeros(2, dtype=torch.int64, device="cuda")
-    run = lambda: dynamic_k_experts_triton(x, scores, 0.5, 0, *w.values(), "gelu_tanh", counters)  # noqa: E731
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    layer = lambda: run(x, w, 0.5, counters)  # noqa: E731
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        run()  # warm-up compiles the kernels outside capture
+        layer()  # warm-up compiles the kernels outside capture
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = run()
-    for seed in range(3):  # new inputs and new routing, same buffers
-        x2, s2 = inputs(T, d, E, torch.bfloat16, torch.Generator(device="cuda").manual_seed(100 + seed))
-        x.copy_(x2)
-        scores.copy_(s2)
+        out = layer()
+    outs = []
+    for seed in range(3):  # new inputs, hence new routing, same buffers
+        x.copy_(inputs(T, d, E, torch.bfloat16, torch.Generator(device="cuda").manual_seed(100 + seed))[0])
         graph.replay()
-        eager = dynamic_k_experts_triton(x, scores, 0.5, 0, *w.values(), "gelu_tanh",
-                                         torch.zeros(2, dtype=torch.int64, device="cuda"))
+        eager = run(x, w, 0.5, torch.zeros(3, dtype=torch.int64, device="cuda"))
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
+        outs.append(out.clone())
+    assert not torch.equal(outs[0], outs[1])
+    assert counters[2].item() == 0
 
 
 @pytest.mark.parametrize("T", [1, 16, 1024])
 def test_no_host_synchronisation(T):
     d, dff, es, gated = SHAPES[1]
     w, E, g = make(d, dff, es, gated, torch.bfloat16, 4)
-    x, scores = inputs(T, d, E, torch.bfloat16, g)
-    counters = torch.zeros(2, dtype=torch.int64, device="cuda")
-    dynamic_k_experts_triton(x, scores, 0.5, 0, *w.values(), "relu", counters)  # compile first
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    for tau, k in ((0.5, 0), (0.0, 0), (0.0, 4)):
+        run(x, w, tau, counters, "relu", top_k=k)  # compile first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for tau, k in ((0.5, 0), (0.0, 0), (0.0, 4)):
-            dynamic_k_experts_triton(x, scores, tau, k, *w.values(), "relu", counters)
+            run(x, w, tau, counters, "relu", top_k=k)
     finally:
         torch.cuda.set_sync_debug_mode(0)

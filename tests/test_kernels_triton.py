@@ -7,7 +7,9 @@ expert, experts that get no token, expert sizes that are not powers of two.
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the triton import (kernels run on the CPU)
+# The kernels are built as interpreted functions when their modules are imported with this set
+# (it stays set: Triton reads it at launch too; vLLM subprocesses get an environment without it).
+os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -16,16 +18,25 @@ from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 from d2dmoe_kernels.expert_decode import decode_experts  # noqa: E402
 from d2dmoe_kernels.expert_decode_fused import fused_decode_experts  # noqa: E402
 from d2dmoe_kernels.expert_grouped import grouped_experts  # noqa: E402
-from d2dmoe_kernels.reference import dynamic_k_experts_reference, select_experts, selection_rule  # noqa: E402
+from d2dmoe_kernels.reference import (  # noqa: E402
+    dynamic_k_experts_reference,
+    router_scores,
+    select_experts,
+    selection_rule,
+)
+from d2dmoe_kernels.router import fused_router  # noqa: E402
+from d2dmoe_kernels.triton_common import INTERPRET  # noqa: E402
+
+assert INTERPRET, "a kernel module was imported before TRITON_INTERPRET was set"
 
 DECODE = dict(max_tokens=32, BLOCK_E=16, BLOCK_K=32, BLOCK_N=32, BLOCK_J=16, SPLIT=3, num_warps=4)
 GROUPED = dict(BLOCK_T_SCAN=16, BM=16, BN_UP=16, BK_UP=32, BN_DOWN=32, BK_DOWN=16, programs_per_sm=1,
                num_warps=4, num_stages=2, BLOCK_T_REDUCE=16, BLOCK_N_REDUCE=32, chunk_tokens=48)
 FUSED = dict(max_tokens=4, BLOCK_J=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2, BLOCK_N_REDUCE=32)
-SMALL = dict(fused=FUSED, decode=dict(DECODE, max_tokens=8), grouped=GROUPED)
+ROUTER = dict(max_tokens=8, BLOCK_W=16, BLOCK_K=32, num_warps=4)
+SMALL = dict(router=ROUTER, fused=FUSED, decode=dict(DECODE, max_tokens=8), grouped=GROUPED)
 PATHS = {  # path: (launcher, config, tokens)
     "fused": (fused_decode_experts, FUSED, 3),
-    "fused-own-max": (lambda *a, **k: fused_decode_experts(*a, **k, own_max=True), FUSED, 4),
     "decode": (decode_experts, DECODE, 5),
     "grouped": (grouped_experts, GROUPED, 61),
 }
@@ -91,39 +102,61 @@ def test_idle_experts_and_single_expert_tokens(path):
     assert counters.tolist() == [T, int(mask.sum())]
 
 
+def router(D, E, width=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(width, D, generator=g) / D**0.5, torch.randn(E, width, generator=g) / width**0.5
+
+
+@pytest.mark.parametrize("T,D,W,E", [(1, 64, 32, 8), (5, 96, 48, 20), (8, 64, 128, 70)])
+def test_fused_router_matches_torch_and_resets_its_semaphore(T, D, W, E):
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, W)
+    counters = torch.zeros(3, dtype=torch.int64)
+    want = router_scores(x.double(), r_in.double(), r_out.double())
+    for _ in range(2):  # the second call only works if the first left the semaphore at 0
+        scores, rowmax = fused_router(x, r_in, r_out, counters[2:3], ROUTER)
+        check(scores, want)
+        check(rowmax, want.amax(-1))
+        assert counters.tolist() == [0, 0, 0]
+
+
 @pytest.mark.parametrize("T", [3, 6, 30])
 def test_top_k_through_kernels(T):
     E, ES, D = 8, 16, 32
     w = layer(E, ES, D, False, 5)
-    x, scores = torch.randn(T, D), torch.rand(T, E)
-    counters = torch.zeros(2, dtype=torch.int64)
-    out = dynamic_k_experts_triton(x, scores, 0.0, 3, *w.values(), "relu", counters, SMALL)
-    mask = select_experts(scores, 0.0, top_k=3)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E)
+    counters = torch.zeros(3, dtype=torch.int64)
+    out = dynamic_k_experts_triton(x, r_in, r_out, 0.0, 3, *w.values(), "relu", counters, SMALL)
+    mask = select_experts(router_scores(x, r_in, r_out), 0.0, top_k=3)
     assert (mask.sum(-1) == 3).all()
     check(out, reference(x, mask, w, "relu"))
-    assert counters.tolist() == [T, 3 * T]
+    assert counters.tolist() == [T, 3 * T, 0]
 
 
 @pytest.mark.parametrize("T", [2, 6, 30])
 def test_dispatch_dynamic_k(T):
+    """Router (fused for T <= 8), selection and the path chosen by T, through the op's CUDA body."""
     E, ES, D = 8, 16, 32
     w = layer(E, ES, D, True, 7)
-    x, scores = torch.randn(T, D), torch.rand(T, E)
-    counters = torch.zeros(2, dtype=torch.int64)
-    out = dynamic_k_experts_triton(x, scores, 0.6, 0, *w.values(), "gelu_tanh", counters, SMALL)
-    mask = select_experts(scores, 0.6)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=T)
+    counters = torch.zeros(3, dtype=torch.int64)
+    out = dynamic_k_experts_triton(x, r_in, r_out, 0.6, 0, *w.values(), "gelu_tanh", counters, SMALL)
+    mask = select_experts(router_scores(x, r_in, r_out), 0.6)
+    assert 0 < int(mask.sum()) < T * E
     check(out, reference(x, mask, w, "gelu_tanh"))
-    assert counters.tolist() == [T, int(mask.sum())]
+    assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
 def test_dense_fallback_when_every_expert_runs():
     E, ES, D, T = 6, 16, 32, 12
     w = layer(E, ES, D, True, 9)
-    x, scores = torch.randn(T, D), torch.rand(T, E)
-    counters = torch.zeros(2, dtype=torch.int64)
-    out = dynamic_k_experts_triton(x, scores, 0.0, 0, *w.values(), "gelu_tanh", counters, SMALL)
+    x = torch.randn(T, D)
+    counters = torch.zeros(3, dtype=torch.int64)
+    out = dynamic_k_experts_triton(x, *router(D, E), 0.0, 0, *w.values(), "gelu_tanh", counters, SMALL)
     check(out, reference(x, torch.ones(T, E, dtype=torch.bool), w, "gelu_tanh"))
-    assert counters.tolist() == [T, T * E]
+    assert counters.tolist() == [T, T * E, 0]
 
 
 def test_grouped_chunks_match_one_pass():

