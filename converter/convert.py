@@ -1,6 +1,6 @@
 """Conversion driver: dense checkpoint -> D2DMoE checkpoint.
 
-Stages so far: load -> (ReLU-fication) -> split -> router init -> export. Training stages
+Stages so far: load -> (ReLU-fication) -> split (balanced k-means) -> router init -> export. Training stages
 (sparsity fine-tuning, router training, tau calibration) slot in between split and export.
 The output directory appears only when everything succeeded: the checkpoint is staged beside
 it, validated by the plugin's own validator, then renamed into place.
@@ -20,10 +20,12 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from d2dmoe_converter.dense import DenseModel, load_dense
+from d2dmoe_converter.kmeans import balanced_kmeans_order
 from d2dmoe_converter.split import contiguous_order, dense_ffn, dense_ffn_names, split_ffn
 from d2dmoe_vllm.checkpoint import layer_prefix, validate_checkpoint
 from d2dmoe_vllm.config import ARCHITECTURES, FORMAT_VERSION, CheckpointError, D2DMoEConfig, check_tau
 
+SPLITS = ("kmeans", "contiguous")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                    "gelu_fast": "gelu_tanh"}
@@ -34,6 +36,7 @@ class ConvertOptions:
     expert_size: int | None = None   # neurons per expert; default: d_ff / 32 experts
     num_experts: int | None = None
     relufy: bool = False             # replace the FFN activation (GPT-2) / gate activation (Gemma) by ReLU
+    split: str = "kmeans"            # "kmeans" (balanced, on normalised first-layer rows) or "contiguous"
     tau: float = 0.0
     router_width: int = 128
     dtype: str = "auto"
@@ -92,7 +95,11 @@ def build_state(dense: DenseModel, cfg: D2DMoEConfig, opts: ConvertOptions) -> d
         for name in dense_ffn_names(dense, layer):
             del state[name]
         p = layer_prefix(dense.model_type, layer) + "mlp."
-        experts = split_ffn(ffn, contiguous_order(cfg.d_ff), cfg.num_experts[layer])
+        if opts.split == "kmeans":
+            order = balanced_kmeans_order(ffn["w_in"], cfg.num_experts[layer], seed=opts.seed + layer)
+        else:
+            order = contiguous_order(cfg.d_ff)
+        experts = split_ffn(ffn, order, cfg.num_experts[layer])
         router = init_router(dense.hidden_size, cfg.router_width, cfg.num_experts[layer], gen)
         state.update({p + k: v for k, v in {**experts, **router}.items()})
     dtype = DTYPES[opts.dtype]
@@ -122,6 +129,8 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         raise FileExistsError(f"{dst} exists and is not empty; choose another output or pass --overwrite")
     if opts.dtype not in DTYPES:
         raise ValueError(f"--dtype {opts.dtype!r}: use one of {list(DTYPES)}")
+    if opts.split not in SPLITS:
+        raise ValueError(f"--split {opts.split!r}: use one of {list(SPLITS)}")
     t0 = time.time()
     dense = load_dense(src)
     cfg = moe_config(dense, opts)
@@ -146,6 +155,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         "layers": dense.num_layers,
         "experts_per_layer": cfg.num_experts[0],
         "expert_size": cfg.expert_size[0],
+        "split": opts.split,
         "activation": cfg.activation,
         "tau": cfg.tau,
         "parameters": sum(v.numel() for v in state.values()),

@@ -1,7 +1,7 @@
 """Expert split: regroup an FFN's neurons into E equal experts in the checkpoint layout.
 
-``neuron_order`` decides which neurons go together (contiguous here; balanced k-means later);
-``split_ffn`` cuts the dense weights along it. Expert e owns rows of the first layer (and of the
+A neuron order decides which neurons go together (``kmeans.balanced_kmeans_order``, or
+``contiguous_order``); ``split_ffn`` cuts the dense weights along it. Expert e owns rows of the first layer (and of the
 up projection) and the matching columns of the second layer; the second-layer bias stays shared.
 """
 

@@ -16,23 +16,25 @@ from d2dmoe_kernels.reference import router_scores
 from d2dmoe_vllm.config import CheckpointError, D2DMoEConfig
 
 
-def checked_weight_loader(name: str):
-    """A vLLM weight_loader that names the tensor and both shapes when they disagree."""
+def checked_weight_loader(name: str, full_shape: tuple[int, ...], shard: tuple[int, int] | None = None):
+    """A vLLM weight_loader that names the tensor and both shapes when they disagree, and keeps
+    experts [start, start + n) of it when ``shard`` is given (tensor parallelism)."""
 
     def load(param: torch.Tensor, loaded: torch.Tensor) -> None:
-        if tuple(param.shape) != tuple(loaded.shape):
+        if tuple(loaded.shape) != full_shape:
             raise CheckpointError(
                 f"D2DMoE checkpoint: {name}: has shape {list(loaded.shape)}, config.json implies "
-                f"{list(param.shape)}. Fix: make d2dmoe.num_experts/expert_size/router_width match the weights"
+                f"{list(full_shape)}. Fix: make d2dmoe.num_experts/expert_size/router_width match the weights"
             )
-        param.data.copy_(loaded)
+        param.data.copy_(loaded if shard is None else loaded.narrow(0, *shard))
 
     return load
 
 
-def _param(prefix: str, name: str, *shape: int) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(*shape), requires_grad=False)
-    p.weight_loader = checked_weight_loader(f"{prefix}.{name}")
+def _param(prefix: str, name: str, *shape: int, shard: tuple[int, int] | None = None) -> nn.Parameter:
+    local = shape if shard is None else (shard[1], *shape[1:])
+    p = nn.Parameter(torch.empty(*local), requires_grad=False)
+    p.weight_loader = checked_weight_loader(f"{prefix}.{name}", tuple(shape), shard)
     return p
 
 
@@ -51,27 +53,51 @@ class ExpertRouter(nn.Module):
 
 
 class DynamicKMLP(nn.Module):
-    """Drop-in replacement for a dense FFN (plain GPT-2 style or gated Gemma style)."""
+    """Drop-in replacement for a dense FFN (plain GPT-2 style or gated Gemma style).
 
-    def __init__(self, cfg: D2DMoEConfig, layer: int, hidden_size: int, prefix: str):
+    Under tensor parallelism each rank holds E / tp whole experts and the full router; the ranks'
+    partial sums meet in one all-reduce, as in vLLM's row-parallel layers (b_out is added once)."""
+
+    def __init__(self, cfg: D2DMoEConfig, layer: int, hidden_size: int, prefix: str,
+                 tp_rank: int | None = None, tp_size: int | None = None):
         super().__init__()
+        if tp_size is None:
+            from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+            tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         E, e = cfg.num_experts[layer], cfg.expert_size[layer]
-        self.layer = layer
+        if E % tp_size:
+            raise CheckpointError(
+                f"D2DMoE checkpoint: {prefix}: {E} experts cannot be split over tensor_parallel_size={tp_size}. "
+                f"Fix: serve with a tensor_parallel_size that divides {E}, or re-convert with a matching expert count"
+            )
+        shard = (tp_rank * (E // tp_size), E // tp_size)
+        self.layer, self.tp_rank, self.tp_size, self.expert_offset = layer, tp_rank, tp_size, shard[0]
         self.num_experts, self.expert_size = E, e
         self.tau, self.top_k, self.activation = cfg.tau, cfg.top_k, cfg.activation
         self.router = ExpertRouter(hidden_size, cfg.router_width, E, f"{prefix}.router")
         self.experts = nn.Module()
-        self.experts.w_in = _param(f"{prefix}.experts", "w_in", E, e, hidden_size)
-        self.experts.w_up = _param(f"{prefix}.experts", "w_up", E, e, hidden_size) if cfg.gated else None
-        self.experts.w_out = _param(f"{prefix}.experts", "w_out", E, e, hidden_size)
-        self.experts.b_in = None if cfg.gated else _param(f"{prefix}.experts", "b_in", E, e)
+        self.experts.w_in = _param(f"{prefix}.experts", "w_in", E, e, hidden_size, shard=shard)
+        self.experts.w_up = _param(f"{prefix}.experts", "w_up", E, e, hidden_size, shard=shard) if cfg.gated else None
+        self.experts.w_out = _param(f"{prefix}.experts", "w_out", E, e, hidden_size, shard=shard)
+        self.experts.b_in = None if cfg.gated else _param(f"{prefix}.experts", "b_in", E, e, shard=shard)
         self.b_out = None if cfg.gated else _param(prefix, "b_out", hidden_size)
+        self.add_b_out = tp_rank == 0
         # [tokens seen, token-expert pairs executed, router semaphore], kept on the device by the op.
         self.register_buffer("counters", torch.zeros(COUNTER_SLOTS, dtype=torch.int64), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def local_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's experts (all of them when tp = 1), plus b_out on rank 0."""
         ex, r = self.experts, self.router
         return torch.ops.d2dmoe.dynamic_k_experts(
-            x, r.in_proj.weight, r.out_proj.weight, self.tau, self.top_k, ex.w_in, ex.w_up, ex.w_out, ex.b_in,
-            self.b_out, self.activation, self.counters,
+            x, r.in_proj.weight, r.out_proj.weight, self.tau, self.top_k, self.expert_offset, ex.w_in, ex.w_up,
+            ex.w_out, ex.b_in, self.b_out if self.add_b_out else None, self.activation, self.counters,
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.local_forward(x)
+        if self.tp_size > 1:
+            from vllm.distributed import tensor_model_parallel_all_reduce
+
+            out = tensor_model_parallel_all_reduce(out)
+        return out

@@ -34,8 +34,10 @@ def expert_layers(model: nn.Module) -> list[DynamicKMLP]:
 
 
 def compute_report(model: nn.Module) -> dict[str, Any]:
-    """Executed expert compute since the last reset, as fractions of running every expert."""
-    layers, done, full = [], 0, 0
+    """Executed expert compute since the last reset, as fractions of running every expert.
+
+    Under tensor parallelism this rank's counts cover its own experts; ``merge_reports`` adds the
+    ranks' reports up."""
     mlps = expert_layers(model)
     counters = [m.counters for m in mlps]
     if counters and counters[0].is_cuda:
@@ -43,13 +45,27 @@ def compute_report(model: nn.Module) -> dict[str, Any]:
         with torch.cuda.stream(side):
             counters = [c.to("cpu", non_blocking=True) for c in counters]
         side.synchronize()
+    layers = []
     for m, c in zip(mlps, counters):
         tokens, pairs = (int(v) for v in c.tolist()[:2])
-        fraction = pairs / (tokens * m.num_experts) if tokens else None
         layers.append({"layer": m.layer, "tokens": tokens, "executed_pairs": pairs,
-                       "num_experts": m.num_experts, "expert_size": m.expert_size, "fraction": fraction})
-        done += pairs * m.expert_size
-        full += tokens * m.num_experts * m.expert_size
+                       "num_experts": m.num_experts, "expert_size": m.expert_size})
+    return _with_fractions(layers)
+
+
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from the tensor-parallel ranks' reports (each rank counts its own experts' pairs)."""
+    layers = [dict(layer, executed_pairs=sum(r["layers"][i]["executed_pairs"] for r in reports))
+              for i, layer in enumerate(reports[0]["layers"])]
+    return _with_fractions(layers)
+
+
+def _with_fractions(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    done = full = 0
+    for r in layers:
+        r["fraction"] = r["executed_pairs"] / (r["tokens"] * r["num_experts"]) if r["tokens"] else None
+        done += r["executed_pairs"] * r["expert_size"]
+        full += r["tokens"] * r["num_experts"] * r["expert_size"]
     return {"overall_fraction": done / full if full else None, "layers": layers}
 
 
@@ -60,8 +76,8 @@ def reset_counters(model: nn.Module) -> bool:
 
 
 def engine_compute_report(llm: Any) -> dict[str, Any]:
-    """Report of an offline ``vllm.LLM`` engine (first worker)."""
-    return llm.apply_model(compute_report)[0]
+    """Report of an offline ``vllm.LLM`` engine (all tensor-parallel workers merged)."""
+    return merge_reports(llm.apply_model(compute_report))
 
 
 def reset_engine_counters(llm: Any) -> None:
@@ -91,6 +107,9 @@ def start_reporting(model: nn.Module) -> None:
     """Log the report at process exit; keep $D2DMOE_STATS_FILE up to date while serving."""
     ref = weakref.ref(model)
     path = os.environ.get(STATS_FILE_ENV)
+    layers = expert_layers(model)
+    if path and layers and layers[0].tp_size > 1:  # one file per rank: each counts its own experts
+        path = f"{path}.rank{layers[0].tp_rank}"
 
     def at_exit() -> None:
         m = ref()

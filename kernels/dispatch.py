@@ -47,12 +47,15 @@ def route(x, router_in, router_out, tau, top_k, counters, cfg, own_max):
 
 
 def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation,
-                             counters, cfg=None, route_override=None):
-    """``route_override`` (benchmarks only): (scores, ref, factor) used for selection after the router
+                             counters, cfg=None, route_override=None, expert_offset=0):
+    """``expert_offset``: the local experts are experts [offset, offset + E_local) of the router
+    (tensor parallelism; selection still uses the max over all experts).
+    ``route_override`` (benchmarks only): (scores, ref, factor) used for selection after the router
     has run, so a benchmark pays the router's cost but controls which experts run."""
     T, D = x.shape
     E, ES, _ = w_in.shape
-    if (top_k == 0 and tau == 0.0) or top_k >= E:
+    sharded = E != router_out.shape[0]
+    if (top_k == 0 and tau == 0.0) or top_k >= router_out.shape[0]:
         counters[0] += T
         counters[1] += T * E
         return dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation)
@@ -60,9 +63,11 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
         cfg = kernel_config(torch.cuda.get_device_name(x.device) if x.is_cuda else None)
     x = x.contiguous()
     fused = path_config(cfg, "fused", D, ES)
-    own_max = T <= fused["max_tokens"] and top_k == 0 and E <= OWN_MAX_MAX_EXPERTS
+    own_max = T <= fused["max_tokens"] and top_k == 0 and E <= OWN_MAX_MAX_EXPERTS and not sharded
     routing = route(x, router_in, router_out, tau, top_k, counters, cfg, own_max)
     scores, ref, factor = routing if route_override is None else route_override
+    if sharded:  # a strided view: the kernels index scores by local expert with the full row stride
+        scores = scores[:, expert_offset : expert_offset + E]
     if T <= fused["max_tokens"]:
         own = ref is None
         return fused_decode_experts(x, scores, scores if own else ref, factor, w_in, w_up, w_out, b_in, b_out,

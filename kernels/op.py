@@ -24,6 +24,7 @@ def dynamic_k_experts(
     router_out: torch.Tensor,
     tau: float,
     top_k: int,
+    expert_offset: int,
     w_in: torch.Tensor,
     w_up: torch.Tensor | None,
     w_out: torch.Tensor,
@@ -32,23 +33,27 @@ def dynamic_k_experts(
     activation: str,
     counters: torch.Tensor,
 ) -> torch.Tensor:
-    """x [T, d], router weights [w, d] and [E, w] -> [T, d]: selected experts summed + b_out."""
+    """x [T, d], router weights [w, d] and [E, w] -> [T, d]: selected experts summed + b_out.
+
+    The expert weights may be a slice (tensor parallelism): local expert i is expert
+    ``expert_offset + i`` of the router, selected against the maximum over all E experts."""
     mask = select_experts(router_scores(x, router_in, router_out), tau, top_k)
+    mask = mask[:, expert_offset : expert_offset + w_in.shape[0]]
     counters[0] += mask.shape[0]
     counters[1] += mask.sum()
     return dynamic_k_experts_cpu(x, mask, w_in, w_up, w_out, b_in, b_out, activation)
 
 
 @dynamic_k_experts.register_kernel("cuda")
-def _dynamic_k_experts_cuda(x, router_in, router_out, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation,
-                            counters):
-    # Triton kernels: fused router + decode / grouped / dense fallback, chosen from host-known sizes.
+def _dynamic_k_experts_cuda(x, router_in, router_out, tau, top_k, expert_offset, w_in, w_up, w_out, b_in, b_out,
+                            activation, counters):
+    # Triton kernels: router + decode / grouped / dense fallback, chosen from host-known sizes.
     from d2dmoe_kernels.dispatch import dynamic_k_experts_triton
 
     return dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w_out, b_in, b_out,
-                                    activation, counters)
+                                    activation, counters, expert_offset=expert_offset)
 
 
 @dynamic_k_experts.register_fake
-def _(x, router_in, router_out, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation, counters):
+def _(x, router_in, router_out, tau, top_k, expert_offset, w_in, w_up, w_out, b_in, b_out, activation, counters):
     return torch.empty_like(x)

@@ -85,7 +85,7 @@ def test_custom_op_counts_and_compiles():
     counters = torch.zeros(3, dtype=torch.int64)
 
     def layer(x, counters):
-        return torch.ops.d2dmoe.dynamic_k_experts(x, r_in, r_out, 0.5, 0, w["w_in"], w["w_up"], w["w_out"],
+        return torch.ops.d2dmoe.dynamic_k_experts(x, r_in, r_out, 0.5, 0, 0, w["w_in"], w["w_up"], w["w_out"],
                                                   w["b_in"], w["b_out"], "gelu_tanh", counters)
 
     eager = layer(x, counters)

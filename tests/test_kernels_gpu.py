@@ -184,3 +184,20 @@ def test_no_host_synchronisation(T):
             run(x, w, tau, counters, "relu", top_k=k)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("T", [1, 16, 700])
+def test_tensor_parallel_shards_add_up(T):
+    d, dff, es, gated = SHAPES[1]
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=20 + T)
+    x, scores = inputs(T, d, E, torch.bfloat16, g)
+    routing = (scores, *selection_rule(scores, 0.5))
+    full = run(x, w, 0.5, torch.zeros(3, dtype=torch.int64, device="cuda"), route_override=routing)
+    tp, parts = 4, []
+    for rank in range(tp):
+        sl = slice(rank * E // tp, (rank + 1) * E // tp)
+        shard = dict(w, w_in=w["w_in"][sl], w_up=w["w_up"][sl], w_out=w["w_out"][sl])
+        parts.append(dynamic_k_experts_triton(
+            x, w["router_in"], w["router_out"], 0.5, 0, *experts(shard), "gelu_tanh",
+            torch.zeros(3, dtype=torch.int64, device="cuda"), route_override=routing, expert_offset=sl.start).float())
+    assert ((sum(parts) - full.float()).norm() / full.float().norm()).item() < 1e-2

@@ -149,6 +149,28 @@ def test_dispatch_dynamic_k(T):
     assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
+@pytest.mark.parametrize("T", [2, 6, 30])
+@pytest.mark.parametrize("tau", [0.0, 0.6])
+def test_expert_shards_add_up(T, tau):
+    """Tensor parallelism: each rank runs experts [offset, offset + E/tp) selected against the max
+    over all E; the shards' outputs add up to the unsharded layer (paths chosen by T)."""
+    E, ES, D, tp = 8, 16, 32, 2
+    w = layer(E, ES, D, False, 13)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=T)
+    full = dynamic_k_experts_triton(x, r_in, r_out, tau, 0, *w.values(), "relu", torch.zeros(3, dtype=torch.int64), SMALL)
+    parts, pairs = [], 0
+    for rank in range(tp):
+        sl = slice(rank * E // tp, (rank + 1) * E // tp)
+        counters = torch.zeros(3, dtype=torch.int64)
+        parts.append(dynamic_k_experts_triton(
+            x, r_in, r_out, tau, 0, w["w_in"][sl], None, w["w_out"][sl], w["b_in"][sl],
+            w["b_out"] if rank == 0 else None, "relu", counters, SMALL, expert_offset=sl.start))
+        pairs += int(counters[1])
+    check(sum(parts), full.double())
+    assert pairs == int(select_experts(router_scores(x, r_in, r_out), tau).sum())
+
+
 def test_dense_fallback_when_every_expert_runs():
     E, ES, D, T = 6, 16, 32, 12
     w = layer(E, ES, D, True, 9)

