@@ -1,8 +1,8 @@
 """Balanced k-means of FFN neurons into equal-size experts (the paper's expert split).
 
 Neurons are the L2-normalised rows of the first layer (the gate for Gemma). Each iteration assigns
-neurons to centroids greedily by cosine similarity under a capacity of d_ff / E per expert (the most
-similar (neuron, expert) pairs first), then re-centres. Deterministic for a given seed.
+neurons to centroids by cosine similarity under a capacity of d_ff / E per expert, then re-centres.
+Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -11,21 +11,26 @@ import torch
 
 
 def _balanced_assign(sim: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Greedy capacity-constrained assignment: neuron -> cluster, every cluster gets ``capacity``."""
+    """Capacity-constrained assignment, every cluster gets exactly ``capacity`` neurons.
+
+    Rounds of first choices: each unassigned neuron bids for its most similar cluster that still has
+    room; a cluster accepts its strongest bids up to its free room. Vectorised; a few rounds."""
     n, k = sim.shape
-    order = torch.argsort(sim.flatten(), descending=True, stable=True)
     assign = torch.full((n,), -1, dtype=torch.long)
     load = torch.zeros(k, dtype=torch.long)
-    left = n
-    for flat in order.tolist():
-        i, c = divmod(flat, k)
-        if assign[i] < 0 and load[c] < capacity:
-            assign[i] = c
-            load[c] += 1
-            left -= 1
-            if left == 0:
-                break
-    return assign
+    while True:
+        free = (assign < 0).nonzero().squeeze(1)
+        if free.numel() == 0:
+            return assign
+        bids = sim[free].masked_fill((load >= capacity)[None, :], float("-inf"))
+        value, choice = bids.max(dim=1)
+        order = torch.argsort(choice.double() * 4.0 - value.double().clamp(-1, 1), stable=True)  # by cluster, best first
+        choice, free = choice[order], free[order]
+        first = torch.searchsorted(choice, choice, right=False)       # index of each cluster's first bid
+        rank = torch.arange(choice.numel()) - first
+        take = rank < (capacity - load)[choice]
+        assign[free[take]] = choice[take]
+        load += torch.bincount(choice[take], minlength=k)
 
 
 def balanced_kmeans_order(rows: torch.Tensor, num_experts: int, seed: int = 0, iters: int = 15) -> torch.Tensor:
