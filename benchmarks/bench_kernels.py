@@ -21,6 +21,7 @@ import triton
 from triton.testing import do_bench
 
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton
+from d2dmoe_kernels.reference import apply_activation
 from provenance import ROOT, provenance
 
 SHAPES = {  # name: (d, d_ff, gated, activation, router width, expert sizes)
@@ -31,10 +32,6 @@ SHAPES = {  # name: (d, d_ff, gated, activation, router width, expert sizes)
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 FRACTIONS = (0.1, 0.3, 0.5, 1.0)
 L2_ROTATE_BYTES = 256 << 20
-
-
-def act(h, name):
-    return F.relu(h) if name == "relu" else F.gelu(h, approximate="tanh")
 
 
 def make_dense(d, dff, gated, dtype):
@@ -51,8 +48,8 @@ def dense_forward(x, w, gated, activation):
     if gated:  # vLLM's layout: one fused gate/up GEMM, act-and-mul, down GEMM
         gu = F.linear(x, w["gate_up"])
         g, u = gu.chunk(2, dim=-1)
-        return F.linear(act(g, activation) * u, w["down"])
-    return F.linear(act(F.linear(x, w["fc"], w["b1"]), activation), w["proj"], w["b2"])
+        return F.linear(apply_activation(g, activation) * u, w["down"])
+    return F.linear(apply_activation(F.linear(x, w["fc"], w["b1"]), activation), w["proj"], w["b2"])
 
 
 def make_moe(d, dff, gated, es, width, dtype):

@@ -1,9 +1,9 @@
 """The one new idea in our model files: an FFN run as dynamic-k experts.
 
-``ExpertRouter`` (Linear -> ReLU -> Linear -> abs) predicts each expert's output norm; the opaque op
-``torch.ops.d2dmoe.dynamic_k_experts`` runs the router, selects experts (R_e >= tau * max R) and
-computes only those (on the GPU the router is fused into the op's kernels). Parameter names match
-the checkpoint (see ``checkpoint.expert_tensor_shapes``).
+``ExpertRouter`` holds the router's weights (Linear -> ReLU -> Linear -> abs, predicting each
+expert's output norm); the opaque op ``torch.ops.d2dmoe.dynamic_k_experts`` runs the router,
+selects experts (R_e >= tau * max R) and computes only those. Parameter names match the checkpoint
+(see ``checkpoint.expert_tensor_shapes``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from d2dmoe_kernels.op import COUNTER_SLOTS
-from d2dmoe_kernels.reference import router_scores
 from d2dmoe_vllm.config import CheckpointError, D2DMoEConfig
 
 
@@ -39,7 +38,8 @@ def _param(prefix: str, name: str, *shape: int, shard: tuple[int, int] | None = 
 
 
 class ExpertRouter(nn.Module):
-    """Regression router: predicts ||expert_e(x)||_2 for every expert."""
+    """Regression router weights: R = |out_proj(relu(in_proj x))| predicts ||expert_e(x)||_2; the
+    op computes it (``d2dmoe_kernels.reference.router_scores`` on the CPU)."""
 
     def __init__(self, hidden_size: int, width: int, num_experts: int, prefix: str):
         super().__init__()
@@ -47,9 +47,6 @@ class ExpertRouter(nn.Module):
         self.in_proj.weight = _param(f"{prefix}.in_proj", "weight", width, hidden_size)
         self.out_proj = nn.Module()
         self.out_proj.weight = _param(f"{prefix}.out_proj", "weight", num_experts, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return router_scores(x, self.in_proj.weight, self.out_proj.weight)
 
 
 class DynamicKMLP(nn.Module):

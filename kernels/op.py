@@ -1,8 +1,8 @@
 """The opaque custom op the vLLM plugin calls: ``torch.ops.d2dmoe.dynamic_k_experts``.
 
 Router, selection and expert compute live behind one op so torch.compile and CUDA graphs see a
-single node with a fixed output shape (a fake implementation gives it), whatever the routing; the
-CUDA body can then fuse the router into its kernels.
+single node with a fixed output shape (a fake implementation gives it), whatever the routing, and
+the CUDA body is free to fuse the router (``router.py``; off by default, see docs/kernels.md).
 ``counters`` (int64 [3]: tokens seen, token-expert pairs executed, and a semaphore the fused router
 kernel leaves at 0) is updated on the device, so compute accounting costs no host synchronisation.
 """

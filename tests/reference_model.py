@@ -5,12 +5,11 @@ executed token-expert pairs."""
 import json
 
 import torch
-import torch.nn.functional as F
 import transformers as tf
 from safetensors.torch import load_file
 from torch import nn
 
-from d2dmoe_kernels import dynamic_k_experts_reference, select_experts
+from d2dmoe_kernels import dynamic_k_experts_reference, router_scores, select_experts
 from d2dmoe_vllm.checkpoint import layer_prefix
 
 
@@ -25,7 +24,7 @@ class ReferenceMoEMLP(nn.Module):
     def forward(self, x, *args, **kwargs):
         t = self.t
         flat = x.reshape(-1, x.shape[-1])
-        scores = F.linear(F.relu(F.linear(flat, t["router.in_proj.weight"])), t["router.out_proj.weight"]).abs()
+        scores = router_scores(flat, t["router.in_proj.weight"], t["router.out_proj.weight"])
         mask = select_experts(scores, self.tau)
         self.tokens += flat.shape[0]
         self.pairs += int(mask.sum())
