@@ -27,3 +27,12 @@ def kernel_config(device_name: str | None) -> dict:
 def path_config(cfg: dict, path: str, d: int, expert_size: int) -> dict:
     """A path's config with the shape-specific overrides ("path@d2048", "path@d2048e256") applied."""
     return {**cfg[path], **cfg.get(f"{path}@d{d}", {}), **cfg.get(f"{path}@d{d}e{expert_size}", {})}
+
+
+def token_tier(cfg: dict, tokens: int, key: str = "by_tokens") -> dict:
+    """A path config with its first ``key`` tier that covers ``tokens`` applied:
+    ``"by_tokens": [[max_tokens, {overrides}], ...]`` (blocks that suit 16 tokens do not suit 256)."""
+    for bound, over in cfg.get(key, ()):
+        if tokens <= bound:
+            return {**cfg, **over}
+    return cfg

@@ -12,12 +12,14 @@ No host synchronisation: selection, counts and tile schedules stay on the device
 
 import torch
 
-from d2dmoe_kernels.configs import kernel_config, path_config
+from d2dmoe_kernels.configs import kernel_config, path_config, token_tier
 from d2dmoe_kernels.expert_decode import decode_experts
 from d2dmoe_kernels.expert_decode_fused import fused_decode_experts
 from d2dmoe_kernels.expert_grouped import grouped_experts
+from d2dmoe_kernels.expert_masked import masked_dense_experts
 from d2dmoe_kernels.reference import apply_activation, router_scores, selection_rule
 from d2dmoe_kernels.router import fused_router, fused_router_fits
+from d2dmoe_kernels.router_tail import router_hidden, router_tail
 
 OWN_MAX_MAX_EXPERTS = 256  # the fused decode kernels take the row max themselves up to this many experts
 
@@ -40,6 +42,10 @@ def route(x, router_in, router_out, tau, top_k, counters, cfg, own_max):
     if top_k == 0 and T <= cfg["router"]["max_tokens"] and fused_router_fits(router_out.shape[0], router_out.shape[1]):
         scores, rowmax = fused_router(x, router_in, router_out, counters[2:3], cfg["router"])
         return scores, rowmax, float(tau)
+    if top_k == 0 and T <= cfg["router"]["tail_max_tokens"]:  # cuBLAS first layer + one Triton tail
+        # own_max: the tail's expert blocks spread over programs, the fused kernel takes the row max
+        scores, rowmax = router_tail(router_hidden(x, router_in), router_out, cfg["router"], rowmax=not own_max)
+        return scores, rowmax, float(tau)
     scores = router_scores(x, router_in, router_out)
     if own_max:
         return scores, None, float(tau)
@@ -55,23 +61,50 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
     T, D = x.shape
     E, ES, _ = w_in.shape
     sharded = E != router_out.shape[0]
-    if (top_k == 0 and tau == 0.0) or top_k >= router_out.shape[0]:
-        counters[0] += T
-        counters[1] += T * E
-        return dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation)
     if cfg is None:
         cfg = kernel_config(torch.cuda.get_device_name(x.device) if x.is_cuda else None)
     x = x.contiguous()
+    masked_all_t = path_config(cfg, "masked", D, ES)
+    masked = token_tier(masked_all_t, T)
+    if (top_k == 0 and tau == 0.0) or top_k >= router_out.shape[0]:
+        if T <= masked["fallback_max_tokens"]:  # up kernel + cuBLAS down: 2 launches, counters on the device
+            fb = token_tier(masked_all_t, T, "fallback_by_tokens") if "fallback_by_tokens" in masked_all_t else masked
+            return masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters, fb, "all")
+        counters[0] += T
+        counters[1] += T * E
+        return dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation)
     fused = path_config(cfg, "fused", D, ES)
-    own_max = T <= fused["max_tokens"] and top_k == 0 and E <= OWN_MAX_MAX_EXPERTS and not sharded
+    in_fused = T <= fused["max_tokens"]
+    in_masked = not in_fused and masked["min_tokens"] <= T <= masked["max_tokens"]
+    own_router = top_k == 0 and ((in_fused and fused.get("own_router", False)) or
+                                 (in_masked and masked.get("own_router", False)))
+    if own_router:  # the router's tail runs inside the expert kernel: router GEMM + 2 launches
+        # full_router: the kernel computes the router's first layer too (small routers: one launch fewer)
+        full = (fused if in_fused else masked).get("full_router", False)
+        hid = None if full else router_hidden(x, router_in)
+        sc, ref, factor = (None, None, float(tau)) if route_override is None else route_override
+        if sharded and sc is not None:
+            sc = sc[:, expert_offset : expert_offset + E]
+        if in_fused:
+            return fused_decode_experts(x, sc, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters,
+                                        fused, hid=hid, router_out=router_out, expert_offset=expert_offset,
+                                        router_in=router_in)
+        return masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters, masked,
+                                    "router" if sc is None else "router+override", scores=sc, ref=ref, tau=factor,
+                                    hid=hid, router_out=router_out, expert_offset=expert_offset, router_in=router_in)
+    own_max = (in_fused and top_k == 0 and E <= OWN_MAX_MAX_EXPERTS and not sharded
+               and (T > cfg["router"]["tail_max_tokens"] or fused.get("split_tail", False)))
     routing = route(x, router_in, router_out, tau, top_k, counters, cfg, own_max)
     scores, ref, factor = routing if route_override is None else route_override
     if sharded:  # a strided view: the kernels index scores by local expert with the full row stride
         scores = scores[:, expert_offset : expert_offset + E]
-    if T <= fused["max_tokens"]:
+    if in_fused:
         own = ref is None
         return fused_decode_experts(x, scores, scores if own else ref, factor, w_in, w_up, w_out, b_in, b_out,
                                     activation, counters, fused, own_max=own)
+    if in_masked:
+        return masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters, masked, "scores",
+                                    scores=scores, ref=ref, tau=factor)
     args = (x, scores, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters)
     decode = path_config(cfg, "decode", D, ES)
     if T <= decode["max_tokens"]:

@@ -15,23 +15,38 @@ import torch
 import triton
 import triton.language as tl
 
-from d2dmoe_kernels.triton_common import ACT_CODES, count_selected, expert_hidden, fp32_dots, mma, selected
+from d2dmoe_kernels.router_tail import tile
+from d2dmoe_kernels.triton_common import (ACT_CODES, count_selected, expert_hidden, fp32_dots, mma, router_select,
+                                          selected)
 
 
 @triton.jit
 def _fused_decode_kernel(
     x_ptr, scores_ptr, ref_ptr, tau, w_in_ptr, w_up_ptr, w_out_ptr, b_in_ptr, part_ptr, counters_ptr,
-    T, D, ES, E,
-    stride_x, stride_s,
+    hid_ptr, w1_ptr, w2_ptr, rscores_ptr, rref_ptr, guard,
+    T, D, ES, E, ER, W, E_OFF,
+    stride_x, stride_s, stride_h,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
-    OWN_MAX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_EALL: tl.constexpr,
+    OWN_MAX: tl.constexpr, ROUTER: tl.constexpr, FULL_ROUTER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_EALL: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_RE: tl.constexpr, BLOCK_RW: tl.constexpr,
 ):
     e = tl.program_id(0)
     c = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
     tmask = offs_t < T
-    if OWN_MAX:  # dynamic-k: reference value = max_e R_te, computed here (saves a launch)
+    if ROUTER > 0:  # the router's tail in the program; scores and row max kept for the reduction
+        s_e, rmax = router_select(hid_ptr, stride_h, w1_ptr, D, w2_ptr, offs_t, tmask, e + E_OFF, ER, W,
+                                  UPCAST, BLOCK_T, BLOCK_RE, BLOCK_RW, FULL_ROUTER, BLOCK_K)
+        if c == 0:
+            tl.store(rscores_ptr + offs_t * E + e, s_e, mask=tmask)
+            if e == 0:
+                tl.store(rref_ptr + offs_t, rmax, mask=tmask)
+        if ROUTER == 1:
+            sel = (s_e >= tau * rmax) & tmask
+        else:  # benchmarks: router paid, selection from the given scores (guard = inf keeps it live)
+            sel = (selected(scores_ptr, ref_ptr, tau, offs_t, tmask, e, stride_s) | (s_e > guard)) & tmask
+    elif OWN_MAX:  # dynamic-k: reference value = max_e R_te, computed here (saves a launch)
         offs_all = tl.arange(0, BLOCK_EALL)
         s_all = tl.load(scores_ptr + offs_t[:, None] * stride_s + offs_all[None, :],
                         mask=tmask[:, None] & (offs_all < E)[None, :], other=0.0).to(tl.float32)
@@ -92,10 +107,23 @@ def _fused_reduce_kernel(
 
 
 def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg, out=None,
-                         own_max=False):
-    """x [T, d] with T small. ``own_max``: ref is ignored and each program takes the row max itself."""
+                         own_max=False, hid=None, router_out=None, expert_offset=0, router_in=None):
+    """x [T, d] with T small. ``own_max``: ref is ignored and each program takes the row max itself.
+    ``router_out`` given: the programs compute the router's tail themselves from ``hid`` (router
+    first layer, before ReLU), or with ``hid`` None the whole router from ``router_in`` (two launches
+    fewer); selection then follows the router unless ``scores`` is given too (benchmarks: router
+    paid, controlled routing)."""
     T, D = x.shape
     E, ES, _ = w_in.shape
+    router = 0 if router_out is None else (1 if scores is None else 2)
+    full = router > 0 and hid is None
+    rscores = rref = None
+    if router:
+        rscores = torch.empty((T, E), device=x.device, dtype=torch.float32)
+        rref = torch.empty((T,), device=x.device, dtype=torch.float32)
+        if router == 1:
+            scores, ref, own_max = rscores, rref, False
+    ER, W = (router_out.shape[0], router_out.shape[1]) if router else (E, 16)
     block_t = max(16, triton.next_power_of_2(T))
     block_eall = triton.next_power_of_2(E)
     block_j = min(cfg["BLOCK_J"], triton.next_power_of_2(ES))
@@ -106,9 +134,14 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
     gated, has_b_in, has_b_out = w_up is not None, b_in is not None, b_out is not None
     _fused_decode_kernel[(E, nc)](
         x, scores, ref, tau, w_in, w_up if gated else w_in, w_out, b_in if has_b_in else w_in, part, counters,
-        T, D, ES, E, x.stride(0), scores.stride(0),
+        x if full or not router else hid, router_in if full else w_in, router_out if router else w_in,
+        rscores if router else part,
+        rref if router else part, float("inf"),
+        T, D, ES, E, ER, W, expert_offset, x.stride(0), scores.stride(0), x.stride(0) if full or not router else hid.stride(0),
         GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=fp32_dots(x), OWN_MAX=own_max,
-        BLOCK_T=block_t, BLOCK_EALL=block_eall, BLOCK_J=block_j, BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+        ROUTER=router, FULL_ROUTER=full, BLOCK_T=block_t, BLOCK_EALL=block_eall, BLOCK_J=block_j, BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_RE=tile(cfg.get("ROUTER_BLOCK_E", 64), ER),
+        BLOCK_RW=tile(cfg.get("ROUTER_BLOCK_W", 128), W),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _fused_reduce_kernel[(triton.cdiv(D, cfg["BLOCK_N_REDUCE"]), T)](

@@ -85,3 +85,65 @@ def expert_hidden(
     if GATED:
         h = h * acc_up
     return h
+
+
+@triton.jit
+def router_hidden_block(x_ptr, stride_x, w1_ptr, D, offs_t, tmask, offs_w, wmask,
+                        UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The router's first layer for a block of its hidden units, x W1^T rounded to W1's dtype (as
+    cuBLAS returns it): [BLOCK_T, BLOCK_W]. Only for small routers (every program reads W1 from L2)."""
+    acc = tl.zeros((BLOCK_T, BLOCK_W), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < D
+        xk = tl.load(x_ptr + offs_t[:, None] * stride_x + offs_k[None, :], mask=tmask[:, None] & kmask[None, :],
+                     other=0.0)
+        w1 = tl.load(w1_ptr + offs_w.to(tl.int64)[:, None] * D + offs_k[None, :], mask=wmask[:, None] & kmask[None, :],
+                     other=0.0)
+        acc += mma(xk, tl.trans(w1), UPCAST)
+    return acc.to(w1_ptr.dtype.element_ty)
+
+
+@triton.jit
+def router_tile(hid_ptr, stride_h, w1_ptr, D, w2_ptr, offs_t, tmask, offs_e, emask, W,
+                UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr,
+                FULL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Router scores |relu(hid) W2^T| for token rows ``offs_t`` and experts ``offs_e``: [BLOCK_T, BLOCK_E]
+    fp32, rounded to W2's dtype as the torch router's output is. ``hid`` is the router's first layer
+    x W1^T before the ReLU: read from ``hid_ptr`` (one cuBLAS GEMM), or with FULL computed here from
+    x (``hid_ptr``/``stride_h`` are then x's) and W1 [W, D]. The second layer accumulates in fp32."""
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for w0 in range(0, W, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        wmask = offs_w < W
+        if FULL:
+            hd = router_hidden_block(hid_ptr, stride_h, w1_ptr, D, offs_t, tmask, offs_w, wmask,
+                                     UPCAST, BLOCK_T, BLOCK_W, BLOCK_K)
+        else:
+            hd = tl.load(hid_ptr + offs_t[:, None] * stride_h + offs_w[None, :], mask=tmask[:, None] & wmask[None, :],
+                         other=0.0)
+        hd = tl.where(hd > 0, hd, tl.zeros_like(hd))
+        w2 = tl.load(w2_ptr + offs_e.to(tl.int64)[:, None] * W + offs_w[None, :], mask=emask[:, None] & wmask[None, :],
+                     other=0.0)
+        acc += mma(hd, tl.trans(w2), UPCAST)
+    return tl.abs(acc).to(w2_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def router_select(hid_ptr, stride_h, w1_ptr, D, w2_ptr, offs_t, tmask, e, E, W,
+                  UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr,
+                  FULL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """In-kernel router tail for one expert's program: (score of router expert e [BLOCK_T], row max
+    over all E router experts [BLOCK_T]) for the token rows ``offs_t``. The second layer is small
+    (E x w), so a program may recompute it for its tokens instead of a separate launch; with FULL
+    the first layer too (small routers: saves the router GEMM's launch)."""
+    rmax = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    s_e = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        emask = offs_e < E
+        s = router_tile(hid_ptr, stride_h, w1_ptr, D, w2_ptr, offs_t, tmask, offs_e, emask, W,
+                        UPCAST, BLOCK_T, BLOCK_E, BLOCK_W, FULL, BLOCK_K)
+        rmax = tl.maximum(rmax, tl.max(tl.where(emask[None, :], s, 0.0), axis=1))
+        s_e += tl.sum(tl.where(offs_e[None, :] == e, s, 0.0), axis=1)
+    return s_e, rmax

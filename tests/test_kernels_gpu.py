@@ -143,7 +143,7 @@ def test_every_element_written(T):
     assert not torch.isnan(out).any()
 
 
-@pytest.mark.parametrize("T", [1, 8, 512])
+@pytest.mark.parametrize("T", [1, 8, 64, 512])
 def test_cuda_graph_replay_with_new_routing(T):
     d, dff, es, gated = SHAPES[2]
     w, E, g = make(d, dff, es, gated, torch.bfloat16, 2)
@@ -169,7 +169,7 @@ def test_cuda_graph_replay_with_new_routing(T):
     assert counters[2].item() == 0
 
 
-@pytest.mark.parametrize("T", [1, 16, 1024])
+@pytest.mark.parametrize("T", [1, 16, 64, 1024])
 def test_no_host_synchronisation(T):
     d, dff, es, gated = SHAPES[1]
     w, E, g = make(d, dff, es, gated, torch.bfloat16, 4)
@@ -201,3 +201,86 @@ def test_tensor_parallel_shards_add_up(T):
             x, w["router_in"], w["router_out"], 0.5, 0, *experts(shard), "gelu_tanh",
             torch.zeros(3, dtype=torch.int64, device="cuda"), route_override=routing, expert_offset=sl.start).float())
     assert ((sum(parts) - full.float()).norm() / full.float().norm()).item() < 1e-2
+
+
+router_tail = lazy("d2dmoe_kernels.router_tail", "router_tail")
+router_hidden = lazy("d2dmoe_kernels.router_tail", "router_hidden")
+
+
+def own_router_cfg():
+    """The device's config with the router's tail inside the fused and masked kernels, masked for 5 <= T <= 256."""
+    cfg = kernel_config(torch.cuda.get_device_name())
+    return {**cfg, "fused": {**cfg["fused"], "own_router": True},
+            "masked": {**cfg["masked"], "min_tokens": 5, "max_tokens": 256, "own_router": True},
+            **{k: {**v, "own_router": True} for k, v in cfg.items() if k.startswith(("fused@", "masked@"))}}
+
+
+@pytest.mark.parametrize("T", [1, 37, 1000])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_router_tail(T, shape):
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=50 + T)
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    scores, rowmax = router_tail(router_hidden(x, w["router_in"]), w["router_out"], kernel_config(None)["router"])
+    want = router_scores(x.double(), w["router_in"].double(), w["router_out"].double())
+    assert scores.dtype == torch.bfloat16 and not torch.isnan(scores).any()
+    assert ((scores.double() - want).norm() / want.norm()).item() < 1e-2
+    assert torch.equal(rowmax, scores.float().amax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1, 3, 16, 200])
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+def test_in_kernel_router_matches_reference(dtype, shape, T, tau):
+    """Router tail inside the fused / masked kernels, no override: the reference selects from the
+    scores the tail kernel computes (same rule, same rounding), so threshold ties cannot differ."""
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, dtype, seed=60 + T)
+    x, _ = inputs(T, d, E, dtype, g)
+    cfg = own_router_cfg()
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    for _ in range(2):  # poison the allocator's free blocks: unwritten hidden units would show as NaN
+        torch.full((1 << 26,), float("nan"), device="cuda", dtype=dtype)
+    out = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, *experts(w), "gelu_tanh", counters,
+                                   cfg)
+    scores, rowmax = router_tail(router_hidden(x, w["router_in"]), w["router_out"], cfg["router"])
+    mask = scores.float() >= tau * rowmax[:, None]
+    ref = ref64(x, mask, w, "gelu_tanh")
+    assert not torch.isnan(out).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
+@pytest.mark.parametrize("T", [1, 8, 64])
+def test_in_kernel_router_graph_replay_and_no_sync(T):
+    d, dff, es, gated = SHAPES[0]
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, 3)
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    cfg = own_router_cfg()
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    layer = lambda: dynamic_k_experts_triton(x, w["router_in"], w["router_out"], 0.5, 0, *experts(w), "relu",  # noqa: E731
+                                             counters, cfg)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    outs = []
+    for seed in range(3):
+        x.copy_(inputs(T, d, E, torch.bfloat16, torch.Generator(device="cuda").manual_seed(200 + seed))[0])
+        graph.replay()
+        eager = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], 0.5, 0, *experts(w), "relu",
+                                         torch.zeros(3, dtype=torch.int64, device="cuda"), cfg)
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
+        outs.append(out.clone())
+    assert not torch.equal(outs[0], outs[1])

@@ -18,6 +18,7 @@ from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 from d2dmoe_kernels.expert_decode import decode_experts  # noqa: E402
 from d2dmoe_kernels.expert_decode_fused import fused_decode_experts  # noqa: E402
 from d2dmoe_kernels.expert_grouped import grouped_experts  # noqa: E402
+from d2dmoe_kernels.expert_masked import masked_dense_experts  # noqa: E402
 from d2dmoe_kernels.reference import (  # noqa: E402
     dynamic_k_experts_reference,
     router_scores,
@@ -25,6 +26,7 @@ from d2dmoe_kernels.reference import (  # noqa: E402
     selection_rule,
 )
 from d2dmoe_kernels.router import fused_router  # noqa: E402
+from d2dmoe_kernels.router_tail import router_hidden, router_tail  # noqa: E402
 from d2dmoe_kernels.triton_common import INTERPRET  # noqa: E402
 
 assert INTERPRET, "a kernel module was imported before TRITON_INTERPRET was set"
@@ -33,9 +35,25 @@ DECODE = dict(max_tokens=32, BLOCK_E=16, BLOCK_K=32, BLOCK_N=32, BLOCK_J=16, SPL
 GROUPED = dict(BLOCK_T_SCAN=16, BM=16, BN_UP=16, BK_UP=32, BN_DOWN=32, BK_DOWN=16, programs_per_sm=1,
                num_warps=4, num_stages=2, BLOCK_T_REDUCE=16, BLOCK_N_REDUCE=32, chunk_tokens=48)
 FUSED = dict(max_tokens=4, BLOCK_J=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2, BLOCK_N_REDUCE=32)
-ROUTER = dict(max_tokens=8, BLOCK_W=16, BLOCK_K=32, num_warps=4)
-SMALL = dict(router=ROUTER, fused=FUSED, decode=dict(DECODE, max_tokens=8), grouped=GROUPED)
+ROUTER = dict(max_tokens=8, BLOCK_W=16, BLOCK_K=32, num_warps=4, tail_max_tokens=0, TAIL_BLOCK_T=16, TAIL_BLOCK_E=16,
+              TAIL_BLOCK_W=16)
+MASKED = dict(min_tokens=5, max_tokens=0, fallback_max_tokens=0, own_router=False, BLOCK_T=16, BLOCK_J=16, BLOCK_K=32,
+              ROUTER_BLOCK_E=16, ROUTER_BLOCK_W=16, num_warps=4, num_stages=2)
+SMALL = dict(router=ROUTER, fused=FUSED, decode=dict(DECODE, max_tokens=8), grouped=GROUPED, masked=MASKED)
+
+
+def masked_scores(x, scores, ref_val, factor, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg, out=None):
+    """The masked path with the decode/grouped launchers' signature (selection from given scores)."""
+    res = masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg, "scores",
+                               scores=scores, ref=ref_val, tau=factor)
+    if out is None:
+        return res
+    out.copy_(res)
+    return out
+
+
 PATHS = {  # path: (launcher, config, tokens)
+    "masked": (masked_scores, MASKED, 37),
     "fused": (fused_decode_experts, FUSED, 3),
     "decode": (decode_experts, DECODE, 5),
     "grouped": (grouped_experts, GROUPED, 61),
@@ -190,3 +208,98 @@ def test_grouped_chunks_match_one_pass():
     outs = [grouped_experts(x, scores, ref_val, factor, *w.values(), "relu", torch.zeros(2, dtype=torch.int64),
                             dict(GROUPED, chunk_tokens=c)) for c in (7, 64)]
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("T,D,W,E", [(1, 64, 32, 8), (5, 96, 48, 20), (37, 64, 24, 70)])
+@pytest.mark.parametrize("rowmax", [True, False])
+def test_router_tail_matches_torch(T, D, W, E, rowmax):
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, W, seed=T)
+    scores, rmax = router_tail(router_hidden(x, r_in), r_out, ROUTER, rowmax=rowmax)
+    want = router_scores(x.double(), r_in.double(), r_out.double())
+    check(scores, want)
+    assert torch.equal(rmax, scores.amax(-1)) if rowmax else rmax is None
+
+
+@pytest.mark.parametrize("split_tail", [False, True])
+@pytest.mark.parametrize("T", [1, 3])
+def test_fused_with_router_tail(T, split_tail):
+    """cuBLAS router layer + Triton tail (row max in the tail, or expert blocks spread over programs
+    and the fused kernel taking the row max) feeding the fused decode kernel."""
+    E, ES, D = 40, 16, 32
+    w = layer(E, ES, D, True, 31)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=11)
+    cfg = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64), fused=dict(FUSED, split_tail=split_tail))
+    counters = torch.zeros(3, dtype=torch.int64)
+    out = dynamic_k_experts_triton(x, r_in, r_out, 0.5, 0, *w.values(), "gelu_tanh", counters, cfg)
+    mask = select_experts(router_scores(x, r_in, r_out), 0.5)
+    check(out, reference(x, mask, w, "gelu_tanh"))
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("path", ["fused", "masked"])
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("gated", [False, True])
+def test_in_kernel_router(path, tau, gated, full):
+    """own_router: the expert kernel computes the router's tail itself; same result as the
+    reference on the torch router's selection, same counters; tau = 1 keeps one expert per token."""
+    E, ES, D = 9, 16, 32
+    T = 3 if path == "fused" else 21
+    w = layer(E, ES, D, gated, 17)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=5)
+    cfg = dict(SMALL, fused=dict(FUSED, own_router=True, full_router=full),
+               masked=dict(MASKED, max_tokens=64, own_router=True, full_router=full))
+    counters = torch.zeros(3, dtype=torch.int64)
+    out = torch.full_like(x, float("nan"))
+    out = dynamic_k_experts_triton(x, r_in, r_out, tau, 0, *w.values(), "relu", counters, cfg)
+    mask = select_experts(router_scores(x, r_in, r_out), tau)
+    if tau == 1.0:
+        assert (mask.sum(-1) == 1).all()
+    check(out, reference(x, mask, w, "relu"))
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("path", ["fused", "masked"])
+def test_in_kernel_router_with_override_and_shards(path, full):
+    """Benchmarks' controlled routing (router paid, given scores select) and tensor-parallel shards
+    (local experts, row max over all router experts) through the in-kernel router."""
+    E, ES, D, tp = 8, 16, 32, 2
+    T = 3 if path == "fused" else 19
+    w = layer(E, ES, D, False, 23)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=9)
+    cfg = dict(SMALL, fused=dict(FUSED, own_router=True, full_router=full),
+               masked=dict(MASKED, max_tokens=64, own_router=True, full_router=full))
+    scores = torch.rand(T, E) ** 3
+    routing = (scores, *selection_rule(scores, 0.6))
+    out = dynamic_k_experts_triton(x, r_in, r_out, 0.6, 0, *w.values(), "relu", torch.zeros(3, dtype=torch.int64),
+                                   cfg, route_override=routing)
+    check(out, reference(x, select_experts(scores, 0.6), w, "relu"))
+    parts, pairs = [], 0
+    for rank in range(tp):
+        sl = slice(rank * E // tp, (rank + 1) * E // tp)
+        counters = torch.zeros(3, dtype=torch.int64)
+        parts.append(dynamic_k_experts_triton(
+            x, r_in, r_out, 0.6, 0, w["w_in"][sl], None, w["w_out"][sl], w["b_in"][sl],
+            w["b_out"] if rank == 0 else None, "relu", counters, cfg, expert_offset=sl.start))
+        pairs += int(counters[1])
+    mask = select_experts(router_scores(x, r_in, r_out), 0.6)
+    check(sum(parts), reference(x, mask, w, "relu"))
+    assert pairs == int(mask.sum())
+
+
+@pytest.mark.parametrize("T", [1, 6, 40])
+def test_masked_dense_fallback(T):
+    """tau = 0 at small T: the masked kernel with every expert selected (no router), counters on the device."""
+    E, ES, D = 6, 16, 32
+    w = layer(E, ES, D, True, 29)
+    x = torch.randn(T, D)
+    counters = torch.zeros(3, dtype=torch.int64)
+    cfg = dict(SMALL, masked=dict(MASKED, fallback_max_tokens=64))
+    out = dynamic_k_experts_triton(x, *router(D, E), 0.0, 0, *w.values(), "gelu_tanh", counters, cfg)
+    check(out, reference(x, torch.ones(T, E, dtype=torch.bool), w, "gelu_tanh"))
+    assert counters.tolist() == [T, T * E, 0]

@@ -1,0 +1,67 @@
+"""Router tail: scores R = |relu(H) W2^T| and the per-token max, one launch after the first layer.
+
+The router's first layer H = x W1^T is one cuBLAS GEMM (it reads the w x d weights once, which a
+Triton kernel cannot beat); everything after it -- ReLU, the small second layer (E x w), |.|, the
+row max -- runs here, grid (ceil(T / BLOCK_T),), replacing four launches (ReLU, GEMM, abs, amax) and
+the fp32 cast of the torch router. Scores are rounded to the model dtype, as the torch router's are,
+and the row max is taken over the rounded scores, so selection is the same rule (``selection_rule``).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from d2dmoe_kernels.triton_common import fp32_dots, router_tile
+
+
+def tile(block, n):
+    """A dot operand's block: at most ``block``, no larger than n needs, at least 16 (tl.dot's minimum)."""
+    return max(16, min(block, triton.next_power_of_2(n)))
+
+
+@triton.jit
+def _router_tail_kernel(
+    hid_ptr, w2_ptr, scores_ptr, rowmax_ptr, T, E, W, stride_h, stride_s,
+    UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr,
+    ROWMAX: tl.constexpr,
+):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
+    rmax = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    # ROWMAX: one program per token block walks every expert block and writes the row max; else the
+    # expert blocks are spread over grid axis 1 (more programs for few tokens) and the consumer
+    # takes the row max itself (the fused decode kernel's OWN_MAX).
+    e_first = 0 if ROWMAX else tl.program_id(1) * BLOCK_E
+    e_last = E if ROWMAX else e_first + BLOCK_E
+    for e0 in range(e_first, e_last, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        emask = offs_e < E
+        s = router_tile(hid_ptr, stride_h, w2_ptr, 0, w2_ptr, offs_t, tmask, offs_e, emask, W, UPCAST, BLOCK_T, BLOCK_E,
+                        BLOCK_W, False, 16)
+        tl.store(scores_ptr + offs_t[:, None] * stride_s + offs_e[None, :], s.to(scores_ptr.dtype.element_ty),
+                 mask=tmask[:, None] & emask[None, :])
+        rmax = tl.maximum(rmax, tl.max(tl.where(emask[None, :], s, 0.0), axis=1))
+    if ROWMAX:
+        tl.store(rowmax_ptr + offs_t, rmax, mask=tmask)
+
+
+def router_hidden(x, router_in):
+    """The router's first layer before its ReLU (cuBLAS)."""
+    return torch.nn.functional.linear(x, router_in)
+
+
+def router_tail(hid, router_out, cfg, rowmax=True):
+    """hid [T, w] (first layer, before ReLU), router_out [E, w] -> (scores [T, E] in the weights'
+    dtype, rowmax [T] fp32, or None with ``rowmax=False``: expert blocks spread over programs)."""
+    T, W = hid.shape
+    E = router_out.shape[0]
+    scores = torch.empty((T, E), device=hid.device, dtype=router_out.dtype)
+    rmax = torch.empty((T,), device=hid.device, dtype=torch.float32) if rowmax else scores
+    block_t = min(cfg["TAIL_BLOCK_T"], max(16, triton.next_power_of_2(T)))
+    block_e = tile(cfg["TAIL_BLOCK_E"] if rowmax else cfg.get("TAIL_SPLIT_BLOCK_E", 16), E)
+    _router_tail_kernel[(triton.cdiv(T, block_t), 1 if rowmax else triton.cdiv(E, block_e))](
+        hid, router_out, scores, rmax, T, E, W, hid.stride(0), scores.stride(0),
+        UPCAST=fp32_dots(hid), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_W=tile(cfg["TAIL_BLOCK_W"], W),
+        ROWMAX=rowmax, num_warps=4,
+    )
+    return scores, rmax if rowmax else None
