@@ -1,13 +1,19 @@
-"""CUDA body of the expert op: picks the path from host-known facts only.
+"""CUDA body of the expert op: picks the path from host-known facts only (T, tau, top_k, shapes, config).
 
-- every expert selected for sure (tau == 0, or top_k >= E): the dense GEMMs (cuBLAS) on the expert
-  weights, and no router at all, since no sparsity can win there;
-- router: cuBLAS, or the one-launch Triton router for up to ``router.max_tokens`` tokens (off by
-  default: measured slower than cuBLAS on the H100, see the kernels note);
+- every expert selected for sure (tau == 0, or top_k >= E): no router; up to
+  ``masked.fallback_max_tokens`` the masked kernel with every expert on (one Triton up launch + the
+  cuBLAS down GEMM, counters on the device), above it the dense cuBLAS GEMMs;
+- router: cuBLAS first layer + one Triton tail launch (``router_tail.py``: ReLU, second layer, |.|,
+  row max) up to ``router.tail_max_tokens``; the tail inside the fused / masked kernels where the
+  config says ``own_router`` (small routers); the torch router above; the one-launch Triton router
+  for up to ``router.max_tokens`` tokens (off by default: slower on the H100, see the kernels note);
 - T <= fused max_tokens (decoding a few sequences): one fused expert kernel + a reduction;
+- masked min_tokens <= T <= masked max_tokens (the union of independent selections is nearly every
+  expert): the masked dense path, GEMM-shaped, selection applied to the hidden units;
 - T <= decode max_tokens: the two-kernel decode path (streams only selected experts' weights);
 - otherwise: the grouped path (FLOPs of selected token-expert pairs only).
-No host synchronisation: selection, counts and tile schedules stay on the device.
+Path configs may carry ``by_tokens`` tiers (blocks per token count). No host synchronisation:
+selection, counts and tile schedules stay on the device.
 """
 
 import torch
