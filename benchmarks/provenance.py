@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def git_sha() -> str:
     """HEAD of the checkout, or $D2DMOE_GIT_SHA where the copy has no .git (the GPU machine's)."""
+    if os.environ.get("D2DMOE_GIT_SHA"):  # set on the GPU machine, whose copy may carry a stale .git
+        return os.environ["D2DMOE_GIT_SHA"]
     out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     if not out.stdout.strip():
         return os.environ.get("D2DMOE_GIT_SHA", "unknown (no .git; set D2DMOE_GIT_SHA)")

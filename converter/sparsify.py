@@ -1,0 +1,139 @@
+"""Stage 1, sparsify: ReLU-fication and fine-tuning with task loss + alpha * square Hoyer.
+
+GPT-2: ``c_proj(ReLU(c_fc x))``; Gemma: ``down(ReLU(gate x) * up x)``, the Hoyer term on ReLU(gate x).
+    L = L_task + alpha * mean_over_FFN_layers( mean_over_tokens( ||a||_1^2 / ||a||_2^2 ) )
+AdamW, linear warm-up then cosine, gradient clipping, gradient accumulation, bf16 autocast on the
+GPU (fp32 master weights). A training state is saved every ``save_every`` steps, so an interrupted
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from d2dmoe_converter.hf_model import activation_attr, decoder_layers
+
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class SparsifyOptions:
+    steps: int = 0                # 0: skip fine-tuning (ReLU-fication alone if --relu)
+    batch: int = 8                # sequences per micro-batch
+    accum: int = 1                # micro-batches per step
+    seq_len: int = 256
+    lr: float = 1e-4
+    warmup: int = 50
+    alpha: float = 1e-4           # square-Hoyer weight
+    clip: float = 1.0
+    save_every: int = 50
+
+
+def square_hoyer(a: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of ||a||_1^2 / ||a||_2^2 (last dim = neurons); between 1 and the width."""
+    a = a.float()
+    return (a.abs().sum(-1) ** 2 / (a.pow(2).sum(-1) + EPS)).mean()
+
+
+class HoyerReLU(nn.Module):
+    """ReLU that keeps the square Hoyer of its last output (for the loss) and its zero fraction."""
+
+    def __init__(self):
+        super().__init__()
+        self.hoyer: torch.Tensor | None = None
+        self.zero_fraction = 0.0
+
+    def forward(self, x):
+        a = torch.relu(x)
+        if self.training:
+            self.hoyer = square_hoyer(a)
+            self.zero_fraction = float((a.detach() == 0).float().mean())
+        return a
+
+
+def relufy_(model: nn.Module) -> list[HoyerReLU]:
+    """Swap every FFN activation (the gate's, for Gemma) for a HoyerReLU, in place."""
+    acts = []
+    for layer in decoder_layers(model):
+        act = HoyerReLU()
+        setattr(layer.mlp, activation_attr(layer.mlp), act)
+        acts.append(act)
+    return acts
+
+
+def lr_at(step: int, opts: SparsifyOptions) -> float:
+    if step < opts.warmup:
+        return opts.lr * (step + 1) / opts.warmup
+    progress = (step - opts.warmup) / max(1, opts.steps - opts.warmup)
+    return opts.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_file: Path) -> dict:
+    """Fine-tune ``model`` (already ReLU-fied) on ``seqs`` [steps*accum*batch, seq_len]; resumes
+    from ``state_file`` if present. Returns the training log."""
+    device = next(model.parameters()).device
+    acts = [getattr(layer.mlp, activation_attr(layer.mlp)) for layer in decoder_layers(model)]
+    optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
+    log: list[dict] = []
+    start = 0
+    if state_file.is_file():
+        saved = torch.load(state_file, map_location=device, weights_only=True)
+        model.load_state_dict(saved["model"])
+        optim.load_state_dict(saved["optim"])
+        start, log = saved["step"], saved["log"]
+    model.train()
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bar = tqdm(range(start, opts.steps), desc="sparsify (ReLU + Hoyer fine-tuning)", initial=start, total=opts.steps)
+    t0 = time.time()
+    for step in bar:
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, opts)
+        task_sum = hoyer_sum = 0.0
+        for micro in range(opts.accum):
+            i = (step * opts.accum + micro) * opts.batch
+            ids = seqs[i : i + opts.batch].to(device)
+            with torch.autocast(**autocast):
+                task = model(input_ids=ids, labels=ids).loss
+            hoyer = torch.stack([a.hoyer for a in acts]).mean()
+            ((task + opts.alpha * hoyer) / opts.accum).backward()
+            task_sum += float(task.detach()) / opts.accum
+            hoyer_sum += float(hoyer.detach()) / opts.accum
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip))
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        zeros = sum(a.zero_fraction for a in acts) / len(acts)
+        log.append({"step": step + 1, "task_loss": task_sum, "hoyer": hoyer_sum, "zero_fraction": zeros,
+                    "grad_norm": grad_norm, "lr": lr_at(step, opts)})
+        bar.set_postfix(loss=f"{task_sum:.3f}", hoyer=f"{hoyer_sum:.1f}", zeros=f"{zeros:.2f}")
+        if (step + 1) % opts.save_every == 0 and step + 1 < opts.steps:
+            tmp = state_file.with_name(state_file.name + ".tmp")
+            torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "step": step + 1, "log": log}, tmp)
+            tmp.replace(state_file)
+    model.eval()
+    return {"log": log, "seconds_this_run": round(time.time() - t0, 1)}
+
+
+def plot_log(log: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in log]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, title in zip(axes, ("task_loss", "hoyer", "zero_fraction"),
+                              ("task loss", "square Hoyer (mean over layers)", "FFN activations that are 0")):
+        ax.plot(steps, [r[key] for r in log])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

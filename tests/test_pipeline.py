@@ -1,0 +1,194 @@
+"""The conversion pipeline's stages on tiny models and real text (State of the Union): sparsify,
+split, routers, calibrate, export, resume, the MoEfication baseline, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import subprocess_env
+from d2dmoe_converter.cli import main as convert_cli
+from d2dmoe_converter.dense import load_dense
+from d2dmoe_converter.hf_model import build_model
+from d2dmoe_converter.moe_model import attach_experts, ffn_fraction, run_base, set_selection
+from d2dmoe_converter.routers import RouterOptions, train_layer_router
+from d2dmoe_converter.sparsify import HoyerReLU, square_hoyer
+
+FAST = ["--router-tokens", "4096", "--router-steps", "200", "--calib-tokens", "1024", "--eval-tokens", "1024",
+        "--seq-len", "128", "--expert-size", "32"]
+
+
+def test_square_hoyer_matches_hand_computation():
+    a = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    # token 1: (1+2)^2 / (1+4) = 1.8; token 2: 9/9 = 1; token 3: 16/4 = 4; mean 6.8/3
+    assert square_hoyer(a).item() == pytest.approx(6.8 / 3, rel=1e-6)
+    act = HoyerReLU().train()
+    act(torch.tensor([[-1.0, 2.0, 2.0]]))
+    assert act.hoyer.item() == pytest.approx(16 / 8, rel=1e-6) and act.zero_fraction == pytest.approx(1 / 3)
+
+
+def test_router_training_lowers_heldout_mse():
+    g = torch.Generator().manual_seed(0)
+    E, e, d = 8, 16, 64
+    ex = {"experts.w_in": torch.randn(E, e, d, generator=g) * d**-0.5, "experts.w_up": None,
+          "experts.w_out": torch.randn(E, e, d, generator=g) * e**-0.5, "experts.b_in": torch.zeros(E, e)}
+    x = torch.randn(4000, d, generator=g)
+    _, m = train_layer_router(x, ex, "relu", "d2dmoe", RouterOptions(width=64, steps=400, batch=256, lr=3e-3), 0,
+                              torch.device("cpu"))
+    assert m["val_loss_after"] < 0.5 * m["val_loss_before"] and m["val_r2"] > 0.3
+    _, m = train_layer_router(x, ex, "relu", "moefication", RouterOptions(width=64, steps=400, batch=256, lr=3e-3), 0,
+                              torch.device("cpu"))
+    assert m["val_loss_after"] < m["val_loss_before"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(dense_dir, tmp_path_factory):
+    """One full run on a tiny GPT-2: sparsify (a few steps) -> split -> routers -> calibrate to 50%."""
+    root = tmp_path_factory.mktemp("pipeline")
+    out = root / "moe"
+    args = [str(dense_dir("gpt2")), str(out), "--sparsify-steps", "6", "--sparsify-batch", "4", "--warmup", "2",
+            "--sparsify-lr", "1e-3", "--hoyer-alpha", "0.05", "--save-every", "3", "--budget", "0.5", *FAST]
+    assert convert_cli(args) == 0
+    return out, root / "moe.work"
+
+
+def test_pipeline_stages_and_report(pipeline):
+    out, work = pipeline
+    for stage in ("sparsify", "split", "routers", "calibrate"):
+        info = json.loads((work / stage / "stage.json").read_text())
+        assert info["stage"] == stage and info["seconds"] >= 0
+        assert not (work / f"{stage}.partial").exists()
+    assert (work / "sparsify" / "sparsify.png").stat().st_size > 0
+    log = json.loads((work / "sparsify" / "stage.json").read_text())["log"]
+    assert len(log) == 6 and log[-1]["hoyer"] < log[0]["hoyer"]          # the Hoyer term is being minimised
+    routers = json.loads((work / "routers" / "stage.json").read_text())["layers"]
+    assert all(m["val_loss_after"] < m["val_loss_before"] for m in routers)
+    assert not (work / "routers" / "acts").exists()                        # captured activations cleaned up
+    report = json.loads((out / "d2dmoe_report.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["activation_function"] == "relu" and cfg["d2dmoe"]["activation"] == "relu"
+    assert cfg["d2dmoe"]["tau"] == report["tau"] and 0 < report["tau"] < 1
+    assert report["ppl_dense"] > 1 and report["ppl_converted"] > 1
+    assert set(report["seconds"]) >= {"load", "sparsify", "split", "routers", "calibrate", "export", "total"}
+
+
+def test_calibrate_hits_budget(pipeline):
+    """Stated tolerance: on the calibration tokens the fraction is <= budget and within 0.03 of it;
+    on the separate held-out tokens within 0.06."""
+    _, work = pipeline
+    result = json.loads((work / "calibrate" / "result.json").read_text())
+    assert 0.47 <= result["calib_fraction"] <= 0.5
+    assert abs(result["ffn_fraction"] - 0.5) <= 0.06
+    fractions = [p["ffn_fraction"] for p in sorted(result["trace"], key=lambda p: p["tau"])]
+    # fewer experts as tau rises (up to small effects of earlier layers' routing on later layers' inputs)
+    assert all(b <= a + 0.01 for a, b in zip(fractions, fractions[1:])) and fractions[0] > fractions[-1]
+
+
+def test_split_model_at_tau0_equals_relufied_dense(pipeline):
+    """The exported experts at tau = 0 reproduce the (sparsified, ReLU-fied) dense model's logits."""
+    out, work = pipeline
+    dense = load_dense(work / "sparsify")
+    ref = build_model(dense).eval()
+    moe = build_model(dense).eval()
+    cfg = json.loads((out / "config.json").read_text())
+    attach_experts(moe, load_file(str(out / "model.safetensors")), "gpt2", "relu", tau=0.0)
+    ids = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = ref(input_ids=ids).logits, moe(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    set_selection(moe, cfg["d2dmoe"]["tau"])
+    run_base(moe, ids)
+    assert 0 < ffn_fraction(moe) < 1
+
+
+def test_rerun_skips_finished_stages(pipeline, dense_dir, capsys):
+    out, work = pipeline
+    stamps = {s: (work / s / "stage.json").stat().st_mtime_ns for s in ("sparsify", "split", "routers", "calibrate")}
+    args = [str(dense_dir("gpt2")), str(out), "--sparsify-steps", "6", "--sparsify-batch", "4", "--warmup", "2",
+            "--sparsify-lr", "1e-3", "--hoyer-alpha", "0.05", "--save-every", "3", "--budget", "0.5", *FAST,
+            "--overwrite"]
+    assert convert_cli(args) == 0
+    printed = capsys.readouterr().out
+    assert all(f"[{s}] done earlier" in printed for s in stamps)
+    assert all((work / s / "stage.json").stat().st_mtime_ns == t for s, t in stamps.items())
+
+
+def test_resume_after_killed_stage(dense_dir, tmp_path):
+    """Kill the converter while it trains routers; the finished split stage is untouched, the rerun
+    resumes at the next layer, and the result equals an uninterrupted run's."""
+    args = [str(dense_dir("gemma3_text")), "--router-steps", "4000", "--router-tokens", "2048", "--seq-len", "128",
+            "--expert-size", "32", "--tau", "0.5", "--calib-tokens", "256", "--eval-tokens", "256"]
+    out, work = tmp_path / "moe", tmp_path / "moe.work"
+    cmd = [sys.executable, "-m", "d2dmoe_converter.cli", args[0], str(out), *args[1:]]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = work / "routers.partial" / "router_00.safetensors"
+    deadline = time.time() + 600
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (work / "routers.partial" / "router_01.safetensors").exists()
+    assert not out.exists() and not (work / "routers").exists()
+    split_stamp = (work / "split" / "stage.json").stat().st_mtime_ns
+    first_bytes = first.read_bytes()
+    rerun = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "[split] done earlier" in rerun.stdout
+    assert (work / "split" / "stage.json").stat().st_mtime_ns == split_stamp
+    assert (work / "routers" / "router_00.safetensors").read_bytes() == first_bytes   # layer 0 was not redone
+    clean = tmp_path / "clean"
+    assert convert_cli([args[0], str(clean), *args[1:]]) == 0
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(clean / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_moefication_exports_and_serves(dense_dir, tmp_path):
+    from test_vllm_serving import check_against_reference, run_vllm
+
+    out = tmp_path / "moefication"
+    assert convert_cli([str(dense_dir("gpt2", "relu")), str(out), "--method", "moefication", "--budget", "0.25",
+                        *FAST]) == 0
+    cfg = json.loads((out / "config.json").read_text())["d2dmoe"]
+    assert cfg["top_k"] == 4 and cfg["num_experts"] == [16, 16]          # k = 25% of 16 experts
+    report = json.loads((out / "d2dmoe_report.json").read_text())
+    assert report["method"] == "moefication" and report["ffn_fraction"] == pytest.approx(0.25, abs=0.02)
+    result = run_vllm(tmp_path, out, report=True)
+    check_against_reference(result, dense_dir("gpt2", "relu"), out, 0.0)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--budget", "1.5"], "--budget 1.5 is out of range"),
+    (["--budget", "0"], "--budget 0.0 is out of range"),
+    (["--method", "moefication"], "--method moefication needs --budget"),
+    (["--sparsify-steps", "100000", "--sparsify-batch", "64"], "the corpus gives"),
+    (["--router-steps", "-1"], "--router-steps must be >= 0"),
+])
+def test_bad_options_write_nothing(dense_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    assert convert_cli([str(dense_dir("gpt2")), str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []                                   # no output, no work dir
+
+
+def test_small_user_corpus_is_refused(dense_dir, tmp_path, capsys):
+    text = tmp_path / "tiny.txt"
+    text.write_text("Only a few words of text here. " * 5)
+    out = tmp_path / "out"
+    assert convert_cli([str(dense_dir("gpt2")), str(out), "--corpus", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert "the corpus gives" in err and "Fix:" in err
+    assert not out.exists() and not (tmp_path / "out.work").exists()
+
+
+def test_unreadable_input_is_refused(tmp_path, capsys):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file")
+    assert convert_cli([str(bad), str(tmp_path / "out")]) == 2
+    assert "Fix:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
