@@ -1,0 +1,208 @@
+"""Serving throughput through vLLM: dense against D2DMoE checkpoints, in one run, each engine in its own process.
+
+Offline batch generation (``LLM.generate``, greedy, ``ignore_eos``) on random prompt token ids, CUDA
+graphs and torch.compile on (what vLLM uses by default), after a warm-up generate of the same shape:
+  - output tok/s   = batch * gen_len / wall time of the whole generate;
+  - prefill tok/s  = batch * prompt_len / wall time of the same prompts with max_tokens = 1;
+  - ttft_ms        = that prefill-only wall time (every request arrives at t = 0, so it is the last
+                     request's time to first token);
+  - itl_ms         = (whole - prefill-only) / (gen_len - 1), the mean time between decode steps.
+The executed fraction is the engine's own compute report over the timed generate. With
+``--tp-check`` the same greedy prompts run at every tensor-parallel size and the tokens and
+log-probabilities are compared against the first one.
+
+    python benchmarks/bench_serve.py --synthetic-gemma2b --fractions 0.3 --tp 1,2 --tp-check
+    python benchmarks/bench_serve.py --dense DIR --d2dmoe DIR [--taus 0.1,0.2]      # any checkpoint pair
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from provenance import ROOT, provenance
+
+CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_GEN = 32, 64, 32
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, min(vocab, 32000), (n, length), generator=g)  # plain token ids, no special tokens
+    return [{"prompt_token_ids": row.tolist()} for row in ids]
+
+
+def worker(spec: dict) -> dict:
+    """One engine: the shapes in spec["rows"], then (optionally) the tp-check prompts."""
+    from vllm import LLM, SamplingParams
+
+    from d2dmoe_vllm.stats import engine_compute_report, reset_engine_counters
+
+    max_len = max([p + g for p, g in spec["shapes"]] + [CHECK_PROMPT_LEN + CHECK_GEN]) + 8
+    t0 = time.time()
+    llm = LLM(model=spec["model"], tensor_parallel_size=spec["tp"], dtype=spec["dtype"], max_model_len=max_len,
+              skip_tokenizer_init=True, seed=0, gpu_memory_utilization=spec["memory"], max_num_seqs=max(spec["batches"]),
+              hf_overrides=spec.get("hf_overrides") or None,
+              compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]})
+    startup = time.time() - t0
+    moe = spec["moe"]
+    rows = []
+    for prompt_len, gen_len in spec["shapes"]:
+        for batch in spec["batches"]:
+            ps = prompts(batch, prompt_len, spec["vocab"], seed=batch * 7919 + prompt_len)
+            full = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True, detokenize=False)
+            first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+            llm.generate(ps, full, use_tqdm=False)                        # warm-up, same shape
+            t = time.perf_counter(); llm.generate(ps, first, use_tqdm=False); t_first = time.perf_counter() - t
+            if moe:
+                reset_engine_counters(llm)
+            t = time.perf_counter(); outs = llm.generate(ps, full, use_tqdm=False); t_all = time.perf_counter() - t
+            assert all(len(o.outputs[0].token_ids) == gen_len for o in outs)
+            rows.append({"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "tok_s": batch * gen_len / t_all,
+                         "prefill_tok_s": batch * prompt_len / t_first, "ttft_ms": 1e3 * t_first,
+                         "itl_ms": 1e3 * (t_all - t_first) / max(gen_len - 1, 1),
+                         "executed_fraction": engine_compute_report(llm)["overall_fraction"] if moe else 1.0})
+            print(spec["name"], rows[-1], flush=True)
+    check = None
+    if spec.get("tp_check"):
+        ps = prompts(CHECK_PROMPTS, CHECK_PROMPT_LEN, spec["vocab"], seed=12345)
+        outs = llm.generate(ps, SamplingParams(temperature=0.0, max_tokens=CHECK_GEN, ignore_eos=True, logprobs=1,
+                                               detokenize=False), use_tqdm=False)
+        check = [{"tokens": list(o.outputs[0].token_ids),
+                  "logprobs": [s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
+                 for o in outs]
+    return {"startup_s": startup, "rows": rows, "check": check}
+
+
+def run_engine(spec: dict, work: Path) -> dict:
+    path, out = work / f"{spec['name']}.json", work / f"{spec['name']}.out.json"
+    path.write_text(json.dumps(spec))
+    env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_USE_FLASHINFER_SAMPLER": "0",
+           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(path), str(out)], env=env,
+                          capture_output=True, text=True)
+    (work / f"{spec['name']}.log").write_text(proc.stdout + proc.stderr)
+    if not out.exists():
+        print(proc.stderr[-5000:])
+        raise SystemExit(f"{spec['name']}: engine failed (log: {work / spec['name']}.log)")
+    return json.loads(out.read_text())
+
+
+def compare_checks(want: list[dict], got: list[dict]) -> dict:
+    """Identical greedy sequences, and the largest log-prob gap over each pair's common prefix."""
+    same, diff = 0, 0.0
+    for a, b in zip(want, got):
+        same += a["tokens"] == b["tokens"]
+        n = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), len(a["tokens"]))
+        diff = max([diff] + [abs(p - q) for p, q in zip(a["logprobs"][:n + 1], b["logprobs"][:n + 1])])
+    return {"identical_sequences": same, "sequences": len(want), "max_logprob_diff": diff}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--synthetic-gemma2b", action="store_true", help="build the Gemma-2B-shaped random model")
+    ap.add_argument("--dense", type=Path)
+    ap.add_argument("--d2dmoe", type=Path)
+    ap.add_argument("--fractions", default="0.1,0.3,0.5", help="synthetic model: target executed fractions")
+    ap.add_argument("--taus", default=None, help="real checkpoints: tau values to serve")
+    ap.add_argument("--tp", default="1", help="tensor-parallel sizes, e.g. 1,2")
+    ap.add_argument("--tp-check", action="store_true", help="compare greedy outputs across tp sizes")
+    ap.add_argument("--batches", default="1,8,64,256")
+    ap.add_argument("--shapes", default="128x128,1024x128", help="prompt_len x gen_len")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--memory", type=float, default=0.85, help="vLLM gpu_memory_utilization (on the CPU: of RAM)")
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
+    args = ap.parse_args()
+    if args.worker:
+        result = worker(json.loads(Path(args.worker[0]).read_text()))
+        Path(args.worker[1]).write_text(json.dumps(result))
+        return 0
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.synthetic_gemma2b:
+        from synthetic_gemma2b import write
+
+        t = time.time()
+        fractions = [float(f) for f in args.fractions.split(",")]
+        taus = write(work / "model", fractions=fractions)
+        print(f"synthetic Gemma-2B written in {time.time() - t:.0f} s; tau per target fraction {taus}", flush=True)
+        dense, moe, model_name = work / "model" / "dense", work / "model" / "d2dmoe", "gemma-2b-shape (synthetic routing)"
+        settings = [(f"{f:g}", taus[f]) for f in fractions]
+    else:
+        if not (args.dense and args.d2dmoe and args.taus):
+            ap.error("give --synthetic-gemma2b, or --dense, --d2dmoe and --taus")
+        dense, moe, model_name = args.dense, args.d2dmoe, args.d2dmoe.name
+        settings = [(f"tau={t}", float(t)) for t in args.taus.split(",")]
+    vocab = json.loads((dense / "config.json").read_text())["vocab_size"]
+    base = {"vocab": vocab, "dtype": args.dtype, "memory": args.memory, "batches": [int(b) for b in args.batches.split(",")],
+            "shapes": [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")], "tp_check": args.tp_check}
+
+    runs = {}
+    for tp in [int(t) for t in args.tp.split(",")]:
+        runs[("dense", tp)] = run_engine({**base, "name": f"dense-tp{tp}", "model": str(dense), "tp": tp, "moe": False},
+                                         work)
+        for label, tau in settings:
+            runs[(label, tp)] = run_engine({**base, "name": f"d2dmoe-{label}-tp{tp}", "model": str(moe), "tp": tp,
+                                            "moe": True, "hf_overrides": {"d2dmoe_tau": tau}}, work)
+
+    rows = []
+    for (label, tp), res in runs.items():
+        if label == "dense":
+            continue
+        dense_res = runs[("dense", tp)]
+        for d, m in zip(dense_res["rows"], res["rows"]):
+            rows.append({"model": model_name, "setting": label, "tp": tp, "fraction": m["executed_fraction"],
+                         "batch": m["batch"], "prompt_len": m["prompt_len"], "gen_len": m["gen_len"],
+                         "dense_tok_s": d["tok_s"], "d2dmoe_tok_s": m["tok_s"], "speedup": m["tok_s"] / d["tok_s"],
+                         "dense_prefill_tok_s": d["prefill_tok_s"], "d2dmoe_prefill_tok_s": m["prefill_tok_s"],
+                         "prefill_speedup": m["prefill_tok_s"] / d["prefill_tok_s"],
+                         "ttft_ms": m["ttft_ms"], "itl_ms": m["itl_ms"],
+                         "dense_ttft_ms": d["ttft_ms"], "dense_itl_ms": d["itl_ms"]})
+    print(f"{'setting':9s} {'tp':>2s} {'exec':>5s} {'batch':>5s} {'P/G':>9s} {'dense tok/s':>11s} {'d2dmoe':>9s} "
+          f"{'x':>5s} {'prefill x':>9s} {'ttft ms':>8s} {'itl ms':>7s}")
+    for r in rows:
+        print(f"{r['setting']:9s} {r['tp']:2d} {r['fraction']:5.2f} {r['batch']:5d} {r['prompt_len']:>4d}/{r['gen_len']:<4d} "
+              f"{r['dense_tok_s']:11.0f} {r['d2dmoe_tok_s']:9.0f} {r['speedup']:5.2f} {r['prefill_speedup']:9.2f} "
+              f"{r['ttft_ms']:8.1f} {r['itl_ms']:7.2f}")
+
+    tp_checks, tp_scaling = [], []
+    tps = sorted({tp for _, tp in runs})
+    for label in ["dense"] + [s for s, _ in settings]:
+        for tp in tps[1:]:
+            if args.tp_check:
+                tp_checks.append({"setting": label, "tp": tp, "against_tp": tps[0],
+                                  **compare_checks(runs[(label, tps[0])]["check"], runs[(label, tp)]["check"])})
+            for a, b in zip(runs[(label, tps[0])]["rows"], runs[(label, tp)]["rows"]):
+                tp_scaling.append({"setting": label, "tp": tp, "batch": a["batch"], "prompt_len": a["prompt_len"],
+                                   "gen_len": a["gen_len"], f"tok_s_tp{tps[0]}": a["tok_s"], f"tok_s_tp{tp}": b["tok_s"],
+                                   "ratio": b["tok_s"] / a["tok_s"]})
+    for c in tp_checks:
+        print(f"tp={c['tp']} vs tp={c['against_tp']} [{c['setting']}]: {c['identical_sequences']}/{c['sequences']} "
+              f"identical greedy sequences, max |dlogprob| {c['max_logprob_diff']:.3g}")
+
+    import vllm
+
+    result = {**provenance(vllm=vllm.__version__), "settings": {**base, "tp": tps, "cuda_graphs": True,
+                                                                "measure": __doc__.split("\n\n")[1]},
+              "startup_s": {f"{k[0]}-tp{k[1]}": v["startup_s"] for k, v in runs.items()},
+              "rows": rows, "tp_scaling": tp_scaling, "tp_check": tp_checks}
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "serve-" + result["device"].replace(" ", "-").lower() + (f"-{args.tag}" if args.tag else "") + ".json"
+    (args.out / name).write_text(json.dumps(result, indent=1))
+    print("wrote", args.out / name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
