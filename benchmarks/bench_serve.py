@@ -49,7 +49,7 @@ def worker(spec: dict) -> dict:
     t0 = time.time()
     llm = LLM(model=spec["model"], tensor_parallel_size=spec["tp"], dtype=spec["dtype"], max_model_len=max_len,
               skip_tokenizer_init=True, seed=0, gpu_memory_utilization=spec["memory"], max_num_seqs=max(spec["batches"]),
-              hf_overrides=spec.get("hf_overrides") or None,
+              hf_overrides=spec.get("hf_overrides") or None, disable_custom_all_reduce=not spec["custom_all_reduce"],
               compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]})
     startup = time.time() - t0
     moe = spec["moe"]
@@ -85,12 +85,17 @@ def run_engine(spec: dict, work: Path) -> dict:
     path, out = work / f"{spec['name']}.json", work / f"{spec['name']}.out.json"
     path.write_text(json.dumps(spec))
     env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_USE_FLASHINFER_SAMPLER": "0",
-           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(path), str(out)], env=env,
-                          capture_output=True, text=True)
-    (work / f"{spec['name']}.log").write_text(proc.stdout + proc.stderr)
+           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+           "VLLM_ALLREDUCE_USE_SYMM_MEM": "0"}
+    log = work / f"{spec['name']}.log"
+    with open(log, "w") as f:  # streamed, so a hung engine still leaves its log
+        try:
+            subprocess.run([sys.executable, __file__, "--worker", str(path), str(out)], env=env, stdout=f, stderr=f,
+                           timeout=spec["timeout"])
+        except subprocess.TimeoutExpired:
+            print(f"{spec['name']}: no result after {spec['timeout']} s")
     if not out.exists():
-        print(proc.stderr[-5000:])
+        print(log.read_text()[-5000:])
         raise SystemExit(f"{spec['name']}: engine failed (log: {work / spec['name']}.log)")
     return json.loads(out.read_text())
 
@@ -119,6 +124,10 @@ def main() -> int:
     ap.add_argument("--shapes", default="128x128,1024x128", help="prompt_len x gen_len")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--memory", type=float, default=0.85, help="vLLM gpu_memory_utilization (on the CPU: of RAM)")
+    ap.add_argument("--custom-all-reduce", action="store_true",
+                    help="use vLLM's custom all-reduce at tp > 1 (off: it hit an illegal memory access on the H200 x2 "
+                         "machine, so NCCL all-reduces)")
+    ap.add_argument("--engine-timeout", type=int, default=600, help="seconds before an engine counts as hung")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
@@ -145,7 +154,8 @@ def main() -> int:
         dense, moe, model_name = args.dense, args.d2dmoe, args.d2dmoe.name
         settings = [(f"tau={t}", float(t)) for t in args.taus.split(",")]
     vocab = json.loads((dense / "config.json").read_text())["vocab_size"]
-    base = {"vocab": vocab, "dtype": args.dtype, "memory": args.memory, "batches": [int(b) for b in args.batches.split(",")],
+    base = {"vocab": vocab, "dtype": args.dtype, "memory": args.memory,
+            "custom_all_reduce": args.custom_all_reduce, "timeout": args.engine_timeout, "batches": [int(b) for b in args.batches.split(",")],
             "shapes": [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")], "tp_check": args.tp_check}
 
     runs = {}
