@@ -129,8 +129,30 @@ def _load_gguf(path: Path) -> DenseModel:
     # Gemma is trained with a BOS token at the start of every sequence; GGUF metadata loses that flag.
     bos = {"add_bos_token": True} if config["model_type"] != "gpt2" else {}
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **bos)
+    check_bpe_merges(tokenizer, path)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     return DenseModel(config, _untie(state, config), None, tokenizer)
+
+
+PROBE_TEXT = ("The State of the Union is strong, and the people of the United States are working together "
+              "for a better future.")
+
+
+def check_bpe_merges(tokenizer, path) -> None:
+    """Refuse a tokenizer read without its BPE merges. Some transformers releases (5.17 seen) read a
+    Gemma 3 GGUF's tokenizer so that common words split into pieces although the whole word is one
+    vocabulary entry (' State' -> ' St', 'ate'); training and perplexity on such tokens are garbage
+    (Gemma 3 270M held-out perplexity 192 instead of 18.8)."""
+    import transformers
+
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    vocab = tokenizer.get_vocab()
+    mergeable = sum(a + b in vocab for a, b in zip(tokens, tokens[1:]))
+    if mergeable > len(tokens) // 4:
+        raise _error(path, f"transformers {transformers.__version__} read its tokenizer without the BPE merges "
+                           f"({mergeable} of {len(tokens) - 1} neighbouring tokens of a plain English sentence are one "
+                           f"vocabulary entry together: {tokens[:6]}...)",
+                     "pip install 'transformers>=5.19' (checked: 5.19 reads it right, 5.17 does not)")
 
 
 def _untie(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:

@@ -93,3 +93,22 @@ def test_existing_output_is_kept(dense_dir, converted_dir, tmp_path, capsys):
     assert convert_cli([str(dense_dir("gpt2")), str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_tokenizer_read_without_merges_is_refused(tmp_path):
+    """A GGUF tokenizer read without its BPE merges (transformers 5.17 does this to Gemma 3's) splits
+    words into pieces; the converter refuses it instead of training on garbage tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from d2dmoe_converter.dense import check_bpe_merges
+    from d2dmoe_vllm.config import CheckpointError
+    from tiny_models import gpt2_tokenizer_files
+
+    gpt2_tokenizer_files(tmp_path)
+    good = tf.GPT2TokenizerFast.from_pretrained(str(tmp_path))
+    check_bpe_merges(good, tmp_path / "model.gguf")  # real merges: accepted
+    raw = Tokenizer(models.BPE(good.get_vocab(), []))  # same vocabulary, no merges
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bad = tf.PreTrainedTokenizerFast(tokenizer_object=raw)
+    with pytest.raises(CheckpointError, match=r"model.gguf: transformers .* without the BPE merges.*transformers>=5.19"):
+        check_bpe_merges(bad, tmp_path / "model.gguf")
