@@ -46,11 +46,17 @@ def worker(spec: dict) -> dict:
     from d2dmoe_vllm.stats import engine_compute_report, reset_engine_counters
 
     max_len = max([p + g for p, g in spec["shapes"]] + [CHECK_PROMPT_LEN + CHECK_GEN]) + 8
+    compilation = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]}
+    if spec["tp"] > 1 and not spec["custom_all_reduce"]:
+        # vLLM 0.26 at tp = 2 on the H200 x2 machine: its FlashInfer all-reduce + RMSNorm fusion (mnnvl
+        # backend) hit an illegal memory access in profile_run, dense model too. Off, with the custom
+        # all-reduce, until --custom-all-reduce says otherwise.
+        compilation["pass_config"] = {"fuse_allreduce_rms": False}
     t0 = time.time()
     llm = LLM(model=spec["model"], tensor_parallel_size=spec["tp"], dtype=spec["dtype"], max_model_len=max_len,
               skip_tokenizer_init=True, seed=0, gpu_memory_utilization=spec["memory"], max_num_seqs=max(spec["batches"]),
               hf_overrides=spec.get("hf_overrides") or None, disable_custom_all_reduce=not spec["custom_all_reduce"],
-              compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]})
+              compilation_config=compilation)
     startup = time.time() - t0
     moe = spec["moe"]
     rows = []
@@ -125,8 +131,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--memory", type=float, default=0.85, help="vLLM gpu_memory_utilization (on the CPU: of RAM)")
     ap.add_argument("--custom-all-reduce", action="store_true",
-                    help="use vLLM's custom all-reduce at tp > 1 (off: it hit an illegal memory access on the H200 x2 "
-                         "machine, so NCCL all-reduces)")
+                    help="use vLLM's custom all-reduce and its FlashInfer all-reduce fusion at tp > 1 (off by "
+                         "default: an illegal memory access on the H200 x2 machine, so NCCL all-reduces)")
     ap.add_argument("--engine-timeout", type=int, default=600, help="seconds before an engine counts as hung")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

@@ -24,7 +24,7 @@ RECIPE = dict(
     expert_size=64,
     sparsify=dict(steps=240, batch=16, accum=1, seq_len=512, lr=1e-4, warmup=24, alpha=1e-3, clip=1.0, save_every=40),
     routers=dict(width=256, tokens=204800, seq_len=512, steps=2000, batch=1024, lr=2e-3),
-    calibrate=dict(budget=0.5, tokens=16384, eval_tokens=65536, seq_len=512, iterations=12),
+    calibrate=dict(budget=0.5, tokens=8192, eval_tokens=32768, seq_len=512, iterations=12),
 )
 SMOKE = dict(  # --smoke: the same code path in minutes on a CPU, to check the script before spending GPU time
     expert_size=64,
