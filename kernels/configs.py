@@ -1,7 +1,10 @@
 """Kernel launch configs, stored as data per device (no run-time autotuning).
 
-``kernels/configs/default.json`` holds defaults that are good on H100/H200; a file named after the
-device (``torch.cuda.get_device_name()`` with spaces as underscores) overrides keys of it.
+``kernels/configs/default.json`` holds the defaults; a file named after the device
+(``torch.cuda.get_device_name()`` with spaces as underscores) overrides keys of it. A device with no
+file of its own borrows the tuned file of its family (``fallbacks.json``: name fragment -> file), so
+an H200 or an H100 PCIe/NVL gets the H100 SXM tuning (same SM count and cache, only bandwidth
+differs) instead of the untuned defaults.
 """
 
 import functools
@@ -17,6 +20,10 @@ def kernel_config(device_name: str | None) -> dict:
     cfg.pop("_comment", None)
     if device_name:
         own = CONFIG_DIR / (device_name.replace(" ", "_") + ".json")
+        if not own.is_file():
+            fallbacks = json.loads((CONFIG_DIR / "fallbacks.json").read_text())
+            own = next((CONFIG_DIR / f"{name}.json" for frag, name in fallbacks.items()
+                        if not frag.startswith("_") and frag in device_name), own)
         if own.is_file():
             for path, values in json.loads(own.read_text()).items():
                 if not path.startswith("_"):

