@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from d2dmoe_converter.convert import resolve_device
 from d2dmoe_converter.corpus import CorpusError, token_sequences
 from d2dmoe_converter.dense import DenseModel, load_dense, load_tokenizer
 from d2dmoe_converter.eval_data import (CORPORA, LENGTH_NORMALISED, TASKS, check_available, corpus_documents,
@@ -102,6 +103,11 @@ class Checkpoint:
     state: dict[str, torch.Tensor]
 
 
+def dense_ffn_tensors(dense: DenseModel) -> set[str]:
+    """Names of the dense FFN tensors, which a checkpoint holds as experts instead."""
+    return {n for i in range(dense.num_layers) for n in dense_ffn_names(dense, i)}
+
+
 def load_checkpoint(path: str | Path, dense: DenseModel) -> Checkpoint:
     """A D2DMoE checkpoint, refused unless it was converted from ``dense`` (same shapes)."""
     from safetensors.torch import load_file
@@ -124,7 +130,7 @@ def load_checkpoint(path: str | Path, dense: DenseModel) -> Checkpoint:
     report = path / "d2dmoe_report.json"
     method = json.loads(report.read_text()).get("method") if report.is_file() else None
     method = method or ("moefication" if d2.get("top_k") else "d2dmoe")
-    ffn = {n for i in range(dense.num_layers) for n in dense_ffn_names(dense, i)}
+    ffn = dense_ffn_tensors(dense)
     problems = []
     if config.get("model_type") != dense.model_type:
         problems.append(f"model_type {config.get('model_type')!r} (dense: {dense.model_type!r})")
@@ -148,7 +154,7 @@ def load_checkpoint(path: str | Path, dense: DenseModel) -> Checkpoint:
 
 def build_moe(ckpt: Checkpoint, dense: DenseModel, device) -> torch.nn.Module:
     """The torch reference D2DMoE model: the checkpoint's non-expert weights, its expert layers."""
-    ffn = {n for i in range(dense.num_layers) for n in dense_ffn_names(dense, i)}
+    ffn = dense_ffn_tensors(dense)
     base = {k: v.float() for k, v in ckpt.state.items() if k in dense.state and k not in ffn}
     base.update({k: dense.state[k] for k in ffn})  # placeholders: the FFNs are replaced by expert layers next
     config = {k: v for k, v in ckpt.config.items() if k not in ("architectures", "dtype", "torch_dtype")}
@@ -223,8 +229,8 @@ class EvalData:
     info: dict = field(default_factory=dict)
 
 
-def prepare_data(dense: DenseModel, opts: EvalOptions) -> EvalData:
-    tok = load_tokenizer(dense)
+def prepare_data(dense: DenseModel, opts: EvalOptions, tok=None) -> EvalData:
+    tok = tok or load_tokenizer(dense)
     bos = dense.bos_token_id(tok)
     data = EvalData(info={"corpora": {}, "tasks": {}})
     n = opts.tokens // opts.seq_len
@@ -338,12 +344,6 @@ def measure(model, data: EvalData, opts: EvalOptions, tok, flops: dict | None, l
 
 # ---------------------------------------------------------------- driver
 
-def resolve_device(name: str) -> torch.device:
-    from d2dmoe_converter.convert import resolve_device as rd
-
-    return rd(name)
-
-
 def evaluate(dense_path: str | Path, checkpoints: list[str | Path], opts: EvalOptions = EvalOptions(),
              out: str | Path | None = None, progress: bool = True, resume: bool = False,
              deadline: float | None = None, title: str = "") -> dict:
@@ -360,7 +360,7 @@ def evaluate(dense_path: str | Path, checkpoints: list[str | Path], opts: EvalOp
     ckpts = [load_checkpoint(c, dense) for c in checkpoints]   # all refused before any forward
     device = resolve_device(opts.device)
     tok = load_tokenizer(dense)
-    data = prepare_data(dense, opts)
+    data = prepare_data(dense, opts, tok)
     result: dict = {
         "dense_model": str(dense_path), "checkpoints": [str(c.path) for c in ckpts],
         "options": json.loads(json.dumps(asdict(opts))),   # as it reads back from the JSON (for resume)

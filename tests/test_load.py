@@ -15,8 +15,7 @@ import pytest
 
 from conftest import subprocess_env
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import load_test  # noqa: E402
+import load_test  # noqa: E402  (benchmarks/, on the path through conftest)
 
 RUNNER = Path(__file__).parent / "vllm_runner.py"
 N, MAX_TOKENS, REF_TOKENS = 240, 16, 32

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from importlib.metadata import entry_points
 import requests
 
 from conftest import subprocess_env
+from load_test import free_port
 from d2dmoe_vllm.config import ARCHITECTURES
 
 
@@ -31,12 +31,6 @@ def test_model_files_import():
     # A plugin that fails to import only surfaces as "architecture not supported": import them directly.
     import d2dmoe_vllm.models.gemma  # noqa: F401
     import d2dmoe_vllm.models.gpt2  # noqa: F401
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_report(path, ready, timeout=60):
