@@ -99,8 +99,12 @@ def worker(spec: dict) -> dict:
     return {"startup_s": startup, "rows": rows, "check": check}
 
 
-def run_engine(spec: dict, work: Path) -> dict:
+def run_engine(spec: dict, work: Path, reuse: bool = False) -> dict:
     path, out = work / f"{spec['name']}.json", work / f"{spec['name']}.out.json"
+    if reuse and out.exists() and path.exists() and json.loads(path.read_text()) == spec:
+        print(f"{spec['name']}: reusing {out}", flush=True)
+        return json.loads(out.read_text())
+    out.unlink(missing_ok=True)
     path.write_text(json.dumps(spec))
     env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_USE_FLASHINFER_SAMPLER": "0",
            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
@@ -179,6 +183,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
     ap.add_argument("--engine-timeout", type=int, default=600, help="seconds before an engine counts as hung")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--reuse", action="store_true", help="keep the model and the engine results already in --work "
+                    "when their settings match (split a long run over several calls)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = ap.parse_args()
@@ -195,7 +201,11 @@ def main() -> int:
         t = time.time()
         fractions = [float(f) for f in args.fractions.split(",")]
         shape = SMALL if args.synthetic_small else {}
-        taus = write(work / "model", expert_size=64 if args.synthetic_small else 256, fractions=fractions, **shape)
+        old = work / "model" / "taus.json"
+        if args.reuse and old.exists() and set(json.loads(old.read_text())) >= {str(f) for f in fractions}:
+            taus = {f: json.loads(old.read_text())[str(f)] for f in fractions}
+        else:
+            taus = write(work / "model", expert_size=64 if args.synthetic_small else 256, fractions=fractions, **shape)
         model_name = ("small gemma-shape" if args.synthetic_small else "gemma-2b-shape") + " (synthetic routing)"
         print(f"{model_name} written in {time.time() - t:.0f} s; tau per target fraction {taus}", flush=True)
         dense, moe = work / "model" / "dense", work / "model" / "d2dmoe"
@@ -214,10 +224,10 @@ def main() -> int:
     runs = {}
     for tp in [int(t) for t in args.tp.split(",")]:
         runs[("dense", tp)] = run_engine({**base, "name": f"dense-tp{tp}", "model": str(dense), "tp": tp, "moe": False},
-                                         work)
+                                         work, args.reuse)
         for label, tau in settings:
             runs[(label, tp)] = run_engine({**base, "name": f"d2dmoe-{label}-tp{tp}", "model": str(moe), "tp": tp,
-                                            "moe": True, "hf_overrides": {"d2dmoe_tau": tau}}, work)
+                                            "moe": True, "hf_overrides": {"d2dmoe_tau": tau}}, work, args.reuse)
 
     rows = []
     for (label, tp), res in runs.items():
