@@ -1,6 +1,9 @@
 """GPU check of the plugin: D2DMoE GPT-2 and Gemma 3 checkpoints served by vLLM on CUDA with
 torch.compile and CUDA graphs on: at tau = 0 against vLLM's dense model on the same weights, at
-tau = 0.5 (the Triton kernels) against the masked torch reference.
+tau = 0.5 (the Triton kernels) against the masked torch reference; with ``--attention`` also
+checkpoints whose attention projections are experts too (d_out != d_in kernels), at tau = 0 and 0.5
+against the torch reference. Routers and distillation train on this repository's own text (the
+GPU machine has no network), so the check needs no corpus.
 
     python benchmarks/gpu_check_plugin.py --tokenizer-dir DIR --out benchmarks/results
 
@@ -57,11 +60,15 @@ def main():
     ap.add_argument("--tokenizer-dir", type=Path, help="dir with GPT-2 vocab.json + merges.txt")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--families", default="gpt2,gemma3_text")
+    ap.add_argument("--attention", action="store_true", help="also attention-projection experts")
     args = ap.parse_args()
 
     import vllm
 
-    from d2dmoe_converter import ConvertOptions, convert
+    from d2dmoe_converter.convert import ConvertOptions, convert
+    from d2dmoe_converter.attention import AttentionOptions
+    from d2dmoe_converter.calibrate import CalibrateOptions
+    from d2dmoe_converter.routers import RouterOptions
     from reference_model import greedy, reference_model
     from tiny_models import make_dense
 
@@ -69,10 +76,15 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        text = tmp / "repo-text.txt"   # training text for routers / distillation: the repository's sources
+        text.write_text("\n\n".join(f.read_text() for f in sorted(ROOT.rglob("*.py")) + sorted(ROOT.rglob("*.md"))
+                                    if ".venv" not in f.parts and ".devcarry" not in f.parts))
+        small = dict(corpus=str(text), routers=RouterOptions(tokens=4096, steps=200),
+                     calibrate=CalibrateOptions(tokens=512, eval_tokens=512))
         for family in args.families.split(","):
             dense = make_dense(family, tmp / f"dense-{family}", hidden=256, layers=4, tokenizer_source=args.tokenizer_dir)
             moe = tmp / f"moe-{family}"
-            convert(dense, moe, ConvertOptions(expert_size=32))
+            convert(dense, moe, ConvertOptions(expert_size=32, **small))
             d = run_engine(dense, tmp, f"dense-{family}", **common)
             m = run_engine(moe, tmp, f"moe-{family}", **common)
             rows.append(compare(family, "dense vLLM", 0.0, d["batch"], m, len(PROMPTS)))
@@ -83,6 +95,17 @@ def main():
             want = [dict(zip(("tokens", "logprobs"), greedy(ref, o["prompt_ids"], len(o["tokens"]))))
                     for o in k["batch"]]
             rows.append(compare(family, "torch reference", TAU, want, k, len(PROMPTS)))
+            if args.attention:  # every attention projection as experts too
+                attn = tmp / f"moe-attn-{family}"
+                convert(dense, attn, ConvertOptions(expert_size=32, **small, attention=AttentionOptions(
+                    projections=("all",), tokens=4096, steps=200)))
+                for tau in (0.0, TAU):
+                    a = run_engine(attn, tmp, f"attn-{family}-{tau}", **common, hf_overrides={"d2dmoe_tau": tau})
+                    ref = reference_model(dense, attn, tau)
+                    want = [dict(zip(("tokens", "logprobs"), greedy(ref, o["prompt_ids"], len(o["tokens"]))))
+                            for o in a["batch"]]
+                    rows.append({**compare(family + "+attn", "torch reference", tau, want, a, len(PROMPTS)),
+                                 "projection_fraction": a["report"].get("projection_fraction")})
     print(f"{'family':12s} {'tau':>4s} {'against':16s} {'identical':>10s} {'max |dlogp|':>12s} {'executed':>9s}")
     for r in rows:
         print(f"{r['family']:12s} {r['tau']:4.1f} {r['against']:16s} {r['identical_greedy_outputs']:>4d}/{r['prompts']:<5d} "

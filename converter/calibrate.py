@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from d2dmoe_converter.moe_model import expert_layers, ffn_fraction, perplexity, run_base, set_selection
+from d2dmoe_converter.moe_model import expert_layers, ffn_fraction, ffn_layers, perplexity, projection_fraction, run_base, set_selection
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def bisect_tau(model, seqs: torch.Tensor, budget: float, iterations: int) -> tup
 def calibrate(model, calib: torch.Tensor, heldout: torch.Tensor, method: str, budget: float | None, tau: float,
               iterations: int) -> dict:
     """Pick the setting for ``budget`` (or keep ``tau``), then measure fraction and perplexity."""
-    E = expert_layers(model)[0].num_experts
+    E = ffn_layers(model)[0].num_experts
     result: dict = {"method": method, "budget": budget}
     if method == "moefication":
         k = E if budget is None else max(1, min(E, round(budget * E)))
@@ -80,8 +80,10 @@ def calibrate(model, calib: torch.Tensor, heldout: torch.Tensor, method: str, bu
         m.record, m.per_token = True, []
     result["ppl_converted"] = perplexity(model, heldout, desc="calibrate: perplexity, converted")
     result["ffn_fraction"] = ffn_fraction(model)
-    result["layer_fraction"] = [m.pairs / max(1, m.tokens * m.num_experts) for m in expert_layers(model)]
-    result["experts_per_token_mean"] = [float(torch.cat(m.per_token).float().mean()) for m in expert_layers(model)]
+    if projection_fraction(model) is not None:  # attention projections as experts run at the same tau
+        result["projection_fraction"] = projection_fraction(model)
+    result["layer_fraction"] = [m.pairs / max(1, m.tokens * m.num_experts) for m in ffn_layers(model)]
+    result["experts_per_token_mean"] = [float(torch.cat(m.per_token).float().mean()) for m in ffn_layers(model)]
     for m in expert_layers(model):
         m.record, m.per_token = False, []
     result["heldout_tokens"] = int(heldout.numel())

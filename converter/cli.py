@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from d2dmoe_converter.attention import AttentionOptions
 from d2dmoe_converter.calibrate import CalibrateOptions
 from d2dmoe_converter.convert import DTYPES, SPLITS, ConvertOptions, convert, format_report
 from d2dmoe_converter.corpus import CorpusError
@@ -65,6 +66,19 @@ def parser() -> argparse.ArgumentParser:
     cg.add_argument("--calib-tokens", type=int, default=c.tokens, help=f"held-out tokens that set tau (default {c.tokens})")
     cg.add_argument("--eval-tokens", type=int, default=c.eval_tokens,
                     help=f"further held-out tokens for perplexity (default {c.eval_tokens})")
+    a = AttentionOptions()
+    ag = ap.add_argument_group("attention-projection experts (optional; D2DMoE method only; served at tp = 1)")
+    ag.add_argument("--attention-experts", default="",
+                    help="attention projections to turn into experts: 'all', or Gemma q_proj,k_proj,v_proj,o_proj "
+                         "(q/k/v together) / GPT-2 c_attn,c_proj (default: none)")
+    ag.add_argument("--attn-expert-size", type=int, default=a.expert_size,
+                    help=f"hidden units per expert of the projection MLPs (default {a.expert_size})")
+    ag.add_argument("--attn-cost", type=float, default=a.cost,
+                    help="MLP cost relative to the projection's (default 1: equal cost)")
+    ag.add_argument("--attn-tokens", type=int, default=a.tokens, help=f"captured inputs per projection (default {a.tokens})")
+    ag.add_argument("--attn-steps", type=int, default=a.steps, help=f"distillation steps per projection (default {a.steps})")
+    ag.add_argument("--attn-batch", type=int, default=a.batch)
+    ag.add_argument("--attn-lr", type=float, default=a.lr)
     return ap
 
 
@@ -80,6 +94,9 @@ def options(args: argparse.Namespace) -> ConvertOptions:
                               steps=args.router_steps, batch=args.router_batch, lr=args.router_lr),
         calibrate=CalibrateOptions(budget=args.budget, tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
                                    seq_len=args.seq_len),
+        attention=AttentionOptions(projections=tuple(n for n in args.attention_experts.split(",") if n),
+                                   expert_size=args.attn_expert_size, cost=args.attn_cost, tokens=args.attn_tokens,
+                                   seq_len=args.seq_len, steps=args.attn_steps, batch=args.attn_batch, lr=args.attn_lr),
     )
 
 

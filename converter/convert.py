@@ -1,6 +1,6 @@
 """Conversion driver: dense checkpoint -> D2DMoE checkpoint, in resumable stages.
 
-    sparsify (optional) -> split -> routers -> calibrate -> export
+    sparsify (optional) -> split -> routers -> attention (optional) -> calibrate -> export
 
 Each stage is its own module; this file wires them: options, the work directory (see ``workdir``),
 the final report. Everything that can be refused (unknown architecture, unreadable file, budget out
@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from d2dmoe_converter.attention import (AttentionOptions, convert_attention, dense_projection_names,
+                                        load_projection_state, projection_specs, resolve_projections)
 from d2dmoe_converter.calibrate import CalibrateOptions, calibrate, check_budget
 from d2dmoe_converter.corpus import load_corpus, token_sequences
 from d2dmoe_converter.dense import DenseModel, load_dense, load_tokenizer
@@ -59,6 +61,7 @@ class ConvertOptions:
     sparsify: SparsifyOptions = field(default_factory=SparsifyOptions)
     routers: RouterOptions = field(default_factory=RouterOptions)
     calibrate: CalibrateOptions = field(default_factory=CalibrateOptions)
+    attention: AttentionOptions = field(default_factory=AttentionOptions)
 
 
 def dense_activation(dense: DenseModel) -> str:
@@ -88,10 +91,12 @@ def expert_counts(d_ff: int, opts: ConvertOptions) -> tuple[int, int]:
 def moe_config(dense: DenseModel, opts: ConvertOptions, tau: float = 0.0, top_k: int = 0) -> D2DMoEConfig:
     E, e = expert_counts(dense.d_ff, opts)
     L = dense.num_layers
+    projections = projection_specs(dense, resolve_projections(dense.model_type, opts.attention.projections),
+                                   opts.attention)
     return D2DMoEConfig(
         format_version=FORMAT_VERSION, tau=check_tau(tau, "--tau"), top_k=top_k, activation=dense_activation(dense),
-        gated=dense.model_type != "gpt2", expert_modules=("mlp",), d_ff=dense.d_ff, num_experts=(E,) * L,
-        expert_size=(e,) * L, router_width=opts.routers.width,
+        gated=dense.model_type != "gpt2", expert_modules=("mlp", *(p.name for p in projections)), d_ff=dense.d_ff,
+        num_experts=(E,) * L, expert_size=(e,) * L, router_width=opts.routers.width, projections=projections,
     )
 
 
@@ -118,6 +123,17 @@ def check_options(opts: ConvertOptions) -> None:
                         ("--eval-tokens", opts.calibrate.eval_tokens)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    at = opts.attention
+    if at.projections:
+        if opts.method != "d2dmoe":
+            raise ValueError("--attention-experts is a D2DMoE (dynamic-k) feature: convert --method moefication "
+                             "without it")
+        for name, value in (("--attn-expert-size", at.expert_size), ("--attn-tokens", at.tokens),
+                            ("--attn-batch", at.batch), ("--attn-cost", at.cost)):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if at.steps < 0:
+            raise ValueError(f"--attn-steps must be >= 0, got {at.steps}")
     if opts.device not in ("auto", "cpu", "cuda") and not opts.device.startswith("cuda:"):
         raise ValueError(f"--device {opts.device!r}: use auto, cpu or cuda[:N]")
 
@@ -160,12 +176,16 @@ def expert_state(dense: DenseModel, experts: list[dict], routers: list[dict]) ->
     return state
 
 
-def export_state(dense: DenseModel, experts: list[dict], routers: list[dict], dtype_name: str) -> dict[str, torch.Tensor]:
+def export_state(dense: DenseModel, experts: list[dict], routers: list[dict], dtype_name: str,
+                 projections: dict[str, torch.Tensor] | None = None, replaced: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors: dense ones, minus the FFNs (and ``replaced`` attention projections,
+    whose expert tensors are ``projections``), plus the expert layers."""
     state = dict(dense.state)
     for i in range(dense.num_layers):
-        for name in dense_ffn_names(dense, i):
+        for name in dense_ffn_names(dense, i) + [n for p in replaced for n in dense_projection_names(dense, i, p)]:
             del state[name]
     state.update(expert_state(dense, experts, routers))
+    state.update(projections or {})
     dtype = DTYPES[dtype_name] or next(v.dtype for v in dense.state.values() if v.is_floating_point())
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
@@ -193,14 +213,15 @@ class TextData:
     routers: torch.Tensor | None = None
     calib: torch.Tensor | None = None
     heldout: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
     corpus: str = ""
 
 
 def prepare_text(dense: DenseModel, opts: ConvertOptions, measure: bool) -> TextData:
     """Token sequences for every stage that needs text, cut up front so a corpus too small for
     what was asked is refused before any stage runs."""
-    sp, ro, ca = opts.sparsify, opts.routers, opts.calibrate
-    if not (sp.steps or ro.steps or measure):
+    sp, ro, ca, at = opts.sparsify, opts.routers, opts.calibrate, opts.attention
+    if not (sp.steps or ro.steps or measure or at.projections):
         return TextData()
     corpus = load_corpus(opts.corpus, opts.heldout)
     tok = load_tokenizer(dense)
@@ -212,6 +233,9 @@ def prepare_text(dense: DenseModel, opts: ConvertOptions, measure: bool) -> Text
     if ro.steps:
         data.routers = token_sequences(tok, corpus.train, -(-ro.tokens // ro.seq_len), ro.seq_len, bos=bos,
                                        shuffle_seed=opts.seed + 1, what=f"routers ({ro.tokens} tokens)")
+    if at.projections:
+        data.attention = token_sequences(tok, corpus.train, -(-at.tokens // at.seq_len), at.seq_len, bos=bos,
+                                         shuffle_seed=opts.seed + 2, what=f"attention experts ({at.tokens} tokens)")
     if measure:
         n_cal, n_eval = -(-ca.tokens // ca.seq_len), -(-ca.eval_tokens // ca.seq_len)
         held = token_sequences(tok, corpus.heldout, n_cal + n_eval, ca.seq_len, bos=bos,
@@ -279,6 +303,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         dense = load_dense(stage.dir)
     cfg = moe_config(dense, opts)
     L, E = dense.num_layers, cfg.num_experts[0]
+    fp_dense = fp
 
     # 2. split: balanced k-means (or contiguous) neuron orders
     def run_split(part: Path) -> dict:
@@ -321,12 +346,28 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
     fp = stage.fingerprint
     routers = load_routers(stage.dir, L)
 
+    # 3b. attention (optional): projections -> distilled ReLU MLPs -> experts + routers
+    projections, attention_info = {}, None
+    if cfg.projections:
+        def run_attention(part: Path) -> dict:
+            model = build_model(dense, device=device)
+            return convert_attention(model, dense, cfg.projections, text.attention, opts.attention, opts.routers,
+                                     opts.seed, part, device)
+
+        stage = Stage(work, "attention", fingerprint(fp_dense, asdict(opts.attention), asdict(opts.routers), opts.seed,
+                                                    text.corpus))
+        attention_info = timed(stage, run_attention)
+        fp = fingerprint(fp, stage.fingerprint)
+        projections = load_projection_state(stage.dir, dense, cfg.projections)
+    replaced = tuple(p.name for p in cfg.projections)
+
     # 4. calibrate: tau (or k) for the budget, measured on held-out text
     tau, top_k, calib = opts.tau, 0, None
     if measure:
         def run_calibrate(part: Path) -> dict:
             model = build_model(dense, device=device)
-            attach_experts(model, expert_state(dense, experts, routers), dense.model_type, cfg.activation)
+            attach_experts(model, {**expert_state(dense, experts, routers), **projections}, dense.model_type,
+                           cfg.activation)
             result = calibrate(model, text.calib, text.heldout, opts.method, budget, opts.tau, opts.calibrate.iterations)
             if relu:  # the original (not ReLU-fied) model too: what the user compares against
                 del model
@@ -342,7 +383,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
     # 5. export: the checkpoint, validated by the plugin's validator, renamed into place
     t0 = time.time()
     cfg = moe_config(dense, opts, tau=tau, top_k=top_k)
-    state = export_state(dense, experts, routers, opts.dtype)
+    state = export_state(dense, experts, routers, opts.dtype, projections, replaced)
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     staging = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -352,7 +393,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         (staging / "config.json").write_text(json.dumps(export_config(dense, cfg, dtype), indent=2))
         dense.save_tokenizer(staging)
         validate_checkpoint(staging)
-        report = build_report(dense, cfg, opts, state, router_info, calib, seconds, work, dst)
+        report = build_report(dense, cfg, opts, state, router_info, calib, seconds, work, dst, attention_info)
         seconds["export"] = round(time.time() - t0, 1)
         report["seconds"]["total"] = round(time.time() - t_start, 1)
         write_json(staging / "d2dmoe_report.json", report)
@@ -365,7 +406,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
     return report
 
 
-def build_report(dense, cfg, opts, state, router_info, calib, seconds, work, dst) -> dict:
+def build_report(dense, cfg, opts, state, router_info, calib, seconds, work, dst, attention_info=None) -> dict:
     router_params = sum(v.numel() for k, v in state.items() if ".router." in k)
     report = {
         "output": str(dst), "work_dir": str(work), "model_type": dense.model_type, "layers": dense.num_layers,
@@ -380,8 +421,17 @@ def build_report(dense, cfg, opts, state, router_info, calib, seconds, work, dst
         layers = router_info["layers"]
         report["router_val_loss"] = {"before": sum(m["val_loss_before"] for m in layers) / len(layers),
                                      "after": sum(m["val_loss_after"] for m in layers) / len(layers)}
+    if attention_info is not None:
+        layers = attention_info["layers"]
+        report["attention_experts"] = {
+            "projections": attention_info["projections"],
+            "mse_svd_init": sum(m["mse_svd_init"] for m in layers) / len(layers),
+            "mse_distilled": sum(m["mse_distilled"] for m in layers) / len(layers),
+            "target_var": sum(m["target_var"] for m in layers) / len(layers)}
     if calib is not None:
         report.update({k: calib[k] for k in ("ffn_fraction", "ppl_dense", "ppl_converted", "heldout_tokens")})
+        if "projection_fraction" in calib:
+            report["projection_fraction"] = calib["projection_fraction"]
         report["ppl_original"] = calib.get("ppl_original", calib["ppl_dense"])
     return report
 
@@ -393,8 +443,17 @@ def format_report(report: dict) -> str:
              f"  {'method':22s} {report['method']}, activation {report['activation']}, "
              + (f"top-k {report['top_k']}" if report["top_k"] else f"tau {report['tau']:.4f}")
              + (f" (budget {report['budget']:.0%} of FFN compute)" if report["budget"] is not None else "")]
+    if "attention_experts" in report:
+        a = report["attention_experts"]
+        desc = ", ".join(f"{n} {p['d_in']}->{p['hidden']}->{p['d_out']} ({p['experts']}x{p['expert_size']})"
+                         for n, p in a["projections"].items())
+        lines.append(f"  {'attention experts':22s} {desc}")
+        lines.append(f"  {'distillation MSE':22s} rank-h/2 SVD start {a['mse_svd_init']:.4g} -> distilled "
+                     f"{a['mse_distilled']:.4g} (output variance {a['target_var']:.4g}; mean over projections)")
     if "ffn_fraction" in report:
         lines.append(f"  {'executed FFN compute':22s} {report['ffn_fraction']:.1%} (held-out, {report['heldout_tokens']} tokens)")
+        if "projection_fraction" in report:
+            lines.append(f"  {'executed attn experts':22s} {report['projection_fraction']:.1%} of their compute")
         rel = report["ppl_converted"] / report["ppl_original"] - 1
         relu = (f", ReLU-fied dense {report['ppl_dense']:.2f}" if report["ppl_original"] != report["ppl_dense"] else "")
         lines.append(f"  {'held-out perplexity':22s} dense {report['ppl_original']:.2f}{relu} -> converted "

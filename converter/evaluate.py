@@ -24,6 +24,8 @@ the embedding lookup are O(d) per token and left out: < 0.1% of the total for ev
     FFN, experts           k_l(x) * m * 2 d e    k_l(x) experts of e neurons executed by token x in layer l
     router                 2 d w + 2 w E
     LM head                2 d V
+    attention projections as experts (when the checkpoint has them): each replaced projection's dense
+    cost is swapped for its executed experts, k(x) * 2 e (d_in + d_out), plus its router 2 d_in w + 2 w E
 
 with d the hidden size, H / K query / key-value heads of size h, V the vocabulary, w the router width,
 E experts per layer. Summed over layers; ``model_compute`` = (attention + routers + executed experts +
@@ -53,11 +55,14 @@ from d2dmoe_converter.dense import DenseModel, load_dense, load_tokenizer
 from d2dmoe_converter.eval_data import (CORPORA, LENGTH_NORMALISED, TASKS, check_available, corpus_documents,
                                         task_items)
 from d2dmoe_converter.hf_model import build_model
-from d2dmoe_converter.moe_model import attach_experts, expert_layers, perplexity, set_selection
+from d2dmoe_converter.moe_model import (attach_experts, expert_layers, ffn_layers, perplexity, projection_layers,
+                                        set_selection)
+from d2dmoe_converter.attention import dense_projection_names
 from d2dmoe_converter.split import dense_ffn_names
 from d2dmoe_vllm.config import CheckpointError
 
-METHOD_STYLE = {"d2dmoe": ("o-", "tab:blue"), "moefication": ("s--", "tab:orange")}
+METHOD_STYLE = {"d2dmoe": ("o-", "tab:blue"), "moefication": ("s--", "tab:orange"),
+                "d2dmoe+attention": ("^-.", "tab:green")}
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,12 @@ class Checkpoint:
     state: dict[str, torch.Tensor]
 
 
-def dense_ffn_tensors(dense: DenseModel) -> set[str]:
-    """Names of the dense FFN tensors, which a checkpoint holds as experts instead."""
-    return {n for i in range(dense.num_layers) for n in dense_ffn_names(dense, i)}
+def replaced_tensors(dense: DenseModel, d2dmoe: dict) -> set[str]:
+    """Names of the dense tensors a checkpoint holds as experts instead: the FFNs, and the attention
+    projections it converted (``expert_modules`` beyond ``mlp``)."""
+    projections = [m for m in d2dmoe.get("expert_modules", ()) if m != "mlp"]
+    return {n for i in range(dense.num_layers)
+            for n in dense_ffn_names(dense, i) + [x for p in projections for x in dense_projection_names(dense, i, p)]}
 
 
 def load_checkpoint(path: str | Path, dense: DenseModel) -> Checkpoint:
@@ -130,7 +138,9 @@ def load_checkpoint(path: str | Path, dense: DenseModel) -> Checkpoint:
     report = path / "d2dmoe_report.json"
     method = json.loads(report.read_text()).get("method") if report.is_file() else None
     method = method or ("moefication" if d2.get("top_k") else "d2dmoe")
-    ffn = dense_ffn_tensors(dense)
+    if any(m != "mlp" for m in d2.get("expert_modules", ())):
+        method += "+attention"   # its own curve: attention projections run as experts too
+    ffn = replaced_tensors(dense, d2)
     problems = []
     if config.get("model_type") != dense.model_type:
         problems.append(f"model_type {config.get('model_type')!r} (dense: {dense.model_type!r})")
@@ -154,9 +164,9 @@ def load_checkpoint(path: str | Path, dense: DenseModel) -> Checkpoint:
 
 def build_moe(ckpt: Checkpoint, dense: DenseModel, device) -> torch.nn.Module:
     """The torch reference D2DMoE model: the checkpoint's non-expert weights, its expert layers."""
-    ffn = dense_ffn_tensors(dense)
+    ffn = replaced_tensors(dense, ckpt.d2dmoe)
     base = {k: v.float() for k, v in ckpt.state.items() if k in dense.state and k not in ffn}
-    base.update({k: dense.state[k] for k in ffn})  # placeholders: the FFNs are replaced by expert layers next
+    base.update({k: dense.state[k] for k in ffn})  # placeholders: replaced by expert layers next
     config = {k: v for k, v in ckpt.config.items() if k not in ("architectures", "dtype", "torch_dtype")}
     model = build_model(DenseModel(config, base, dense.source, dense.tokenizer), device=device)
     attach_experts(model, {k: v.float() for k, v in ckpt.state.items()}, dense.model_type, ckpt.d2dmoe["activation"])
@@ -202,22 +212,28 @@ def flops_per_token(config: dict, seq_len: int, d2dmoe: dict | None = None) -> d
     return out
 
 
-def compute_fractions(flops: dict, tokens: list[int], pairs: list[int]) -> tuple[float, float]:
-    """(ffn_compute, model_compute) from per-layer evaluated tokens and executed token-expert pairs."""
+def compute_fractions(flops: dict, tokens: list[int], pairs: list[int],
+                      projections: dict | None = None) -> tuple[float, float]:
+    """(ffn_compute, model_compute) from per-layer evaluated tokens and executed token-expert pairs;
+    ``projections`` (FLOPs summed over the evaluated tokens, see ``_Usage``) swaps the replaced attention
+    projections' dense cost for their executed experts and routers."""
     ffn_done = sum(p * f for p, f in zip(pairs, flops["expert"]))
     ffn_full = sum(t * f for t, f in zip(tokens, flops["ffn_dense"]))
     n = tokens[0]
     rest = sum(flops["attention_projections"]) + sum(flops["attention_scores"]) + sum(flops["router"]) + flops["lm_head"]
+    if projections:
+        rest += (projections["executed"] + projections["router"] - projections["replaced_dense"]) / n
     model = (rest + ffn_done / n) / flops["dense_total"]
     return ffn_done / ffn_full, model
 
 
-def compute_without_lm_head(flops: dict, ffn_compute: float) -> float:
+def compute_without_lm_head(flops: dict, ffn_compute: float, projection_delta: float = 0.0) -> float:
     """The model-compute fraction with the LM head left out of both sides (it dominates small models
-    with large vocabularies: Gemma 3 270M's 262k-entry head is ~60% of its FLOPs per token)."""
+    with large vocabularies: Gemma 3 270M's 262k-entry head is ~60% of its FLOPs per token).
+    ``projection_delta``: FLOPs per token that attention-projection experts add (negative: save)."""
     attn = sum(flops["attention_projections"]) + sum(flops["attention_scores"])
     ffn = sum(flops["ffn_dense"])
-    return (attn + sum(flops.get("router", [0])) + ffn_compute * ffn) / (attn + ffn)
+    return (attn + projection_delta + sum(flops.get("router", [0])) + ffn_compute * ffn) / (attn + ffn)
 
 
 # ---------------------------------------------------------------- measuring
@@ -292,15 +308,25 @@ class _Usage:
     """Per-layer counters of one evaluation segment, read from the expert layers."""
 
     def __init__(self, model):
-        self.layers = expert_layers(model)
-        for m in self.layers:
+        self.layers, self.projections = ffn_layers(model), projection_layers(model)
+        for m in self.layers + self.projections:
             m.tokens = m.pairs = 0
+        for m in self.layers:
             m.record, m.per_token = True, []
 
     def read(self) -> dict:
         out = {"tokens": [m.tokens for m in self.layers], "pairs": [m.pairs for m in self.layers],
                "hist": [torch.bincount(torch.cat(m.per_token).long(), minlength=m.num_experts + 1).tolist()
                         if m.per_token else [0] * (m.num_experts + 1) for m in self.layers]}
+        if self.projections:  # FLOPs over this segment's tokens (a multiply-add is 2 FLOPs)
+            ps = self.projections
+            out["projections"] = {
+                "executed": sum(2 * m.pairs * m.flops_per_pair for m in ps),
+                "all_experts": sum(2 * m.tokens * m.num_experts * m.flops_per_pair for m in ps),
+                "router": sum(2 * m.tokens * m.t["router.in_proj.weight"].shape[0]
+                              * (m.t["router.in_proj.weight"].shape[1] + m.num_experts) for m in ps),
+                "replaced_dense": sum(2 * m.tokens * m.t["experts.w_in"].shape[2] * m.t["experts.w_out"].shape[2]
+                                      for m in ps)}
         for m in self.layers:
             m.record, m.per_token = False, []
         return out
@@ -324,12 +350,18 @@ def measure(model, data: EvalData, opts: EvalOptions, tok, flops: dict | None, l
     if not moe:
         result.update(ffn_compute=1.0, model_compute=1.0, model_compute_without_lm_head=1.0)
         return result
-    L = len(expert_layers(model))
+    L = len(ffn_layers(model))
     tokens = [sum(s["tokens"][i] for s in segments.values()) for i in range(L)]
     pairs = [sum(s["pairs"][i] for s in segments.values()) for i in range(L)]
-    result["ffn_compute"], result["model_compute"] = compute_fractions(flops, tokens, pairs)
-    result["model_compute_without_lm_head"] = compute_without_lm_head(flops, result["ffn_compute"])
-    result["by_data"] = {name: dict(zip(("ffn_compute", "model_compute"), compute_fractions(flops, s["tokens"], s["pairs"])))
+    proj = None
+    if projection_layers(model):
+        proj = {k: sum(s["projections"][k] for s in segments.values()) for k in next(iter(segments.values()))["projections"]}
+        result["projection_compute"] = proj["executed"] / proj["all_experts"]
+    result["ffn_compute"], result["model_compute"] = compute_fractions(flops, tokens, pairs, proj)
+    result["model_compute_without_lm_head"] = compute_without_lm_head(
+        flops, result["ffn_compute"], (proj["executed"] + proj["router"] - proj["replaced_dense"]) / tokens[0] if proj else 0.0)
+    result["by_data"] = {name: dict(zip(("ffn_compute", "model_compute"),
+                                        compute_fractions(flops, s["tokens"], s["pairs"], s.get("projections"))))
                          for name, s in segments.items()}
     hist = [[sum(s["hist"][i][k] for s in segments.values()) for k in range(len(segments[next(iter(segments))]["hist"][i]))]
             for i in range(L)]

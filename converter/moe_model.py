@@ -13,7 +13,8 @@ from torch import nn
 
 from d2dmoe_converter.hf_model import base_model, decoder_layers
 from d2dmoe_kernels.reference import dynamic_k_experts_reference, router_scores, select_experts
-from d2dmoe_vllm.checkpoint import layer_prefix
+from d2dmoe_vllm.checkpoint import layer_prefix, projection_prefix
+from d2dmoe_vllm.config import PROJECTION_ACTIVATION, PROJECTIONS, projection_family
 
 EXPERT_TENSORS = ("router.in_proj.weight", "router.out_proj.weight", "experts.w_in", "experts.w_up", "experts.w_out",
                   "experts.b_in", "b_out")
@@ -22,9 +23,10 @@ EXPERT_TENSORS = ("router.in_proj.weight", "router.out_proj.weight", "experts.w_
 class ReferenceMoEMLP(nn.Module):
     """One expert layer; ``tau``/``top_k`` may be changed between forwards."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor | None], tau: float, top_k: int, activation: str):
+    def __init__(self, tensors: dict[str, torch.Tensor | None], tau: float, top_k: int, activation: str,
+                 module: str = "mlp"):
         super().__init__()
-        self.t = tensors
+        self.t, self.module = tensors, module
         self.tau, self.top_k, self.activation = tau, top_k, activation
         self.tokens = self.pairs = 0
         self.per_token: list[torch.Tensor] = []   # experts executed by each token, when ``record`` is on
@@ -33,6 +35,12 @@ class ReferenceMoEMLP(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.t["experts.w_in"].shape[0]
+
+    @property
+    def flops_per_pair(self) -> int:
+        """Multiply-adds of one expert on one token."""
+        _, e, d_in = self.t["experts.w_in"].shape
+        return e * (d_in * (1 if self.t["experts.w_up"] is None else 2) + self.t["experts.w_out"].shape[2])
 
     def forward(self, x, *args, **kwargs):
         t = self.t
@@ -45,25 +53,43 @@ class ReferenceMoEMLP(nn.Module):
             self.per_token.append(mask.sum(-1).cpu())
         out = dynamic_k_experts_reference(flat, mask, t["experts.w_in"], t["experts.w_up"], t["experts.w_out"],
                                           t["experts.b_in"], t["b_out"], self.activation)
-        return out.reshape(x.shape)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def attach_experts(model: nn.Module, state: dict[str, torch.Tensor], model_type: str, activation: str,
                    tau: float = 0.0, top_k: int = 0) -> list[ReferenceMoEMLP]:
-    """Replace every FFN of ``model`` (in place) by its expert layer from a D2DMoE state dict."""
+    """Replace every FFN of ``model`` (in place) by its expert layer from a D2DMoE state dict, and
+    every attention projection the state holds experts for (ReLU, biased) by its expert layer."""
     device = next(model.parameters()).device
+    attn_attr, names = PROJECTIONS[projection_family(model_type)]
+
+    def tensors(p: str) -> dict:
+        return {k: (state[p + k].to(device=device, dtype=torch.float32) if p + k in state else None)
+                for k in EXPERT_TENSORS}
+
     mlps = []
     for i, layer in enumerate(decoder_layers(model)):
-        p = layer_prefix(model_type, i) + "mlp."
-        tensors = {k: (state[p + k].to(device=device, dtype=torch.float32) if p + k in state else None)
-                   for k in EXPERT_TENSORS}
-        layer.mlp = ReferenceMoEMLP(tensors, tau, top_k, activation)
+        layer.mlp = ReferenceMoEMLP(tensors(layer_prefix(model_type, i) + "mlp."), tau, top_k, activation)
         mlps.append(layer.mlp)
+        attn = getattr(layer, attn_attr.rstrip("."))
+        for name in names:
+            p = projection_prefix(model_type, i, name)
+            if p + "experts.w_in" in state:
+                setattr(attn, name, ReferenceMoEMLP(tensors(p), tau, top_k, PROJECTION_ACTIVATION, module=name))
     return mlps
 
 
 def expert_layers(model: nn.Module) -> list[ReferenceMoEMLP]:
+    """Every expert layer: FFNs and attention projections."""
     return [m for m in model.modules() if isinstance(m, ReferenceMoEMLP)]
+
+
+def ffn_layers(model: nn.Module) -> list[ReferenceMoEMLP]:
+    return [m for m in expert_layers(model) if m.module == "mlp"]
+
+
+def projection_layers(model: nn.Module) -> list[ReferenceMoEMLP]:
+    return [m for m in expert_layers(model) if m.module != "mlp"]
 
 
 def set_selection(model: nn.Module, tau: float = 0.0, top_k: int = 0) -> None:
@@ -75,9 +101,16 @@ def set_selection(model: nn.Module, tau: float = 0.0, top_k: int = 0) -> None:
 def ffn_fraction(model: nn.Module) -> float:
     """Executed expert compute / dense FFN compute over everything run since ``set_selection``
     (experts of one layer cost the same; layers are weighted by their expert size)."""
-    done = sum(m.pairs * m.t["experts.w_in"].shape[1] for m in expert_layers(model))
-    full = sum(m.tokens * m.num_experts * m.t["experts.w_in"].shape[1] for m in expert_layers(model))
+    done = sum(m.pairs * m.t["experts.w_in"].shape[1] for m in ffn_layers(model))
+    full = sum(m.tokens * m.num_experts * m.t["experts.w_in"].shape[1] for m in ffn_layers(model))
     return done / full if full else float("nan")
+
+
+def projection_fraction(model: nn.Module) -> float | None:
+    """Executed / full compute of the attention-projection experts (FLOP-weighted); None without them."""
+    layers = projection_layers(model)
+    full = sum(m.tokens * m.num_experts * m.flops_per_pair for m in layers)
+    return sum(m.pairs * m.flops_per_pair for m in layers) / full if full else None
 
 
 @torch.no_grad()

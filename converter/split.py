@@ -36,12 +36,13 @@ def dense_ffn_names(dense: DenseModel, layer: int) -> list[str]:
 
 
 def split_ffn(ffn: dict[str, torch.Tensor | None], order: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
-    """Expert tensors (names relative to ``...mlp.``) for neurons taken in ``order``."""
+    """Expert tensors (names relative to ``...mlp.``) for neurons taken in ``order`` (``w_out`` is
+    [d_ff, d_out]; d_out may differ from d for attention-projection MLPs)."""
     d_ff, d = ffn["w_in"].shape
     e = d_ff // num_experts
     out = {
         "experts.w_in": ffn["w_in"][order].reshape(num_experts, e, d),
-        "experts.w_out": ffn["w_out"][order].reshape(num_experts, e, d),
+        "experts.w_out": ffn["w_out"][order].reshape(num_experts, e, ffn["w_out"].shape[1]),
     }
     if ffn["w_up"] is not None:
         out["experts.w_up"] = ffn["w_up"][order].reshape(num_experts, e, d)

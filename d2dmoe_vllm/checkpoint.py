@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from d2dmoe_vllm.config import D2DMoEConfig, _fail
+from d2dmoe_vllm.config import PROJECTIONS, D2DMoEConfig, _fail, projection_family
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -22,9 +22,20 @@ def layer_prefix(model_type: str, layer: int) -> str:
     return f"transformer.h.{layer}." if model_type == "gpt2" else f"model.layers.{layer}."
 
 
+def projection_prefix(model_type: str, layer: int, name: str) -> str:
+    """HF name prefix of an attention projection (``...attn.c_attn.``, ``...self_attn.q_proj.``)."""
+    return layer_prefix(model_type, layer) + PROJECTIONS[projection_family(model_type)][0] + name + "."
+
+
 def expert_tensor_shapes(model_type: str, hidden_size: int, cfg: D2DMoEConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every expert-layer tensor (router, experts, shared bias)."""
     shapes: dict[str, tuple[int, ...]] = {}
+    for proj in cfg.projections:  # attention projections as experts: non-gated, biased, d_in -> d_out
+        for layer, (E, e) in enumerate(zip(proj.num_experts, proj.expert_size)):
+            p = projection_prefix(model_type, layer, proj.name)
+            shapes.update({p + "router.in_proj.weight": (cfg.router_width, proj.d_in),
+                           p + "router.out_proj.weight": (E, cfg.router_width), p + "experts.w_in": (E, e, proj.d_in),
+                           p + "experts.b_in": (E, e), p + "experts.w_out": (E, e, proj.d_out), p + "b_out": (proj.d_out,)})
     for layer, (E, e) in enumerate(zip(cfg.num_experts, cfg.expert_size)):
         p = layer_prefix(model_type, layer) + "mlp."
         shapes[p + "router.in_proj.weight"] = (cfg.router_width, hidden_size)

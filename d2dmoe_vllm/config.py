@@ -14,7 +14,40 @@ from d2dmoe_kernels.reference import ACTIVATIONS
 FORMAT_VERSION = 1
 TAU_OVERRIDE_KEY = "d2dmoe_tau"
 TOP_K_OVERRIDE_KEY = "d2dmoe_top_k"
-EXPERT_MODULES = ("mlp",)
+# Attention projections that may be expert layers (``expert_modules``), per family: name -> the
+# attention module's attribute prefix. Each is a 2-layer ReLU MLP split into experts (METHOD step 5).
+PROJECTIONS = {"gpt2": ("attn.", ("c_attn", "c_proj")),
+               "gemma": ("self_attn.", ("q_proj", "k_proj", "v_proj", "o_proj"))}
+PROJECTION_ACTIVATION = "relu"
+
+
+def projection_family(model_type: str) -> str:
+    return "gpt2" if model_type == "gpt2" else "gemma"
+
+
+def projection_dims(hf: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """Input and output width of each attention projection of a base config."""
+    if hf.get("model_type") == "gpt2":
+        d = hf.get("n_embd") or hf.get("hidden_size")
+        return {"c_attn": (d, 3 * d), "c_proj": (d, d)}
+    d, hd = hf.get("hidden_size"), hf.get("head_dim") or hf.get("hidden_size") // hf.get("num_attention_heads")
+    q, kv = hf.get("num_attention_heads") * hd, hf.get("num_key_value_heads", hf.get("num_attention_heads")) * hd
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
+
+
+@dataclass(frozen=True)
+class ProjectionExperts:
+    """One attention projection run as experts: ``d_in -> hidden (ReLU, split into experts) -> d_out``,
+    with biases, routed like an FFN with the checkpoint's tau and router width."""
+    name: str
+    d_in: int
+    d_out: int
+    hidden: int
+    num_experts: tuple[int, ...]    # per layer
+    expert_size: tuple[int, ...]    # per layer
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "num_experts": list(self.num_experts), "expert_size": list(self.expert_size)}
 
 # D2DMoE architecture name -> (base model_type, "module:Class" for lazy registration).
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -56,9 +89,13 @@ class D2DMoEConfig:
     num_experts: tuple[int, ...]    # per layer
     expert_size: tuple[int, ...]    # per layer
     router_width: int
+    projections: tuple[ProjectionExperts, ...] = ()   # attention projections run as experts (may be none)
+
+    def projection(self, name: str) -> ProjectionExperts | None:
+        return next((p for p in self.projections if p.name == name), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format_version": self.format_version,
             "tau": self.tau,
             "top_k": self.top_k,
@@ -70,6 +107,9 @@ class D2DMoEConfig:
             "expert_size": list(self.expert_size),
             "router_width": self.router_width,
         }
+        if self.projections:
+            out["projection_experts"] = {p.name: p.to_dict() for p in self.projections}
+        return out
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "D2DMoEConfig":
@@ -116,9 +156,11 @@ class D2DMoEConfig:
             raise _fail("d2dmoe.gated", f"{gated} is wrong for model_type {model_type!r}",
                         f"set it to {model_type in GATED_MODEL_TYPES}")
         modules = tuple(need("expert_modules", list))
-        bad = [m for m in modules if m not in EXPERT_MODULES] or ([] if modules else ["(empty)"])
+        allowed = ["mlp", *PROJECTIONS[projection_family(model_type)][1]]
+        bad = [m for m in modules if m not in allowed] or ([] if "mlp" in modules else ["(no mlp)"])
         if bad:
-            raise _fail("d2dmoe.expert_modules", f"{bad} not supported", f"list a subset of {list(EXPERT_MODULES)}")
+            raise _fail("d2dmoe.expert_modules", f"{bad} not supported for {model_type}",
+                        f"list \"mlp\" plus any subset of {allowed[1:]} (a subset of {allowed})")
         d_ff = need("d_ff", int)
         if model_type == "gpt2":
             base_d_ff = hf.get("n_inner") or 4 * hf.get("n_embd", 0)
@@ -142,8 +184,45 @@ class D2DMoEConfig:
         router_width = need("router_width", int)
         if router_width <= 0:
             raise _fail("d2dmoe.router_width", f"{router_width} is not positive", "use the trained router's hidden width")
+        projections = _parse_projections(hf, block, [m for m in modules if m != "mlp"], n_layers)
         return cls(version, tau, top_k, activation, gated, modules, d_ff,
-                   per_layer["num_experts"], per_layer["expert_size"], router_width)
+                   per_layer["num_experts"], per_layer["expert_size"], router_width, projections)
+
+
+def _parse_projections(hf: Mapping[str, Any], block: Mapping[str, Any], names: list[str],
+                       n_layers: int) -> tuple[ProjectionExperts, ...]:
+    """``d2dmoe.projection_experts``: one entry per projection listed in ``expert_modules``."""
+    qkv = {"q_proj", "k_proj", "v_proj"} & set(names)
+    if qkv and len(qkv) < 3:
+        raise _fail("d2dmoe.expert_modules", f"lists {sorted(qkv)} but not all of q_proj, k_proj, v_proj",
+                    "convert q, k and v together (vLLM runs them as one fused projection)")
+    table = block.get("projection_experts", {})
+    if not isinstance(table, Mapping) or set(table) != set(names):
+        raise _fail("d2dmoe.projection_experts", f"has entries {sorted(table) if isinstance(table, Mapping) else table!r} "
+                    f"but expert_modules lists projections {sorted(names)}",
+                    "give one {hidden, num_experts, expert_size} entry per projection in expert_modules")
+    dims, out = projection_dims(hf), []
+    for name in names:
+        entry, field = table[name], f"d2dmoe.projection_experts.{name}"
+        if not isinstance(entry, Mapping):
+            raise _fail(field, f"{entry!r} is not an object", "write {hidden, num_experts, expert_size}")
+        hidden = entry.get("hidden")
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
+            raise _fail(f"{field}.hidden", f"{hidden!r} is not a positive integer", "write the MLP's hidden width")
+        per_layer = []
+        for key in ("num_experts", "expert_size"):
+            vals = entry.get(key)
+            if (not isinstance(vals, list) or len(vals) != n_layers
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals)):
+                raise _fail(f"{field}.{key}", f"needs {n_layers} positive integers (one per layer), got {vals!r}",
+                            "write one value per transformer layer")
+            per_layer.append(tuple(vals))
+        for i, (n, size) in enumerate(zip(*per_layer)):
+            if n * size != hidden:
+                raise _fail(f"{field}.expert_size[{i}]", f"{n} experts of {size} neurons do not tile hidden = {hidden}",
+                            "choose num_experts x expert_size = hidden")
+        out.append(ProjectionExperts(name, *dims[name], hidden, *per_layer))
+    return tuple(out)
 
 
 def d2dmoe_config_from_vllm(hf_config: Any) -> D2DMoEConfig:

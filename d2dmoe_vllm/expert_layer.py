@@ -1,4 +1,4 @@
-"""The one new idea in our model files: an FFN run as dynamic-k experts.
+"""The one new idea in our model files: an FFN (or an attention projection) run as dynamic-k experts.
 
 ``ExpertRouter`` holds the router's weights (Linear -> ReLU -> Linear -> abs, predicting each
 expert's output norm); the opaque op ``torch.ops.d2dmoe.dynamic_k_experts`` runs the router,
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from d2dmoe_kernels.op import COUNTER_SLOTS
-from d2dmoe_vllm.config import CheckpointError, D2DMoEConfig
+from d2dmoe_vllm.config import PROJECTION_ACTIVATION, CheckpointError, D2DMoEConfig, ProjectionExperts
 
 
 def checked_weight_loader(name: str, full_shape: tuple[int, ...], shard: tuple[int, int] | None = None):
@@ -50,19 +50,33 @@ class ExpertRouter(nn.Module):
 
 
 class DynamicKMLP(nn.Module):
-    """Drop-in replacement for a dense FFN (plain GPT-2 style or gated Gemma style).
+    """Drop-in replacement for a dense FFN (plain GPT-2 style or gated Gemma style), or, given
+    ``projection``, for an attention projection replaced by a ReLU MLP (``d_in -> d_out``, biased).
 
     Under tensor parallelism each rank holds E / tp whole experts and the full router; the ranks'
     partial sums meet in one all-reduce, as in vLLM's row-parallel layers (b_out is added once)."""
 
     def __init__(self, cfg: D2DMoEConfig, layer: int, hidden_size: int, prefix: str,
-                 tp_rank: int | None = None, tp_size: int | None = None):
+                 tp_rank: int | None = None, tp_size: int | None = None, projection: ProjectionExperts | None = None):
         super().__init__()
         if tp_size is None:
             from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
             tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        E, e = cfg.num_experts[layer], cfg.expert_size[layer]
+        if projection is None:
+            E, e, d_in, d_out = cfg.num_experts[layer], cfg.expert_size[layer], hidden_size, hidden_size
+            gated, activation, biases = cfg.gated, cfg.activation, not cfg.gated
+        else:
+            E, e, d_in, d_out = projection.num_experts[layer], projection.expert_size[layer], projection.d_in, projection.d_out
+            gated, activation, biases = False, PROJECTION_ACTIVATION, True
+            if tp_size > 1:
+                raise CheckpointError(
+                    f"D2DMoE checkpoint: {prefix}: attention-projection experts are served with "
+                    f"tensor_parallel_size=1 only (got {tp_size}). Fix: serve with tensor_parallel_size=1, or "
+                    "re-convert without --attention-experts"
+                )
+        self.module = "mlp" if projection is None else projection.name
+        self.d_in, self.d_out, self.gated = d_in, d_out, gated
         if E % tp_size:
             raise CheckpointError(
                 f"D2DMoE checkpoint: {prefix}: {E} experts cannot be split over tensor_parallel_size={tp_size}. "
@@ -71,14 +85,14 @@ class DynamicKMLP(nn.Module):
         shard = (tp_rank * (E // tp_size), E // tp_size)
         self.layer, self.tp_rank, self.tp_size, self.expert_offset = layer, tp_rank, tp_size, shard[0]
         self.num_experts, self.expert_size = E, e
-        self.tau, self.top_k, self.activation = cfg.tau, cfg.top_k, cfg.activation
-        self.router = ExpertRouter(hidden_size, cfg.router_width, E, f"{prefix}.router")
+        self.tau, self.top_k, self.activation = cfg.tau, cfg.top_k, activation
+        self.router = ExpertRouter(d_in, cfg.router_width, E, f"{prefix}.router")
         self.experts = nn.Module()
-        self.experts.w_in = _param(f"{prefix}.experts", "w_in", E, e, hidden_size, shard=shard)
-        self.experts.w_up = _param(f"{prefix}.experts", "w_up", E, e, hidden_size, shard=shard) if cfg.gated else None
-        self.experts.w_out = _param(f"{prefix}.experts", "w_out", E, e, hidden_size, shard=shard)
-        self.experts.b_in = None if cfg.gated else _param(f"{prefix}.experts", "b_in", E, e, shard=shard)
-        self.b_out = None if cfg.gated else _param(prefix, "b_out", hidden_size)
+        self.experts.w_in = _param(f"{prefix}.experts", "w_in", E, e, d_in, shard=shard)
+        self.experts.w_up = _param(f"{prefix}.experts", "w_up", E, e, d_in, shard=shard) if gated else None
+        self.experts.w_out = _param(f"{prefix}.experts", "w_out", E, e, d_out, shard=shard)
+        self.experts.b_in = _param(f"{prefix}.experts", "b_in", E, e, shard=shard) if biases else None
+        self.b_out = _param(prefix, "b_out", d_out) if biases else None
         self.add_b_out = tp_rank == 0
         # [tokens seen, token-expert pairs executed, router semaphore], kept on the device by the op.
         self.register_buffer("counters", torch.zeros(COUNTER_SLOTS, dtype=torch.int64), persistent=False)
@@ -98,3 +112,46 @@ class DynamicKMLP(nn.Module):
 
             out = tensor_model_parallel_all_reduce(out)
         return out
+
+
+    @property
+    def flops_per_pair(self) -> int:
+        """Multiply-adds of one expert on one token (what a token-expert pair costs)."""
+        return self.expert_size * (self.d_in * (2 if self.gated else 1) + self.d_out)
+
+
+class ExpertLinear(DynamicKMLP):
+    """An attention projection as experts behind vLLM's Linear interface (returns ``(output, None)``)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return super().forward(x), None
+
+
+class ExpertQKV(nn.Module):
+    """Gemma's q, k and v projections as three expert layers behind vLLM's fused ``qkv_proj``
+    interface: their outputs are concatenated as the fused linear's are."""
+
+    def __init__(self, q_proj: DynamicKMLP, k_proj: DynamicKMLP, v_proj: DynamicKMLP):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = q_proj, k_proj, v_proj
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1), None
+
+
+def attach_projection_experts(attn: nn.Module, cfg: D2DMoEConfig, layer: int, model_type: str, prefix: str) -> None:
+    """Replace the attention module's projections listed in ``cfg.projections`` by expert layers
+    (GPT-2: ``c_attn`` fused q/k/v and ``c_proj``; Gemma: ``q_proj``/``k_proj``/``v_proj`` behind
+    ``qkv_proj``, and ``o_proj``)."""
+    def expert(name: str, cls=DynamicKMLP) -> DynamicKMLP:
+        return cls(cfg, layer, 0, f"{prefix}.{name}", projection=cfg.projection(name))
+
+    names = {p.name for p in cfg.projections}
+    if model_type == "gpt2":
+        for name in names:  # c_attn, c_proj
+            setattr(attn, name, expert(name, ExpertLinear))
+        return
+    if {"q_proj", "k_proj", "v_proj"} & names:
+        attn.qkv_proj = ExpertQKV(expert("q_proj"), expert("k_proj"), expert("v_proj"))
+    if "o_proj" in names:
+        attn.o_proj = expert("o_proj", ExpertLinear)

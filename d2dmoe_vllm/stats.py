@@ -48,8 +48,8 @@ def compute_report(model: nn.Module) -> dict[str, Any]:
     layers = []
     for m, c in zip(mlps, counters):
         tokens, pairs = (int(v) for v in c.tolist()[:2])
-        layers.append({"layer": m.layer, "tokens": tokens, "executed_pairs": pairs,
-                       "num_experts": m.num_experts, "expert_size": m.expert_size})
+        layers.append({"layer": m.layer, "module": m.module, "tokens": tokens, "executed_pairs": pairs,
+                       "num_experts": m.num_experts, "expert_size": m.expert_size, "flops_per_pair": m.flops_per_pair})
     return _with_fractions(layers)
 
 
@@ -61,12 +61,19 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _with_fractions(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    done = full = 0
+    """``overall_fraction`` over the FFN expert layers; with attention-projection experts also
+    ``projection_fraction`` (over those) and ``expert_fraction`` (all expert layers, FLOP-weighted)."""
+    done, full = {}, {}
     for r in layers:
         r["fraction"] = r["executed_pairs"] / (r["tokens"] * r["num_experts"]) if r["tokens"] else None
-        done += r["executed_pairs"] * r["expert_size"]
-        full += r["tokens"] * r["num_experts"] * r["expert_size"]
-    return {"overall_fraction": done / full if full else None, "layers": layers}
+        kind = "mlp" if r["module"] == "mlp" else "projection"
+        done[kind] = done.get(kind, 0) + r["executed_pairs"] * r["flops_per_pair"]
+        full[kind] = full.get(kind, 0) + r["tokens"] * r["num_experts"] * r["flops_per_pair"]
+    report = {"overall_fraction": done["mlp"] / full["mlp"] if full.get("mlp") else None, "layers": layers}
+    if "projection" in full:
+        report["projection_fraction"] = done["projection"] / full["projection"] if full["projection"] else None
+        report["expert_fraction"] = sum(done.values()) / sum(full.values()) if sum(full.values()) else None
+    return report
 
 
 def reset_counters(model: nn.Module) -> bool:
@@ -88,10 +95,14 @@ def reset_engine_counters(llm: Any) -> None:
 def format_report(report: dict[str, Any]) -> str:
     if report["overall_fraction"] is None:
         return "D2DMoE: no tokens served"
-    per_layer = " ".join(f"{r['fraction']:.2f}" for r in report["layers"] if r["fraction"] is not None)
-    tokens = report["layers"][0]["tokens"] if report["layers"] else 0
-    return (f"D2DMoE executed {100 * report['overall_fraction']:.1f}% of expert compute over {tokens} tokens "
+    mlps = [r for r in report["layers"] if r["module"] == "mlp"]
+    per_layer = " ".join(f"{r['fraction']:.2f}" for r in mlps if r["fraction"] is not None)
+    tokens = mlps[0]["tokens"] if mlps else 0
+    line = (f"D2DMoE executed {100 * report['overall_fraction']:.1f}% of expert compute over {tokens} tokens "
             f"(per layer: {per_layer})")
+    if report.get("projection_fraction") is not None:
+        line += f"; attention projections {100 * report['projection_fraction']:.1f}%"
+    return line
 
 
 def write_report(model: nn.Module, path: str) -> dict[str, Any]:

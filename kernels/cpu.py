@@ -35,7 +35,8 @@ def dynamic_k_experts_cpu(
 ) -> torch.Tensor:
     T, d = x.shape
     E, e, _ = w_in.shape
-    out = torch.zeros(T, d, dtype=torch.float32, device=x.device)
+    d_out = w_out.shape[2]  # may differ from d (attention projections as experts)
+    out = torch.zeros(T, d_out, dtype=torch.float32, device=x.device)
     if T == 1:
         idx = mask[0].nonzero().squeeze(1)
         # [k*e] hidden units of the selected experts, then one product with their output rows.
@@ -46,7 +47,7 @@ def dynamic_k_experts_cpu(
             None if b_in is None else b_in[idx].reshape(-1),
             activation,
         )
-        out += (h @ w_out[idx].reshape(-1, d)).float()
+        out += (h @ w_out[idx].reshape(-1, d_out)).float()
     else:
         pairs = mask.t().nonzero()  # (expert, token), grouped by expert
         counts = mask.sum(dim=0).tolist()

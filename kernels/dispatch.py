@@ -12,6 +12,8 @@
   expert): the masked dense path, GEMM-shaped, selection applied to the hidden units;
 - T <= decode max_tokens: the two-kernel decode path (streams only selected experts' weights);
 - otherwise: the grouped path (FLOPs of selected token-expert pairs only).
+Paths and configs are keyed by the input width d_in (x's) and the expert size; the output width
+d_out = w_out.shape[2] may differ (attention projections as experts).
 Path configs may carry ``by_tokens`` tiers (blocks per token count). No host synchronisation:
 selection, counts and tile schedules stay on the device.
 """
@@ -31,13 +33,13 @@ OWN_MAX_MAX_EXPERTS = 256  # the fused decode kernels take the row max themselve
 
 
 def dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation):
-    """All experts at once: the dense FFN on the expert weights viewed as [E*e, d]."""
+    """All experts at once: the dense FFN on the expert weights viewed as [E*e, d_in] and [E*e, d_out]."""
     E, ES, D = w_in.shape
     h = torch.nn.functional.linear(x, w_in.reshape(E * ES, D), None if b_in is None else b_in.reshape(E * ES))
     h = apply_activation(h, activation)
     if w_up is not None:
         h = h * torch.nn.functional.linear(x, w_up.reshape(E * ES, D))
-    w2 = w_out.reshape(E * ES, D)
+    w2 = w_out.reshape(E * ES, w_out.shape[2])
     return h @ w2 if b_out is None else torch.addmm(b_out, h, w2)  # bias in the GEMM epilogue
 
 

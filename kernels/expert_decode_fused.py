@@ -4,9 +4,9 @@
          per-token maximum router score itself (T x E scores, a few KB), exits at once if no token
          selected its expert, else computes h = act(x w_in^T + b_in) * (x w_up^T) for the slice and
          immediately multiplies by the slice's rows of w_out, writing a partial output
-         P[e, slice] = h w_out[slice] (fp32, [T, d]). Every selected weight byte is read once, in
-         contiguous rows, by one of E * e / BLOCK_J programs.
-  reduce grid (ceil(d / BLOCK_N), T): out[t] = sum of the selected slices' partials in a fixed
+         P[e, slice] = h w_out[slice] (fp32, [T, d_out]). Every selected weight byte is read once,
+         in contiguous rows, by one of E * e / BLOCK_J programs.
+  reduce grid (ceil(d_out / BLOCK_N), T): out[t] = sum of the selected slices' partials in a fixed
          order (deterministic, no atomics) + b_out.
 Three launches fewer than the two-kernel path (no separate row-max, up and down kernels).
 """
@@ -24,7 +24,7 @@ from d2dmoe_kernels.triton_common import (ACT_CODES, count_selected, expert_hidd
 def _fused_decode_kernel(
     x_ptr, scores_ptr, ref_ptr, tau, w_in_ptr, w_up_ptr, w_out_ptr, b_in_ptr, part_ptr, counters_ptr,
     hid_ptr, w1_ptr, w2_ptr, rscores_ptr, rref_ptr, guard,
-    T, D, ES, E, ER, W, E_OFF,
+    T, D, DO, ES, E, ER, W, E_OFF,
     stride_x, stride_s, stride_h,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
     OWN_MAX: tl.constexpr, ROUTER: tl.constexpr, FULL_ROUTER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_EALL: tl.constexpr,
@@ -65,19 +65,20 @@ def _fused_decode_kernel(
     if not UPCAST:
         h = h.to(w_out_ptr.dtype.element_ty)
     slot = e * tl.num_programs(1) + c
-    for n0 in range(0, D, BLOCK_N):
+    for n0 in range(0, DO, BLOCK_N):  # the output width (w_out's rows), d_out
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < D
-        w = tl.load(w_out_ptr + (e * ES + offs_j).to(tl.int64)[:, None] * D + offs_n[None, :],
+        nmask = offs_n < DO
+        w = tl.load(w_out_ptr + (e * ES + offs_j).to(tl.int64)[:, None] * DO + offs_n[None, :],
                     mask=jmask[:, None] & nmask[None, :], other=0.0)
         p = mma(h, w, UPCAST)
-        tl.store(part_ptr + (slot * T + offs_t)[:, None] * D + offs_n[None, :], p, mask=tmask[:, None] & nmask[None, :])
+        tl.store(part_ptr + (slot * T + offs_t)[:, None] * DO + offs_n[None, :], p,
+                 mask=tmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def _fused_reduce_kernel(
     part_ptr, scores_ptr, ref_ptr, tau, b_out_ptr, out_ptr,
-    T, D, E, NC, stride_s, stride_o,
+    T, DO, E, NC, stride_s, stride_o,
     HAS_BIAS: tl.constexpr, OWN_MAX: tl.constexpr,
     BLOCK_EALL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -85,7 +86,7 @@ def _fused_reduce_kernel(
     # [BLOCK_S, BLOCK_N] tile per step (no data-dependent branch, so the loads overlap).
     t = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < D
+    nmask = offs_n < DO
     if OWN_MAX:
         offs_all = tl.arange(0, BLOCK_EALL)
         s_all = tl.load(scores_ptr + t * stride_s + offs_all, mask=offs_all < E, other=0.0).to(tl.float32)
@@ -98,7 +99,7 @@ def _fused_reduce_kernel(
         smask = slots < E * NC
         sc = tl.load(scores_ptr + t * stride_s + slots // NC, mask=smask, other=-1.0).to(tl.float32)
         sel = (sc >= thr) & smask
-        p = tl.load(part_ptr + (slots.to(tl.int64) * T + t)[:, None] * D + offs_n[None, :],
+        p = tl.load(part_ptr + (slots.to(tl.int64) * T + t)[:, None] * DO + offs_n[None, :],
                     mask=sel[:, None] & nmask[None, :], other=0.0)
         acc += tl.sum(p, axis=0)
     if HAS_BIAS:
@@ -108,13 +109,15 @@ def _fused_reduce_kernel(
 
 def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg, out=None,
                          own_max=False, hid=None, router_out=None, expert_offset=0, router_in=None):
-    """x [T, d] with T small. ``own_max``: ref is ignored and each program takes the row max itself.
+    """x [T, d_in] -> [T, d_out] (d_out = w_out.shape[2]) with T small. ``own_max``: ref is ignored
+    and each program takes the row max itself.
     ``router_out`` given: the programs compute the router's tail themselves from ``hid`` (router
     first layer, before ReLU), or with ``hid`` None the whole router from ``router_in`` (two launches
     fewer); selection then follows the router unless ``scores`` is given too (benchmarks: router
     paid, controlled routing)."""
     T, D = x.shape
     E, ES, _ = w_in.shape
+    DO = w_out.shape[2]
     router = 0 if router_out is None else (1 if scores is None else 2)
     full = router > 0 and hid is None
     rscores = rref = None
@@ -129,24 +132,24 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
     block_j = min(cfg["BLOCK_J"], triton.next_power_of_2(ES))
     nc = triton.cdiv(ES, block_j)
     if out is None:
-        out = torch.empty_like(x)
-    part = torch.empty((E * nc, T, D), device=x.device, dtype=torch.float32)
+        out = x.new_empty(T, DO)
+    part = torch.empty((E * nc, T, DO), device=x.device, dtype=torch.float32)
     gated, has_b_in, has_b_out = w_up is not None, b_in is not None, b_out is not None
     _fused_decode_kernel[(E, nc)](
         x, scores, ref, tau, w_in, w_up if gated else w_in, w_out, b_in if has_b_in else w_in, part, counters,
         x if full or not router else hid, router_in if full else w_in, router_out if router else w_in,
         rscores if router else part,
         rref if router else part, float("inf"),
-        T, D, ES, E, ER, W, expert_offset, x.stride(0), scores.stride(0), x.stride(0) if full or not router else hid.stride(0),
+        T, D, DO, ES, E, ER, W, expert_offset, x.stride(0), scores.stride(0), x.stride(0) if full or not router else hid.stride(0),
         GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=fp32_dots(x), OWN_MAX=own_max,
         ROUTER=router, FULL_ROUTER=full, BLOCK_T=block_t, BLOCK_EALL=block_eall, BLOCK_J=block_j, BLOCK_K=cfg["BLOCK_K"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_RE=tile(cfg.get("ROUTER_BLOCK_E", 64), ER),
         BLOCK_RW=tile(cfg.get("ROUTER_BLOCK_W", 128), W),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    _fused_reduce_kernel[(triton.cdiv(D, cfg["BLOCK_N_REDUCE"]), T)](
+    _fused_reduce_kernel[(triton.cdiv(DO, cfg["BLOCK_N_REDUCE"]), T)](
         part, scores, ref, tau, b_out if has_b_out else part, out,
-        T, D, E, nc, scores.stride(0), out.stride(0),
+        T, DO, E, nc, scores.stride(0), out.stride(0),
         HAS_BIAS=has_b_out, OWN_MAX=own_max, BLOCK_EALL=block_eall,
         BLOCK_S=min(64, triton.next_power_of_2(E * nc)), BLOCK_N=cfg["BLOCK_N_REDUCE"],
     )

@@ -6,7 +6,7 @@
    ``_fill_kernel`` writes, in token order, each expert's token list and the [T, E] slot map.
 2. ``_grouped_up_kernel``: per (expert, 64-token tile, neuron block), gathers the tile's token
    rows and computes h = act(x w_in^T + b_in) * (x w_up^T) into the compact H [P, e].
-3. ``_grouped_down_kernel``: Y [P, d] = H w_out per expert tile (fp32 accumulation).
+3. ``_grouped_down_kernel``: Y [P, d_out] = H w_out per expert tile (fp32 accumulation).
 4. ``_gather_reduce_kernel``: out[t] = sum over t's selected experts of Y (fixed expert order,
    fp32) + b_out, written once. No atomics anywhere: results are deterministic.
 Both GEMM kernels are persistent: a fixed grid (host-known) walks the tiles that exist, counted
@@ -112,43 +112,43 @@ def _grouped_up_kernel(
 @triton.jit
 def _grouped_down_kernel(
     h_ptr, w_out_ptr, y_ptr, starts_ptr, tile_start_ptr,
-    D, ES, E, NTB,
+    DO, ES, E, NTB,
     UPCAST: tl.constexpr, LOG2E: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NPROG: tl.constexpr,
 ):
-    nch = tl.cdiv(D, BN)
+    nch = tl.cdiv(DO, BN)
     total = tl.load(tile_start_ptr + E) * nch
     for tile in range(tl.program_id(0), total, NPROG):
         e, c, first, rows, rmask = _tile(tile, nch, tile_start_ptr, starts_ptr, E, NTB, LOG2E, BM)
         pair = (first + rows).to(tl.int64)
         offs_n = c * BN + tl.arange(0, BN)
-        nmask = offs_n < D
+        nmask = offs_n < DO
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, ES, BK):
             offs_k = k0 + tl.arange(0, BK)
             kmask = offs_k < ES
             h = tl.load(h_ptr + pair[:, None] * ES + offs_k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_out_ptr + (e * ES + offs_k).to(tl.int64)[:, None] * D + offs_n[None, :],
+            w = tl.load(w_out_ptr + (e * ES + offs_k).to(tl.int64)[:, None] * DO + offs_n[None, :],
                         mask=kmask[:, None] & nmask[None, :], other=0.0)
             acc += mma(h, w, UPCAST)
-        tl.store(y_ptr + pair[:, None] * D + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+        tl.store(y_ptr + pair[:, None] * DO + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def _gather_reduce_kernel(
-    y_ptr, slot_ptr, b_out_ptr, out_ptr, T, D, E, stride_o,
+    y_ptr, slot_ptr, b_out_ptr, out_ptr, T, DO, E, stride_o,
     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = offs_t < T
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < D
+    nmask = offs_n < DO
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for e in range(E):  # fixed order: deterministic
         slot = tl.load(slot_ptr + offs_t * E + e, mask=tmask, other=-1)
         sel = slot >= 0
-        acc += tl.load(y_ptr + slot.to(tl.int64)[:, None] * D + offs_n[None, :],
+        acc += tl.load(y_ptr + slot.to(tl.int64)[:, None] * DO + offs_n[None, :],
                        mask=sel[:, None] & nmask[None, :], other=0.0).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_out_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -163,20 +163,23 @@ def _num_programs(x: torch.Tensor, per_sm: int) -> int:
 
 
 def grouped_experts(x, scores, rowmax, tau, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg, out=None):
-    """Launch the grouped path on all T tokens, at most cfg['chunk_tokens'] per pass."""
+    """Launch the grouped path on all T tokens, at most cfg['chunk_tokens'] per pass.
+    x [T, d_in] -> [T, d_out] (d_out = w_out.shape[2])."""
     T, D = x.shape
     E, ES, _ = w_in.shape
+    DO = w_out.shape[2]
     if out is None:
-        out = torch.empty_like(x)
+        out = x.new_empty(T, DO)
     chunk = max(1, min(T, cfg["chunk_tokens"]))
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         _grouped_pass(x[t0:t1], scores[t0:t1], rowmax[t0:t1], tau, w_in, w_up, w_out, b_in, b_out,
-                      activation, counters, cfg, out[t0:t1], E, ES, D)
+                      activation, counters, cfg, out[t0:t1], E, ES, D, DO)
     return out
 
 
-def _grouped_pass(x, scores, rowmax, tau, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg, out, E, ES, D):
+def _grouped_pass(x, scores, rowmax, tau, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg, out, E, ES, D,
+                  DO):
     T = x.shape[0]
     dev = x.device
     block_t = cfg["BLOCK_T_SCAN"]
@@ -188,7 +191,7 @@ def _grouped_pass(x, scores, rowmax, tau, w_in, w_up, w_out, b_in, b_out, activa
     tokens = torch.empty(T * E, device=dev, dtype=torch.int32)
     slot = torch.empty((T, E), device=dev, dtype=torch.int32)
     h = torch.empty((T * E, ES), device=dev, dtype=x.dtype)
-    y = torch.empty((T * E, D), device=dev, dtype=x.dtype)
+    y = torch.empty((T * E, DO), device=dev, dtype=x.dtype)
     _count_kernel[(ntb, E)](scores, rowmax, tau, counts, T, ntb, scores.stride(0), BLOCK_T=block_t)
     _scan_kernel[(1,)](counts, starts, tile_start, counters, T, E, ntb, BM=bm, BLOCK=triton.next_power_of_2(E * ntb),
                        BLOCK_E=triton.next_power_of_2(E))
@@ -204,12 +207,12 @@ def _grouped_pass(x, scores, rowmax, tau, w_in, w_up, w_out, b_in, b_out, activa
         BM=bm, BN=bn_up, BK=cfg["BK_UP"], NPROG=nprog, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _grouped_down_kernel[(nprog,)](
-        h, w_out, y, starts, tile_start, D, ES, E, ntb,
+        h, w_out, y, starts, tile_start, DO, ES, E, ntb,
         UPCAST=fp32_dots(x), LOG2E=log2e, BM=bm, BN=cfg["BN_DOWN"], BK=min(cfg["BK_DOWN"], triton.next_power_of_2(ES)),
         NPROG=nprog, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     bt, bn = cfg["BLOCK_T_REDUCE"], cfg["BLOCK_N_REDUCE"]
-    _gather_reduce_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bn))](
-        y, slot, b_out if has_b_out else y, out, T, D, E, out.stride(0),
+    _gather_reduce_kernel[(triton.cdiv(T, bt), triton.cdiv(DO, bn))](
+        y, slot, b_out if has_b_out else y, out, T, DO, E, out.stride(0),
         HAS_BIAS=has_b_out, BLOCK_T=bt, BLOCK_N=bn,
     )

@@ -7,7 +7,8 @@ the launches of the dense MLP.
        writes H[t, e-slice] = act(x w_in^T + b_in) * (x w_up^T) for those tokens and exact zeros
        for the others; a program whose tokens all skipped the expert writes zeros without reading
        its weights (so selections shared across tokens still save bytes).
-  down one cuBLAS GEMM over all E*e hidden units, bias in the epilogue: out = H W_out + b_out.
+  down one cuBLAS GEMM over all E*e hidden units, bias in the epilogue: out = H W_out + b_out
+       ([T, d_out]; the up kernel only sees the input width d_in).
 Zeros contribute exactly nothing, so the result is the masked reference's, with the up GEMM's and
 the down GEMM's fp32 accumulation (H is stored in the model dtype, as the dense MLP's is).
 
@@ -77,18 +78,19 @@ def _masked_up_kernel(
 
 def masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg, mode, scores=None, ref=None,
                          tau=0.0, hid=None, router_out=None, expert_offset=0, router_in=None):
-    """x [T, d] -> [T, d]. ``mode`` one of MODES; ``scores``/``ref`` for modes 0 and 2 (scores
+    """x [T, d_in] -> [T, d_out] (d_out = w_out.shape[2]). ``mode`` one of MODES; ``scores``/``ref`` for modes 0 and 2 (scores
     indexed by local expert), ``hid`` (router first layer, before ReLU) and ``router_out`` for modes
     1 and 2 (router expert = expert_offset + local expert; the row max is over all router experts);
     with ``hid`` None there, the programs compute the router's first layer too, from ``router_in``."""
     T, D = x.shape
     E, ES, _ = w_in.shape
+    DO = w_out.shape[2]
     m = MODES[mode]
     pairs = 1
     full = m in (1, 2) and hid is None
     if m == 3:  # every expert: one expert of E*e neurons (blocks need not fit an expert); E pairs per token
         pairs, E, ES = E, 1, E * ES
-        w_in, w_out = w_in.reshape(1, ES, D), w_out.reshape(1, ES, D)
+        w_in, w_out = w_in.reshape(1, ES, D), w_out.reshape(1, ES, DO)
         w_up = None if w_up is None else w_up.reshape(1, ES, D)
         b_in = None if b_in is None else b_in.reshape(1, ES)
     block_t = tile(cfg["BLOCK_T"], T)
@@ -106,7 +108,7 @@ def masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters
         BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_K=cfg["BLOCK_K"], BLOCK_E=tile(cfg["ROUTER_BLOCK_E"], ER),
         BLOCK_W=tile(cfg["ROUTER_BLOCK_W"], W), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    w2 = w_out.reshape(E * ES, D)
+    w2 = w_out.reshape(E * ES, DO)
     if fp32_dots(x) and x.dtype != torch.float32:  # interpreter: fp32 products, as the kernels' mma does
         out = h.float() @ w2.float()
         return (out if b_out is None else out + b_out.float()).to(x.dtype)

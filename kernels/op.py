@@ -33,7 +33,8 @@ def dynamic_k_experts(
     activation: str,
     counters: torch.Tensor,
 ) -> torch.Tensor:
-    """x [T, d], router weights [w, d] and [E, w] -> [T, d]: selected experts summed + b_out.
+    """x [T, d_in], router weights [w, d_in] and [E, w] -> [T, d_out] (d_out = w_out.shape[2]):
+    selected experts summed + b_out.
 
     The expert weights may be a slice (tensor parallelism): local expert i is expert
     ``expert_offset + i`` of the router, selected against the maximum over all E experts."""
@@ -56,4 +57,4 @@ def _dynamic_k_experts_cuda(x, router_in, router_out, tau, top_k, expert_offset,
 
 @dynamic_k_experts.register_fake
 def _(x, router_in, router_out, tau, top_k, expert_offset, w_in, w_up, w_out, b_in, b_out, activation, counters):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape[0], w_out.shape[2])

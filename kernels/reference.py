@@ -3,11 +3,15 @@
 This is the definition the fast paths are tested against; it is never the serving path.
 Expert layout (one home for it, shared by checkpoint, plugin and kernels):
 
-    w_in  [E, e, d]   first layer rows (GPT-2 ``c_fc``, Gemma ``gate_proj``)
-    w_up  [E, e, d]   Gemma ``up_proj`` rows, or None for plain (non-gated) experts
-    w_out [E, e, d]   second layer, stored transposed so one expert's rows are contiguous
-    b_in  [E, e]      first-layer bias (GPT-2) or None
-    b_out [d]         second-layer bias, shared: added once whatever the routing
+    w_in  [E, e, d_in]   first layer rows (GPT-2 ``c_fc``, Gemma ``gate_proj``)
+    w_up  [E, e, d_in]   Gemma ``up_proj`` rows, or None for plain (non-gated) experts
+    w_out [E, e, d_out]  second layer, stored transposed so one expert's rows are contiguous
+    b_in  [E, e]         first-layer bias (GPT-2) or None
+    b_out [d_out]        second-layer bias, shared: added once whatever the routing
+
+x is [T, d_in], the output [T, d_out]; d_out = w_out.shape[2] equals d_in for an FFN and differs
+for expert layers that replace attention projections (e.g. q: 640 -> 1024). The router reads x:
+[w, d_in] and [E, w].
 
     expert_e(x) = w_out[e]^T (act(w_in[e] x + b_in[e]) * (w_up[e] x))
 """
@@ -67,6 +71,7 @@ def dynamic_k_experts_reference(
 ) -> torch.Tensor:
     """Sum of the selected experts' outputs plus the shared bias, computing all experts (fp32 inside)."""
     E, e, d = w_in.shape
+    d_out = w_out.shape[2]
     xf = x.float()
     h = xf @ w_in.float().reshape(E * e, d).t()
     if b_in is not None:
@@ -75,7 +80,7 @@ def dynamic_k_experts_reference(
     if w_up is not None:
         h = h * (xf @ w_up.float().reshape(E * e, d).t())
     h = h.reshape(-1, E, e) * mask.reshape(-1, E, 1).float()
-    out = h.reshape(-1, E * e) @ w_out.float().reshape(E * e, d)
+    out = h.reshape(-1, E * e) @ w_out.float().reshape(E * e, d_out)
     if b_out is not None:
         out = out + b_out.float()
     return out.to(x.dtype)

@@ -55,7 +55,8 @@ def test_rank_partials_add_up_to_the_full_layer(gated, tp, tau, top_k):
     # compute accounting: the ranks' pair counts add up to the unsharded count
     assert sum(int(layer.counters[1]) for layer in ranks) == int(whole.counters[1])
     reports = [_with_fractions([{"layer": 0, "tokens": int(layer.counters[0]), "executed_pairs": int(layer.counters[1]),
-                                 "num_experts": 8, "expert_size": 16}]) for layer in ranks]
+                                 "num_experts": 8, "expert_size": 16, "module": "mlp", "flops_per_pair": 16 * 3 * 32}])
+               for layer in ranks]
     assert merge_reports(reports)["overall_fraction"] == pytest.approx(int(whole.counters[1]) / (13 * 8))
 
 

@@ -6,6 +6,7 @@ soft-cap the final logits; that is all that differs here.
 """
 
 
+import re
 from collections.abc import Iterable
 from itertools import islice
 
@@ -27,7 +28,7 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from d2dmoe_vllm.checkpoint import engine_config
-from d2dmoe_vllm.expert_layer import DynamicKMLP
+from d2dmoe_vllm.expert_layer import DynamicKMLP, attach_projection_experts
 from d2dmoe_vllm.models.loading import load_named_weights
 from d2dmoe_vllm.stats import start_reporting
 
@@ -63,6 +64,9 @@ class D2DMoEGemmaDecoderLayer(nn.Module):
         d, eps = config.hidden_size, config.rms_norm_eps
         self.sandwich = config.model_type != "gemma"
         self.self_attn = _make_attention(config, cache_config, quant_config, f"{prefix}.self_attn")
+        if moe.projections:
+            attach_projection_experts(self.self_attn, moe, extract_layer_index(prefix), config.model_type,
+                                      f"{prefix}.self_attn")
         self.mlp = DynamicKMLP(moe, extract_layer_index(prefix), d, prefix=f"{prefix}.mlp")
         self.input_layernorm = GemmaRMSNorm(d, eps=eps)
         self.post_attention_layernorm = GemmaRMSNorm(d, eps=eps)
@@ -166,10 +170,19 @@ class D2DMoEGemmaForCausalLM(nn.Module, SupportsPP):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return load_named_weights(
             self,
-            weights,
+            _qkv_expert_names(weights),
             stacked=(("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v")),
             skip_prefixes=("lm_head.",) if self.config.tie_word_embeddings else (),
         )
+
+
+_QKV_EXPERT = re.compile(r"\.self_attn\.(?=[qkv]_proj\.(router|experts|b_out))")
+
+
+def _qkv_expert_names(weights: Iterable[tuple[str, torch.Tensor]]):
+    # q/k/v expert layers live under the fused ``qkv_proj`` module (ExpertQKV); dense q/k/v stay stacked.
+    for name, tensor in weights:
+        yield _QKV_EXPERT.sub(".self_attn.qkv_proj.", name, count=1), tensor
 
 
 class D2DMoEGemma2ForCausalLM(D2DMoEGemmaForCausalLM):

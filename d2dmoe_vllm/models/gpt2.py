@@ -22,7 +22,7 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from d2dmoe_vllm.checkpoint import engine_config
-from d2dmoe_vllm.expert_layer import DynamicKMLP
+from d2dmoe_vllm.expert_layer import DynamicKMLP, attach_projection_experts
 from d2dmoe_vllm.models.loading import load_named_weights
 from d2dmoe_vllm.stats import start_reporting
 
@@ -33,6 +33,8 @@ class D2DMoEGPT2Block(nn.Module):
         d = config.hidden_size
         self.ln_1 = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, cache_config, quant_config, prefix=f"{prefix}.attn")
+        if moe.projections:
+            attach_projection_experts(self.attn, moe, extract_layer_index(prefix), "gpt2", f"{prefix}.attn")
         self.ln_2 = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
         self.mlp = DynamicKMLP(moe, extract_layer_index(prefix), d, prefix=f"{prefix}.mlp")
 
@@ -88,7 +90,7 @@ class D2DMoEGPT2Model(nn.Module):
 def _conv1d_to_linear(weights: Iterable[tuple[str, torch.Tensor]]):
     # HF GPT-2 stores its attention Linear weights transposed (Conv1D); expert tensors are ours.
     for name, tensor in weights:
-        if name.endswith(".weight") and (".attn.c_attn." in name or ".attn.c_proj." in name):
+        if name.endswith((".attn.c_attn.weight", ".attn.c_proj.weight")):
             tensor = tensor.t()
         yield name, tensor
 

@@ -29,7 +29,7 @@ def load_named_weights(
         if name.startswith(skip_prefixes) or any(s in name for s in skip_substrs):
             continue
         shard = None
-        for fused, part, shard_id in stacked:
+        for fused, part, shard_id in stacked if name not in params else ():
             if part in name:
                 name, shard = name.replace(part, fused), shard_id
                 break
