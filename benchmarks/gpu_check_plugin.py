@@ -12,6 +12,7 @@ Each engine runs in its own process (tests/vllm_runner.py). Prints a table, writ
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,8 +32,9 @@ def run_engine(model, workdir, name, **llm_kwargs):
     spec.write_text(json.dumps({"model": str(model), "prompts": PROMPTS, "max_tokens": 16, "report": True,
                                 "llm_kwargs": llm_kwargs}))
     t0 = time.time()
+    env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # the compute report runs via apply_model
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_runner.py"), str(spec), str(out)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     (workdir / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if not out.exists():
         print(proc.stderr[-4000:])
@@ -55,18 +57,37 @@ def compare(family, against, tau, want, got, n):
             "engine_s": got["seconds"]}
 
 
+def plain_checks(family, dense, moe, tmp, small, common, rows):
+    """FFN-only checkpoint: tau = 0 against vLLM's dense model, tau > 0 against the torch reference."""
+    from d2dmoe_converter.convert import ConvertOptions, convert
+    from reference_model import greedy, reference_model
+
+    convert(dense, moe, ConvertOptions(expert_size=32, **small))
+    d = run_engine(dense, tmp, f"dense-{family}", **common)
+    m = run_engine(moe, tmp, f"moe-{family}", **common)
+    rows.append(compare(family, "dense vLLM", 0.0, d["batch"], m, len(PROMPTS)))
+    # tau > 0: the Triton kernels serve (fused router, decode and grouped paths) under CUDA graphs;
+    # checked against the masked torch reference (fp32, on the CPU).
+    k = run_engine(moe, tmp, f"moe-{family}-tau", **common, hf_overrides={"d2dmoe_tau": TAU})
+    ref = reference_model(dense, moe, TAU)
+    want = [dict(zip(("tokens", "logprobs"), greedy(ref, o["prompt_ids"], len(o["tokens"])))) for o in k["batch"]]
+    rows.append(compare(family, "torch reference", TAU, want, k, len(PROMPTS)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer-dir", type=Path, help="dir with GPT-2 vocab.json + merges.txt")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--families", default="gpt2,gemma3_text")
     ap.add_argument("--attention", action="store_true", help="also attention-projection experts")
+    ap.add_argument("--attention-only", action="store_true", help="only the attention-projection checkpoints")
+    ap.add_argument("--attention-taus", default="0,0.5")
     args = ap.parse_args()
 
     import vllm
 
-    from d2dmoe_converter.convert import ConvertOptions, convert
     from d2dmoe_converter.attention import AttentionOptions
+    from d2dmoe_converter.convert import ConvertOptions, convert
     from d2dmoe_converter.calibrate import CalibrateOptions
     from d2dmoe_converter.routers import RouterOptions
     from reference_model import greedy, reference_model
@@ -84,28 +105,20 @@ def main():
         for family in args.families.split(","):
             dense = make_dense(family, tmp / f"dense-{family}", hidden=256, layers=4, tokenizer_source=args.tokenizer_dir)
             moe = tmp / f"moe-{family}"
-            convert(dense, moe, ConvertOptions(expert_size=32, **small))
-            d = run_engine(dense, tmp, f"dense-{family}", **common)
-            m = run_engine(moe, tmp, f"moe-{family}", **common)
-            rows.append(compare(family, "dense vLLM", 0.0, d["batch"], m, len(PROMPTS)))
-            # tau > 0: the Triton kernels serve (fused router, decode and grouped paths) under CUDA graphs;
-            # checked against the masked torch reference (fp32, on the CPU).
-            k = run_engine(moe, tmp, f"moe-{family}-tau", **common, hf_overrides={"d2dmoe_tau": TAU})
-            ref = reference_model(dense, moe, TAU)
-            want = [dict(zip(("tokens", "logprobs"), greedy(ref, o["prompt_ids"], len(o["tokens"]))))
-                    for o in k["batch"]]
-            rows.append(compare(family, "torch reference", TAU, want, k, len(PROMPTS)))
-            if args.attention:  # every attention projection as experts too
+            if not args.attention_only:
+                plain_checks(family, dense, moe, tmp, small, common, rows)
+            if args.attention or args.attention_only:  # every attention projection as experts too
                 attn = tmp / f"moe-attn-{family}"
                 convert(dense, attn, ConvertOptions(expert_size=32, **small, attention=AttentionOptions(
                     projections=("all",), tokens=4096, steps=200)))
-                for tau in (0.0, TAU):
+                for tau in (float(t) for t in args.attention_taus.split(",")):
                     a = run_engine(attn, tmp, f"attn-{family}-{tau}", **common, hf_overrides={"d2dmoe_tau": tau})
                     ref = reference_model(dense, attn, tau)
                     want = [dict(zip(("tokens", "logprobs"), greedy(ref, o["prompt_ids"], len(o["tokens"]))))
                             for o in a["batch"]]
                     rows.append({**compare(family + "+attn", "torch reference", tau, want, a, len(PROMPTS)),
                                  "projection_fraction": a["report"].get("projection_fraction")})
+                    print(rows[-1], flush=True)
     print(f"{'family':12s} {'tau':>4s} {'against':16s} {'identical':>10s} {'max |dlogp|':>12s} {'executed':>9s}")
     for r in rows:
         print(f"{r['family']:12s} {r['tau']:4.1f} {r['against']:16s} {r['identical_greedy_outputs']:>4d}/{r['prompts']:<5d} "
