@@ -17,6 +17,7 @@ Per layer and projection one file is written as it finishes, so an interrupted s
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +27,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from d2dmoe_converter.dense import DenseModel
-from d2dmoe_converter.hf_model import base_model, decoder_layers
+from d2dmoe_converter.hf_model import decoder_layers
 from d2dmoe_converter.kmeans import balanced_kmeans_order
-from d2dmoe_converter.routers import RouterOptions, train_layer_router
+from d2dmoe_converter.routers import RouterOptions, capture_inputs, train_layer_router
 from d2dmoe_converter.split import split_ffn
 from d2dmoe_vllm.checkpoint import projection_prefix
 from d2dmoe_vllm.config import (PROJECTION_ACTIVATION, PROJECTIONS, ProjectionExperts, projection_dims,
@@ -144,40 +145,20 @@ def distill(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, hidden: int, opts
 
 def capture_projection_inputs(model, seqs: torch.Tensor, names: tuple[str, ...], out_dir: Path,
                               batch: int = 8) -> dict[tuple[int, str], Path]:
-    """One pass over ``seqs``; each projection's input goes to ``<layer>_<key>.npy``. q, k and v read
-    the same input, so it is stored once (key ``qkv``)."""
+    """Each projection's input goes to ``<layer>_<key>.npy``. q, k and v read the same input, so it is
+    stored once (key ``qkv``)."""
     attn_attr = PROJECTIONS[projection_family(model.config.model_type)][0].rstrip(".")
-    keys = {n: ("qkv" if n in ("q_proj", "k_proj", "v_proj") else n) for n in names}
-    n_tok = seqs.numel()
-    maps, paths, handles, cursor = {}, {}, [], [0]
+    gpt2 = model.config.model_type == "gpt2"
+    paths, targets = {}, {}
     for i, layer in enumerate(decoder_layers(model)):
         attn = getattr(layer, attn_attr)
         for name in names:
-            path = out_dir / f"{i:02d}_{keys[name]}.npy"
-            paths[(i, name)] = path
-            if path in maps:
-                continue
-            module = getattr(attn, name)
-            d_in = module.weight.shape[0] if model.config.model_type == "gpt2" else module.weight.shape[1]
-            maps[path] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n_tok, d_in))
-
-            def pre(mod, args, kwargs, mm=maps[path], d=d_in):
-                x = (args[0] if args else kwargs["hidden_states"]).detach().float().reshape(-1, d).cpu().numpy()
-                mm[cursor[0] : cursor[0] + len(x)] = x
-
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for i in tqdm(range(0, len(seqs), batch), desc="attention: capture projection inputs"):
-                ids = seqs[i : i + batch]
-                base_model(model)(input_ids=ids.to(device))
-                cursor[0] += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    for mm in maps.values():
-        mm.flush()
+            key = "qkv" if name in ("q_proj", "k_proj", "v_proj") else name
+            path = paths[(i, name)] = out_dir / f"{i:02d}_{key}.npy"
+            if path not in targets:  # GPT-2's Conv1D stores W as [in, out]
+                module = getattr(attn, name)
+                targets[path] = (module, module.weight.shape[0 if gpt2 else 1])
+    capture_inputs(model, seqs, targets, "attention: capture projection inputs", batch)
     return paths
 
 
@@ -216,8 +197,6 @@ def convert_attention(model, dense: DenseModel, specs: tuple[ProjectionExperts, 
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                       metadata={k: str(v) for k, v in metrics.items()})
             tmp.replace(f)
-        import shutil
-
         shutil.rmtree(acts)
     return {"projections": {s.name: {"d_in": s.d_in, "d_out": s.d_out, "hidden": s.hidden,
                                      "experts": s.num_experts[0], "expert_size": s.expert_size[0]} for s in specs},

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm import tqdm
 
 from d2dmoe_converter.hf_model import base_model, decoder_layers
@@ -36,33 +37,40 @@ class RouterOptions:
     lr: float = 2e-3
 
 
-def capture_ffn_inputs(model, seqs: torch.Tensor, out_dir: Path, batch: int = 8) -> list[Path]:
-    """One pass over ``seqs``; the input of every layer's FFN goes to ``layer_XX.npy`` [tokens, d]."""
-    layers = decoder_layers(model)
-    n, d = seqs.numel(), model.config.hidden_size
-    paths = [out_dir / f"layer_{i:02d}.npy" for i in range(len(layers))]
-    maps = [np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=(n, d)) for p in paths]
+def capture_inputs(model, seqs: torch.Tensor, targets: dict[Path, tuple[nn.Module, int]], desc: str,
+                   batch: int = 8) -> None:
+    """One pass of the transformer over ``seqs``; the input of each target module (of width ``d``)
+    goes to its ``.npy`` file [tokens, d] (memory-mapped: memory stays bounded)."""
+    n = seqs.numel()
     cursor = [0]
+    handles = []
+    for path, (module, d) in targets.items():
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
 
-    def hook(i):
-        def pre(module, args, kwargs):
+        def pre(mod, args, kwargs, mm=mm, d=d):
             x = (args[0] if args else kwargs["hidden_states"]).detach().float().reshape(-1, d).cpu().numpy()
-            maps[i][cursor[0] : cursor[0] + len(x)] = x
-        return pre
+            mm[cursor[0] : cursor[0] + len(x)] = x
 
-    handles = [layer.mlp.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        handles.append((module.register_forward_pre_hook(pre, with_kwargs=True), mm))
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for i in tqdm(range(0, len(seqs), batch), desc="routers: capture FFN inputs"):
+            for i in tqdm(range(0, len(seqs), batch), desc=desc):
                 ids = seqs[i : i + batch]
                 base_model(model)(input_ids=ids.to(device))
                 cursor[0] += ids.numel()
     finally:
-        for h in handles:
+        for h, mm in handles:
             h.remove()
-    for m in maps:
-        m.flush()
+            mm.flush()
+
+
+def capture_ffn_inputs(model, seqs: torch.Tensor, out_dir: Path, batch: int = 8) -> list[Path]:
+    """The input of every layer's FFN goes to ``layer_XX.npy`` [tokens, d]."""
+    layers = decoder_layers(model)
+    paths = [out_dir / f"layer_{i:02d}.npy" for i in range(len(layers))]
+    capture_inputs(model, seqs, {p: (layer.mlp, model.config.hidden_size) for p, layer in zip(paths, layers)},
+                   "routers: capture FFN inputs", batch)
     return paths
 
 
