@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from d2dmoe_converter.hf_model import base_model, decoder_layers
-from d2dmoe_kernels.reference import dynamic_k_experts_reference, router_scores, select_experts
+from d2dmoe_kernels.reference import dynamic_k_experts_reference, pair_macs, router_scores, select_experts
 from d2dmoe_vllm.checkpoint import layer_prefix, projection_prefix
 from d2dmoe_vllm.config import PROJECTION_ACTIVATION, PROJECTIONS, projection_family
 
@@ -39,8 +39,7 @@ class ReferenceMoEMLP(nn.Module):
     @property
     def flops_per_pair(self) -> int:
         """Multiply-adds of one expert on one token."""
-        _, e, d_in = self.t["experts.w_in"].shape
-        return e * (d_in * (1 if self.t["experts.w_up"] is None else 2) + self.t["experts.w_out"].shape[2])
+        return pair_macs(self.t["experts.w_in"], self.t["experts.w_up"], self.t["experts.w_out"])
 
     def forward(self, x, *args, **kwargs):
         t = self.t

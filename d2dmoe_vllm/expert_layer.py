@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from d2dmoe_kernels.op import COUNTER_SLOTS
+from d2dmoe_kernels.reference import pair_macs
 from d2dmoe_vllm.config import PROJECTION_ACTIVATION, CheckpointError, D2DMoEConfig, ProjectionExperts
 
 
@@ -76,7 +77,6 @@ class DynamicKMLP(nn.Module):
                     "re-convert without --attention-experts"
                 )
         self.module = "mlp" if projection is None else projection.name
-        self.d_in, self.d_out, self.gated = d_in, d_out, gated
         if E % tp_size:
             raise CheckpointError(
                 f"D2DMoE checkpoint: {prefix}: {E} experts cannot be split over tensor_parallel_size={tp_size}. "
@@ -117,7 +117,7 @@ class DynamicKMLP(nn.Module):
     @property
     def flops_per_pair(self) -> int:
         """Multiply-adds of one expert on one token (what a token-expert pair costs)."""
-        return self.expert_size * (self.d_in * (2 if self.gated else 1) + self.d_out)
+        return pair_macs(self.experts.w_in, self.experts.w_up, self.experts.w_out)
 
 
 class ExpertLinear(DynamicKMLP):

@@ -34,6 +34,13 @@ def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown expert activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
+def pair_macs(w_in: torch.Tensor, w_up: torch.Tensor | None, w_out: torch.Tensor) -> int:
+    """Multiply-adds of one expert on one token (what a token-expert pair costs), from the expert
+    weights' shapes: e (d_in (2 if gated else 1) + d_out)."""
+    _, e, d_in = w_in.shape
+    return e * (d_in * (1 if w_up is None else 2) + w_out.shape[2])
+
+
 def router_scores(x: torch.Tensor, router_in: torch.Tensor, router_out: torch.Tensor) -> torch.Tensor:
     """Regression router: R = |W_out relu(W_in x)|, the predicted norm of every expert's output."""
     return F.linear(F.relu(F.linear(x, router_in)), router_out).abs()
