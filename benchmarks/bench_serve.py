@@ -1,7 +1,8 @@
 """Serving throughput through vLLM: dense against D2DMoE checkpoints, in one run, each engine in its own process.
 
 Offline batch generation (``LLM.generate``, greedy, ``ignore_eos``) on random prompt token ids, CUDA
-graphs and torch.compile on (what vLLM uses by default), prefix caching off (the timed runs repeat
+graphs and torch.compile on (what vLLM uses by default), async scheduling on (``--no-async-scheduling``
+turns it off), prefix caching off (the timed runs repeat
 the warm-up's prompts, which a prefix cache would not prefill again), after a warm-up generate of
 the same shape; each time is the median of ``--repeats`` runs:
   - output tok/s   = batch * gen_len / wall time of the whole generate;
@@ -51,7 +52,7 @@ def worker(spec: dict) -> dict:
     from d2dmoe_vllm.stats import engine_compute_report, reset_engine_counters
 
     max_len = max([p + g for p, g in spec["shapes"]] + [CHECK_PROMPT_LEN + CHECK_GEN]) + 8
-    compilation = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]}
+    compilation = {"cudagraph_capture_sizes": spec.get("capture_sizes", [1, 2, 4, 8, 16, 32, 64, 128, 256])}
     if spec["tp"] > 1 and not spec["custom_all_reduce"]:
         # vLLM 0.26 at tp = 2 on the H200 x2 machine: its FlashInfer all-reduce + RMSNorm fusion (mnnvl
         # backend) hit an illegal memory access in profile_run, dense model too. Off, with the custom
@@ -61,8 +62,9 @@ def worker(spec: dict) -> dict:
     llm = LLM(model=spec["model"], tensor_parallel_size=spec["tp"], dtype=spec["dtype"], max_model_len=max_len,
               skip_tokenizer_init=True, seed=0, enable_prefix_caching=False, gpu_memory_utilization=spec["memory"], max_num_seqs=max(spec["batches"]),
               hf_overrides=spec.get("hf_overrides") or None, disable_custom_all_reduce=not spec["custom_all_reduce"],
-              compilation_config=compilation)
+              compilation_config=compilation, async_scheduling=spec.get("async_scheduling", False))
     startup = time.time() - t0
+    asynchronous = bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling)
     moe = spec["moe"]
     rows = []
     for prompt_len, gen_len in spec["shapes"]:
@@ -96,7 +98,7 @@ def worker(spec: dict) -> dict:
         check = [{"tokens": list(o.outputs[0].token_ids),
                   "logprobs": [s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
                  for o in outs]
-    return {"startup_s": startup, "rows": rows, "check": check}
+    return {"startup_s": startup, "rows": rows, "check": check, "async_scheduling": asynchronous}
 
 
 def run_engine(spec: dict, work: Path, reuse: bool = False) -> dict:
@@ -180,6 +182,12 @@ def main() -> int:
     ap.add_argument("--custom-all-reduce", action="store_true",
                     help="use vLLM's custom all-reduce and its FlashInfer all-reduce fusion at tp > 1 (off by "
                          "default: an illegal memory access on the H200 x2 machine, so NCCL all-reduces)")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                    help="vLLM's async scheduling (the CPU schedules step n+1 while the GPU runs step n), for dense "
+                         "and D2DMoE alike; without it a decode step at batch 1 waits ~1 ms on the CPU "
+                         "(benchmarks/results/attempts/12-*)")
+    ap.add_argument("--capture-sizes", default="1,2,4,8,16,32,64,128,256",
+                    help="token counts vLLM captures CUDA graphs for (prefill chunks above the largest run eagerly)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
     ap.add_argument("--engine-timeout", type=int, default=600, help="seconds before an engine counts as hung")
     ap.add_argument("--work", type=Path, default=None)
@@ -218,7 +226,8 @@ def main() -> int:
     vocab = json.loads((dense / "config.json").read_text())["vocab_size"]
     base = {"vocab": vocab, "dtype": args.dtype, "memory": args.memory,
             "custom_all_reduce": args.custom_all_reduce, "timeout": args.engine_timeout,
-            "repeats": args.repeats, "batches": [int(b) for b in args.batches.split(",")],
+            "repeats": args.repeats, "async_scheduling": args.async_scheduling,
+            "capture_sizes": [int(c) for c in args.capture_sizes.split(",")], "batches": [int(b) for b in args.batches.split(",")],
             "shapes": [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")], "tp_check": args.tp_check}
 
     runs = {}
@@ -269,6 +278,7 @@ def main() -> int:
     result = {**provenance(vllm=vllm.__version__), "settings": {**base, "tp": tps, "cuda_graphs": True,
                                                                 "measure": __doc__.split("\n\n")[1]},
               "startup_s": {f"{k[0]}-tp{k[1]}": v["startup_s"] for k, v in runs.items()},
+              "async_scheduling_used": {f"{k[0]}-tp{k[1]}": v.get("async_scheduling") for k, v in runs.items()},
               "rows": rows, "tp_scaling": tp_scaling, "tp_check": tp_checks}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "serve-" + result["device"].replace(" ", "-").lower() + (f"-{args.tag}" if args.tag else "") + ".json"

@@ -76,10 +76,15 @@ def worker(spec: dict) -> dict:
         row = {"batch": batch, "itl_ms": 1e3 * (t_full - t_first) / (GEN - 1), "ttft_ms": 1e3 * t_first,
                "gpu_ms_per_decode_step": (gpu_full - gpu_first) / 1e3 / (GEN - 1), "gpu_ms_prefill": gpu_first / 1e3,
                "top_kernels": k_full[:14]}
+        row["prefill_cpu_ops"] = [{"op": e.key[:100], "calls": e.count, "self_cpu_us": e.self_cpu_time_total}
+                                  for e in sorted(prof1.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]]
         out["batches"].append(row)
         print(spec["name"], {k: v for k, v in row.items() if k != "top_kernels"}, flush=True)
         for r in row["top_kernels"]:
             print(f"   {r['us'] / 1e3:9.2f} ms {r['calls']:6d}x  {r['kernel']}", flush=True)
+        print(f"   prefill-only generate, host ops by self CPU time:", flush=True)
+        for r in row["prefill_cpu_ops"]:
+            print(f"   {r['self_cpu_us'] / 1e3:9.2f} ms {r['calls']:6d}x  {r['op']}", flush=True)
     return out
 
 
@@ -92,6 +97,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--async-scheduling", action="store_true", help="also run every model with async scheduling")
+    ap.add_argument("--only", choices=("dense", "d2dmoe"), default=None, help="profile one model only")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "attempts")
     args = ap.parse_args()
@@ -113,6 +119,8 @@ def main() -> int:
         specs += [{**base, "name": "dense" + suffix, "model": str(work / "model" / "dense"), "async": asyn},
                   {**base, "name": f"d2dmoe-{args.fraction:g}" + suffix, "model": str(work / "model" / "d2dmoe"),
                    "async": asyn, "hf_overrides": {"d2dmoe_tau": tau}}]
+    if args.only:
+        specs = [s for s in specs if s["name"].startswith(args.only)]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
            "VLLM_USE_FLASHINFER_SAMPLER": "0"}
     results = {}

@@ -142,8 +142,10 @@ def test_resume_after_killed_stage(dense_dir, tmp_path):
     assert "[split] done earlier" in rerun.stdout
     assert (work / "split" / "stage.json").stat().st_mtime_ns == split_stamp
     assert (work / "routers" / "router_00.safetensors").read_bytes() == first_bytes   # layer 0 was not redone
-    clean = tmp_path / "clean"
-    assert convert_cli([args[0], str(clean), *args[1:]]) == 0
+    clean = tmp_path / "clean"  # in a subprocess too: the pytest process's thread settings (other tests) could differ
+    done = subprocess.run([*cmd[:3], args[0], str(clean), *args[1:]], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
     a, b = load_file(str(out / "model.safetensors")), load_file(str(clean / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

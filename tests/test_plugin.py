@@ -92,3 +92,34 @@ def test_vllm_serve_answers_completions(tmp_path, converted_dir):
             os.killpg(server.pid, 9)
             server.wait()
         log.close()
+
+
+def _engine_config(device="cuda", async_scheduling=False, sizes=(1, 2, 4, 8, 256), chunk=8192, eager=False):
+    from types import SimpleNamespace as NS
+
+    return NS(device_config=NS(device_type=device), model_config=NS(enforce_eager=eager),
+              scheduler_config=NS(async_scheduling=async_scheduling, max_num_batched_tokens=chunk),
+              compilation_config=NS(cudagraph_capture_sizes=list(sizes), max_cudagraph_capture_size=max(sizes)))
+
+
+def test_serving_advice_names_the_settings_that_hide_the_speedup():
+    """A CUDA engine without async scheduling, or with prefill chunks above its largest CUDA graph, gets
+    a hint naming the flag; a well-set engine, the CPU backend and enforce_eager get none. The fields
+    read exist in the installed vLLM's config classes (a rename would silence the advice)."""
+    import dataclasses
+
+    from vllm.config import CompilationConfig, DeviceConfig, ModelConfig, SchedulerConfig
+
+    from d2dmoe_vllm.advice import serving_advice
+
+    hints = serving_advice(_engine_config())
+    assert len(hints) == 2 and "--async-scheduling" in hints[0] and "cudagraph_capture_sizes" in hints[1]
+    assert "256" in hints[1] and "8192" in hints[1]
+    assert serving_advice(_engine_config(async_scheduling=True, sizes=(1, 8192))) == []
+    assert serving_advice(_engine_config(device="cpu")) == []
+    assert serving_advice(_engine_config(eager=True)) == []
+    for cls, names in ((SchedulerConfig, ("async_scheduling", "max_num_batched_tokens")),
+                       (CompilationConfig, ("cudagraph_capture_sizes", "max_cudagraph_capture_size")),
+                       (ModelConfig, ("enforce_eager",)), (DeviceConfig, ("device_type",))):
+        fields = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "__annotations__", {}))
+        assert set(names) <= fields, (cls.__name__, set(names) - fields)

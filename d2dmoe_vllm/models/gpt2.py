@@ -21,6 +21,7 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
+from d2dmoe_vllm.advice import log_serving_advice
 from d2dmoe_vllm.checkpoint import engine_config
 from d2dmoe_vllm.expert_layer import DynamicKMLP, attach_projection_experts
 from d2dmoe_vllm.models.loading import load_named_weights
@@ -49,6 +50,7 @@ class D2DMoEGPT2Model(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         moe = engine_config(vllm_config.model_config.model, config)
+        log_serving_advice(vllm_config)
         self.config = config
         self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.wte")
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
