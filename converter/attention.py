@@ -32,7 +32,7 @@ from d2dmoe_converter.kmeans import balanced_kmeans_order
 from d2dmoe_converter.routers import RouterOptions, capture_inputs, train_layer_router
 from d2dmoe_converter.split import split_ffn
 from d2dmoe_vllm.checkpoint import projection_prefix
-from d2dmoe_vllm.config import (PROJECTION_ACTIVATION, PROJECTIONS, ProjectionExperts, projection_dims,
+from d2dmoe_vllm.config import (PROJECTION_ACTIVATION, PROJECTIONS, ProjectionExperts, partial_qkv, projection_dims,
                                 projection_family)
 
 
@@ -57,9 +57,9 @@ def resolve_projections(model_type: str, names: tuple[str, ...]) -> tuple[str, .
     if bad:
         raise ValueError(f"--attention-experts {','.join(names)}: {bad} are not {model_type} projections; "
                          f"use 'all' or a subset of {','.join(family)}")
-    qkv = {"q_proj", "k_proj", "v_proj"} & set(names)
-    if qkv and len(qkv) < 3:
-        raise ValueError("--attention-experts: q_proj, k_proj and v_proj go together (vLLM fuses them)")
+    if partial_qkv(names):
+        raise ValueError(f"--attention-experts: {partial_qkv(names)} without the rest: q_proj, k_proj and v_proj "
+                         "go together (vLLM fuses them)")
     return tuple(n for n in family if n in names)
 
 

@@ -59,7 +59,7 @@ from d2dmoe_converter.moe_model import (attach_experts, expert_layers, ffn_layer
                                         set_selection)
 from d2dmoe_converter.attention import dense_projection_names
 from d2dmoe_converter.split import dense_ffn_names
-from d2dmoe_vllm.config import CheckpointError
+from d2dmoe_vllm.config import CheckpointError, valid_tau
 
 METHOD_STYLE = {"d2dmoe": ("o-", "tab:blue"), "moefication": ("s--", "tab:orange"),
                 "d2dmoe+attention": ("^-.", "tab:green")}
@@ -83,7 +83,7 @@ class EvalOptions:
 
 def check_options(opts: EvalOptions) -> None:
     for t in opts.taus:
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+        if not valid_tau(t):
             raise ValueError(f"tau {t!r} is out of range: tau is a fraction of the largest router score, in [0, 1] "
                              "(0 runs every expert, 1 only the arg-max)")
     for f in opts.top_k_fractions:

@@ -70,8 +70,13 @@ def _fail(field: str, problem: str, fix: str) -> CheckpointError:
     return CheckpointError(f"D2DMoE checkpoint: {field}: {problem}. Fix: {fix}")
 
 
+def valid_tau(tau: Any) -> bool:
+    """tau is a fraction of the largest router score: a number in [0, 1] (0 runs every expert)."""
+    return not isinstance(tau, bool) and isinstance(tau, (int, float)) and 0.0 <= float(tau) <= 1.0
+
+
 def check_tau(tau: Any, field: str = "d2dmoe.tau") -> float:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= float(tau) <= 1.0:
+    if not valid_tau(tau):
         raise _fail(field, f"{tau!r} is not a number in [0, 1]",
                     "use 0 to run every expert, 1 to run only the highest-scoring one, or a value between")
     return float(tau)
@@ -189,12 +194,19 @@ class D2DMoEConfig:
                    per_layer["num_experts"], per_layer["expert_size"], router_width, projections)
 
 
+def partial_qkv(names) -> list[str]:
+    """The q/k/v projections among ``names`` when some but not all three are there (an error: vLLM
+    runs q, k and v as one fused projection, so they become experts together); [] otherwise."""
+    qkv = sorted({"q_proj", "k_proj", "v_proj"} & set(names))
+    return qkv if 0 < len(qkv) < 3 else []
+
+
 def _parse_projections(hf: Mapping[str, Any], block: Mapping[str, Any], names: list[str],
                        n_layers: int) -> tuple[ProjectionExperts, ...]:
     """``d2dmoe.projection_experts``: one entry per projection listed in ``expert_modules``."""
-    qkv = {"q_proj", "k_proj", "v_proj"} & set(names)
-    if qkv and len(qkv) < 3:
-        raise _fail("d2dmoe.expert_modules", f"lists {sorted(qkv)} but not all of q_proj, k_proj, v_proj",
+    qkv = partial_qkv(names)
+    if qkv:
+        raise _fail("d2dmoe.expert_modules", f"lists {qkv} but not all of q_proj, k_proj, v_proj",
                     "convert q, k and v together (vLLM runs them as one fused projection)")
     table = block.get("projection_experts", {})
     if not isinstance(table, Mapping) or set(table) != set(names):
