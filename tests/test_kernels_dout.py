@@ -3,9 +3,10 @@
 Attention projections replaced by expert MLPs (Gemma 3 270M q: 640 -> 1024, k/v: 640 -> 256,
 o: 1024 -> 640; GPT-2 c_attn: 768 -> 2304): x [T, d_in], w_in/w_up [E, e, d_in], w_out
 [E, e, d_out], b_out [d_out] -> [T, d_out]; the router stays [w, d_in], [E, w]. Every path (CPU
-body, fused decode, decode, masked, grouped, dense fallbacks, top-k, in-kernel router, shards) is
+body, fused decode, decode, masked, grouped, dense fallbacks, in-kernel router, shards) is
 checked under TRITON_INTERPRET=1 against the torch reference, which is itself checked against a
-per-token loop. Fresh random inputs, fp64 relative error, NaN never passes, poisoned outputs,
+per-token loop (dispatch by T and top-k: ``test_kernels_triton.py``, parametrised by d_out; the
+weight, reference and check helpers are that file's). Fresh random inputs, fp64 relative error, NaN never passes, poisoned outputs,
 tau from every expert to one expert, d_out below and above d_in, gated and plain experts with biases.
 """
 
@@ -30,7 +31,9 @@ from d2dmoe_kernels.reference import (  # noqa: E402
     selection_rule,
 )
 from d2dmoe_kernels.triton_common import INTERPRET  # noqa: E402
-from test_kernels_triton import DECODE, FUSED, GROUPED, MASKED, ROUTER, SMALL, masked_scores, router  # noqa: E402
+from test_kernels_triton import (  # noqa: E402
+    DECODE, FUSED, GROUPED, MASKED, ROUTER, SMALL, check, layer, masked_scores, reference, router,
+)
 
 assert INTERPRET, "a kernel module was imported before TRITON_INTERPRET was set"
 
@@ -45,33 +48,11 @@ PATHS = {  # path: (launcher, config, token counts)
 }
 
 
-def layer(E, ES, d_in, d_out, gated, seed, biases=None):
-    """Expert weights; biases default to the plain (GPT-2) layout, gated experts may take them too."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    biases = not gated if biases is None else biases
-    return dict(w_in=r(E, ES, d_in) / d_in**0.5, w_up=r(E, ES, d_in) / d_in**0.5 if gated else None,
-                w_out=r(E, ES, d_out) / (E * ES) ** 0.5, b_in=r(E, ES) * 0.1 if biases else None,
-                b_out=r(d_out) * 0.1 if biases else None)
-
-
-def reference(x, mask, w, activation):
-    f64 = {k: None if v is None else v.double() for k, v in w.items()}
-    return dynamic_k_experts_reference(x.double(), mask, **f64, activation=activation)
-
-
-def check(out, ref, tol=1e-5):
-    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
-    assert not torch.isnan(out).any(), "NaN (unwritten or invalid) output"
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert err < tol, err
-
-
 def test_reference_matches_a_per_token_loop():
     """The reference itself, for d_out != d_in: token by token, expert by expert, in fp64."""
     for d_out, gated in ((24, True), (72, False)):
         E, ES = 5, 8
-        w = {k: None if v is None else v.double() for k, v in layer(E, ES, D_IN, d_out, gated, d_out, True).items()}
+        w = {k: None if v is None else v.double() for k, v in layer(E, ES, D_IN, gated, d_out, d_out, True).items()}
         x = torch.randn(4, D_IN, dtype=torch.float64)
         mask = select_experts(torch.rand(4, E), 0.5)
         want = torch.zeros(4, d_out, dtype=torch.float64)
@@ -91,7 +72,7 @@ def test_reference_matches_a_per_token_loop():
 @pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
 def test_cpu_body(d_out, gated, tokens, tau):
     E, ES = 6, 16
-    w = layer(E, ES, D_IN, d_out, gated, 7 * d_out + tokens, biases=True)
+    w = layer(E, ES, D_IN, gated, 7 * d_out + tokens, d_out, biases=True)
     x = torch.randn(tokens, D_IN)
     scores = torch.rand(tokens, E) ** 3
     mask = select_experts(scores, tau)
@@ -109,7 +90,7 @@ def test_kernel_paths(path, d_out, gated, tau):
     launch, cfg, token_counts = PATHS[path]
     for T in token_counts:
         seed = hash((path, d_out, gated, tau, T)) % 10_000
-        w = layer(E, ES, D_IN, d_out, gated, seed, biases=True)
+        w = layer(E, ES, D_IN, gated, seed, d_out, biases=True)
         g = torch.Generator().manual_seed(seed + 1)
         x = torch.randn(T, D_IN, generator=g)
         scores = torch.rand(T, E, generator=g) ** 4
@@ -128,43 +109,12 @@ def test_kernel_paths(path, d_out, gated, tau):
 
 
 @pytest.mark.parametrize("d_out", D_OUTS)
-@pytest.mark.parametrize("T", [2, 6, 30])
-def test_dispatch_dynamic_k(d_out, T):
-    """Router [w, d_in] (fused for T <= 8), selection and the path chosen by T: fused, decode, grouped."""
-    E, ES = 8, 16
-    w = layer(E, ES, D_IN, d_out, T % 2 == 0, 40 + T)
-    x = torch.randn(T, D_IN)
-    r_in, r_out = router(D_IN, E, seed=T)
-    counters = torch.zeros(3, dtype=torch.int64)
-    out = dynamic_k_experts_triton(x, r_in, r_out, 0.6, 0, *w.values(), "gelu_tanh", counters, SMALL)
-    mask = select_experts(router_scores(x, r_in, r_out), 0.6)
-    assert 0 < int(mask.sum()) < T * E
-    check(out, reference(x, mask, w, "gelu_tanh"))
-    assert counters.tolist() == [T, int(mask.sum()), 0]
-
-
-@pytest.mark.parametrize("d_out", D_OUTS)
-@pytest.mark.parametrize("T", [3, 6, 30])
-def test_dispatch_top_k(d_out, T):
-    E, ES = 8, 16
-    w = layer(E, ES, D_IN, d_out, False, 50 + T)
-    x = torch.randn(T, D_IN)
-    r_in, r_out = router(D_IN, E)
-    counters = torch.zeros(3, dtype=torch.int64)
-    out = dynamic_k_experts_triton(x, r_in, r_out, 0.0, 3, *w.values(), "relu", counters, SMALL)
-    mask = select_experts(router_scores(x, r_in, r_out), 0.0, top_k=3)
-    assert (mask.sum(-1) == 3).all()
-    check(out, reference(x, mask, w, "relu"))
-    assert counters.tolist() == [T, 3 * T, 0]
-
-
-@pytest.mark.parametrize("d_out", D_OUTS)
 @pytest.mark.parametrize("fallback", ["dense", "masked"])
 @pytest.mark.parametrize("how", ["tau=0", "top_k>=E"])
 def test_dense_fallbacks(d_out, fallback, how):
     """Every expert selected for sure: cuBLAS dense GEMMs, or the masked kernel with every expert on."""
     E, ES, T = 6, 16, 11
-    w = layer(E, ES, D_IN, d_out, fallback == "masked", 60, biases=True)
+    w = layer(E, ES, D_IN, fallback == "masked", 60, d_out, biases=True)
     x = torch.randn(T, D_IN)
     cfg = dict(SMALL, masked=dict(MASKED, fallback_max_tokens=64 if fallback == "masked" else 0))
     counters = torch.zeros(3, dtype=torch.int64)
@@ -181,7 +131,7 @@ def test_in_kernel_router(d_out, path, full):
     """own_router (router tail, or the whole router with full_router, inside the expert kernel)."""
     E, ES = 9, 16
     T = 3 if path == "fused" else 21
-    w = layer(E, ES, D_IN, d_out, True, 70, biases=True)
+    w = layer(E, ES, D_IN, True, 70, d_out, biases=True)
     x = torch.randn(T, D_IN)
     r_in, r_out = router(D_IN, E, seed=5)
     cfg = dict(SMALL, fused=dict(FUSED, own_router=True, full_router=full),
@@ -196,7 +146,7 @@ def test_in_kernel_router(d_out, path, full):
 @pytest.mark.parametrize("split_tail", [False, True])
 def test_fused_with_router_tail(split_tail):
     E, ES, T, d_out = 20, 16, 2, 72
-    w = layer(E, ES, D_IN, d_out, False, 80)
+    w = layer(E, ES, D_IN, False, 80, d_out)
     x = torch.randn(T, D_IN)
     r_in, r_out = router(D_IN, E, seed=11)
     cfg = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64), fused=dict(FUSED, split_tail=split_tail))
@@ -211,7 +161,7 @@ def test_fused_with_router_tail(split_tail):
 def test_expert_shards_add_up(T):
     """Tensor parallelism with d_out != d_in: the shards' [T, d_out] outputs add up to the layer."""
     E, ES, tp, d_out = 8, 16, 2, 24
-    w = layer(E, ES, D_IN, d_out, False, 90)
+    w = layer(E, ES, D_IN, False, 90, d_out)
     x = torch.randn(T, D_IN)
     r_in, r_out = router(D_IN, E, seed=T)
     parts = []
@@ -226,7 +176,7 @@ def test_expert_shards_add_up(T):
 
 def _op_args(T, d_out, gated):
     E, ES, width = 6, 8, 16
-    w = layer(E, ES, D_IN, d_out, gated, 100 + d_out, biases=True)
+    w = layer(E, ES, D_IN, gated, 100 + d_out, d_out, biases=True)
     r_in, r_out = router(D_IN, E, width, seed=d_out)
     x = torch.randn(T, D_IN)
     return x, r_in, r_out, w

@@ -60,12 +60,16 @@ PATHS = {  # path: (launcher, config, tokens)
 }
 
 
-def layer(E, ES, D, gated, seed):
+def layer(E, ES, D, gated, seed, d_out=None, biases=None):
+    """Expert weights x [T, D] -> [T, d_out] (d_out = D unless given: attention projections as experts);
+    biases default to the plain (GPT-2) layout, gated experts may take them too."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    d_out = D if d_out is None else d_out
+    biases = not gated if biases is None else biases
     return dict(w_in=r(E, ES, D) / D**0.5, w_up=r(E, ES, D) / D**0.5 if gated else None,
-                w_out=r(E, ES, D) / (E * ES) ** 0.5, b_in=None if gated else r(E, ES) * 0.1,
-                b_out=None if gated else r(D) * 0.1)
+                w_out=r(E, ES, d_out) / (E * ES) ** 0.5, b_in=r(E, ES) * 0.1 if biases else None,
+                b_out=r(d_out) * 0.1 if biases else None)
 
 
 def reference(x, mask, w, activation):
@@ -74,6 +78,7 @@ def reference(x, mask, w, activation):
 
 
 def check(out, ref, tol=1e-5):
+    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
     assert not torch.isnan(out).any(), "NaN (unwritten or invalid) output"
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < tol, err
@@ -138,10 +143,14 @@ def test_fused_router_matches_torch_and_resets_its_semaphore(T, D, W, E):
         assert counters.tolist() == [0, 0, 0]
 
 
+D_OUTS = [None, 24, 72]  # d_out = d_in (32), below and above it (attention projections as experts)
+
+
+@pytest.mark.parametrize("d_out", D_OUTS)
 @pytest.mark.parametrize("T", [3, 6, 30])
-def test_top_k_through_kernels(T):
+def test_top_k_through_kernels(T, d_out):
     E, ES, D = 8, 16, 32
-    w = layer(E, ES, D, False, 5)
+    w = layer(E, ES, D, False, 5, d_out)
     x = torch.randn(T, D)
     r_in, r_out = router(D, E)
     counters = torch.zeros(3, dtype=torch.int64)
@@ -152,11 +161,12 @@ def test_top_k_through_kernels(T):
     assert counters.tolist() == [T, 3 * T, 0]
 
 
+@pytest.mark.parametrize("d_out", D_OUTS)
 @pytest.mark.parametrize("T", [2, 6, 30])
-def test_dispatch_dynamic_k(T):
+def test_dispatch_dynamic_k(T, d_out):
     """Router (fused for T <= 8), selection and the path chosen by T, through the op's CUDA body."""
     E, ES, D = 8, 16, 32
-    w = layer(E, ES, D, True, 7)
+    w = layer(E, ES, D, True, 7, d_out)
     x = torch.randn(T, D)
     r_in, r_out = router(D, E, seed=T)
     counters = torch.zeros(3, dtype=torch.int64)
