@@ -3,11 +3,12 @@
 Attention projections replaced by expert MLPs (Gemma 3 270M q: 640 -> 1024, k/v: 640 -> 256,
 o: 1024 -> 640; GPT-2 c_attn: 768 -> 2304): x [T, d_in], w_in/w_up [E, e, d_in], w_out
 [E, e, d_out], b_out [d_out] -> [T, d_out]; the router stays [w, d_in], [E, w]. Every path (CPU
-body, fused decode, decode, masked, grouped, dense fallbacks, in-kernel router, shards) is
-checked under TRITON_INTERPRET=1 against the torch reference, which is itself checked against a
-per-token loop (dispatch by T and top-k: ``test_kernels_triton.py``, parametrised by d_out; the
-weight, reference and check helpers are that file's). Fresh random inputs, fp64 relative error, NaN never passes, poisoned outputs,
-tau from every expert to one expert, d_out below and above d_in, gated and plain experts with biases.
+body, fused decode, decode, masked, grouped, dense fallbacks, shards, the op) is checked under
+TRITON_INTERPRET=1 against the torch reference, which is itself checked against a per-token loop.
+Dispatch by T, top-k, the in-kernel router and the router tail are ``test_kernels_triton.py``'s
+tests, parametrised by d_out; the weight, reference and check helpers are that file's. Fresh random
+inputs, fp64 relative error, NaN never passes, poisoned outputs, tau from every expert to one
+expert, d_out below and above d_in, gated and plain experts with biases.
 """
 
 import os
@@ -32,7 +33,7 @@ from d2dmoe_kernels.reference import (  # noqa: E402
 )
 from d2dmoe_kernels.triton_common import INTERPRET  # noqa: E402
 from test_kernels_triton import (  # noqa: E402
-    DECODE, FUSED, GROUPED, MASKED, ROUTER, SMALL, check, layer, masked_scores, reference, router,
+    DECODE, FUSED, GROUPED, MASKED, SMALL, check, layer, masked_scores, reference, router,
 )
 
 assert INTERPRET, "a kernel module was imported before TRITON_INTERPRET was set"
@@ -122,39 +123,6 @@ def test_dense_fallbacks(d_out, fallback, how):
     out = dynamic_k_experts_triton(x, *router(D_IN, E), tau, top_k, *w.values(), "gelu_tanh", counters, cfg)
     check(out, reference(x, torch.ones(T, E, dtype=torch.bool), w, "gelu_tanh"))
     assert counters.tolist() == [T, T * E, 0]
-
-
-@pytest.mark.parametrize("d_out", D_OUTS)
-@pytest.mark.parametrize("path", ["fused", "masked"])
-@pytest.mark.parametrize("full", [False, True])
-def test_in_kernel_router(d_out, path, full):
-    """own_router (router tail, or the whole router with full_router, inside the expert kernel)."""
-    E, ES = 9, 16
-    T = 3 if path == "fused" else 21
-    w = layer(E, ES, D_IN, True, 70, d_out, biases=True)
-    x = torch.randn(T, D_IN)
-    r_in, r_out = router(D_IN, E, seed=5)
-    cfg = dict(SMALL, fused=dict(FUSED, own_router=True, full_router=full),
-               masked=dict(MASKED, max_tokens=64, own_router=True, full_router=full))
-    counters = torch.zeros(3, dtype=torch.int64)
-    out = dynamic_k_experts_triton(x, r_in, r_out, 0.5, 0, *w.values(), "relu", counters, cfg)
-    mask = select_experts(router_scores(x, r_in, r_out), 0.5)
-    check(out, reference(x, mask, w, "relu"))
-    assert counters.tolist() == [T, int(mask.sum()), 0]
-
-
-@pytest.mark.parametrize("split_tail", [False, True])
-def test_fused_with_router_tail(split_tail):
-    E, ES, T, d_out = 20, 16, 2, 72
-    w = layer(E, ES, D_IN, False, 80, d_out)
-    x = torch.randn(T, D_IN)
-    r_in, r_out = router(D_IN, E, seed=11)
-    cfg = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64), fused=dict(FUSED, split_tail=split_tail))
-    counters = torch.zeros(3, dtype=torch.int64)
-    out = dynamic_k_experts_triton(x, r_in, r_out, 0.5, 0, *w.values(), "gelu_tanh", counters, cfg)
-    mask = select_experts(router_scores(x, r_in, r_out), 0.5)
-    check(out, reference(x, mask, w, "gelu_tanh"))
-    assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
 @pytest.mark.parametrize("T", [2, 6, 30])

@@ -233,11 +233,12 @@ def test_router_tail_matches_torch(T, D, W, E, rowmax):
 
 @pytest.mark.parametrize("split_tail", [False, True])
 @pytest.mark.parametrize("T", [1, 3])
-def test_fused_with_router_tail(T, split_tail):
+@pytest.mark.parametrize("gated,d_out", [(True, None), (False, 72)])
+def test_fused_with_router_tail(T, split_tail, gated, d_out):
     """cuBLAS router layer + Triton tail (row max in the tail, or expert blocks spread over programs
     and the fused kernel taking the row max) feeding the fused decode kernel."""
     E, ES, D = 40, 16, 32
-    w = layer(E, ES, D, True, 31)
+    w = layer(E, ES, D, gated, 31, d_out)
     x = torch.randn(T, D)
     r_in, r_out = router(D, E, seed=11)
     cfg = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64), fused=dict(FUSED, split_tail=split_tail))
@@ -251,19 +252,19 @@ def test_fused_with_router_tail(T, split_tail):
 @pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("path", ["fused", "masked"])
 @pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("gated", [False, True])
-def test_in_kernel_router(path, tau, gated, full):
+@pytest.mark.parametrize("gated,d_out", [(False, None), (True, None), (True, 24), (True, 72)])
+def test_in_kernel_router(path, tau, gated, d_out, full):
     """own_router: the expert kernel computes the router's tail itself; same result as the
-    reference on the torch router's selection, same counters; tau = 1 keeps one expert per token."""
+    reference on the torch router's selection, same counters; tau = 1 keeps one expert per token.
+    d_out != d_in: gated experts with biases (attention projections as experts)."""
     E, ES, D = 9, 16, 32
     T = 3 if path == "fused" else 21
-    w = layer(E, ES, D, gated, 17)
+    w = layer(E, ES, D, gated, 17, d_out, biases=True if d_out else None)
     x = torch.randn(T, D)
     r_in, r_out = router(D, E, seed=5)
     cfg = dict(SMALL, fused=dict(FUSED, own_router=True, full_router=full),
                masked=dict(MASKED, max_tokens=64, own_router=True, full_router=full))
     counters = torch.zeros(3, dtype=torch.int64)
-    out = torch.full_like(x, float("nan"))
     out = dynamic_k_experts_triton(x, r_in, r_out, tau, 0, *w.values(), "relu", counters, cfg)
     mask = select_experts(router_scores(x, r_in, r_out), tau)
     if tau == 1.0:
