@@ -14,8 +14,6 @@ FFN-only D2DMoE at the same whole-model compute (CPU).
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
