@@ -35,6 +35,7 @@ from pathlib import Path
 from provenance import ROOT, provenance
 
 CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_GEN = 32, 64, 32
+CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]  # CUDA-graph token counts (the batches benchmarked are among them)
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
@@ -52,7 +53,7 @@ def worker(spec: dict) -> dict:
     from d2dmoe_vllm.stats import engine_compute_report, reset_engine_counters
 
     max_len = max([p + g for p, g in spec["shapes"]] + [CHECK_PROMPT_LEN + CHECK_GEN]) + 8
-    compilation = {"cudagraph_capture_sizes": spec.get("capture_sizes", [1, 2, 4, 8, 16, 32, 64, 128, 256])}
+    compilation = {"cudagraph_capture_sizes": spec.get("capture_sizes", CAPTURE_SIZES)}
     if spec["tp"] > 1 and not spec["custom_all_reduce"]:
         # vLLM 0.26 at tp = 2 on the H200 x2 machine: its FlashInfer all-reduce + RMSNorm fusion (mnnvl
         # backend) hit an illegal memory access in profile_run, dense model too. Off, with the custom
@@ -186,7 +187,7 @@ def main() -> int:
                     help="vLLM's async scheduling (the CPU schedules step n+1 while the GPU runs step n), for dense "
                          "and D2DMoE alike; without it a decode step at batch 1 waits ~1 ms on the CPU "
                          "(benchmarks/results/attempts/12-*)")
-    ap.add_argument("--capture-sizes", default="1,2,4,8,16,32,64,128,256",
+    ap.add_argument("--capture-sizes", default=",".join(map(str, CAPTURE_SIZES)),
                     help="token counts vLLM captures CUDA graphs for (prefill chunks above the largest run eagerly)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
     ap.add_argument("--engine-timeout", type=int, default=600, help="seconds before an engine counts as hung")

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_serve import prompts
+from bench_serve import CAPTURE_SIZES, prompts
 from provenance import ROOT, provenance
 
 GEN = 64
@@ -47,7 +47,8 @@ def worker(spec: dict) -> dict:
               seed=0, enable_prefix_caching=False, gpu_memory_utilization=spec["memory"],
               max_num_seqs=max(spec["batches"]),
               hf_overrides=spec.get("hf_overrides") or None, async_scheduling=spec["async"],
-              compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]})
+              compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES})
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     out = {"async_scheduling": bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling), "batches": []}
     for batch in spec["batches"]:
         ps = prompts(batch, spec["prompt_len"], spec["vocab"], seed=batch)
@@ -60,19 +61,17 @@ def worker(spec: dict) -> dict:
             llm.generate(ps, params, use_tqdm=False)
             return time.perf_counter() - t
 
+        def profiled(params):
+            sync()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                llm.generate(ps, params, use_tqdm=False)
+                sync()
+            return prof
+
         t_first = statistics.median(timed(first) for _ in range(3))
         t_full = statistics.median(timed(full) for _ in range(3))
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-            llm.generate(ps, full, use_tqdm=False)
-            sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof1:
-            llm.generate(ps, first, use_tqdm=False)
-            sync()
+        prof, prof1 = profiled(full), profiled(first)
         k_full, k_first = kernel_table(prof), kernel_table(prof1)
         gpu_full, gpu_first = sum(r["us"] for r in k_full), sum(r["us"] for r in k_first)
         row = {"batch": batch, "itl_ms": 1e3 * (t_full - t_first) / (GEN - 1), "ttft_ms": 1e3 * t_first,
