@@ -2,9 +2,13 @@
 
     python benchmarks/tune_kernels.py --out DIR     # writes <device>.json for kernels/configs/
 
-For each (hidden size, expert size) served and each path (fused T=1, decode T=16, grouped T=4096),
-times a small grid of configs on the expert op alone (CUDA graphs, weights rotated beyond L2, 30% of
-experts, independent routing) and keeps the fastest. Prints what it tried.
+For each (hidden size, expert size) served and each path (fused T=1, decode T=16, grouped T=4096,
+balanced T=1), times a small grid of configs on the expert op alone (CUDA graphs, weights rotated
+beyond L2, 30% of experts, independent routing) and keeps the fastest. Prints what it tried.
+A device without a file of its own starts from the file it borrows (``fallbacks.json``), so keys not
+re-tuned keep that family's values. The balanced decode kernel replaces the fused one only where
+it is measured faster (against the device's fused config, at T = 1 and at the fused path's largest
+T); shapes whose router runs inside the fused kernel (small routers) keep the fused kernel.
 """
 
 import argparse
@@ -18,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernels import copies_for, graphed, make_moe, routing_scores, time_us  # noqa: E402
 
-from d2dmoe_kernels.configs import CONFIG_DIR, kernel_config  # noqa: E402
+from d2dmoe_kernels.configs import CONFIG_DIR, config_file, kernel_config, path_config  # noqa: E402
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 
 SHAPES = [(768, 3072, False, 64), (768, 3072, False, 128), (640, 2048, True, 64), (640, 2048, True, 128),
@@ -28,6 +32,9 @@ GRID = {
                   itertools.product((16, 32, 64), (128, 256), (4, 8), (3,), (32, 64))]),
     "decode": (16, [dict(BLOCK_E=b, BLOCK_K=k, SPLIT=sp) for b, k, sp in
                     itertools.product((16, 32, 64), (128, 256), (4, 8, 16))]),
+    "balanced": (1, [dict(programs_per_sm=p, BLOCK_J=j, BLOCK_K=k, BLOCK_N=256, num_warps=w, num_stages=s,
+                          BLOCK_N_REDUCE=64) for p, j, k, w, s in
+                     itertools.product((1, 2, 4), (16, 32), (128, 256), (4, 8), (3, 4))]),
     "grouped": (4096, [dict(BM=bm, BN_UP=bu, BN_DOWN=bd, num_warps=w, num_stages=s) for bm, (bu, bd), (w, s) in
                        itertools.product((64, 128), ((64, 128), (128, 128), (128, 256)), ((4, 3), (8, 3), (8, 4)))]),
 }
@@ -37,38 +44,67 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--paths", default=",".join(GRID), help="re-tune only these paths (others kept from the "
-                    "device's file in kernels/configs/)")
+                    "device's file in kernels/configs/, or the file it borrows)")
     args = ap.parse_args()
 
     device = torch.cuda.get_device_name()
-    base = kernel_config(None)
-    own = CONFIG_DIR / (device.replace(" ", "_") + ".json")
-    tuned = json.loads(own.read_text()) if own.is_file() else {}
-    tuned["_comment"] = f"tuned by benchmarks/tune_kernels.py on {device}"
+    base, dev = kernel_config(None), kernel_config(device)
+    start = config_file(device)
+    tuned = json.loads(start.read_text()) if start is not None else {}
+    tuned["_comment"] = (f"tuned by benchmarks/tune_kernels.py on {device} (paths {args.paths})"
+                         + (f"; other keys from {start.name}" if start is not None and start.stem != device.replace(" ", "_")
+                            else ""))
     paths = {p: GRID[p] for p in args.paths.split(",")}
     for (d, dff, gated, es), (path, (T, grid)) in itertools.product(SHAPES, paths.items()):
+        fused = path_config(dev, "fused", d, es)
+        if path == "balanced" and fused.get("own_router", False):
+            print(f"d={d} e={es} balanced: skipped (the router's tail runs inside the fused kernel here)")
+            continue
         n = copies_for((3 if gated else 2) * d * dff * 2)
         ws = [make_moe(d, dff, gated, es, 128, torch.bfloat16) for _ in range(n)]
-        x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
-        routing, _ = routing_scores(T, dff // es, 0.3, "independent", torch.bfloat16)
         counters = torch.zeros(3, dtype=torch.int64, device="cuda")
-        best = None
-        for cand in grid:
+
+        drawn = {}  # tokens -> (x, routing): every config of a shape sees the same inputs
+
+        def time_at(cfg, tokens):
+            if tokens not in drawn:
+                drawn[tokens] = (torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16),
+                                 routing_scores(tokens, dff // es, 0.3, "independent", torch.bfloat16)[0])
+            x, routing = drawn[tokens]
+            return time_us(graphed([lambda w=w: dynamic_k_experts_triton(
+                x, w["router_in"], w["router_out"], 0.99, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"],
+                w["b_out"], "relu", counters, cfg, route_override=routing) for w in ws], 8 if tokens <= 16 else 2))
+
+        def with_cand(cand, upto=T):
+            if path == "balanced":  # the device's config, the balanced kernel on for this shape up to ``upto``
+                return {**dev, f"balanced@d{d}e{es}": {**cand, "max_tokens": upto}}
             cfg = {p: dict(v) for p, v in base.items()}
             cfg["fused"]["max_tokens"] = T if path == "fused" else 0
             cfg["decode"]["max_tokens"] = T if path == "decode" else 0
             cfg[path].update(cand)
+            return cfg
+
+        best = None
+        for cand in grid:
             try:
-                us = time_us(graphed([lambda w=w: dynamic_k_experts_triton(
-                    x, w["router_in"], w["router_out"], 0.99, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"],
-                    w["b_out"], "relu", counters, cfg, route_override=routing) for w in ws], 8 if T <= 16 else 2))
+                us = time_at(with_cand(cand), T)
             except Exception as err:  # a config the compiler rejects (e.g. out of shared memory)
                 print(f"  d={d} e={es} {path} {cand}: failed ({type(err).__name__})")
                 continue
             print(f"  d={d} e={es} {path} {cand}: {us:.1f} us", flush=True)
             if best is None or us < best[0]:
                 best = (us, cand)
-        tuned[f"{path}@d{d}e{es}"] = best[1]
+        if path == "balanced":  # on where it beats the fused kernel, at T = 1 and at the fused path's largest T
+            top = fused["max_tokens"]
+            fused_us = {t: time_at(dev, t) for t in sorted({1, top})}
+            mine = {t: best[0] if t == T else time_at(with_cand(best[1], t), t) for t in fused_us}
+            on = [t for t in sorted(fused_us) if mine[t] < fused_us[t]]
+            limit = top if on and on[-1] == top and 1 in on else (1 if 1 in on else 0)
+            print(f"d={d} e={es} balanced vs fused: " + ", ".join(
+                f"T={t} {mine[t]:.1f} vs {fused_us[t]:.1f} us" for t in fused_us) + f" -> max_tokens {limit}")
+            tuned[f"balanced@d{d}e{es}"] = {**best[1], "max_tokens": limit}
+        else:
+            tuned[f"{path}@d{d}e{es}"] = best[1]
         print(f"d={d} e={es} {path}: best {best[1]} {best[0]:.1f} us", flush=True)
         del ws
         torch.cuda.empty_cache()

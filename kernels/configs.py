@@ -14,20 +14,25 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).with_name("configs")
 
 
+def config_file(device_name: str) -> Path | None:
+    """The tuned file a device uses: its own, else its family's (``fallbacks.json``), else None."""
+    own = CONFIG_DIR / (device_name.replace(" ", "_") + ".json")
+    if own.is_file():
+        return own
+    fallbacks = json.loads((CONFIG_DIR / "fallbacks.json").read_text())
+    return next((CONFIG_DIR / f"{name}.json" for frag, name in fallbacks.items()
+                 if not frag.startswith("_") and frag in device_name), None)
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_config(device_name: str | None) -> dict:
     cfg = json.loads((CONFIG_DIR / "default.json").read_text())
     cfg.pop("_comment", None)
-    if device_name:
-        own = CONFIG_DIR / (device_name.replace(" ", "_") + ".json")
-        if not own.is_file():
-            fallbacks = json.loads((CONFIG_DIR / "fallbacks.json").read_text())
-            own = next((CONFIG_DIR / f"{name}.json" for frag, name in fallbacks.items()
-                        if not frag.startswith("_") and frag in device_name), own)
-        if own.is_file():
-            for path, values in json.loads(own.read_text()).items():
-                if not path.startswith("_"):
-                    cfg[path] = {**cfg.get(path, {}), **values}
+    tuned = config_file(device_name) if device_name else None
+    if tuned is not None:
+        for path, values in json.loads(tuned.read_text()).items():
+            if not path.startswith("_"):
+                cfg[path] = {**cfg.get(path, {}), **values}
     return cfg
 
 

@@ -7,7 +7,9 @@
   row max) up to ``router.tail_max_tokens``; the tail inside the fused / masked kernels where the
   config says ``own_router`` (small routers); the torch router above; the one-launch Triton router
   for up to ``router.max_tokens`` tokens (off by default: slower on the H100, see the kernels note);
-- T <= fused max_tokens (decoding a few sequences): one fused expert kernel + a reduction;
+- T <= fused max_tokens (decoding a few sequences): one fused expert kernel + a reduction; with
+  T <= ``balanced.max_tokens`` (and the router outside the kernel) the balanced kernel instead, whose
+  fixed grid spreads the selected experts' neurons evenly over the SMs;
 - masked min_tokens <= T <= masked max_tokens (the union of independent selections is nearly every
   expert): the masked dense path, GEMM-shaped, selection applied to the hidden units;
 - T <= decode max_tokens: the two-kernel decode path (streams only selected experts' weights);
@@ -22,6 +24,7 @@ import torch
 
 from d2dmoe_kernels.configs import kernel_config, path_config, token_tier
 from d2dmoe_kernels.expert_decode import decode_experts
+from d2dmoe_kernels.expert_decode_balanced import balanced_decode_experts
 from d2dmoe_kernels.expert_decode_fused import fused_decode_experts
 from d2dmoe_kernels.expert_grouped import grouped_experts
 from d2dmoe_kernels.expert_masked import masked_dense_experts
@@ -108,6 +111,10 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
         scores = scores[:, expert_offset : expert_offset + E]
     if in_fused:
         own = ref is None
+        balanced = path_config(cfg, "balanced", D, ES)
+        if T <= balanced["max_tokens"]:
+            return balanced_decode_experts(x, scores, ref, factor, w_in, w_up, w_out, b_in, b_out,
+                                           activation, counters, balanced, own_max=own)
         return fused_decode_experts(x, scores, scores if own else ref, factor, w_in, w_up, w_out, b_in, b_out,
                                     activation, counters, fused, own_max=own)
     if in_masked:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2dmoe_kernels.triton_common import ACT_CODES, expert_hidden, fp32_dots, mma, selected
+from d2dmoe_kernels.triton_common import ACT_CODES, expert_hidden, fp32_dots, mma, num_programs, selected
 
 
 @triton.jit
@@ -156,12 +156,6 @@ def _gather_reduce_kernel(
              mask=tmask[:, None] & nmask[None, :])
 
 
-def _num_programs(x: torch.Tensor, per_sm: int) -> int:
-    if x.is_cuda:
-        return torch.cuda.get_device_properties(x.device).multi_processor_count * per_sm
-    return 4  # interpreter
-
-
 def grouped_experts(x, scores, rowmax, tau, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg, out=None):
     """Launch the grouped path on all T tokens, at most cfg['chunk_tokens'] per pass.
     x [T, d_in] -> [T, d_out] (d_out = w_out.shape[2])."""
@@ -198,7 +192,7 @@ def _grouped_pass(x, scores, rowmax, tau, w_in, w_up, w_out, b_in, b_out, activa
     _fill_kernel[(ntb, E)](scores, rowmax, tau, starts, tokens, slot, T, ntb, E, scores.stride(0), BLOCK_T=block_t)
     log2e = max(1, (E - 1).bit_length() + 1)
     gated, has_b_in, has_b_out = w_up is not None, b_in is not None, b_out is not None
-    nprog = _num_programs(x, cfg["programs_per_sm"])
+    nprog = num_programs(x, cfg["programs_per_sm"])
     bn_up = min(cfg["BN_UP"], triton.next_power_of_2(ES))
     _grouped_up_kernel[(nprog,)](
         x, w_in, w_up if gated else w_in, b_in if has_b_in else w_in, h, tokens, starts, tile_start,

@@ -40,6 +40,13 @@ def fp32_dots(x) -> bool:
     return INTERPRET or x.dtype == torch.float32
 
 
+def num_programs(x: torch.Tensor, per_sm: int) -> int:
+    """A persistent grid's size: ``per_sm`` programs per SM of x's device (4 under the interpreter)."""
+    if x.is_cuda:
+        return torch.cuda.get_device_properties(x.device).multi_processor_count * per_sm
+    return 4
+
+
 @triton.jit
 def mma(a, b, UPCAST: tl.constexpr):
     if UPCAST:

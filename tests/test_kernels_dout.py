@@ -3,7 +3,7 @@
 Attention projections replaced by expert MLPs (Gemma 3 270M q: 640 -> 1024, k/v: 640 -> 256,
 o: 1024 -> 640; GPT-2 c_attn: 768 -> 2304): x [T, d_in], w_in/w_up [E, e, d_in], w_out
 [E, e, d_out], b_out [d_out] -> [T, d_out]; the router stays [w, d_in], [E, w]. Every path (CPU
-body, fused decode, decode, masked, grouped, dense fallbacks, shards, the op) is checked under
+body, fused and balanced decode, decode, masked, grouped, dense fallbacks, shards, the op) is checked under
 TRITON_INTERPRET=1 against the torch reference, which is itself checked against a per-token loop.
 Dispatch by T, top-k, the in-kernel router and the router tail are ``test_kernels_triton.py``'s
 tests, parametrised by d_out; the weight, reference and check helpers are that file's. Fresh random
@@ -22,6 +22,7 @@ import d2dmoe_kernels.op  # noqa: E402,F401
 from d2dmoe_kernels.cpu import dynamic_k_experts_cpu  # noqa: E402
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 from d2dmoe_kernels.expert_decode import decode_experts  # noqa: E402
+from d2dmoe_kernels.expert_decode_balanced import balanced_decode_experts  # noqa: E402
 from d2dmoe_kernels.expert_decode_fused import fused_decode_experts  # noqa: E402
 from d2dmoe_kernels.expert_grouped import grouped_experts  # noqa: E402
 from d2dmoe_kernels.reference import (  # noqa: E402
@@ -33,7 +34,7 @@ from d2dmoe_kernels.reference import (  # noqa: E402
 )
 from d2dmoe_kernels.triton_common import INTERPRET  # noqa: E402
 from test_kernels_triton import (  # noqa: E402
-    DECODE, FUSED, GROUPED, MASKED, SMALL, check, layer, masked_scores, reference, router,
+    BALANCED, DECODE, FUSED, GROUPED, MASKED, SMALL, check, layer, masked_scores, reference, router,
 )
 
 assert INTERPRET, "a kernel module was imported before TRITON_INTERPRET was set"
@@ -43,6 +44,7 @@ D_OUTS = [24, 72]  # below and above d_in; neither a multiple of the 32-wide out
 
 PATHS = {  # path: (launcher, config, token counts)
     "fused": (fused_decode_experts, FUSED, (1, 3)),
+    "balanced": (balanced_decode_experts, BALANCED, (1, 3)),
     "decode": (decode_experts, DECODE, (6,)),
     "masked": (masked_scores, MASKED, (21,)),
     "grouped": (grouped_experts, dict(GROUPED, chunk_tokens=16), (23,)),  # two passes

@@ -284,3 +284,68 @@ def test_in_kernel_router_graph_replay_and_no_sync(T):
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
         outs.append(out.clone())
     assert not torch.equal(outs[0], outs[1])
+
+
+def balanced_cfg():
+    """The device's config with the balanced decode kernel for T <= 4 at every shape (router outside it)."""
+    cfg = kernel_config(torch.cuda.get_device_name())
+    return {**cfg, **{k: {**v, "max_tokens": 4} for k, v in cfg.items() if k.startswith("balanced")},
+            **{k: {**v, "max_tokens": 4, "own_router": False} for k, v in cfg.items() if k.startswith("fused")}}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1, 2, 4])
+@pytest.mark.parametrize("tau", [0.3, 0.7, 1.0])
+def test_balanced_decode_matches_reference(dtype, shape, T, tau):
+    """The balanced decode kernel (selected neurons spread evenly over a fixed grid) against fp64,
+    outputs and partials from a NaN-poisoned allocator, counters on the device."""
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, dtype, seed=80 + T + int(tau * 10))
+    x, scores = inputs(T, d, E, dtype, g)
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    for _ in range(2):
+        torch.full((1 << 26,), float("nan"), device="cuda", dtype=dtype)
+    out = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, *experts(w), "gelu_tanh", counters,
+                                   balanced_cfg(), route_override=(scores, *selection_rule(scores, tau)))
+    mask = select_experts(scores, tau)
+    ref = ref64(x, mask, w, "gelu_tanh")
+    assert not torch.isnan(out).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_balanced_graph_replay_and_no_sync(T):
+    """Own router (cuBLAS layer + tail), balanced kernel: capturable, replays new routing exactly as
+    eager, no host synchronisation."""
+    d, dff, es, gated = SHAPES[2]
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, 5)
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    cfg = balanced_cfg()
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    layer = lambda: dynamic_k_experts_triton(x, w["router_in"], w["router_out"], 0.5, 0, *experts(w), "relu",  # noqa: E731
+                                             counters, cfg)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    outs = []
+    for seed in range(3):
+        x.copy_(inputs(T, d, E, torch.bfloat16, torch.Generator(device="cuda").manual_seed(200 + seed))[0])
+        graph.replay()
+        eager = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], 0.5, 0, *experts(w), "relu",
+                                         torch.zeros(3, dtype=torch.int64, device="cuda"), cfg)
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
+        outs.append(out.clone())
+    assert not torch.equal(outs[0], outs[1])

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 from d2dmoe_kernels.expert_decode import decode_experts  # noqa: E402
+from d2dmoe_kernels.expert_decode_balanced import balanced_decode_experts  # noqa: E402
 from d2dmoe_kernels.expert_decode_fused import fused_decode_experts  # noqa: E402
 from d2dmoe_kernels.expert_grouped import grouped_experts  # noqa: E402
 from d2dmoe_kernels.expert_masked import masked_dense_experts  # noqa: E402
@@ -34,12 +35,15 @@ assert INTERPRET, "a kernel module was imported before TRITON_INTERPRET was set"
 DECODE = dict(max_tokens=32, BLOCK_E=16, BLOCK_K=32, BLOCK_N=32, BLOCK_J=16, SPLIT=3, num_warps=4)
 GROUPED = dict(BLOCK_T_SCAN=16, BM=16, BN_UP=16, BK_UP=32, BN_DOWN=32, BK_DOWN=16, programs_per_sm=1,
                num_warps=4, num_stages=2, BLOCK_T_REDUCE=16, BLOCK_N_REDUCE=32, chunk_tokens=48)
+BALANCED = dict(max_tokens=4, programs_per_sm=1, BLOCK_J=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2,
+                BLOCK_N_REDUCE=32)
 FUSED = dict(max_tokens=4, BLOCK_J=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2, BLOCK_N_REDUCE=32)
 ROUTER = dict(max_tokens=8, BLOCK_W=16, BLOCK_K=32, num_warps=4, tail_max_tokens=0, TAIL_BLOCK_T=16, TAIL_BLOCK_E=16,
               TAIL_BLOCK_W=16)
 MASKED = dict(min_tokens=5, max_tokens=0, fallback_max_tokens=0, own_router=False, BLOCK_T=16, BLOCK_J=16, BLOCK_K=32,
               ROUTER_BLOCK_E=16, ROUTER_BLOCK_W=16, num_warps=4, num_stages=2)
-SMALL = dict(router=ROUTER, fused=FUSED, decode=dict(DECODE, max_tokens=8), grouped=GROUPED, masked=MASKED)
+SMALL = dict(router=ROUTER, fused=FUSED, decode=dict(DECODE, max_tokens=8), grouped=GROUPED, masked=MASKED,
+             balanced=dict(BALANCED, max_tokens=0))
 
 
 def masked_scores(x, scores, ref_val, factor, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg, out=None):
@@ -55,6 +59,7 @@ def masked_scores(x, scores, ref_val, factor, w_in, w_up, w_out, b_in, b_out, ac
 PATHS = {  # path: (launcher, config, tokens)
     "masked": (masked_scores, MASKED, 37),
     "fused": (fused_decode_experts, FUSED, 3),
+    "balanced": (balanced_decode_experts, BALANCED, 3),
     "decode": (decode_experts, DECODE, 5),
     "grouped": (grouped_experts, GROUPED, 61),
 }
@@ -177,23 +182,25 @@ def test_dispatch_dynamic_k(T, d_out):
     assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
-@pytest.mark.parametrize("T", [2, 6, 30])
+@pytest.mark.parametrize("T,balanced", [(2, False), (2, True), (6, False), (30, False)])
 @pytest.mark.parametrize("tau", [0.0, 0.6])
-def test_expert_shards_add_up(T, tau):
+def test_expert_shards_add_up(T, tau, balanced):
     """Tensor parallelism: each rank runs experts [offset, offset + E/tp) selected against the max
-    over all E; the shards' outputs add up to the unsharded layer (paths chosen by T)."""
+    over all E; the shards' outputs add up to the unsharded layer (paths chosen by T; at T = 2 the
+    fused or the balanced decode kernel)."""
     E, ES, D, tp = 8, 16, 32, 2
     w = layer(E, ES, D, False, 13)
     x = torch.randn(T, D)
     r_in, r_out = router(D, E, seed=T)
-    full = dynamic_k_experts_triton(x, r_in, r_out, tau, 0, *w.values(), "relu", torch.zeros(3, dtype=torch.int64), SMALL)
+    cfg = dict(SMALL, balanced=dict(BALANCED, max_tokens=4 if balanced else 0))
+    full = dynamic_k_experts_triton(x, r_in, r_out, tau, 0, *w.values(), "relu", torch.zeros(3, dtype=torch.int64), cfg)
     parts, pairs = [], 0
     for rank in range(tp):
         sl = slice(rank * E // tp, (rank + 1) * E // tp)
         counters = torch.zeros(3, dtype=torch.int64)
         parts.append(dynamic_k_experts_triton(
             x, r_in, r_out, tau, 0, w["w_in"][sl], None, w["w_out"][sl], w["b_in"][sl],
-            w["b_out"] if rank == 0 else None, "relu", counters, SMALL, expert_offset=sl.start))
+            w["b_out"] if rank == 0 else None, "relu", counters, cfg, expert_offset=sl.start))
         pairs += int(counters[1])
     check(sum(parts), full.double())
     assert pairs == int(select_experts(router_scores(x, r_in, r_out), tau).sum())
@@ -231,17 +238,19 @@ def test_router_tail_matches_torch(T, D, W, E, rowmax):
     assert torch.equal(rmax, scores.amax(-1)) if rowmax else rmax is None
 
 
+@pytest.mark.parametrize("balanced", [False, True])
 @pytest.mark.parametrize("split_tail", [False, True])
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("gated,d_out", [(True, None), (False, 72)])
-def test_fused_with_router_tail(T, split_tail, gated, d_out):
+def test_fused_with_router_tail(T, split_tail, gated, d_out, balanced):
     """cuBLAS router layer + Triton tail (row max in the tail, or expert blocks spread over programs
-    and the fused kernel taking the row max) feeding the fused decode kernel."""
+    and the decode kernel taking the row max) feeding the fused or the balanced decode kernel."""
     E, ES, D = 40, 16, 32
     w = layer(E, ES, D, gated, 31, d_out)
     x = torch.randn(T, D)
     r_in, r_out = router(D, E, seed=11)
-    cfg = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64), fused=dict(FUSED, split_tail=split_tail))
+    cfg = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64), fused=dict(FUSED, split_tail=split_tail),
+               balanced=dict(BALANCED, max_tokens=4 if balanced else 0))
     counters = torch.zeros(3, dtype=torch.int64)
     out = dynamic_k_experts_triton(x, r_in, r_out, 0.5, 0, *w.values(), "gelu_tanh", counters, cfg)
     mask = select_experts(router_scores(x, r_in, r_out), 0.5)
