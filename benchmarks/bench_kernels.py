@@ -112,6 +112,20 @@ def copies_for(nbytes):
     return max(1, min(8, math.ceil(L2_ROTATE_BYTES / max(nbytes, 1))))
 
 
+def write(args, rows, complete):
+    device = torch.cuda.get_device_name()
+    result = {**provenance(triton=triton.__version__), "dtype": "bfloat16",
+              "method": "per-layer time = one CUDA graph of 32 (T<=64), 8 (T<=1024) or 2 back-to-back layer calls, "
+                        "do_bench median (warmup 10 ms, rep 40 ms) / calls; weights rotated over "
+                        f">= {L2_ROTATE_BYTES >> 20} MiB when a layer fits in L2; D2DMoE time includes the router; "
+                        "dense = fused gate/up GEMM + act*mul + down GEMM (torch/cuBLAS), or fc+bias, act, proj+bias",
+              "complete": complete, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"kernels-{device.replace(' ', '-').lower()}{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a small subset (smoke run)")
@@ -158,16 +172,7 @@ def main():
                                  dense_us=round(dense_us, 2), d2dmoe_us=round(fb, 2), speedup=round(dense_us / fb, 3)))
                 del moe_ws
                 torch.cuda.empty_cache()
-    device = torch.cuda.get_device_name()
-    result = {**provenance(triton=triton.__version__), "dtype": "bfloat16",
-              "method": "per-layer time = one CUDA graph of 32 (T<=64), 8 (T<=1024) or 2 back-to-back layer calls, "
-                        "do_bench median (warmup 10 ms, rep 40 ms) / calls; weights rotated over "
-                        f">= {L2_ROTATE_BYTES >> 20} MiB when a layer fits in L2; D2DMoE time includes the router; "
-                        "dense = fused gate/up GEMM + act*mul + down GEMM (torch/cuBLAS), or fc+bias, act, proj+bias",
-              "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"kernels-{device.replace(' ', '-').lower()}{'-quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(result, indent=1))
+        path = write(args, rows, complete=name == args.shapes.split(",")[-1])  # after each shape: a cut-off run keeps its rows
     print(f"\n{'shape':16s} {'e':>4s} {'T':>6s} {'frac':>6s} {'routing':13s} {'dense us':>10s} {'d2dmoe us':>10s} {'speedup':>8s}")
     for r in rows:
         print(f"{r['shape']:16s} {r['expert_size']:4d} {r['tokens']:6d} {r['fraction']:6.3f} {r['routing']:13s} "

@@ -106,16 +106,18 @@ def test_unknown_activation_is_named():
 
 
 def test_kernel_config_falls_back_to_the_device_family():
-    """An H200 (no tuned file of its own) gets the H100 tuning, not the untuned defaults; an unknown
-    device gets the defaults."""
+    """A device with a file of its own (H100 SXM, H200) gets it; one without borrows its family's
+    (H100 PCIe -> H100 SXM, H200 NVL -> H200), not the untuned defaults; an unknown device gets the
+    defaults."""
     import json
 
-    from d2dmoe_kernels.configs import CONFIG_DIR, kernel_config
+    from d2dmoe_kernels.configs import CONFIG_DIR, config_file, kernel_config
 
-    h100 = kernel_config("NVIDIA H100 80GB HBM3")
+    h100, h200 = kernel_config("NVIDIA H100 80GB HBM3"), kernel_config("NVIDIA H200")
     defaults = kernel_config(None)
-    assert h100 != defaults  # the H100 file overrides something
-    assert kernel_config("NVIDIA H200") == h100
+    assert h100 != defaults and h200 != defaults  # the files override something
+    assert config_file("NVIDIA H200").name == "NVIDIA_H200.json"
+    assert kernel_config("NVIDIA H200 NVL") == h200
     assert kernel_config("NVIDIA H100 PCIe") == h100
     assert kernel_config("Some Future GPU") == defaults
     tuned = json.loads((CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())
