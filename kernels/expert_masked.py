@@ -6,7 +6,11 @@ the launches of the dense MLP.
        one expert's neurons. It decides which of its tokens selected the expert (MODE below), and
        writes H[t, e-slice] = act(x w_in^T + b_in) * (x w_up^T) for those tokens and exact zeros
        for the others; a program whose tokens all skipped the expert writes zeros without reading
-       its weights (so selections shared across tokens still save bytes).
+       its weights (so selections shared across tokens still save bytes). With given scores
+       (MODE 0) the tiles run over the E*e neurons laid end to end, grid (ceil(T / BLOCK_T), 1,
+       ceil(E*e / BLOCK_J)), so one tile may span several small experts (32-neuron experts get
+       128-wide GEMM tiles) and the selection is per (token, neuron); it skips its weights when
+       no token selected any of its experts.
   down one cuBLAS GEMM over all E*e hidden units, bias in the epilogue: out = H W_out + b_out
        ([T, d_out]; the up kernel only sees the input width d_in).
 Zeros contribute exactly nothing, so the result is the masked reference's, with the up GEMM's and
@@ -47,10 +51,29 @@ def _masked_up_kernel(
     c = tl.program_id(2)
     offs_t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = offs_t < T
+    if MODE == 0:  # tiles over the E*e neurons laid end to end: a tile may span experts (small experts)
+        offs_n = c * BLOCK_J + tl.arange(0, BLOCK_J)
+        nmask = offs_n < E * ES
+        e_n = offs_n // ES
+        s = tl.load(scores_ptr + offs_t[:, None] * stride_s + e_n[None, :], mask=tmask[:, None] & nmask[None, :],
+                    other=-1.0).to(tl.float32)
+        m = tl.load(ref_ptr + offs_t, mask=tmask, other=0.0).to(tl.float32)
+        sel2 = (s >= tau * m[:, None]) & tmask[:, None] & nmask[None, :]
+        first = (offs_n % ES == 0) & nmask  # each expert's pairs are counted where its first neuron lies
+        tl.atomic_add(counters_ptr + 1, tl.sum(tl.sum((sel2 & first[None, :]).to(tl.int32), axis=1), axis=0).to(tl.int64))
+        if (tb == 0) & (c == 0):
+            tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T)
+        hp = h_ptr + offs_t.to(tl.int64)[:, None] * (E * ES) + offs_n[None, :]
+        hmask = tmask[:, None] & nmask[None, :]
+        if tl.sum(tl.sum(sel2.to(tl.int32), axis=1), axis=0) == 0:
+            tl.store(hp, tl.zeros((BLOCK_T, BLOCK_J), dtype=h_ptr.dtype.element_ty), mask=hmask)
+        else:
+            h = expert_hidden(x_ptr, offs_t, tmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, 0, offs_n, nmask, D, ES,
+                              GATED, HAS_BIAS, ACT, UPCAST, BLOCK_T, BLOCK_J, BLOCK_K)
+            tl.store(hp, tl.where(sel2, h, 0.0).to(h_ptr.dtype.element_ty), mask=hmask)
+        return
     if MODE == 3:
         sel = tmask
-    elif MODE == 0:
-        sel = selected(scores_ptr, ref_ptr, tau, offs_t, tmask, e, stride_s)
     else:
         s_e, rmax = router_select(hid_ptr, stride_h, w1_ptr, D, w2_ptr, offs_t, tmask, e + E_OFF, ER, W,
                                   UPCAST, BLOCK_T, BLOCK_E, BLOCK_W, FULL_ROUTER, BLOCK_K)
@@ -94,11 +117,13 @@ def masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters
         w_up = None if w_up is None else w_up.reshape(1, ES, D)
         b_in = None if b_in is None else b_in.reshape(1, ES)
     block_t = tile(cfg["BLOCK_T"], T)
-    block_j = tile(cfg["BLOCK_J"], ES)
+    block_j = tile(cfg["BLOCK_J"], E * ES if m == 0 else ES)
     h = torch.empty((T, E * ES), device=x.device, dtype=x.dtype)
     gated, has_b_in = w_up is not None, b_in is not None
     ER, W = (router_out.shape[0], router_out.shape[1]) if m in (1, 2) else (E, 16)
-    _masked_up_kernel[(triton.cdiv(T, block_t), E, triton.cdiv(ES, block_j))](
+    grid = (triton.cdiv(T, block_t), 1, triton.cdiv(E * ES, block_j)) if m == 0 else \
+        (triton.cdiv(T, block_t), E, triton.cdiv(ES, block_j))
+    _masked_up_kernel[grid](
         x, hid if hid is not None else x, router_in if full else w_in, router_out if router_out is not None else w_in,
         scores if scores is not None else x, ref if ref is not None else x, float(tau), float("inf"),
         w_in, w_up if gated else w_in, b_in if has_b_in else w_in, h, counters,

@@ -130,6 +130,26 @@ def test_idle_experts_and_single_expert_tokens(path):
     assert counters.tolist() == [T, int(mask.sum())]
 
 
+@pytest.mark.parametrize("block_j,ES", [(32, 16), (64, 16), (64, 24)])
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+def test_masked_tiles_spanning_small_experts(block_j, ES, tau):
+    """Masked path on given scores: tiles run over the E*e neurons end to end, so one tile holds
+    several small experts (or parts of two); selection per (token, neuron), pairs counted once per
+    expert, tiles whose experts no token chose write zeros (experts 0-2 idle at tau > 0)."""
+    E, D, T = 11, 32, 21
+    w = layer(E, ES, D, False, block_j + ES)
+    x = torch.randn(T, D)
+    scores = torch.rand(T, E) ** 4
+    scores[:, :3] = 0.0
+    ref_val, factor = selection_rule(scores, tau)
+    mask = select_experts(scores, tau)  # tau = 0: every expert, the idle ones too
+    counters = torch.zeros(2, dtype=torch.int64)
+    out = torch.full((T, D), float("nan"))
+    masked_scores(x, scores, ref_val, factor, *w.values(), "gelu", counters, dict(MASKED, BLOCK_J=block_j), out=out)
+    check(out, reference(x, mask, w, "gelu"))
+    assert counters.tolist() == [T, int(mask.sum())]
+
+
 def router(D, E, width=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(width, D, generator=g) / D**0.5, torch.randn(E, width, generator=g) / width**0.5
