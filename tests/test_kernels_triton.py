@@ -302,6 +302,24 @@ def test_in_kernel_router(path, tau, gated, d_out, full):
     assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
+@pytest.mark.parametrize("T", [21, 30])
+def test_masked_token_tiers_choose_where_the_router_runs(T):
+    """A ``by_tokens`` tier may move the router out of the masked kernel (large T: router GEMM + tail,
+    then tiles spanning small experts): same result and counters on both sides of the bound."""
+    E, ES, D = 10, 16, 32
+    w = layer(E, ES, D, False, 41)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=7)
+    tiers = [[24, dict(own_router=True)], [1 << 30, dict(own_router=False, BLOCK_J=64)]]
+    cfg = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64),
+               masked=dict(MASKED, max_tokens=64, by_tokens=tiers))
+    counters = torch.zeros(3, dtype=torch.int64)
+    out = dynamic_k_experts_triton(x, r_in, r_out, 0.5, 0, *w.values(), "relu", counters, cfg)
+    mask = select_experts(router_scores(x, r_in, r_out), 0.5)
+    check(out, reference(x, mask, w, "relu"))
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
 @pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("path", ["fused", "masked"])
 def test_in_kernel_router_with_override_and_shards(path, full):
