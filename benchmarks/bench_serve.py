@@ -10,7 +10,11 @@ the same shape; each time is the median of ``--repeats`` runs:
   - ttft_ms        = that prefill-only wall time (every request arrives at t = 0, so it is the last
                      request's time to first token);
   - itl_ms         = (whole - prefill-only) / (gen_len - 1), the mean time between decode steps.
-The executed fraction is the engine's own compute report over the timed generate. With
+The executed fraction is the engine's own compute report over the timed generate. Engine instances
+differ by more than repeats inside one do (at small batches a step's time depends on how much of
+vLLM's host work the engine hides, which varies between processes: attempt 20 in docs/kernels.md), so ``--rounds N`` starts every
+engine N times, alternating dense and D2DMoE; each row then reports the median over rounds and
+every round's ratio (``speedup_rounds``, ``prefill_speedup_rounds``). With
 ``--tp-check`` the same greedy prompts run at every tensor-parallel size and the tokens and
 log-probabilities are compared against the first one.
 
@@ -125,6 +129,34 @@ def run_engine(spec: dict, work: Path, reuse: bool = False) -> dict:
     return json.loads(out.read_text())
 
 
+def merge_rows(rounds: dict, model_name: str) -> list[dict]:
+    """One row per (setting, tp, shape, batch) from {(setting, tp): [engine result per round]}: each
+    quantity the median over rounds, the ratios against dense taken round by round (the dense engine
+    of the same round) and listed, and the speed-ups the medians of those ratios."""
+    med = statistics.median
+    rows = []
+    for (label, tp), results in rounds.items():
+        if label == "dense":
+            continue
+        dense_results = rounds[("dense", tp)]
+        for i, m in enumerate(results[0]["rows"]):
+            ds = [res["rows"][i] for res in dense_results]
+            ms = [res["rows"][i] for res in results]
+            ratios = [b["tok_s"] / a["tok_s"] for a, b in zip(ds, ms)]
+            prefill = [b["prefill_tok_s"] / a["prefill_tok_s"] for a, b in zip(ds, ms)]
+            rows.append({"model": model_name, "setting": label, "tp": tp,
+                         "fraction": med(x["executed_fraction"] for x in ms),
+                         "batch": m["batch"], "prompt_len": m["prompt_len"], "gen_len": m["gen_len"],
+                         "dense_tok_s": med(x["tok_s"] for x in ds), "d2dmoe_tok_s": med(x["tok_s"] for x in ms),
+                         "speedup": med(ratios), "speedup_rounds": ratios,
+                         "dense_prefill_tok_s": med(x["prefill_tok_s"] for x in ds),
+                         "d2dmoe_prefill_tok_s": med(x["prefill_tok_s"] for x in ms),
+                         "prefill_speedup": med(prefill), "prefill_speedup_rounds": prefill,
+                         "ttft_ms": med(x["ttft_ms"] for x in ms), "itl_ms": med(x["itl_ms"] for x in ms),
+                         "dense_ttft_ms": med(x["ttft_ms"] for x in ds), "dense_itl_ms": med(x["itl_ms"] for x in ds)})
+    return rows
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Speed-up over dense against batch size: decode (output tokens/s) and prefill, one line per
     setting and prompt/generation length, dense as the line at 1."""
@@ -190,6 +222,8 @@ def main() -> int:
     ap.add_argument("--capture-sizes", default=",".join(map(str, CAPTURE_SIZES)),
                     help="token counts vLLM captures CUDA graphs for (prefill chunks above the largest run eagerly)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
+    ap.add_argument("--rounds", type=int, default=1, help="start every engine this many times, dense and D2DMoE "
+                    "alternating (engine-to-engine spread; rows report medians and every round's ratio)")
     ap.add_argument("--engine-timeout", type=int, default=600, help="seconds before an engine counts as hung")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--reuse", action="store_true", help="keep the model and the engine results already in --work "
@@ -232,27 +266,18 @@ def main() -> int:
             "batches": [int(b) for b in args.batches.split(",")],
             "shapes": [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")], "tp_check": args.tp_check}
 
-    runs = {}
-    for tp in [int(t) for t in args.tp.split(",")]:
-        runs[("dense", tp)] = run_engine({**base, "name": f"dense-tp{tp}", "model": str(dense), "tp": tp, "moe": False},
-                                         work, args.reuse)
-        for label, tau in settings:
-            runs[(label, tp)] = run_engine({**base, "name": f"d2dmoe-{label}-tp{tp}", "model": str(moe), "tp": tp,
-                                            "moe": True, "hf_overrides": {"d2dmoe_tau": tau}}, work, args.reuse)
-
-    rows = []
-    for (label, tp), res in runs.items():
-        if label == "dense":
-            continue
-        dense_res = runs[("dense", tp)]
-        for d, m in zip(dense_res["rows"], res["rows"]):
-            rows.append({"model": model_name, "setting": label, "tp": tp, "fraction": m["executed_fraction"],
-                         "batch": m["batch"], "prompt_len": m["prompt_len"], "gen_len": m["gen_len"],
-                         "dense_tok_s": d["tok_s"], "d2dmoe_tok_s": m["tok_s"], "speedup": m["tok_s"] / d["tok_s"],
-                         "dense_prefill_tok_s": d["prefill_tok_s"], "d2dmoe_prefill_tok_s": m["prefill_tok_s"],
-                         "prefill_speedup": m["prefill_tok_s"] / d["prefill_tok_s"],
-                         "ttft_ms": m["ttft_ms"], "itl_ms": m["itl_ms"],
-                         "dense_ttft_ms": d["ttft_ms"], "dense_itl_ms": d["itl_ms"]})
+    rounds = {}  # (setting, tp) -> one engine result per round
+    for r in range(args.rounds):
+        suffix = f"-r{r}" if r else ""  # round 0 keeps the single-round names (--reuse)
+        for tp in [int(t) for t in args.tp.split(",")]:
+            rounds.setdefault(("dense", tp), []).append(run_engine(
+                {**base, "name": f"dense-tp{tp}{suffix}", "model": str(dense), "tp": tp, "moe": False}, work, args.reuse))
+            for label, tau in settings:
+                rounds.setdefault((label, tp), []).append(run_engine(
+                    {**base, "name": f"d2dmoe-{label}-tp{tp}{suffix}", "model": str(moe), "tp": tp, "moe": True,
+                     "hf_overrides": {"d2dmoe_tau": tau}}, work, args.reuse))
+    runs = {key: res[0] for key, res in rounds.items()}  # tp scaling and tp checks: the first round
+    rows = merge_rows(rounds, model_name)
     print(f"{'setting':9s} {'tp':>2s} {'exec':>5s} {'batch':>5s} {'P/G':>9s} {'dense tok/s':>11s} {'d2dmoe':>9s} "
           f"{'x':>5s} {'prefill x':>9s} {'ttft ms':>8s} {'itl ms':>7s}")
     for r in rows:
@@ -277,7 +302,7 @@ def main() -> int:
 
     import vllm
 
-    result = {**provenance(vllm=vllm.__version__), "settings": {**base, "tp": tps, "cuda_graphs": True,
+    result = {**provenance(vllm=vllm.__version__), "settings": {**base, "tp": tps, "rounds": args.rounds, "cuda_graphs": True,
                                                                 "measure": __doc__.split("\n\n")[1]},
               "startup_s": {f"{k[0]}-tp{k[1]}": v["startup_s"] for k, v in runs.items()},
               "async_scheduling_used": {f"{k[0]}-tp{k[1]}": v.get("async_scheduling") for k, v in runs.items()},

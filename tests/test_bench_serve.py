@@ -48,3 +48,23 @@ def test_profile_decode_cpu(tmp_path):
         assert row["batch"] == 1 and row["itl_ms"] > 0 and row["ttft_ms"] > 0
         ops = {op["op"] for op in row["prefill_cpu_ops"]}
         assert ("d2dmoe::dynamic_k_experts" in ops) == (name != "dense"), sorted(ops)[:30]
+
+
+def test_rounds_merge_ratio_by_round():
+    """--rounds: each ratio is taken against the dense engine of the same round; rows carry the
+    median and every round's ratio; one round gives the plain ratio."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_serve import merge_rows
+
+    def engine(tok_s, prefill, fraction=1.0):
+        return {"rows": [{"batch": 1, "prompt_len": 8, "gen_len": 4, "tok_s": tok_s, "prefill_tok_s": prefill,
+                          "ttft_ms": 1000 * 8 / prefill, "itl_ms": 1000 / tok_s, "executed_fraction": fraction}]}
+
+    rounds = {("dense", 1): [engine(100, 800), engine(120, 1000), engine(110, 900)],
+              ("0.3", 1): [engine(150, 400, 0.31), engine(132, 600, 0.29), engine(121, 450, 0.30)]}
+    (row,) = merge_rows(rounds, "m")
+    assert row["speedup_rounds"] == [1.5, 1.1, 1.1] and row["speedup"] == 1.1
+    assert row["prefill_speedup_rounds"] == [0.5, 0.6, 0.5] and row["prefill_speedup"] == 0.5
+    assert row["dense_tok_s"] == 110 and row["d2dmoe_tok_s"] == 132 and row["fraction"] == 0.30
+    (single,) = merge_rows({k: v[:1] for k, v in rounds.items()}, "m")
+    assert single["speedup"] == 1.5 and single["speedup_rounds"] == [1.5]
