@@ -252,15 +252,15 @@ def test_in_kernel_router_matches_reference(dtype, shape, T, tau):
     assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
-@pytest.mark.parametrize("T", [1, 8, 64])
-def test_in_kernel_router_graph_replay_and_no_sync(T):
-    d, dff, es, gated = SHAPES[0]
-    w, E, g = make(d, dff, es, gated, torch.bfloat16, 3)
+def check_graph_replay_and_no_sync(shape, T, cfg, seed):
+    """Own router, the given config: no host synchronisation while running and capturing; the graph
+    replays new inputs (hence new routing) exactly as eager calls compute them."""
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed)
     x, _ = inputs(T, d, E, torch.bfloat16, g)
-    cfg = own_router_cfg()
     counters = torch.zeros(3, dtype=torch.int64, device="cuda")
-    layer = lambda: dynamic_k_experts_triton(x, w["router_in"], w["router_out"], 0.5, 0, *experts(w), "relu",  # noqa: E731
-                                             counters, cfg)
+    layer = lambda c=counters: dynamic_k_experts_triton(x, w["router_in"], w["router_out"], 0.5, 0, *experts(w),  # noqa: E731
+                                                        "relu", c, cfg)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -279,11 +279,15 @@ def test_in_kernel_router_graph_replay_and_no_sync(T):
     for seed in range(3):
         x.copy_(inputs(T, d, E, torch.bfloat16, torch.Generator(device="cuda").manual_seed(200 + seed))[0])
         graph.replay()
-        eager = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], 0.5, 0, *experts(w), "relu",
-                                         torch.zeros(3, dtype=torch.int64, device="cuda"), cfg)
+        eager = layer(torch.zeros(3, dtype=torch.int64, device="cuda"))
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
         outs.append(out.clone())
     assert not torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("T", [1, 8, 64])
+def test_in_kernel_router_graph_replay_and_no_sync(T):
+    check_graph_replay_and_no_sync(SHAPES[0], T, own_router_cfg(), 3)
 
 
 def balanced_cfg():
@@ -317,35 +321,5 @@ def test_balanced_decode_matches_reference(dtype, shape, T, tau):
 
 @pytest.mark.parametrize("T", [1, 3])
 def test_balanced_graph_replay_and_no_sync(T):
-    """Own router (cuBLAS layer + tail), balanced kernel: capturable, replays new routing exactly as
-    eager, no host synchronisation."""
-    d, dff, es, gated = SHAPES[2]
-    w, E, g = make(d, dff, es, gated, torch.bfloat16, 5)
-    x, _ = inputs(T, d, E, torch.bfloat16, g)
-    cfg = balanced_cfg()
-    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
-    layer = lambda: dynamic_k_experts_triton(x, w["router_in"], w["router_out"], 0.5, 0, *experts(w), "relu",  # noqa: E731
-                                             counters, cfg)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        layer()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        layer()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = layer()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    outs = []
-    for seed in range(3):
-        x.copy_(inputs(T, d, E, torch.bfloat16, torch.Generator(device="cuda").manual_seed(200 + seed))[0])
-        graph.replay()
-        eager = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], 0.5, 0, *experts(w), "relu",
-                                         torch.zeros(3, dtype=torch.int64, device="cuda"), cfg)
-        torch.testing.assert_close(out, eager, rtol=0, atol=0)
-        outs.append(out.clone())
-    assert not torch.equal(outs[0], outs[1])
+    """Router GEMM + tail outside, the balanced decode kernel: capturable, sync-free, replays exactly."""
+    check_graph_replay_and_no_sync(SHAPES[2], T, balanced_cfg(), 5)
