@@ -56,8 +56,8 @@ def _balanced_decode_kernel(
         pairs += tl.sum(se, axis=0)
         thr = tl.where(offs_t == t, th, thr)
     if p == 0:  # compute accounting: pairs executed, tokens
-        tl.atomic_add(counters_ptr + 1, pairs.to(tl.int64))
-        tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T)
+        tl.atomic_add(counters_ptr + 1, pairs.to(tl.int64), sem="relaxed")
+        tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T, sem="relaxed")
     incl = tl.cumsum(any_e, axis=0)          # selected experts among 0..e; equals n_sel past the last one
     n = tl.sum(any_e, axis=0) * ES           # selected neurons, laid end to end in expert order
     lo = (p * n) // P

@@ -39,8 +39,8 @@ def _scan_kernel(counts_ptr, starts_ptr, tile_start_ptr, counters_ptr, T, E, NTB
     tl.store(starts_ptr + offs, incl - c, mask=offs < E * NTB)       # exclusive: pair offset of (e, block)
     total = tl.sum(c, axis=0)
     tl.store(starts_ptr + E * NTB, total)                             # total pairs
-    tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T)           # compute accounting
-    tl.atomic_add(counters_ptr + 1, total.to(tl.int64))
+    tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T, sem="relaxed")           # compute accounting
+    tl.atomic_add(counters_ptr + 1, total.to(tl.int64), sem="relaxed")
     offs_e = tl.arange(0, BLOCK_E)
     emask = offs_e < E
     first = tl.load(starts_ptr + offs_e * NTB, mask=emask, other=0)    # (same program: stores above are visible)

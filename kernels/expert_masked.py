@@ -38,6 +38,15 @@ MODES = {"scores": 0, "router": 1, "router+override": 2, "all": 3}
 
 
 @triton.jit
+def span_selection(scores_ptr, ref_ptr, tau, offs_t, tmask, offs_n, nmask, ES, stride_s):
+    """[BLOCK_T, BLOCK_J]: token t runs the expert of neuron n (n // e), the selection rule per element."""
+    s = tl.load(scores_ptr + offs_t[:, None] * stride_s + (offs_n // ES)[None, :], mask=tmask[:, None] & nmask[None, :],
+                other=-1.0).to(tl.float32)
+    m = tl.load(ref_ptr + offs_t, mask=tmask, other=0.0).to(tl.float32)
+    return (s >= tau * m[:, None]) & tmask[:, None] & nmask[None, :]
+
+
+@triton.jit
 def _masked_up_kernel(
     x_ptr, hid_ptr, w1_ptr, w2_ptr, scores_ptr, ref_ptr, tau, guard, w_in_ptr, w_up_ptr, b_in_ptr, h_ptr, counters_ptr,
     T, D, ES, E, ER, W, E_OFF, PAIRS, stride_x, stride_h, stride_s,
@@ -54,22 +63,23 @@ def _masked_up_kernel(
     if MODE == 0:  # tiles over the E*e neurons laid end to end: a tile may span experts (small experts)
         offs_n = c * BLOCK_J + tl.arange(0, BLOCK_J)
         nmask = offs_n < E * ES
-        e_n = offs_n // ES
-        s = tl.load(scores_ptr + offs_t[:, None] * stride_s + e_n[None, :], mask=tmask[:, None] & nmask[None, :],
-                    other=-1.0).to(tl.float32)
-        m = tl.load(ref_ptr + offs_t, mask=tmask, other=0.0).to(tl.float32)
-        sel2 = (s >= tau * m[:, None]) & tmask[:, None] & nmask[None, :]
+        sel2 = span_selection(scores_ptr, ref_ptr, tau, offs_t, tmask, offs_n, nmask, ES, stride_s)
         first = (offs_n % ES == 0) & nmask  # each expert's pairs are counted where its first neuron lies
-        tl.atomic_add(counters_ptr + 1, tl.sum(tl.sum((sel2 & first[None, :]).to(tl.int32), axis=1), axis=0).to(tl.int64))
+        n_first = tl.sum(tl.sum((sel2 & first[None, :]).to(tl.int32), axis=1), axis=0)
+        n_any = tl.sum(tl.sum(sel2.to(tl.int32), axis=1), axis=0)
+        # the [BLOCK_T, BLOCK_J] mask dies here (it would hold registers through the GEMM); it is
+        # recomputed from the scores after the GEMM, past the counter update, so it is not kept
+        tl.atomic_add(counters_ptr + 1, n_first.to(tl.int64), sem="relaxed")
         if (tb == 0) & (c == 0):
-            tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T)
+            tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T, sem="relaxed")
         hp = h_ptr + offs_t.to(tl.int64)[:, None] * (E * ES) + offs_n[None, :]
         hmask = tmask[:, None] & nmask[None, :]
-        if tl.sum(tl.sum(sel2.to(tl.int32), axis=1), axis=0) == 0:
+        if n_any == 0:
             tl.store(hp, tl.zeros((BLOCK_T, BLOCK_J), dtype=h_ptr.dtype.element_ty), mask=hmask)
         else:
             h = expert_hidden(x_ptr, offs_t, tmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, 0, offs_n, nmask, D, ES,
                               GATED, HAS_BIAS, ACT, UPCAST, BLOCK_T, BLOCK_J, BLOCK_K)
+            sel2 = span_selection(scores_ptr, ref_ptr, tau, offs_t, tmask, offs_n, nmask, ES, stride_s)
             tl.store(hp, tl.where(sel2, h, 0.0).to(h_ptr.dtype.element_ty), mask=hmask)
         return
     if MODE == 3:
@@ -83,9 +93,9 @@ def _masked_up_kernel(
             sel = (selected(scores_ptr, ref_ptr, tau, offs_t, tmask, e, stride_s) | (s_e > guard)) & tmask
     n_sel = tl.sum(sel.to(tl.int32), axis=0)
     if c == 0:  # compute accounting: pairs once per (token block, expert), tokens once
-        tl.atomic_add(counters_ptr + 1, n_sel.to(tl.int64) * PAIRS)
+        tl.atomic_add(counters_ptr + 1, n_sel.to(tl.int64) * PAIRS, sem="relaxed")
         if (tb == 0) & (e == 0):
-            tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T)
+            tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T, sem="relaxed")
     offs_j = c * BLOCK_J + tl.arange(0, BLOCK_J)
     jmask = offs_j < ES
     hp = h_ptr + offs_t.to(tl.int64)[:, None] * (E * ES) + (e * ES + offs_j)[None, :]

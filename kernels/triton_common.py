@@ -59,9 +59,9 @@ def count_selected(sel, counters_ptr, e, c, T):
     """Compute accounting from a per-expert program: pairs executed (once per expert), tokens (once)."""
     n_sel = tl.sum(sel.to(tl.int32), axis=0)
     if c == 0:
-        tl.atomic_add(counters_ptr + 1, n_sel.to(tl.int64))
+        tl.atomic_add(counters_ptr + 1, n_sel.to(tl.int64), sem="relaxed")
         if e == 0:
-            tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T)
+            tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T, sem="relaxed")
     return n_sel
 
 
