@@ -66,6 +66,41 @@ def test_experts_without_tokens_and_single_expert_tokens():
     assert torch.allclose(out[:4].double(), manual[:4], atol=1e-5)
 
 
+@pytest.mark.parametrize("chosen", [[0], [11], [0, 1, 2], [3, 4, 9, 10, 11], [0, 2, 4, 6, 8, 10], list(range(12))])
+def test_one_token_runs_of_consecutive_experts(chosen):
+    """One token: a product per run of consecutive selected experts (on weight views); runs at the
+    ends, single experts, every other expert, all of them."""
+    from d2dmoe_kernels.cpu import _runs
+
+    E, e, d = 12, 16, 48
+    for gated in (False, True):
+        w = make_layer(E, e, d, gated, seed=len(chosen))
+        x = torch.randn(1, d)
+        mask = torch.zeros(1, E, dtype=torch.bool)
+        mask[0, chosen] = True
+        assert sum(b - a for a, b in _runs(chosen)) == len(chosen)
+        assert all(b < c for (_, b), (c, _) in zip(_runs(chosen), _runs(chosen)[1:]))  # maximal runs
+        got = dynamic_k_experts_cpu(x, mask, **w, activation="gelu_tanh")
+        assert rel_err(got, dynamic_k_experts_reference(x, mask, **w, activation="gelu_tanh")) < 1e-5
+
+
+@pytest.mark.parametrize("per_token", [1, 6])
+def test_both_cpu_strategies(per_token):
+    """64 tokens, each selecting `per_token` of 12 experts: 1 -> the expert loop (every expert in play,
+    each used by ~1/12 of the tokens), 6 -> products over runs of the experts in play; both equal the
+    reference, idle experts included."""
+    from d2dmoe_kernels.cpu import by_runs
+
+    E, e, d, T = 12, 16, 48, 64
+    w = make_layer(E, e, d, False, seed=per_token)
+    x = torch.randn(T, d)
+    mask = torch.zeros(T, E, dtype=torch.bool)
+    mask.scatter_(1, torch.rand(T, E - 2).argsort(dim=1)[:, :per_token], True)  # experts 10, 11 idle
+    assert by_runs(mask) == (per_token == 6)
+    got = dynamic_k_experts_cpu(x, mask, **w, activation="relu")
+    assert rel_err(got, dynamic_k_experts_reference(x, mask, **w, activation="relu")) < 1e-5
+
+
 def test_cpu_op_bf16_upcasts():
     E, e, d = 8, 32, 64
     w = make_layer(E, e, d, gated=True, dtype=torch.bfloat16)
