@@ -38,15 +38,6 @@ MODES = {"scores": 0, "router": 1, "router+override": 2, "all": 3}
 
 
 @triton.jit
-def span_selection(scores_ptr, ref_ptr, tau, offs_t, tmask, offs_n, nmask, ES, stride_s):
-    """[BLOCK_T, BLOCK_J]: token t runs the expert of neuron n (n // e), the selection rule per element."""
-    s = tl.load(scores_ptr + offs_t[:, None] * stride_s + (offs_n // ES)[None, :], mask=tmask[:, None] & nmask[None, :],
-                other=-1.0).to(tl.float32)
-    m = tl.load(ref_ptr + offs_t, mask=tmask, other=0.0).to(tl.float32)
-    return (s >= tau * m[:, None]) & tmask[:, None] & nmask[None, :]
-
-
-@triton.jit
 def _masked_up_kernel(
     x_ptr, hid_ptr, w1_ptr, w2_ptr, scores_ptr, ref_ptr, tau, guard, w_in_ptr, w_up_ptr, b_in_ptr, h_ptr, counters_ptr,
     T, D, ES, E, ER, W, E_OFF, PAIRS, stride_x, stride_h, stride_s,
@@ -63,12 +54,13 @@ def _masked_up_kernel(
     if MODE == 0:  # tiles over the E*e neurons laid end to end: a tile may span experts (small experts)
         offs_n = c * BLOCK_J + tl.arange(0, BLOCK_J)
         nmask = offs_n < E * ES
-        sel2 = span_selection(scores_ptr, ref_ptr, tau, offs_t, tmask, offs_n, nmask, ES, stride_s)
+        s = tl.load(scores_ptr + offs_t[:, None] * stride_s + (offs_n // ES)[None, :],
+                    mask=tmask[:, None] & nmask[None, :], other=-1.0).to(tl.float32)
+        m = tl.load(ref_ptr + offs_t, mask=tmask, other=0.0).to(tl.float32)
+        sel2 = (s >= tau * m[:, None]) & tmask[:, None] & nmask[None, :]  # token t runs neuron n's expert
         first = (offs_n % ES == 0) & nmask  # each expert's pairs are counted where its first neuron lies
         n_first = tl.sum(tl.sum((sel2 & first[None, :]).to(tl.int32), axis=1), axis=0)
         n_any = tl.sum(tl.sum(sel2.to(tl.int32), axis=1), axis=0)
-        # the [BLOCK_T, BLOCK_J] mask dies here (it would hold registers through the GEMM); it is
-        # recomputed from the scores after the GEMM, past the counter update, so it is not kept
         tl.atomic_add(counters_ptr + 1, n_first.to(tl.int64), sem="relaxed")
         if (tb == 0) & (c == 0):
             tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T, sem="relaxed")
@@ -79,7 +71,6 @@ def _masked_up_kernel(
         else:
             h = expert_hidden(x_ptr, offs_t, tmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, 0, offs_n, nmask, D, ES,
                               GATED, HAS_BIAS, ACT, UPCAST, BLOCK_T, BLOCK_J, BLOCK_K)
-            sel2 = span_selection(scores_ptr, ref_ptr, tau, offs_t, tmask, offs_n, nmask, ES, stride_s)
             tl.store(hp, tl.where(sel2, h, 0.0).to(h_ptr.dtype.element_ty), mask=hmask)
         return
     if MODE == 3:
