@@ -32,12 +32,13 @@ def _expert_hidden(xs, w_in, w_up, b_in, activation):
 RUNS_MIN_DENSITY = ((16, 0.0), (64, 1 / 3), (float("inf"), 2 / 3))
 
 
-def by_runs(mask: torch.Tensor) -> bool:
-    """The strategy for a [T, E] mask: products over runs of the experts in play (True) or the loop
-    over experts computing only the selected pairs (False)."""
+def by_runs(mask: torch.Tensor, used: torch.Tensor) -> bool:
+    """The strategy for a [T, E] mask whose experts in play are ``used`` ([E], ``mask.any(0)``):
+    products over runs of those experts (True) or the loop over experts computing only the
+    selected pairs (False)."""
     T = mask.shape[0]
     bound = next(density for tokens, density in RUNS_MIN_DENSITY if T <= tokens)
-    return int(mask.sum()) >= bound * T * int(mask.any(dim=0).sum())
+    return int(mask.sum()) >= bound * T * int(used.sum())
 
 
 def _runs(experts: list[int]) -> list[tuple[int, int]]:
@@ -66,7 +67,7 @@ def dynamic_k_experts_cpu(
     d_out = w_out.shape[2]  # may differ from d (attention projections as experts)
     out = torch.zeros(T, d_out, dtype=torch.float32, device=x.device)
     used = mask.any(dim=0)
-    if by_runs(mask):
+    if by_runs(mask, used):
         # The experts any token selected, as runs of consecutive experts: contiguous weight blocks,
         # one product per run on views (no copy), unselected (token, expert) pairs zeroed. One token:
         # exactly its experts; every expert selected: the dense MLP.
