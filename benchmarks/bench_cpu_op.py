@@ -9,7 +9,8 @@ Gemma 3 270M FFN (640 -> 2048, gated GELU-tanh). Routing is controlled: every to
 ``fraction`` of the experts (independent per token); the router's cost is included (its forward and
 the selection rule run as in the op). Time = median of ``--repeats`` calls after warm-up,
 ``time.perf_counter``; dense = vLLM's layout (fused gate/up GEMM, act * mul, down GEMM, or
-fc + bias, act, proj + bias). Writes ``benchmarks/results/cpu-op-<host>.json``.
+fc + bias, act, proj + bias; the weights of bench_kernels.py). Writes
+``benchmarks/results/cpu-op-<dtype>-<threads>threads.json``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-
+from bench_kernels import dense_forward, make_dense, make_moe
 from provenance import ROOT, provenance
 
 from d2dmoe_kernels.cpu import dynamic_k_experts_cpu
-from d2dmoe_kernels.reference import apply_activation, router_scores, select_experts
+from d2dmoe_kernels.reference import router_scores, select_experts
 
 SHAPES = {"gpt2-ffn": (768, 3072, False, "relu"), "gemma3-270m-ffn": (640, 2048, True, "gelu_tanh")}
 TOKENS = (1, 8, 64, 512)
@@ -56,26 +56,18 @@ def main():
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: (torch.randn(*s, generator=g) / s[-1] ** 0.5).to(dtype)  # noqa: E731
+    torch.manual_seed(0)
     rows = []
     with torch.inference_mode():
         for name, (d, dff, gated, act) in SHAPES.items():
             E, es, width = 32, dff // 32, 128
-            w_gu, w_down = r(2 * dff if gated else dff, d), r(d, dff)
-            b_fc, b_proj = (None, None) if gated else (r(dff), r(d))
-            experts = dict(w_in=r(E, es, d), w_up=r(E, es, d) if gated else None, w_out=r(E, es, d),
-                           b_in=None if gated else r(E, es), b_out=None if gated else r(d))
-            r_in, r_out = r(width, d), r(E, width)
-
-            def dense(x):
-                if gated:
-                    gate, up = F.linear(x, w_gu).chunk(2, dim=-1)
-                    return F.linear(apply_activation(gate, act) * up, w_down)
-                return F.linear(apply_activation(F.linear(x, w_gu, b_fc), act), w_down, b_proj)
+            dense_w = make_dense(d, dff, gated, dtype, device="cpu")
+            moe_w = make_moe(d, dff, gated, es, width, dtype, device="cpu")
+            r_in, r_out = moe_w.pop("router_in"), moe_w.pop("router_out")
 
             for T in (1, 8) if args.quick else TOKENS:
                 x = torch.randn(T, d, generator=g).to(dtype)
-                dense_us = timed(lambda: dense(x), args.repeats)
+                dense_us = timed(lambda: dense_forward(x, dense_w, gated, act), args.repeats)
                 for fraction in (0.3,) if args.quick else FRACTIONS:
                     k = max(1, round(fraction * E))
                     mask = torch.zeros(T, E, dtype=torch.bool)
@@ -83,7 +75,7 @@ def main():
 
                     def moe():
                         select_experts(router_scores(x, r_in, r_out), 0.5)  # the router's cost, as in the op
-                        return dynamic_k_experts_cpu(x, mask, **experts, activation=act)
+                        return dynamic_k_experts_cpu(x, mask, **moe_w, activation=act)
 
                     moe_us = timed(moe, args.repeats)
                     rows.append(dict(shape=name, expert_size=es, tokens=T, fraction=k / E, dense_us=round(dense_us, 1),

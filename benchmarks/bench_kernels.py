@@ -34,14 +34,14 @@ FRACTIONS = (0.1, 0.3, 0.5, 1.0)
 L2_ROTATE_BYTES = 256 << 20
 
 
-def make_dense(d, dff, gated, dtype):
+def make_dense(d, dff, gated, dtype, device="cuda"):
     s = d**-0.5
     if gated:
-        return dict(gate_up=torch.randn(2 * dff, d, device="cuda", dtype=dtype) * s,
-                    down=torch.randn(d, dff, device="cuda", dtype=dtype) * dff**-0.5)
-    return dict(fc=torch.randn(dff, d, device="cuda", dtype=dtype) * s, b1=torch.zeros(dff, device="cuda", dtype=dtype),
-                proj=torch.randn(d, dff, device="cuda", dtype=dtype) * dff**-0.5,
-                b2=torch.zeros(d, device="cuda", dtype=dtype))
+        return dict(gate_up=torch.randn(2 * dff, d, device=device, dtype=dtype) * s,
+                    down=torch.randn(d, dff, device=device, dtype=dtype) * dff**-0.5)
+    return dict(fc=torch.randn(dff, d, device=device, dtype=dtype) * s, b1=torch.zeros(dff, device=device, dtype=dtype),
+                proj=torch.randn(d, dff, device=device, dtype=dtype) * dff**-0.5,
+                b2=torch.zeros(d, device=device, dtype=dtype))
 
 
 def dense_forward(x, w, gated, activation):
@@ -52,13 +52,13 @@ def dense_forward(x, w, gated, activation):
     return F.linear(apply_activation(F.linear(x, w["fc"], w["b1"]), activation), w["proj"], w["b2"])
 
 
-def make_moe(d, dff, gated, es, width, dtype):
+def make_moe(d, dff, gated, es, width, dtype, device="cuda"):
     E = dff // es
-    r = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)  # noqa: E731
+    r = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
     return dict(router_in=r(width, d) * d**-0.5, router_out=r(E, width) * width**-0.5,
                 w_in=r(E, es, d) * d**-0.5, w_up=r(E, es, d) * d**-0.5 if gated else None,
-                w_out=r(E, es, d) * dff**-0.5, b_in=None if gated else torch.zeros(E, es, device="cuda", dtype=dtype),
-                b_out=None if gated else torch.zeros(d, device="cuda", dtype=dtype))
+                w_out=r(E, es, d) * dff**-0.5, b_in=None if gated else torch.zeros(E, es, device=device, dtype=dtype),
+                b_out=None if gated else torch.zeros(d, device=device, dtype=dtype))
 
 
 def routing_scores(T, E, fraction, routing, dtype):
