@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernels import copies_for, graphed, make_moe, routing_scores, time_us  # noqa: E402
 
-from d2dmoe_kernels.configs import CONFIG_DIR, config_file, kernel_config, path_config  # noqa: E402
+from d2dmoe_kernels.configs import config_file, kernel_config, own_file_name, path_config  # noqa: E402
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 
 SHAPES = [(768, 3072, False, 64), (768, 3072, False, 128), (640, 2048, True, 64), (640, 2048, True, 128),
@@ -52,7 +52,7 @@ def main():
     start = config_file(device)
     tuned = json.loads(start.read_text()) if start is not None else {}
     tuned["_comment"] = (f"tuned by benchmarks/tune_kernels.py on {device} (paths {args.paths})"
-                         + (f"; other keys from {start.name}" if start is not None and start.stem != device.replace(" ", "_")
+                         + (f"; other keys from {start.name}" if start is not None and start.name != own_file_name(device)
                             else ""))
     paths = {p: GRID[p] for p in args.paths.split(",")}
     for (d, dff, gated, es), (path, (T, grid)) in itertools.product(SHAPES, paths.items()):
@@ -109,7 +109,7 @@ def main():
         del ws
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / (device.replace(" ", "_") + ".json")
+    path = args.out / own_file_name(device)
     path.write_text(json.dumps(tuned, indent=1))
     print(f"wrote {path}")
 

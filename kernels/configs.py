@@ -14,9 +14,14 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).with_name("configs")
 
 
+def own_file_name(device_name: str) -> str:
+    """The name of a device's own tuned file: ``torch.cuda.get_device_name()``, spaces as underscores."""
+    return device_name.replace(" ", "_") + ".json"
+
+
 def config_file(device_name: str) -> Path | None:
     """The tuned file a device uses: its own, else its family's (``fallbacks.json``), else None."""
-    own = CONFIG_DIR / (device_name.replace(" ", "_") + ".json")
+    own = CONFIG_DIR / own_file_name(device_name)
     if own.is_file():
         return own
     fallbacks = json.loads((CONFIG_DIR / "fallbacks.json").read_text())
