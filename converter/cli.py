@@ -52,6 +52,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsify-lr", type=float, default=d.lr)
     s.add_argument("--hoyer-alpha", type=float, default=d.alpha, help=f"square-Hoyer weight (default {d.alpha})")
     s.add_argument("--warmup", type=int, default=d.warmup)
+    s.add_argument("--sparsify-distill", type=float, default=d.distill,
+                   help="weight in [0, 1] of KL to the original model's next-token distribution (the rest is "
+                        f"cross-entropy; default {d.distill})")
+    s.add_argument("--sparsify-passes", type=int, default=d.passes,
+                   help=f"times the training text may be reused (default {d.passes})")
     s.add_argument("--save-every", type=int, default=d.save_every, help="steps between resumable training states")
     r = RouterOptions()
     rg = ap.add_argument_group("routers")
@@ -89,7 +94,8 @@ def options(args: argparse.Namespace) -> ConvertOptions:
         work_dir=args.work_dir, corpus=args.corpus, heldout=args.heldout, device=args.device,
         sparsify=SparsifyOptions(steps=args.sparsify_steps, batch=args.sparsify_batch, accum=args.sparsify_accum,
                                  seq_len=args.seq_len, lr=args.sparsify_lr, warmup=args.warmup, alpha=args.hoyer_alpha,
-                                 save_every=args.save_every),
+                                 save_every=args.save_every, distill=args.sparsify_distill,
+                                 passes=args.sparsify_passes),
         routers=RouterOptions(width=args.router_width, tokens=args.router_tokens, seq_len=args.seq_len,
                               steps=args.router_steps, batch=args.router_batch, lr=args.router_lr),
         calibrate=CalibrateOptions(budget=args.budget, tokens=args.calib_tokens, eval_tokens=args.eval_tokens,

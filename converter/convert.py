@@ -117,7 +117,9 @@ def check_options(opts: ConvertOptions) -> None:
     for name, value in (("--sparsify-steps", opts.sparsify.steps), ("--router-steps", opts.routers.steps)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    for name, value in (("--sparsify-batch", opts.sparsify.batch), ("--sparsify-accum", opts.sparsify.accum),
+    if not 0 <= opts.sparsify.distill <= 1:
+        raise ValueError(f"--sparsify-distill is a weight in [0, 1], got {opts.sparsify.distill}")
+    for name, value in (("--sparsify-passes", opts.sparsify.passes), ("--sparsify-batch", opts.sparsify.batch), ("--sparsify-accum", opts.sparsify.accum),
                         ("--seq-len", opts.sparsify.seq_len), ("--router-tokens", opts.routers.tokens),
                         ("--router-batch", opts.routers.batch), ("--calib-tokens", opts.calibrate.tokens),
                         ("--eval-tokens", opts.calibrate.eval_tokens)):
@@ -229,7 +231,8 @@ def prepare_text(dense: DenseModel, opts: ConvertOptions, measure: bool) -> Text
     data = TextData(corpus=corpus.name)
     if sp.steps:
         data.sparsify = token_sequences(tok, corpus.train, sp.steps * sp.accum * sp.batch, sp.seq_len, bos=bos,
-                                        shuffle_seed=opts.seed, what=f"sparsify ({sp.steps} steps x {sp.accum} x {sp.batch})")
+                                        shuffle_seed=opts.seed, what=f"sparsify ({sp.steps} steps x {sp.accum} x {sp.batch})",
+                                        passes=sp.passes)
     if ro.steps:
         data.routers = token_sequences(tok, corpus.train, -(-ro.tokens // ro.seq_len), ro.seq_len, bos=bos,
                                        shuffle_seed=opts.seed + 1, what=f"routers ({ro.tokens} tokens)")
@@ -288,8 +291,10 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
     if opts.sparsify.steps:
         def run_sparsify(part: Path) -> dict:
             model = build_model(dense, device=device)
+            teacher = build_model(source, device=device).requires_grad_(False).eval() if opts.sparsify.distill else None
             relufy_(model)
-            log = finetune(model, text.sparsify, opts.sparsify, part / "train_state.pt")
+            log = finetune(model, text.sparsify, opts.sparsify, part / "train_state.pt", teacher)
+            del teacher
             save_dense(dense.config, state_dict_for_export(model), dense, part)
             plot_log(log["log"], part / "sparsify.png")
             (part / "train_state.pt").unlink(missing_ok=True)

@@ -121,27 +121,30 @@ def load_corpus(corpus: str | None = None, heldout: str | None = None) -> Corpus
 
 
 def token_sequences(tokenizer, docs: tuple[str, ...], num_seqs: int, seq_len: int, *, bos: int | None,
-                    shuffle_seed: int | None = None, what: str = "this stage") -> torch.Tensor:
+                    shuffle_seed: int | None = None, what: str = "this stage", passes: int = 1) -> torch.Tensor:
     """[num_seqs, seq_len] token ids: the documents (in seeded random order if ``shuffle_seed``)
     joined by EOS, cut into sequences; each starts with ``bos`` unless it is None (Gemma needs
-    BOS: ``DenseModel.bos_token_id``).
+    BOS: ``DenseModel.bos_token_id``). With ``passes`` > 1 the text may be read up to that many
+    times (each later pass in its own order) when one pass is too short.
     Raises CorpusError naming the shortfall when the text runs out."""
-    order = list(range(len(docs)))
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(order)
     eos = tokenizer.eos_token_id
     body = seq_len - (bos is not None)
     need = num_seqs * body
     stream: list[int] = []
-    for i in order:
-        if len(stream) >= need:
-            break
-        stream += tokenizer(docs[i], add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            stream.append(eos)
+    for p in range(passes):
+        order = list(range(len(docs)))
+        if shuffle_seed is not None or p > 0:
+            random.Random((shuffle_seed or 0) + 1000 * p).shuffle(order)
+        for i in order:
+            if len(stream) >= need:
+                break
+            stream += tokenizer(docs[i], add_special_tokens=False)["input_ids"]
+            if eos is not None:
+                stream.append(eos)
     if len(stream) < need:
-        raise CorpusError(f"the corpus gives {len(stream):,} tokens but {what} asks for {need:,} "
-                          f"({num_seqs} sequences of {seq_len}). Fix: ask for fewer steps/tokens, or pass a larger corpus")
+        raise CorpusError(f"the corpus gives {len(stream):,} tokens in {passes} pass(es) but {what} asks for "
+                          f"{need:,} ({num_seqs} sequences of {seq_len}). Fix: ask for fewer steps/tokens, allow more "
+                          "passes over the text (--sparsify-passes), or pass a larger corpus")
     ids = torch.tensor(stream[:need], dtype=torch.long).reshape(num_seqs, body)
     if bos is not None:
         ids = torch.cat([torch.full((num_seqs, 1), bos, dtype=torch.long), ids], dim=1)

@@ -467,7 +467,8 @@ def _value(entry: dict, kind: str, name: str) -> float:
 
 
 def plot_quality(result: dict, path: str | Path, x_key: str = "model_compute", title: str = "") -> None:
-    """One panel per quality number, quality against compute, one curve per method, dense dashed."""
+    """One panel per quality number, quality against compute, one curve per method, dense dotted; and,
+    when the experts were cut from a fine-tuned copy, the model before fine-tuning (``original``) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -484,6 +485,9 @@ def plot_quality(result: dict, path: str | Path, x_key: str = "model_compute", t
             ax.plot([p[x_key] for p in pts], [_value(p, kind, name) for p in pts], style, color=color, label=method)
         if result["dense"] is not None:
             ax.axhline(_value(result["dense"], kind, name), color="gray", ls=":", lw=1.2, label="dense")
+        if result.get("original") is not None:
+            ax.axhline(_value(result["original"], kind, name), color="black", ls="--", lw=1,
+                       label="original (before ReLU-fication)")
         if kind == "tasks":
             chance = result.get("data", {}).get("tasks", {}).get(name, {}).get("chance")
             if chance:

@@ -2,6 +2,10 @@
 
 GPT-2: ``c_proj(ReLU(c_fc x))``; Gemma: ``down(ReLU(gate x) * up x)``, the Hoyer term on ReLU(gate x).
     L = L_task + alpha * mean_over_FFN_layers( mean_over_tokens( ||a||_1^2 / ||a||_2^2 ) )
+L_task is next-token cross-entropy on the training text, or with ``distill`` = w > 0
+(1 - w) * cross-entropy + w * KL(original || ReLU-fied) on the next-token distributions: the original
+model (its own activation, frozen) is the teacher, which recovers more of its quality from the few
+million tokens a registry corpus holds than cross-entropy alone.
 AdamW, linear warm-up then cosine, gradient clipping, gradient accumulation, bf16 autocast on the
 GPU (fp32 master weights). A training state is saved every ``save_every`` steps, so an interrupted
 run resumes where it stopped.
@@ -34,6 +38,8 @@ class SparsifyOptions:
     alpha: float = 1e-4           # square-Hoyer weight
     clip: float = 1.0
     save_every: int = 50
+    distill: float = 0.0          # weight of KL to the original model's next-token distribution, in [0, 1]
+    passes: int = 1               # times the training text may be reused when steps ask for more than it holds
 
 
 def square_hoyer(a: torch.Tensor) -> torch.Tensor:
@@ -58,6 +64,14 @@ class HoyerReLU(nn.Module):
         return a
 
 
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) of the next-token distributions (fp32)."""
+    vocab = student_logits.shape[-1]
+    log_s = torch.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)
+    log_t = torch.log_softmax(teacher_logits.float().reshape(-1, vocab), dim=-1)
+    return nn.functional.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+
 def relufy_(model: nn.Module) -> list[HoyerReLU]:
     """Swap every FFN activation (the gate's, for Gemma) for a HoyerReLU, in place."""
     acts = []
@@ -75,9 +89,13 @@ def lr_at(step: int, opts: SparsifyOptions) -> float:
     return opts.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_file: Path) -> dict:
+def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_file: Path,
+             teacher: nn.Module | None = None) -> dict:
     """Fine-tune ``model`` (already ReLU-fied) on ``seqs`` [steps*accum*batch, seq_len]; resumes
-    from ``state_file`` if present. Returns the training log."""
+    from ``state_file`` if present. ``teacher`` (the original model, frozen) is needed when
+    ``opts.distill`` > 0. Returns the training log."""
+    if opts.distill > 0 and teacher is None:
+        raise ValueError("distill > 0 needs the original model as teacher")
     device = next(model.parameters()).device
     acts = [getattr(layer.mlp, activation_attr(layer.mlp)) for layer in decoder_layers(model)]
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0)
@@ -100,7 +118,13 @@ def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_
             i = (step * opts.accum + micro) * opts.batch
             ids = seqs[i : i + opts.batch].to(device)
             with torch.autocast(**autocast):
-                task = model(input_ids=ids, labels=ids).loss
+                out = model(input_ids=ids, labels=ids)
+                task = out.loss
+                if opts.distill > 0:
+                    with torch.no_grad():
+                        teacher_logits = teacher(input_ids=ids).logits
+                    kl = distill_loss(out.logits[:, :-1], teacher_logits[:, :-1])
+                    task = (1 - opts.distill) * task + opts.distill * kl
             hoyer = torch.stack([a.hoyer for a in acts]).mean()
             ((task + opts.alpha * hoyer) / opts.accum).backward()
             task_sum += float(task.detach()) / opts.accum

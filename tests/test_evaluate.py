@@ -13,7 +13,7 @@ import torch
 from d2dmoe_converter import eval_data
 from d2dmoe_converter.cli import main as convert_cli
 from d2dmoe_converter.dense import load_dense
-from d2dmoe_converter.evaluate import (EvalOptions, build_moe, choice_logprobs, compute_fractions,
+from d2dmoe_converter.evaluate import (EvalOptions, plot_quality, build_moe, choice_logprobs, compute_fractions,
                                        compute_without_lm_head, evaluate, flops_per_token, format_table,
                                        load_checkpoint, main, prepare_data, score_choices)
 from d2dmoe_converter.hf_model import build_model
@@ -84,7 +84,7 @@ def test_usage_histograms_count_every_token(gpt2_sweep, dense_dir):
     assert result["points"][0]["usage"]["experts_per_token_hist"][0][-1] == tokens  # tau = 0: all experts
 
 
-def test_json_schema_and_plots(gpt2_sweep):
+def test_json_schema_and_plots(gpt2_sweep, tmp_path):
     result, out, _ = gpt2_sweep
     saved = json.loads(out.read_text())
     assert set(saved["dense"]) >= {"ppl", "tasks"}
@@ -101,6 +101,11 @@ def test_json_schema_and_plots(gpt2_sweep):
     for suffix in ("-quality.png", "-quality-ffn.png", "-usage.png"):
         png = out.with_name(out.stem + suffix)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    # experts cut from a fine-tuned copy: the model before fine-tuning is drawn as a second reference line
+    plain, with_original = tmp_path / "plain.png", tmp_path / "original.png"
+    plot_quality(saved, plain)
+    plot_quality({**saved, "original": saved["points"][-1]}, with_original)
+    assert plain.read_bytes() != with_original.read_bytes()
 
 
 def test_model_compute_by_hand():

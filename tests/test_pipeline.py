@@ -14,11 +14,12 @@ from safetensors.torch import load_file
 
 from conftest import subprocess_env
 from d2dmoe_converter.cli import main as convert_cli
-from d2dmoe_converter.dense import load_dense
+from d2dmoe_converter.dense import DenseModel, load_dense
 from d2dmoe_converter.hf_model import build_model
 from d2dmoe_converter.moe_model import attach_experts, ffn_fraction, run_base, set_selection
 from d2dmoe_converter.routers import RouterOptions, train_layer_router
-from d2dmoe_converter.sparsify import HoyerReLU, square_hoyer
+from d2dmoe_converter.corpus import CorpusError, token_sequences
+from d2dmoe_converter.sparsify import HoyerReLU, SparsifyOptions, distill_loss, finetune, relufy_, square_hoyer
 
 FAST = ["--router-tokens", "4096", "--router-steps", "200", "--calib-tokens", "1024", "--eval-tokens", "1024",
         "--seq-len", "128", "--expert-size", "32"]
@@ -31,6 +32,58 @@ def test_square_hoyer_matches_hand_computation():
     act = HoyerReLU().train()
     act(torch.tensor([[-1.0, 2.0, 2.0]]))
     assert act.hoyer.item() == pytest.approx(16 / 8, rel=1e-6) and act.zero_fraction == pytest.approx(1 / 3)
+
+
+def test_distill_loss_is_kl_of_teacher_to_student():
+    t = torch.tensor([[[0.0, 1.0, 2.0]]])
+    assert distill_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
+    s = torch.tensor([[[2.0, 1.0, 0.0]]])
+    p, q = torch.softmax(t[0, 0], -1), torch.softmax(s[0, 0], -1)
+    assert distill_loss(s, t).item() == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-5)
+
+
+def test_distillation_pulls_relufied_model_toward_original(dense_dir, tmp_path):
+    """KL-only fine-tuning (distill 1, no Hoyer) lowers the ReLU-fied model's KL to the original on
+    held-out sequences; without a teacher the option is refused."""
+    dense = load_dense(dense_dir("gpt2"))
+    no_dropout = {k: 0.0 for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}   # dropout noise would swamp the KL
+    dense = DenseModel({**dense.config, **no_dropout}, dense.state, dense.source, dense.tokenizer)
+    teacher = build_model(dense).requires_grad_(False).eval()
+    student = build_model(dense).eval()
+    relufy_(student)
+    g = torch.Generator().manual_seed(0)
+    vocab = dense.config["vocab_size"]
+    seqs, held = torch.randint(0, vocab, (32, 32), generator=g), torch.randint(0, vocab, (8, 32), generator=g)
+
+    def kl():
+        with torch.no_grad():
+            return distill_loss(student(input_ids=held).logits, teacher(input_ids=held).logits).item()
+
+    opts = SparsifyOptions(steps=8, batch=4, seq_len=32, lr=1e-4, warmup=1, alpha=0.0, distill=1.0, save_every=100)
+    with pytest.raises(ValueError, match="teacher"):
+        finetune(student, seqs, opts, tmp_path / "state.pt")
+    before = kl()
+    log = finetune(student, seqs, opts, tmp_path / "state.pt", teacher)["log"]
+    assert before > 0 and kl() < 0.5 * before
+    assert all(r["task_loss"] == r["task_loss"] for r in log)                 # no NaN
+
+
+class _CharTokenizer:
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_token_sequences_reuse_the_text_only_when_passes_allow():
+    docs = ("abcd", "efgh", "ijkl")                                           # 15 tokens per pass with EOS
+    with pytest.raises(CorpusError, match="in 1 pass"):
+        token_sequences(_CharTokenizer(), docs, 4, 6, bos=1)
+    ids = token_sequences(_CharTokenizer(), docs, 4, 6, bos=1, passes=2)
+    assert ids.shape == (4, 6) and (ids[:, 0] == 1).all()
+    stream = ids[:, 1:].reshape(-1).tolist()                                 # 20 tokens: 15 + 5 of pass 2
+    assert sorted(stream[:15]) == sorted([0, 0, 0] + [ord(c) for c in "abcdefghijkl"])
+    assert len(stream) == 20 and set(stream[15:]) <= set(stream[:15])
 
 
 def test_router_training_lowers_heldout_mse():
@@ -176,6 +229,8 @@ def test_moefication_exports_and_serves(dense_dir, tmp_path):
     (["--method", "moefication"], "--method moefication needs --budget"),
     (["--sparsify-steps", "100000", "--sparsify-batch", "64"], "the corpus gives"),
     (["--router-steps", "-1"], "--router-steps must be >= 0"),
+    (["--sparsify-distill", "1.5"], "--sparsify-distill is a weight in [0, 1]"),
+    (["--sparsify-passes", "0"], "--sparsify-passes must be positive"),
 ])
 def test_bad_options_write_nothing(dense_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
