@@ -84,7 +84,7 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
         counters[0] += T
         counters[1] += T * E
         return dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation)
-    fused = path_config(cfg, "fused", D, ES)
+    fused = token_tier(path_config(cfg, "fused", D, ES), T)  # blocks per token count (H200: bigger slices at T=3)
     in_fused = T <= fused["max_tokens"]
     in_masked = not in_fused and masked["min_tokens"] <= T <= masked["max_tokens"]
     own_router = top_k == 0 and ((in_fused and fused.get("own_router", False)) or

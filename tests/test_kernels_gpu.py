@@ -74,7 +74,7 @@ def run(x, w, tau, counters, act="gelu_tanh", top_k=0, route_override=None):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("T", [1, 4, 16, 64, 300, 2048])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 16, 64, 300, 2048])  # 2, 3: the fused path's token tiers
 @pytest.mark.parametrize("tau", [0.0, 0.3, 0.7, 1.0])
 def test_matches_fp64_reference(dtype, shape, T, tau):
     d, dff, es, gated = shape
@@ -143,7 +143,7 @@ def test_every_element_written(T):
     assert not torch.isnan(out).any()
 
 
-@pytest.mark.parametrize("T", [1, 8, 64, 512])
+@pytest.mark.parametrize("T", [1, 3, 8, 64, 512])
 def test_cuda_graph_replay_with_new_routing(T):
     d, dff, es, gated = SHAPES[2]
     w, E, g = make(d, dff, es, gated, torch.bfloat16, 2)

@@ -320,6 +320,29 @@ def test_masked_token_tiers_choose_where_the_router_runs(T):
     assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_fused_token_tiers_pick_the_blocks(T, monkeypatch):
+    """``by_tokens`` tiers of the fused config: the tier covering T sets the blocks the kernel gets
+    (max_tokens stays the path's), and the result matches the reference with any of them."""
+    import d2dmoe_kernels.dispatch as dispatch
+
+    E, ES, D = 6, 32, 32
+    w = layer(E, ES, D, True, 43)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=11)
+    tiers = [[1, dict(BLOCK_K=16)], [2, dict(BLOCK_J=32, num_stages=3)]]
+    cfg = dict(SMALL, fused=dict(FUSED, by_tokens=tiers))
+    seen = []
+    real = dispatch.fused_decode_experts
+    monkeypatch.setattr(dispatch, "fused_decode_experts", lambda *a, **k: seen.append(a[11]) or real(*a, **k))
+    counters = torch.zeros(3, dtype=torch.int64)
+    out = dynamic_k_experts_triton(x, r_in, r_out, 0.5, 0, *w.values(), "gelu_tanh", counters, cfg)
+    check(out, reference(x, select_experts(router_scores(x, r_in, r_out), 0.5), w, "gelu_tanh"))
+    (used,) = seen
+    want = {1: (16, 16, 2), 2: (32, 32, 3), 3: (16, 32, 2)}[T]            # (BLOCK_J, BLOCK_K, num_stages)
+    assert (used["BLOCK_J"], used["BLOCK_K"], used["num_stages"]) == want and used["max_tokens"] == 4
+
+
 @pytest.mark.parametrize("full", [False, True])
 @pytest.mark.parametrize("path", ["fused", "masked"])
 def test_in_kernel_router_with_override_and_shards(path, full):
