@@ -119,8 +119,8 @@ def check_options(opts: ConvertOptions) -> None:
             raise ValueError(f"{name} must be >= 0, got {value}")
     if not 0 <= opts.sparsify.distill <= 1:
         raise ValueError(f"--sparsify-distill is a weight in [0, 1], got {opts.sparsify.distill}")
-    for name, value in (("--sparsify-passes", opts.sparsify.passes), ("--sparsify-batch", opts.sparsify.batch), ("--sparsify-accum", opts.sparsify.accum),
-                        ("--seq-len", opts.sparsify.seq_len), ("--router-tokens", opts.routers.tokens),
+    for name, value in (("--sparsify-passes", opts.sparsify.passes), ("--sparsify-batch", opts.sparsify.batch),
+                        ("--sparsify-accum", opts.sparsify.accum), ("--seq-len", opts.sparsify.seq_len), ("--router-tokens", opts.routers.tokens),
                         ("--router-batch", opts.routers.batch), ("--calib-tokens", opts.calibrate.tokens),
                         ("--eval-tokens", opts.calibrate.eval_tokens)):
         if value <= 0:

@@ -131,6 +131,7 @@ def token_sequences(tokenizer, docs: tuple[str, ...], num_seqs: int, seq_len: in
     body = seq_len - (bos is not None)
     need = num_seqs * body
     stream: list[int] = []
+    tokens: dict[int, list[int]] = {}  # each document is tokenised once, whatever the passes
     for p in range(passes):
         order = list(range(len(docs)))
         if shuffle_seed is not None or p > 0:
@@ -138,7 +139,9 @@ def token_sequences(tokenizer, docs: tuple[str, ...], num_seqs: int, seq_len: in
         for i in order:
             if len(stream) >= need:
                 break
-            stream += tokenizer(docs[i], add_special_tokens=False)["input_ids"]
+            if i not in tokens:
+                tokens[i] = tokenizer(docs[i], add_special_tokens=False)["input_ids"]
+            stream += tokens[i]
             if eos is not None:
                 stream.append(eos)
     if len(stream) < need:

@@ -145,8 +145,8 @@ def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_
             i = (step * opts.accum + micro) * opts.batch
             ids = seqs[i : i + opts.batch].to(device)
             with torch.autocast(**autocast):
-                out = model(input_ids=ids, labels=ids)
-                task = out.loss
+                out = model(input_ids=ids, labels=ids if opts.distill < 1 else None)  # no cross-entropy at w = 1
+                task = out.loss if opts.distill < 1 else 0.0
                 if opts.distill > 0:
                     with torch.no_grad():
                         teacher_logits = teacher(input_ids=ids).logits

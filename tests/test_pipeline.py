@@ -1,7 +1,9 @@
 """The conversion pipeline's stages on tiny models and real text (State of the Union): sparsify,
 split, routers, calibrate, export, resume, the MoEfication baseline, and bad input."""
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -87,6 +89,11 @@ def test_distillation_pulls_relufied_model_toward_original(dense_dir, tmp_path):
     log = finetune(student, seqs, opts, tmp_path / "state.pt", teacher)["log"]
     assert before > 0 and kl() < 0.5 * before
     assert all(r["task_loss"] == r["task_loss"] for r in log)                 # no NaN
+    # a mix: (1 - w) cross-entropy + w KL, both terms finite and the step taken
+    mixed = build_model(dense).eval()
+    relufy_(mixed)
+    log = finetune(mixed, seqs, dataclasses.replace(opts, steps=2, distill=0.5), tmp_path / "mixed.pt", teacher)["log"]
+    assert len(log) == 2 and all(math.isfinite(r["task_loss"]) and r["task_loss"] > 0 for r in log)
 
 
 class _CharTokenizer:
