@@ -62,7 +62,7 @@ from d2dmoe_converter.split import dense_ffn_names
 from d2dmoe_vllm.config import CheckpointError, valid_tau
 
 METHOD_STYLE = {"d2dmoe": ("o-", "tab:blue"), "moefication": ("s--", "tab:orange"),
-                "d2dmoe+attention": ("^-.", "tab:green")}
+                "d2dmoe+attention": ("^-.", "tab:green"), "d2dmoe-oracle": ("o:", "tab:purple")}
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class EvalOptions:
     device: str = "auto"
     dense: bool = True               # evaluate the dense model too (the reference line)
     tags: tuple[tuple[str, str], ...] = ()   # extra key/value pairs written on every point
+    oracle: bool = False             # also sweep D2DMoE checkpoints selecting on the true expert output norms
 
 
 def check_options(opts: EvalOptions) -> None:
@@ -173,13 +174,15 @@ def build_moe(ckpt: Checkpoint, dense: DenseModel, device) -> torch.nn.Module:
     return model
 
 
-def settings_for(ckpt: Checkpoint, opts: EvalOptions) -> list[tuple[str, float, int]]:
-    """(label, tau, top_k) per sweep point of this checkpoint."""
+def settings_for(ckpt: Checkpoint, opts: EvalOptions) -> list[tuple[str, float, int, bool]]:
+    """(label, tau, top_k, oracle) per sweep point of this checkpoint; with ``opts.oracle`` D2DMoE
+    checkpoints get each tau twice, the second time selecting on the true expert output norms."""
     if ckpt.method == "moefication":
         E = ckpt.d2dmoe["num_experts"][0]
         ks = sorted({max(1, min(E, round(f * E))) for f in opts.top_k_fractions}, reverse=True)
-        return [(f"k={k}/{E}", 0.0, k) for k in ks]
-    return [(f"tau={t:g}", float(t), 0) for t in opts.taus]
+        return [(f"k={k}/{E}", 0.0, k, False) for k in ks]
+    points = [(f"tau={t:g}", float(t), 0, False) for t in opts.taus]
+    return points + ([(f"tau={t:g} oracle", float(t), 0, True) for t in opts.taus] if opts.oracle else [])
 
 
 # ---------------------------------------------------------------- compute model
@@ -430,13 +433,14 @@ def evaluate(dense_path: str | Path, checkpoints: list[str | Path], opts: EvalOp
         if not settings or (deadline is not None and time.time() > deadline):
             continue
         model = build_moe(ckpt, dense, device)
-        for label, tau, top_k in settings:
+        for label, tau, top_k, oracle in settings:
             if deadline is not None and time.time() > deadline:
                 break
-            set_selection(model, tau=tau, top_k=top_k)
-            point = {"method": ckpt.method, "setting": label, "tau": tau, "top_k": top_k, "checkpoint": str(ckpt.path),
+            set_selection(model, tau=tau, top_k=top_k, oracle=oracle)
+            method = ckpt.method + ("-oracle" if oracle else "")
+            point = {"method": method, "setting": label, "tau": tau, "top_k": top_k, "checkpoint": str(ckpt.path),
                      **dict(opts.tags)}
-            point.update(measure(model, data, opts, tok, flops, f"{ckpt.method} {label}"))
+            point.update(measure(model, data, opts, tok, flops, f"{method} {label}"))
             result["points"].append(point)
             save()
             bar.update()
@@ -613,6 +617,9 @@ def parser() -> argparse.ArgumentParser:
                     help="keep the points already in --out (written with the same options and checkpoints)")
     ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                     help="written on every point, e.g. conversion=cpu-default")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also sweep D2DMoE checkpoints selecting on the true expert output norms (method "
+                         "'d2dmoe-oracle'): how much of the loss is the routers' error")
     return ap
 
 
@@ -625,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = EvalOptions(taus=args.taus, top_k_fractions=args.top_k_fractions, corpora=args.corpora,
                            tokens=args.tokens, tasks=args.tasks, items=args.items, seq_len=args.seq_len,
                            max_item_tokens=args.max_item_tokens, batch=args.batch, device=args.device,
-                           dense=not args.no_dense, tags=tags)
+                           dense=not args.no_dense, tags=tags, oracle=args.oracle)
         result = evaluate(args.dense, args.checkpoints, opts, out=args.out, resume=args.resume, title=args.title)
     except (CheckpointError, CorpusError, ValueError, FileExistsError) as err:
         print(f"d2dmoe-eval: error: {err}", file=sys.stderr)

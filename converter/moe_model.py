@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from d2dmoe_converter.hf_model import base_model, decoder_layers
+from d2dmoe_converter.routers import router_targets
 from d2dmoe_kernels.reference import dynamic_k_experts_reference, pair_macs, router_scores, select_experts
 from d2dmoe_vllm.checkpoint import layer_prefix, projection_prefix
 from d2dmoe_vllm.config import PROJECTION_ACTIVATION, PROJECTIONS, projection_family
@@ -21,7 +22,9 @@ EXPERT_TENSORS = ("router.in_proj.weight", "router.out_proj.weight", "experts.w_
 
 
 class ReferenceMoEMLP(nn.Module):
-    """One expert layer; ``tau``/``top_k`` may be changed between forwards."""
+    """One expert layer; ``tau``/``top_k`` may be changed between forwards. ``oracle`` (a diagnostic):
+    select on every expert's true output norm, what the router is trained to predict, instead of
+    the router's prediction -- the method's limit without the router's error."""
 
     def __init__(self, tensors: dict[str, torch.Tensor | None], tau: float, top_k: int, activation: str,
                  module: str = "mlp"):
@@ -31,6 +34,7 @@ class ReferenceMoEMLP(nn.Module):
         self.tokens = self.pairs = 0
         self.per_token: list[torch.Tensor] = []   # experts executed by each token, when ``record`` is on
         self.record = False
+        self.oracle = False
 
     @property
     def num_experts(self) -> int:
@@ -44,7 +48,11 @@ class ReferenceMoEMLP(nn.Module):
     def forward(self, x, *args, **kwargs):
         t = self.t
         flat = x.reshape(-1, x.shape[-1])
-        scores = router_scores(flat, t["router.in_proj.weight"].to(flat.dtype), t["router.out_proj.weight"].to(flat.dtype))
+        if self.oracle:
+            scores = router_targets(flat, t, self.activation, "d2dmoe")
+        else:
+            scores = router_scores(flat, t["router.in_proj.weight"].to(flat.dtype),
+                                   t["router.out_proj.weight"].to(flat.dtype))
         mask = select_experts(scores, self.tau, self.top_k)
         self.tokens += flat.shape[0]
         self.pairs += int(mask.sum())
@@ -91,9 +99,9 @@ def projection_layers(model: nn.Module) -> list[ReferenceMoEMLP]:
     return [m for m in expert_layers(model) if m.module != "mlp"]
 
 
-def set_selection(model: nn.Module, tau: float = 0.0, top_k: int = 0) -> None:
+def set_selection(model: nn.Module, tau: float = 0.0, top_k: int = 0, oracle: bool = False) -> None:
     for m in expert_layers(model):
-        m.tau, m.top_k = tau, top_k
+        m.tau, m.top_k, m.oracle = tau, top_k, oracle
         m.tokens = m.pairs = 0
 
 

@@ -17,7 +17,9 @@ from d2dmoe_converter.evaluate import (EvalOptions, plot_quality, build_moe, cho
                                        compute_without_lm_head, evaluate, flops_per_token, format_table,
                                        load_checkpoint, main, prepare_data, score_choices)
 from d2dmoe_converter.hf_model import build_model
-from d2dmoe_converter.moe_model import expert_layers, ffn_fraction, perplexity, set_selection
+from d2dmoe_converter.moe_model import ReferenceMoEMLP, expert_layers, ffn_fraction, perplexity, set_selection
+from d2dmoe_converter.routers import router_targets
+from d2dmoe_kernels.reference import dynamic_k_experts_reference, select_experts
 from d2dmoe_vllm.config import CheckpointError
 
 SMALL = dict(corpora=("sotu", "bbc"), tokens=128, seq_len=64, tasks=("boolq", "arc_easy"), items=3, device="cpu")
@@ -208,3 +210,30 @@ def test_eval_data_readers():
     assert eval_data.task_items("boolq")[0].choices == (" yes", " no")
     docs = eval_data.corpus_documents("bbc")
     assert len(docs) == 2225 and len({d.split("\n")[0] for d in docs[:5]}) == 5
+
+
+def test_oracle_selects_on_true_expert_norms(dense_dir, converted_dir, tmp_path):
+    """--oracle: the layer selects on every expert's true output norm (the routers' regression target);
+    the sweep gets a 'd2dmoe-oracle' curve at the same taus, equal to the routed one at tau = 0."""
+    g = torch.Generator().manual_seed(3)
+    E, e, d = 6, 8, 16
+    t = {"router.in_proj.weight": torch.randn(12, d, generator=g), "router.out_proj.weight": torch.randn(E, 12, generator=g),
+         "experts.w_in": torch.randn(E, e, d, generator=g), "experts.w_up": torch.randn(E, e, d, generator=g),
+         "experts.w_out": torch.randn(E, e, d, generator=g) * torch.linspace(0.1, 3, E)[:, None, None],
+         "experts.b_in": None, "b_out": torch.randn(d, generator=g)}
+    layer = ReferenceMoEMLP(t, 0.5, 0, "relu")
+    x = torch.randn(40, d, generator=g)
+    routed = layer(x)
+    layer.oracle, layer.pairs = True, 0
+    true_norms = router_targets(x, t, "relu", "d2dmoe")
+    mask = select_experts(true_norms, 0.5)
+    torch.testing.assert_close(layer(x), dynamic_k_experts_reference(x, mask, t["experts.w_in"], t["experts.w_up"],
+                                                                   t["experts.w_out"], None, t["b_out"], "relu"))
+    assert layer.pairs == int(mask.sum()) and not torch.allclose(routed, layer(x))
+    opts = EvalOptions(taus=(0.0, 0.5), **SMALL, dense=False, oracle=True)
+    result = evaluate(dense_dir("gpt2"), [converted_dir("gpt2")], opts, out=tmp_path / "q.json", progress=False)
+    assert [(p["method"], p["setting"]) for p in result["points"]] == [
+        ("d2dmoe", "tau=0"), ("d2dmoe", "tau=0.5"), ("d2dmoe-oracle", "tau=0 oracle"), ("d2dmoe-oracle", "tau=0.5 oracle")]
+    routed0, oracle0 = result["points"][0], result["points"][2]
+    assert oracle0["ppl"] == pytest.approx(routed0["ppl"]) and oracle0["ffn_compute"] == 1.0
+    assert result["points"][3]["ffn_compute"] < 1.0 and result["complete"]
