@@ -47,6 +47,7 @@ SMOKE = dict(  # --smoke: the same code path in minutes on a CPU, to check the s
 TAUS = (0.0, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3)
 TOP_K_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 TASKS = ("boolq", "piqa", "arc_easy")
+TITLE = "Gemma 3 270M, GPU recipe: quality vs compute"
 ITEMS = 200
 
 
@@ -109,8 +110,7 @@ def merge(fetched: Path, quality: Path) -> None:
     doc = json.loads(quality.read_text())
     doc["gpu_recipe"] = sweep_result
     quality.write_text(json.dumps(doc, indent=1))
-    paths = plot_all(sweep_result, quality.with_name(quality.stem + "-gpu-recipe.json"),
-                     "Gemma 3 270M, GPU recipe: quality vs compute")
+    paths = plot_all(sweep_result, quality.with_name(quality.stem + "-gpu-recipe.json"), TITLE)
     print(f"[recipe] merged into {quality}; plots {', '.join(str(p) for p in paths.values())}")
 
 
@@ -177,7 +177,7 @@ def main():
     results["original"] = original["dense"]
     result["original"] = original["dense"]  # the reference line the target is stated against, in the plots
     (args.out / "convert-recipe-gemma3-270m-sweep.json").write_text(json.dumps(result, indent=1))
-    plot_all(result, args.out / "convert-recipe-gemma3-270m-sweep.json", "Gemma 3 270M, GPU recipe: quality vs compute")
+    plot_all(result, args.out / "convert-recipe-gemma3-270m-sweep.json", TITLE)
     results["sweep"] = {"file": "convert-recipe-gemma3-270m-sweep.json", "complete": result["complete"],
                         "points": [{k: p.get(k) for k in ("method", "setting", "ffn_compute", "model_compute", "ppl",
                                                           "tasks")}
