@@ -21,6 +21,7 @@ import triton
 from triton.testing import do_bench
 
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton
+from d2dmoe_kernels.layout import stack_up_weights
 from d2dmoe_kernels.reference import apply_activation
 from provenance import ROOT, provenance
 
@@ -53,10 +54,14 @@ def dense_forward(x, w, gated, activation):
 
 
 def make_moe(d, dff, gated, es, width, dtype, device="cuda"):
+    """Expert and router weights in the plugin's layout (w_in, w_up, router_in in one buffer)."""
     E = dff // es
     r = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
-    return dict(router_in=r(width, d) * d**-0.5, router_out=r(E, width) * width**-0.5,
-                w_in=r(E, es, d) * d**-0.5, w_up=r(E, es, d) * d**-0.5 if gated else None,
+    w_in, w_up, router_in = stack_up_weights(E, es, d, width, gated, dtype=dtype, device=device)
+    for t in (w_in, w_up, router_in):
+        if t is not None:
+            t.copy_(r(*t.shape) * d**-0.5)
+    return dict(router_in=router_in, router_out=r(E, width) * width**-0.5, w_in=w_in, w_up=w_up,
                 w_out=r(E, es, d) * dff**-0.5, b_in=None if gated else torch.zeros(E, es, device=device, dtype=dtype),
                 b_out=None if gated else torch.zeros(d, device=device, dtype=dtype))
 

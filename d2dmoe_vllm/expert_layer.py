@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from d2dmoe_kernels.layout import stack_up_weights, stacked_up_view
 from d2dmoe_kernels.op import COUNTER_SLOTS
 from d2dmoe_kernels.reference import pair_macs
 from d2dmoe_vllm.config import PROJECTION_ACTIVATION, CheckpointError, D2DMoEConfig, ProjectionExperts
@@ -31,9 +32,11 @@ def checked_weight_loader(name: str, full_shape: tuple[int, ...], shard: tuple[i
     return load
 
 
-def _param(prefix: str, name: str, *shape: int, shard: tuple[int, int] | None = None) -> nn.Parameter:
+def _param(prefix: str, name: str, *shape: int, shard: tuple[int, int] | None = None,
+           storage: torch.Tensor | None = None) -> nn.Parameter:
+    """A parameter loaded by name; ``storage``: the (local-shape) tensor it wraps, else a new one."""
     local = shape if shard is None else (shard[1], *shape[1:])
-    p = nn.Parameter(torch.empty(*local), requires_grad=False)
+    p = nn.Parameter(torch.empty(*local) if storage is None else storage, requires_grad=False)
     p.weight_loader = checked_weight_loader(f"{prefix}.{name}", tuple(shape), shard)
     return p
 
@@ -42,10 +45,11 @@ class ExpertRouter(nn.Module):
     """Regression router weights: R = |out_proj(relu(in_proj x))| predicts ||expert_e(x)||_2; the
     op computes it (``d2dmoe_kernels.reference.router_scores`` on the CPU)."""
 
-    def __init__(self, hidden_size: int, width: int, num_experts: int, prefix: str):
+    def __init__(self, hidden_size: int, width: int, num_experts: int, prefix: str,
+                 in_proj: torch.Tensor | None = None):
         super().__init__()
         self.in_proj = nn.Module()
-        self.in_proj.weight = _param(f"{prefix}.in_proj", "weight", width, hidden_size)
+        self.in_proj.weight = _param(f"{prefix}.in_proj", "weight", width, hidden_size, storage=in_proj)
         self.out_proj = nn.Module()
         self.out_proj.weight = _param(f"{prefix}.out_proj", "weight", num_experts, width)
 
@@ -86,10 +90,13 @@ class DynamicKMLP(nn.Module):
         self.layer, self.tp_rank, self.tp_size, self.expert_offset = layer, tp_rank, tp_size, shard[0]
         self.num_experts, self.expert_size = E, e
         self.tau, self.top_k, self.activation = cfg.tau, cfg.top_k, activation
-        self.router = ExpertRouter(d_in, cfg.router_width, E, f"{prefix}.router")
+        # w_in, w_up and the router's first layer back to back in one buffer: on the GPU one cuBLAS
+        # GEMM computes them together (d2dmoe_kernels.layout, expert_masked_gemm).
+        w_in, w_up, router_in = stack_up_weights(shard[1], e, d_in, cfg.router_width, gated)
+        self.router = ExpertRouter(d_in, cfg.router_width, E, f"{prefix}.router", in_proj=router_in)
         self.experts = nn.Module()
-        self.experts.w_in = _param(f"{prefix}.experts", "w_in", E, e, d_in, shard=shard)
-        self.experts.w_up = _param(f"{prefix}.experts", "w_up", E, e, d_in, shard=shard) if gated else None
+        self.experts.w_in = _param(f"{prefix}.experts", "w_in", E, e, d_in, shard=shard, storage=w_in)
+        self.experts.w_up = _param(f"{prefix}.experts", "w_up", E, e, d_in, shard=shard, storage=w_up) if gated else None
         self.experts.w_out = _param(f"{prefix}.experts", "w_out", E, e, d_out, shard=shard)
         self.experts.b_in = _param(f"{prefix}.experts", "b_in", E, e, shard=shard) if biases else None
         self.b_out = _param(prefix, "b_out", d_out) if biases else None
@@ -113,6 +120,11 @@ class DynamicKMLP(nn.Module):
             out = tensor_model_parallel_all_reduce(out)
         return out
 
+    @property
+    def stacked(self) -> bool:
+        """Whether w_in, w_up and the router's first layer still lie in one buffer after loading
+        (the GPU's cuBLAS-GEMM path needs it; other paths do not)."""
+        return stacked_up_view(self.experts.w_in, self.experts.w_up, self.router.in_proj.weight) is not None
 
     @property
     def flops_per_pair(self) -> int:

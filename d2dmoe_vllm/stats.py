@@ -76,6 +76,11 @@ def _with_fractions(layers: list[dict[str, Any]]) -> dict[str, Any]:
     return report
 
 
+def stacked_layouts(model: nn.Module) -> list[bool]:
+    """Per expert layer: whether its stacked weight layout survived loading (``DynamicKMLP.stacked``)."""
+    return [m.stacked for m in expert_layers(model)]
+
+
 def reset_counters(model: nn.Module) -> bool:
     for m in expert_layers(model):
         m.counters.zero_()

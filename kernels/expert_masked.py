@@ -12,7 +12,7 @@ the launches of the dense MLP.
        128-wide GEMM tiles) and the selection is per (token, neuron); it skips its weights when
        no token selected any of its experts.
   down one cuBLAS GEMM over all E*e hidden units, bias in the epilogue: out = H W_out + b_out
-       ([T, d_out]; the up kernel only sees the input width d_in).
+       ([T, d_out]; the up kernel only sees the input width d_in; ``down_gemm``).
 Zeros contribute exactly nothing, so the result is the masked reference's, with the up GEMM's and
 the down GEMM's fp32 accumulation (H is stored in the model dtype, as the dense MLP's is).
 
@@ -134,7 +134,12 @@ def masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters
         BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_K=cfg["BLOCK_K"], BLOCK_E=tile(cfg["ROUTER_BLOCK_E"], ER),
         BLOCK_W=tile(cfg["ROUTER_BLOCK_W"], W), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    w2 = w_out.reshape(E * ES, DO)
+    return down_gemm(h, w_out, b_out, x)
+
+
+def down_gemm(h, w_out, b_out, x):
+    """The cuBLAS down GEMM over all E*e hidden units, bias in the epilogue: H [T, E*e] -> [T, d_out]."""
+    w2 = w_out.reshape(-1, w_out.shape[2])
     if fp32_dots(x) and x.dtype != torch.float32:  # interpreter: fp32 products, as the kernels' mma does
         out = h.float() @ w2.float()
         return (out if b_out is None else out + b_out.float()).to(x.dtype)

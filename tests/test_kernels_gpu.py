@@ -38,7 +38,8 @@ def need_cuda():
         pytest.fail("GPU tests need CUDA: run them on the GPU machine (pytest -m gpu)")
 
 
-def make(d, dff, es, gated, dtype, seed, width=128):
+def make(d, dff, es, gated, dtype, seed, width=128, stacked=False):
+    """Random layer weights; ``stacked``: w_in, w_up, router_in in one buffer, as the plugin lays them out."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     E = dff // es
     r = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
@@ -46,6 +47,14 @@ def make(d, dff, es, gated, dtype, seed, width=128):
              w_in=(r(E, es, d) / d**0.5).to(dtype), w_up=(r(E, es, d) / d**0.5).to(dtype) if gated else None,
              w_out=(r(E, es, d) / dff**0.5).to(dtype), b_in=None if gated else (r(E, es) * 0.1).to(dtype),
              b_out=None if gated else (r(d) * 0.1).to(dtype))
+    if stacked:
+        from d2dmoe_kernels.layout import stack_up_weights
+
+        views = dict(zip(("w_in", "w_up", "router_in"), stack_up_weights(E, es, d, width, gated, dtype, "cuda")))
+        for k, v in views.items():
+            if v is not None:
+                v.copy_(w[k])
+        w.update(views)
     return w, E, g
 
 
@@ -72,13 +81,14 @@ def run(x, w, tau, counters, act="gelu_tanh", top_k=0, route_override=None):
                                     route_override=route_override)
 
 
+@pytest.mark.parametrize("stacked", [False, True])  # the plugin's layout: the device's gemm tiers may apply
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 16, 64, 300, 2048])  # 2, 3: the fused path's token tiers
 @pytest.mark.parametrize("tau", [0.0, 0.3, 0.7, 1.0])
-def test_matches_fp64_reference(dtype, shape, T, tau):
+def test_matches_fp64_reference(dtype, shape, T, tau, stacked):
     d, dff, es, gated = shape
-    w, E, g = make(d, dff, es, gated, dtype, seed=T + int(tau * 10))
+    w, E, g = make(d, dff, es, gated, dtype, seed=T + int(tau * 10), stacked=stacked)
     x, scores = inputs(T, d, E, dtype, g)       # controlled routing (the router still runs)
     counters = torch.zeros(3, dtype=torch.int64, device="cuda")
     out = run(x, w, tau, counters, route_override=(scores, *selection_rule(scores, tau)))
@@ -252,11 +262,11 @@ def test_in_kernel_router_matches_reference(dtype, shape, T, tau):
     assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
-def check_graph_replay_and_no_sync(shape, T, cfg, seed):
+def check_graph_replay_and_no_sync(shape, T, cfg, seed, stacked=False):
     """Own router, the given config: no host synchronisation while running and capturing; the graph
     replays new inputs (hence new routing) exactly as eager calls compute them."""
     d, dff, es, gated = shape
-    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed)
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed, stacked=stacked)
     x, _ = inputs(T, d, E, torch.bfloat16, g)
     counters = torch.zeros(3, dtype=torch.int64, device="cuda")
     layer = lambda c=counters: dynamic_k_experts_triton(x, w["router_in"], w["router_out"], 0.5, 0, *experts(w),  # noqa: E731
@@ -323,3 +333,69 @@ def test_balanced_decode_matches_reference(dtype, shape, T, tau):
 def test_balanced_graph_replay_and_no_sync(T):
     """Router GEMM + tail outside, the balanced decode kernel: capturable, sync-free, replays exactly."""
     check_graph_replay_and_no_sync(SHAPES[2], T, balanced_cfg(), 5)
+
+
+def gemm_cfg():
+    """The device's config with the cuBLAS-GEMM masked path at every token count (stacked weights)."""
+    cfg = kernel_config(torch.cuda.get_device_name())
+    return {**cfg, **{k: {**v, "min_tokens": 1, "max_tokens": 1 << 30, "by_tokens": []}
+                      for k, v in cfg.items() if k.startswith("gemm")}}
+
+
+def poison_allocator(dtype):
+    for _ in range(2):  # the allocator's free blocks hold NaN: unwritten hidden units would show
+        torch.full((1 << 26,), float("nan"), device="cuda", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1, 5, 64, 300, 2048])
+@pytest.mark.parametrize("tau", [0.3, 0.7, 1.0])
+def test_gemm_path_matches_fp64_reference(dtype, shape, T, tau):
+    """Controlled routing through the gemm path (router paid), against fp64, NaN-poisoned memory."""
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, dtype, seed=90 + T + int(tau * 10), stacked=True)
+    x, scores = inputs(T, d, E, dtype, g)
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    poison_allocator(dtype)
+    out = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, *experts(w), "gelu_tanh", counters,
+                                   gemm_cfg(), route_override=(scores, *selection_rule(scores, tau)))
+    mask = select_experts(scores, tau)
+    ref = ref64(x, mask, w, "gelu_tanh")
+    assert not torch.isnan(out).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1, 37, 1000])
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+def test_gemm_path_own_router(shape, T, tau):
+    """No override: the router's first layer from the stacked GEMM, its tail in the select kernel. The
+    reference selects from the tail kernel's scores on the same GEMM's router columns (same rule,
+    same rounding), so threshold ties cannot differ; tau = 1 keeps exactly one expert per token."""
+    from d2dmoe_kernels.layout import stacked_up_view
+
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=110 + T, stacked=True)
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    cfg = gemm_cfg()
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    poison_allocator(torch.bfloat16)
+    out = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, *experts(w), "relu", counters, cfg)
+    hid = (x @ stacked_up_view(w["w_in"], w["w_up"], w["router_in"]).t())[:, -w["router_in"].shape[0]:]
+    tail = {**cfg["router"], "TAIL_BLOCK_W": cfg["gemm"]["ROUTER_BLOCK_W"]}
+    scores, rowmax = router_tail(hid, w["router_out"], tail)
+    mask = scores.float() >= tau * rowmax[:, None]
+    if tau == 1.0:
+        assert (mask.sum(-1) == 1).all()
+    ref = ref64(x, mask, w, "relu")
+    assert not torch.isnan(out).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("T", [4, 64, 1024])
+def test_gemm_path_graph_replay_and_no_sync(shape, T):
+    check_graph_replay_and_no_sync(shape, T, gemm_cfg(), 7, stacked=True)

@@ -66,6 +66,8 @@ def test_tau_override_matches_masked_reference(tmp_path, dense_dir, converted_di
     ckpt = converted_dir(family, relufy=True)
     result = run_vllm(tmp_path, ckpt, report=True, llm_kwargs={"hf_overrides": {"d2dmoe_tau": 0.5}})
     check_against_reference(result, dense_dir(family), ckpt, 0.5)
+    # w_in, w_up, router_in still share one buffer after vLLM loaded them (the GPU's gemm path needs it)
+    assert result["stacked"] == [[True] * len(result["report"]["layers"])]
 
 
 def test_checkpoint_tau_matches_masked_reference(tmp_path, dense_dir, converted_dir):
@@ -111,3 +113,4 @@ def test_tensor_parallel_2_equals_1(tmp_path, converted_dir, family):
     assert 0.0 < one["report"]["overall_fraction"] < 1.0
     assert [(r["tokens"], r["executed_pairs"]) for r in two["report"]["layers"]] == \
         [(r["tokens"], r["executed_pairs"]) for r in one["report"]["layers"]]
+    assert two["stacked"] == [[True] * len(two["report"]["layers"])] * 2     # each rank's shard stacked

@@ -2,7 +2,7 @@
 
 Each engine gets its own process so tests never share vLLM's global state.
 spec: {"model", "llm_kwargs", "prompts", "max_tokens", "logprobs", "mode": "batch"|"each"|"both",
-       "report": bool}
+       "report": bool (also: every worker's stacked-layout flags per expert layer)}
 """
 
 import json
@@ -22,7 +22,7 @@ def main(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path))
     from vllm import LLM, SamplingParams
 
-    from d2dmoe_vllm.stats import engine_compute_report, reset_engine_counters
+    from d2dmoe_vllm.stats import engine_compute_report, reset_engine_counters, stacked_layouts
 
     kwargs = dict(dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
     kwargs.update(spec.get("llm_kwargs", {}))
@@ -41,6 +41,7 @@ def main(spec_path: str, out_path: str) -> None:
         result["batch"] = generate(llm, prompts, params)
     if spec.get("report"):
         result["report"] = engine_compute_report(llm)
+        result["stacked"] = llm.apply_model(stacked_layouts)
     if mode in ("each", "both"):
         result["each"] = [generate(llm, [p], params)[0] for p in prompts]
     json.dump(result, open(out_path, "w"))
