@@ -28,7 +28,8 @@ from d2dmoe_kernels.triton_common import INTERPRET  # noqa: E402
 
 assert INTERPRET, "a kernel module was imported before TRITON_INTERPRET was set"
 
-GEMM = dict(min_tokens=1, max_tokens=64, BLOCK_T=16, BLOCK_C=32, ROUTER_BLOCK_E=16, ROUTER_BLOCK_W=16, num_warps=4)
+GEMM = dict(min_tokens=1, max_tokens=64, BLOCK_T=16, BLOCK_C=32, COLS=64, ROUTER_BLOCK_E=16, ROUTER_BLOCK_W=16,
+            num_warps=4)
 
 
 def stacked_layer(E, ES, D, W, gated, biases, seed, dtype=torch.float32, d_out=None):
@@ -87,6 +88,21 @@ def test_gemm_path_matches_reference(T, gated, activation, ES, biases, tau):
         assert mask.all()
     check(out, reference(x, mask, w, activation))
     assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
+@pytest.mark.parametrize("cols", [32, 96, 10_000])
+def test_columns_per_program_do_not_change_the_result(cols):
+    """COLS neurons per program (the row max computed once per program): one block, a partial
+    last group, every neuron in one program; bitwise the same output and counters."""
+    E, ES, D, T = 11, 24, 32, 29
+    w, r_in, r_out = stacked_layer(E, ES, D, 24, True, False, 5)
+    x = torch.randn(T, D)
+    runs = []
+    for c in (cols, 32):
+        counters = torch.zeros(3, dtype=torch.int64)
+        runs.append((run(x, w, r_in, r_out, 0.5, "gelu_tanh", counters, dict(GEMM, COLS=c)), counters.tolist()))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    check(runs[0][0], reference(x, select_experts(router_scores(x, r_in, r_out), 0.5), w, "gelu_tanh"))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -373,7 +373,7 @@ def test_gemm_path_matches_fp64_reference(dtype, shape, T, tau):
 def test_gemm_path_own_router(shape, T, tau):
     """No override: the router's first layer from the stacked GEMM, its tail in the select kernel. The
     reference selects from the tail kernel's scores on the same GEMM's router columns (same rule,
-    same rounding), so threshold ties cannot differ; tau = 1 keeps exactly one expert per token."""
+    same rounding), so threshold ties cannot differ; tau = 1 keeps the arg-max (and its ties)."""
     from d2dmoe_kernels.layout import stacked_up_view
 
     d, dff, es, gated = shape
@@ -387,8 +387,7 @@ def test_gemm_path_own_router(shape, T, tau):
     tail = {**cfg["router"], "TAIL_BLOCK_W": cfg["gemm"]["ROUTER_BLOCK_W"]}
     scores, rowmax = router_tail(hid, w["router_out"], tail)
     mask = scores.float() >= tau * rowmax[:, None]
-    if tau == 1.0:
-        assert (mask.sum(-1) == 1).all()
+    assert (mask.sum(-1) >= 1).all()   # the arg-max always runs (tau = 1: bf16 ties at the max run too)
     ref = ref64(x, mask, w, "relu")
     assert not torch.isnan(out).any()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
