@@ -9,8 +9,8 @@
   for up to ``router.max_tokens`` tokens (off by default: slower on the H100, see the kernels note);
 - ``gemm.min_tokens`` <= T <= ``gemm.max_tokens`` and the plugin's stacked weight layout
   (``layout.py``): the dense MLP's cuBLAS GEMMs with the router's first layer stacked into the up
-  GEMM and its tail, the selection and the activation in one Triton launch between them
-  (``expert_masked_gemm.py``; where selections cover nearly every expert and Triton tiles lose);
+  GEMM, the router tail, and the selection + activation in one elementwise Triton launch
+  (``expert_masked_gemm.py``; large T where selections cover nearly every expert and Triton tiles lose);
 - T <= fused max_tokens (decoding a few sequences): one fused expert kernel + a reduction; with
   T <= ``balanced.max_tokens`` (and the router outside the kernel) the balanced kernel instead, whose
   fixed grid spreads the selected experts' neurons evenly over the SMs;
@@ -93,12 +93,12 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
     gemm = token_tier(path_config(cfg, "gemm", D, ES), T)
     stacked = stacked_up_view(w_in, w_up, router_in) if top_k == 0 and gemm["min_tokens"] <= T <= gemm["max_tokens"] \
         else None
-    if stacked is not None:  # 3 launches: up GEMM (router's first layer stacked in), select + act, down GEMM
+    if stacked is not None:  # up GEMM (router's first layer stacked in), router tail, select + act, down GEMM
         sc, ref, factor = (None, None, float(tau)) if route_override is None else route_override
         if sharded and sc is not None:
             sc = sc[:, expert_offset : expert_offset + E]
         return gemm_masked_experts(x, stacked, router_out, factor, w_in, w_up, w_out, b_in, b_out, activation,
-                                   counters, gemm, scores=sc, ref=ref, expert_offset=expert_offset)
+                                   counters, gemm, cfg["router"], scores=sc, ref=ref, expert_offset=expert_offset)
     fused = token_tier(path_config(cfg, "fused", D, ES), T)  # blocks per token count (H200: bigger slices at T=3)
     in_fused = T <= fused["max_tokens"]
     in_masked = not in_fused and masked["min_tokens"] <= T <= masked["max_tokens"]

@@ -371,9 +371,9 @@ def test_gemm_path_matches_fp64_reference(dtype, shape, T, tau):
 @pytest.mark.parametrize("T", [1, 37, 1000])
 @pytest.mark.parametrize("tau", [0.5, 1.0])
 def test_gemm_path_own_router(shape, T, tau):
-    """No override: the router's first layer from the stacked GEMM, its tail in the select kernel. The
-    reference selects from the tail kernel's scores on the same GEMM's router columns (same rule,
-    same rounding), so threshold ties cannot differ; tau = 1 keeps the arg-max (and its ties)."""
+    """No override: the router's first layer from the stacked GEMM, then its tail. The reference
+    selects from the tail kernel's scores on the same GEMM's router columns (same rule, same
+    rounding), so threshold ties cannot differ; tau = 1 keeps the arg-max (and its ties)."""
     from d2dmoe_kernels.layout import stacked_up_view
 
     d, dff, es, gated = shape
@@ -384,8 +384,7 @@ def test_gemm_path_own_router(shape, T, tau):
     poison_allocator(torch.bfloat16)
     out = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, *experts(w), "relu", counters, cfg)
     hid = (x @ stacked_up_view(w["w_in"], w["w_up"], w["router_in"]).t())[:, -w["router_in"].shape[0]:]
-    tail = {**cfg["router"], "TAIL_BLOCK_W": cfg["gemm"]["ROUTER_BLOCK_W"]}
-    scores, rowmax = router_tail(hid, w["router_out"], tail)
+    scores, rowmax = router_tail(hid, w["router_out"], cfg["router"])
     mask = scores.float() >= tau * rowmax[:, None]
     assert (mask.sum(-1) >= 1).all()   # the arg-max always runs (tau = 1: bf16 ties at the max run too)
     ref = ref64(x, mask, w, "relu")

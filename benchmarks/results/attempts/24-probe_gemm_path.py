@@ -1,8 +1,9 @@
 """Attempt 24 probe (H200): the cuBLAS-GEMM masked path (``expert_masked_gemm.py``: up GEMM over the
 stacked [w_in; w_up; router_in], one Triton select + act launch, down GEMM) against the device's
 current dispatch and the dense MLP, every shape and expert size of bench_kernels.py, T 1..16384, 10 /
-30 / 50 / 100% independent routing and 30% shared (second round, after the first showed the
-router recomputed per 128 columns: COLS neurons per program, 30% / 30% shared / 100%, T >= 4). Hypothesis: where independent selections cover
+30 / 50 / 100% independent routing and 30% shared (rounds 1-2: the router's tail inside the select kernel,
+recomputed by every program; round 3: the router tail as its own launch, the select kernel
+elementwise; 30% / 30% shared / 100%, T >= 4). Hypothesis: where independent selections cover
 nearly every expert (T >= 16 at 30%) and Triton's tiles lose to cuBLAS (GPT-2, Gemma 3 270M, small
 experts, large T), the gemm path costs the dense MLP plus the router's columns: ~0.95-1.0x dense,
 against 0.3-0.9x now; with 256/512-neuron Gemma-2B experts at large T grouped stays ahead. Same
@@ -31,11 +32,10 @@ from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 DEV = kernel_config(torch.cuda.get_device_name())
 ROUTINGS = ((0.3, "independent"), (0.3, "shared"), (1.0, "independent"))
 TOKENS = (4, 16, 64, 256, 1024, 4096, 16384)   # T = 1 is the fused decode kernel's
-VARIANTS = {  # name: gemm config (None: the device's dispatch with the gemm path off); COLS = neurons per program
+VARIANTS = {  # name: gemm config (None: the device's dispatch with the gemm path off)
     "device": None,
-    "gemm-c128": dict(BLOCK_T=64, BLOCK_C=128, COLS=128, num_warps=4),
-    "gemm-c1024": dict(BLOCK_T=64, BLOCK_C=128, COLS=1024, num_warps=4),
-    "gemm-all": dict(BLOCK_T=64, BLOCK_C=128, COLS=1 << 30, num_warps=4),
+    "gemm-64x128": dict(BLOCK_T=64, BLOCK_C=128, num_warps=4),
+    "gemm-32x256": dict(BLOCK_T=32, BLOCK_C=256, num_warps=4),
 }
 
 
