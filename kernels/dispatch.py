@@ -90,9 +90,10 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
         counters[0] += T
         counters[1] += T * E
         return dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation)
-    gemm = token_tier(path_config(cfg, "gemm", D, ES), T)
-    stacked = stacked_up_view(w_in, w_up, router_in) if top_k == 0 and gemm["min_tokens"] <= T <= gemm["max_tokens"] \
-        else None
+    gemm = token_tier(path_config(cfg, "gemm", D, ES), T) if "gemm" in cfg else None  # older configs: off
+    stacked = None
+    if gemm is not None and top_k == 0 and gemm["min_tokens"] <= T <= gemm["max_tokens"]:
+        stacked = stacked_up_view(w_in, w_up, router_in)
     if stacked is not None:  # up GEMM (router's first layer stacked in), router tail, select + act, down GEMM
         sc, ref, factor = (None, None, float(tau)) if route_override is None else route_override
         if sharded and sc is not None:

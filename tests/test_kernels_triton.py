@@ -237,14 +237,16 @@ def test_dense_fallback_when_every_expert_runs():
 
 
 def test_grouped_chunks_match_one_pass():
-    """Buffers are bounded by processing chunk_tokens at a time; results must not depend on it."""
+    """Buffers are bounded by processing chunk_tokens at a time; results must not depend on it
+    (up to the last bit: under the interpreter the tiles' products are numpy/BLAS matmuls, whose
+    rounding differed in the last bit between tile contents on this CI host, 2026-12-01)."""
     E, ES, D, T = 5, 16, 32, 50
     w = layer(E, ES, D, False, 11)
     x, scores = torch.randn(T, D), torch.rand(T, E)
     ref_val, factor = selection_rule(scores, 0.5)
     outs = [grouped_experts(x, scores, ref_val, factor, *w.values(), "relu", torch.zeros(2, dtype=torch.int64),
                             dict(GROUPED, chunk_tokens=c)) for c in (7, 64)]
-    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("T,D,W,E", [(1, 64, 32, 8), (5, 96, 48, 20), (37, 64, 24, 70)])
