@@ -18,15 +18,8 @@ from d2dmoe_kernels import dispatch  # noqa: E402
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 from d2dmoe_kernels.expert_masked_gemm import gemm_masked_experts  # noqa: E402
 from d2dmoe_kernels.layout import stack_up_weights, stacked_up_view  # noqa: E402
-from d2dmoe_kernels.reference import (  # noqa: E402
-    dynamic_k_experts_reference,
-    router_scores,
-    select_experts,
-    selection_rule,
-)
-from d2dmoe_kernels.triton_common import INTERPRET  # noqa: E402
-
-assert INTERPRET, "a kernel module was imported before TRITON_INTERPRET was set"
+from d2dmoe_kernels.reference import router_scores, select_experts, selection_rule  # noqa: E402
+from test_kernels_triton import check, reference  # noqa: E402  (fp64 reference, relative error, no NaN)
 
 GEMM = dict(min_tokens=1, max_tokens=64, BLOCK_T=16, BLOCK_C=32, num_warps=4)
 ROUTER = dict(TAIL_BLOCK_T=16, TAIL_BLOCK_E=16, TAIL_BLOCK_W=16)
@@ -45,18 +38,6 @@ def stacked_layer(E, ES, D, W, gated, biases, seed, dtype=torch.float32, d_out=N
     w = dict(w_in=w_in, w_up=w_up, w_out=(r(E, ES, d_out) / (E * ES) ** 0.5).to(dtype),
              b_in=(r(E, ES) * 0.1).to(dtype) if biases else None, b_out=(r(d_out) * 0.1).to(dtype) if biases else None)
     return w, r_in, (r(E, W) / W**0.5).to(dtype)
-
-
-def reference(x, mask, w, activation):
-    f64 = {k: None if v is None else v.double() for k, v in w.items()}
-    return dynamic_k_experts_reference(x.double(), mask, **f64, activation=activation)
-
-
-def check(out, ref, tol=1e-5):
-    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
-    assert not torch.isnan(out).any(), "NaN (unwritten or invalid) output"
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert err < tol, err
 
 
 def run(x, w, r_in, r_out, tau, activation, counters, cfg=GEMM, **kw):
