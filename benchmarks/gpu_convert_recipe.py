@@ -135,8 +135,12 @@ def main():
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     state_file = args.work / "recipe.json"
+    corpus = args.corpus or "sotu"
     results = json.loads(state_file.read_text()) if state_file.exists() else \
-        {"provenance": provenance(), "recipe": {**RECIPE, "corpus": args.corpus or "sotu"}}
+        {"provenance": provenance(), "recipe": {**RECIPE, "corpus": corpus}}
+    if results["recipe"].get("corpus", "sotu") != corpus:  # its finished reports would be taken as this run's
+        raise SystemExit(f"[recipe] {args.work} holds a run on corpus {results['recipe'].get('corpus', 'sotu')}, "
+                         f"not {corpus}. Fix: pass another --work (or the same --corpus to resume)")
 
     def save():
         state_file.write_text(json.dumps(results, indent=2))
