@@ -9,18 +9,26 @@ A device without a file of its own starts from the file it borrows (``fallbacks.
 re-tuned keep that family's values. The balanced decode kernel replaces the fused one only where
 it is measured faster (against the device's fused config, at T = 1 and at the fused path's largest
 T); shapes whose router runs inside the fused kernel (small routers) keep the fused kernel.
+
+``--paths gemm`` sets the cuBLAS-GEMM masked path's token range per shape instead: it times the
+device's dispatch (gemm off) against the gemm path with each of GEMM_BLOCKS, at GEMM_TOKENS and the
+three routings of GEMM_ROUTINGS, on every shape and expert size of bench_kernels.py, and keeps
+``gemm_tier``'s choice (attempt 24's rule; the path never skips weights, so it wins only where every
+expert runs anyway and Triton's tiles lose).
 """
 
 import argparse
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernels import copies_for, graphed, make_moe, routing_scores, time_us  # noqa: E402
+from bench_kernels import SHAPES as BENCH_SHAPES  # noqa: E402
+from bench_kernels import copies_for, graphed, make_moe, reps_for, routing_scores, time_us  # noqa: E402
 
 from d2dmoe_kernels.configs import config_file, kernel_config, own_file_name, path_config  # noqa: E402
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
@@ -39,12 +47,85 @@ GRID = {
                        itertools.product((64, 128), ((64, 128), (128, 128), (128, 256)), ((4, 3), (8, 3), (8, 4)))]),
 }
 
+GEMM_TOKENS = (64, 256, 1024, 4096, 16384)
+GEMM_BLOCKS = (dict(BLOCK_T=64, BLOCK_C=128, num_warps=4), dict(BLOCK_T=32, BLOCK_C=256, num_warps=4))
+GEMM_ROUTINGS = ((0.3, "independent"), (0.3, "shared"), (1.0, "independent"))
+ALL_TOKENS = 1 << 30
+
+
+def gemm_tier(times: dict, blocks=GEMM_BLOCKS) -> dict:
+    """The gemm@dDeE config from measured layer times ``{T: {"device": {routing: us}, i: {routing: us}}}``
+    (i indexes ``blocks``; routings "independent", "shared", "all" = 100% of experts).
+
+    A candidate wins at T where its geometric-mean speed-up over the routings beats the dispatch by
+    more than 2%, its slowest routing is faster than the dispatch's slowest, and it gives up at most 5%
+    at 30% independent routing (the path cannot skip weights, so it must not trade away the sparsity a
+    model was converted for). The path is on over the longest run of consecutive winning T, with
+    bounds at the geometric midpoints to the measured T outside the run, and the blocks that won
+    most often there; off (max_tokens 0) where no T wins."""
+    tokens = sorted(times)
+    winners = {}
+    for t in tokens:
+        dev = times[t]["device"]
+        best = None
+        for i in range(len(blocks)):
+            mine = times[t][i]
+            gain = math.exp(sum(math.log(dev[r] / mine[r]) for r in dev) / len(dev))
+            if gain > 1.02 and max(mine.values()) < max(dev.values()) and \
+                    mine["independent"] <= dev["independent"] / 0.95 and (best is None or gain > best[0]):
+                best = (gain, i)
+        winners[t] = None if best is None else best[1]
+    runs = [[]]
+    for t in tokens:  # runs of consecutive winning T
+        if winners[t] is None:
+            runs.append([])
+        else:
+            runs[-1].append(t)
+    run = max(runs, key=len)
+    if not run:
+        return {"min_tokens": 1, "max_tokens": 0, **blocks[0]}
+    first, last = tokens.index(run[0]), tokens.index(run[-1])
+    lo = run[0] if first == 0 else round(math.sqrt(tokens[first - 1] * run[0]))
+    hi = ALL_TOKENS if last == len(tokens) - 1 else round(math.sqrt(run[-1] * tokens[last + 1]))
+    picks = [winners[t] for t in run]
+    return {"min_tokens": lo, "max_tokens": hi, **blocks[max(set(picks), key=lambda i: (picks.count(i), -i))]}
+
+
+def tune_gemm(dev: dict, tuned: dict) -> None:
+    """Times the dispatch against the gemm path (module docstring) and writes gemm@ keys into ``tuned``."""
+    off = {k: {**v, "max_tokens": 0} for k, v in dev.items() if k.startswith("gemm")}
+    base = {**dev, **off}
+    cands = [{**base, "gemm": {**dev["gemm"], **b, "min_tokens": 1, "max_tokens": ALL_TOKENS}} for b in GEMM_BLOCKS]
+    for d, dff, gated, act, width, sizes in BENCH_SHAPES.values():
+        n = copies_for((3 if gated else 2) * d * dff * 2)
+        for es in sizes:
+            ws = [make_moe(d, dff, gated, es, width, torch.bfloat16) for _ in range(n)]
+            counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+            times = {}
+            for T in GEMM_TOKENS:
+                x = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+                times[T] = {"device": {}, **{i: {} for i in range(len(cands))}}
+                for fraction, routing in GEMM_ROUTINGS:
+                    scores = routing_scores(T, dff // es, fraction, routing, torch.bfloat16)[0]
+                    name = "all" if fraction == 1.0 else routing
+                    for key, cfg in [("device", base), *enumerate(cands)]:
+                        times[T][key][name] = time_us(graphed([lambda w=w, c=cfg: dynamic_k_experts_triton(
+                            x, w["router_in"], w["router_out"], 0.99, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"],
+                            w["b_out"], act, counters, c, route_override=scores) for w in ws], reps_for(T)))
+                print(f"  d={d} e={es} T={T} gemm: " + "; ".join(
+                    f"{k} " + "/".join(f"{v:.1f}" for v in times[T][k].values()) for k in times[T]) + " us", flush=True)
+            tuned[f"gemm@d{d}e{es}"] = gemm_tier(times)
+            print(f"d={d} e={es} gemm: {tuned[f'gemm@d{d}e{es}']}", flush=True)
+            del ws
+            torch.cuda.empty_cache()
+
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--paths", default=",".join(GRID), help="re-tune only these paths (others kept from the "
-                    "device's file in kernels/configs/, or the file it borrows)")
+                    "device's file in kernels/configs/, or the file it borrows); 'gemm' (not in the default) "
+                    "sets the cuBLAS-GEMM masked path's token ranges")
     args = ap.parse_args()
 
     device = torch.cuda.get_device_name()
@@ -54,7 +135,11 @@ def main():
     tuned["_comment"] = (f"tuned by benchmarks/tune_kernels.py on {device} (paths {args.paths})"
                          + (f"; other keys from {start.name}" if start is not None and start.name != own_file_name(device)
                             else ""))
-    paths = {p: GRID[p] for p in args.paths.split(",")}
+    names = args.paths.split(",")
+    unknown = sorted(set(names) - set(GRID) - {"gemm"})
+    if unknown:
+        raise SystemExit(f"unknown --paths {unknown}: choose from {sorted(GRID) + ['gemm']}")
+    paths = {p: GRID[p] for p in names if p != "gemm"}
     for (d, dff, gated, es), (path, (T, grid)) in itertools.product(SHAPES, paths.items()):
         fused = path_config(dev, "fused", d, es)
         if path == "balanced" and fused.get("own_router", False):
@@ -108,6 +193,8 @@ def main():
         print(f"d={d} e={es} {path}: best {best[1]} {best[0]:.1f} us", flush=True)
         del ws
         torch.cuda.empty_cache()
+    if "gemm" in names:  # last: against the dispatch with the paths tuned above
+        tune_gemm({**dev, **{k: {**dev.get(k, {}), **v} for k, v in tuned.items() if not k.startswith("_")}}, tuned)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / own_file_name(device)
     path.write_text(json.dumps(tuned, indent=1))
