@@ -93,9 +93,9 @@ def gemm_tier(times: dict, blocks=GEMM_BLOCKS) -> dict:
 
 def tune_gemm(dev: dict, tuned: dict) -> None:
     """Times the dispatch against the gemm path (module docstring) and writes gemm@ keys into ``tuned``."""
-    off = {k: {**v, "max_tokens": 0} for k, v in dev.items() if k.startswith("gemm")}
-    base = {**dev, **off}
-    cands = [{**base, "gemm": {**dev["gemm"], **b, "min_tokens": 1, "max_tokens": ALL_TOKENS}} for b in GEMM_BLOCKS]
+    plain = {k: v for k, v in dev.items() if not k.startswith("gemm@")}  # shape keys would override "gemm"
+    base = {**plain, "gemm": {**dev["gemm"], "max_tokens": 0}}
+    cands = [{**plain, "gemm": {**dev["gemm"], **b, "min_tokens": 1, "max_tokens": ALL_TOKENS}} for b in GEMM_BLOCKS]
     for d, dff, gated, act, width, sizes in BENCH_SHAPES.values():
         n = copies_for((3 if gated else 2) * d * dff * 2)
         for es in sizes:
