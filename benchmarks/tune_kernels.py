@@ -60,7 +60,8 @@ def gemm_tier(times: dict, blocks=GEMM_BLOCKS) -> dict:
     A candidate wins at T where its geometric-mean speed-up over the routings beats the dispatch by
     more than 2%, its slowest routing is faster than the dispatch's slowest, and it gives up at most 5%
     at 30% independent routing (the path cannot skip weights, so it must not trade away the sparsity a
-    model was converted for). The path is on over the longest run of consecutive winning T, with
+    model was converted for). The path is on over the longest run of consecutive winning T (of equal
+    runs, the one with the larger gain: single marginal wins flip between runs), with
     bounds at the geometric midpoints to the measured T outside the run, and the blocks that won
     most often there; off (max_tokens 0) where no T wins."""
     tokens = sorted(times)
@@ -74,20 +75,20 @@ def gemm_tier(times: dict, blocks=GEMM_BLOCKS) -> dict:
             if gain > 1.02 and max(mine.values()) < max(dev.values()) and \
                     mine["independent"] <= dev["independent"] / 0.95 and (best is None or gain > best[0]):
                 best = (gain, i)
-        winners[t] = None if best is None else best[1]
+        winners[t] = best
     runs = [[]]
     for t in tokens:  # runs of consecutive winning T
         if winners[t] is None:
             runs.append([])
         else:
             runs[-1].append(t)
-    run = max(runs, key=len)
+    run = max(runs, key=lambda r: (len(r), sum(math.log(winners[t][0]) for t in r)))
     if not run:
         return {"min_tokens": 1, "max_tokens": 0, **blocks[0]}
     first, last = tokens.index(run[0]), tokens.index(run[-1])
     lo = run[0] if first == 0 else round(math.sqrt(tokens[first - 1] * run[0]))
     hi = ALL_TOKENS if last == len(tokens) - 1 else round(math.sqrt(run[-1] * tokens[last + 1]))
-    picks = [winners[t] for t in run]
+    picks = [winners[t][1] for t in run]
     return {"min_tokens": lo, "max_tokens": hi, **blocks[max(set(picks), key=lambda i: (picks.count(i), -i))]}
 
 

@@ -82,3 +82,28 @@ def test_longest_run_wins():
     two_runs = lambda t: times_of(8.0, 8.0, 8.0)(t) if t in (64, 1024, 4096) else times_of(12.0, 12.0, 12.0)(t)  # noqa: E731
     tier = gemm_tier(flat(dev, [two_runs, two_runs]))
     assert (tier["min_tokens"], tier["max_tokens"]) == (512, ALL_TOKENS)
+
+
+def test_equal_runs_take_the_larger_gain():
+    dev = times_of(10.0, 10.0, 10.0)
+    marginal = {64: 9.7, 4096: 6.0}  # two single-T wins: the larger gain decides
+    mine = lambda t: times_of(marginal.get(t, 12.0), marginal.get(t, 12.0), marginal.get(t, 12.0))(t)  # noqa: E731
+    tier = gemm_tier(flat(dev, [mine, mine]))
+    assert (tier["min_tokens"], tier["max_tokens"]) == (2048, ALL_TOKENS)
+
+
+def test_rule_on_the_tuner_run():
+    """The tuner's own H200 run (db0d35a, log beside the probe): the rule's choice from its lines."""
+    import re
+    log = (PROBE.parent / "24-tune-gemm-db0d35a.log").read_text()
+    times = {}
+    for d, e, t, rest in re.findall(r"d=(\d+) e=(\d+) T=(\d+) gemm: (.*) us", log):
+        per = {}
+        for part in rest.split("; "):
+            key, vals = part.split(" ")
+            ind, shared, all_ = map(float, vals.split("/"))
+            per["device" if key == "device" else int(key)] = {"independent": ind, "shared": shared, "all": all_}
+        times.setdefault((int(d), int(e)), {})[int(t)] = per
+    assert gemm_tier(times[(768, 128)])["min_tokens"] == 8192   # T=1024 and T=16384 both win alone
+    assert gemm_tier(times[(768, 32)])["min_tokens"] == 128
+    assert gemm_tier(times[(2048, 256)])["max_tokens"] == 0
