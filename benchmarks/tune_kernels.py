@@ -32,6 +32,7 @@ from bench_kernels import copies_for, graphed, make_moe, reps_for, routing_score
 
 from d2dmoe_kernels.configs import config_file, kernel_config, own_file_name, path_config  # noqa: E402
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
+from d2dmoe_kernels.layout import stacked_up_view  # noqa: E402
 
 SHAPES = [(768, 3072, False, 64), (768, 3072, False, 128), (640, 2048, True, 64), (640, 2048, True, 128),
           (2048, 16384, True, 256), (2048, 16384, True, 512)]
@@ -60,36 +61,32 @@ def gemm_tier(times: dict, blocks=GEMM_BLOCKS) -> dict:
     A candidate wins at T where its geometric-mean speed-up over the routings beats the dispatch by
     more than 2%, its slowest routing is faster than the dispatch's slowest, and it gives up at most 5%
     at 30% independent routing (the path cannot skip weights, so it must not trade away the sparsity a
-    model was converted for). The path is on over the longest run of consecutive winning T (of equal
-    runs, the one with the larger gain: single marginal wins flip between runs), with
-    bounds at the geometric midpoints to the measured T outside the run, and the blocks that won
-    most often there; off (max_tokens 0) where no T wins."""
+    model was converted for). The path is on, with one candidate's blocks, over the longest run of
+    consecutive T that candidate wins (of equal runs, the one with the larger gain: single marginal
+    wins flip between runs), bounded at the geometric midpoints to the measured T outside the run;
+    off (max_tokens 0) where no candidate wins anywhere."""
     tokens = sorted(times)
-    winners = {}
-    for t in tokens:
-        dev = times[t]["device"]
-        best = None
-        for i in range(len(blocks)):
-            mine = times[t][i]
-            gain = math.exp(sum(math.log(dev[r] / mine[r]) for r in dev) / len(dev))
-            if gain > 1.02 and max(mine.values()) < max(dev.values()) and \
-                    mine["independent"] <= dev["independent"] / 0.95 and (best is None or gain > best[0]):
-                best = (gain, i)
-        winners[t] = best
-    runs = [[]]
-    for t in tokens:  # runs of consecutive winning T
-        if winners[t] is None:
-            runs.append([])
-        else:
-            runs[-1].append(t)
-    run = max(runs, key=lambda r: (len(r), sum(math.log(winners[t][0]) for t in r)))
-    if not run:
+    best = None  # (len, summed log gain, -candidate), run, candidate
+    for i in range(len(blocks)):
+        run, gain_sum = [], 0.0
+        for t in tokens + [None]:  # None closes the last run
+            if t is not None:
+                dev, mine = times[t]["device"], times[t][i]
+                gain = math.exp(sum(math.log(dev[r] / mine[r]) for r in dev) / len(dev))
+                if gain > 1.02 and max(mine.values()) < max(dev.values()) and \
+                        mine["independent"] <= dev["independent"] / 0.95:
+                    run, gain_sum = run + [t], gain_sum + math.log(gain)
+                    continue
+            if run and (best is None or (len(run), gain_sum, -i) > best[0]):
+                best = ((len(run), gain_sum, -i), run, i)
+            run, gain_sum = [], 0.0
+    if best is None:
         return {"min_tokens": 1, "max_tokens": 0, **blocks[0]}
+    _, run, i = best
     first, last = tokens.index(run[0]), tokens.index(run[-1])
     lo = run[0] if first == 0 else round(math.sqrt(tokens[first - 1] * run[0]))
     hi = ALL_TOKENS if last == len(tokens) - 1 else round(math.sqrt(run[-1] * tokens[last + 1]))
-    picks = [winners[t][1] for t in run]
-    return {"min_tokens": lo, "max_tokens": hi, **blocks[max(set(picks), key=lambda i: (picks.count(i), -i))]}
+    return {"min_tokens": lo, "max_tokens": hi, **blocks[i]}
 
 
 def tune_gemm(dev: dict, tuned: dict) -> None:
@@ -101,6 +98,9 @@ def tune_gemm(dev: dict, tuned: dict) -> None:
         n = copies_for((3 if gated else 2) * d * dff * 2)
         for es in sizes:
             ws = [make_moe(d, dff, gated, es, width, torch.bfloat16) for _ in range(n)]
+            if stacked_up_view(ws[0]["w_in"], ws[0]["w_up"], ws[0]["router_in"]) is None:
+                raise SystemExit("tune_gemm: bench_kernels.make_moe no longer gives the stacked layout the gemm "
+                                 "path needs (layout.stack_up_weights): every candidate would time the dispatch")
             counters = torch.zeros(3, dtype=torch.int64, device="cuda")
             times = {}
             for T in GEMM_TOKENS:
@@ -195,7 +195,8 @@ def main():
         del ws
         torch.cuda.empty_cache()
     if "gemm" in names:  # last: against the dispatch with the paths tuned above
-        tune_gemm({**dev, **{k: {**dev.get(k, {}), **v} for k, v in tuned.items() if not k.startswith("_")}}, tuned)
+        # the config the written file will give (kernel_config: each key over the defaults' same key)
+        tune_gemm({**dev, **{k: {**base.get(k, {}), **v} for k, v in tuned.items() if not k.startswith("_")}}, tuned)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / own_file_name(device)
     path.write_text(json.dumps(tuned, indent=1))
