@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from d2dmoe_kernels.router_tail import tile
-from d2dmoe_kernels.triton_common import ACT_CODES, expert_hidden, fp32_dots, router_select, selected
+from d2dmoe_kernels.triton_common import (ACT_CODES, expert_hidden, fp32_dots, neuron_selected, router_select,
+                                           selected)
 
 MODES = {"scores": 0, "router": 1, "router+override": 2, "all": 3}
 
@@ -54,16 +55,9 @@ def _masked_up_kernel(
     if SPAN:  # MODE 0, tiles over the E*e neurons laid end to end: a tile may span experts (small experts)
         offs_n = c * BLOCK_J + tl.arange(0, BLOCK_J)
         nmask = offs_n < E * ES
-        s = tl.load(scores_ptr + offs_t[:, None] * stride_s + (offs_n // ES)[None, :],
-                    mask=tmask[:, None] & nmask[None, :], other=-1.0).to(tl.float32)
-        m = tl.load(ref_ptr + offs_t, mask=tmask, other=0.0).to(tl.float32)
-        sel2 = (s >= tau * m[:, None]) & tmask[:, None] & nmask[None, :]  # token t runs neuron n's expert
-        first = (offs_n % ES == 0) & nmask  # each expert's pairs are counted where its first neuron lies
-        n_first = tl.sum(tl.sum((sel2 & first[None, :]).to(tl.int32), axis=1), axis=0)
+        sel2 = neuron_selected(scores_ptr, ref_ptr, tau, offs_t, tmask, offs_n, nmask, ES, stride_s, counters_ptr, T,
+                               (tb == 0) & (c == 0))
         n_any = tl.sum(tl.sum(sel2.to(tl.int32), axis=1), axis=0)
-        tl.atomic_add(counters_ptr + 1, n_first.to(tl.int64), sem="relaxed")
-        if (tb == 0) & (c == 0):
-            tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T, sem="relaxed")
         hp = h_ptr + offs_t.to(tl.int64)[:, None] * (E * ES) + offs_n[None, :]
         hmask = tmask[:, None] & nmask[None, :]
         if n_any == 0:

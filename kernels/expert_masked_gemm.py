@@ -21,7 +21,7 @@ import triton.language as tl
 
 from d2dmoe_kernels.expert_masked import down_gemm
 from d2dmoe_kernels.router_tail import router_tail, tile
-from d2dmoe_kernels.triton_common import ACT_CODES, activation, fp32_dots
+from d2dmoe_kernels.triton_common import ACT_CODES, activation, fp32_dots, neuron_selected
 
 
 @triton.jit
@@ -35,14 +35,8 @@ def _select_act_kernel(
     offs_n = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     nmask = offs_n < E * ES
     xmask = tmask[:, None] & nmask[None, :]
-    s = tl.load(scores_ptr + offs_t[:, None] * stride_s + (offs_n // ES)[None, :], mask=xmask, other=-1.0)
-    m = tl.load(ref_ptr + offs_t, mask=tmask, other=0.0).to(tl.float32)
-    sel = (s.to(tl.float32) >= tau * m[:, None]) & xmask
-    firsts = (offs_n % ES == 0) & nmask  # each expert's pairs are counted where its first neuron lies
-    tl.atomic_add(counters_ptr + 1, tl.sum(tl.sum((sel & firsts[None, :]).to(tl.int64), axis=1), axis=0),
-                  sem="relaxed")
-    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T, sem="relaxed")
+    sel = neuron_selected(scores_ptr, ref_ptr, tau, offs_t, tmask, offs_n, nmask, ES, stride_s, counters_ptr, T,
+                          (tl.program_id(0) == 0) & (tl.program_id(1) == 0))
     gp = g_ptr + offs_t.to(tl.int64)[:, None] * stride_g + offs_n[None, :]
     h = tl.load(gp, mask=sel, other=0.0).to(tl.float32)
     if HAS_BIAS:

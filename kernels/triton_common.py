@@ -35,6 +35,24 @@ def selected(scores_ptr, rowmax_ptr, tau, offs_t, tmask, e, stride_s):
     return (s >= tau * m) & tmask
 
 
+@triton.jit
+def neuron_selected(scores_ptr, rowmax_ptr, tau, offs_t, tmask, offs_n, nmask, ES, stride_s, counters_ptr, T,
+                    count_tokens):
+    """Boolean [BLOCK_T, BLOCK_N] for a tile over the E*e neurons laid end to end (it may span small
+    experts): token t runs neuron n's expert. Counts the tile's (token, expert) pairs where each
+    expert's first neuron lies, and the T tokens where ``count_tokens`` (one program)."""
+    s = tl.load(scores_ptr + offs_t[:, None] * stride_s + (offs_n // ES)[None, :],
+                mask=tmask[:, None] & nmask[None, :], other=-1.0).to(tl.float32)
+    m = tl.load(rowmax_ptr + offs_t, mask=tmask, other=0.0).to(tl.float32)
+    sel = (s >= tau * m[:, None]) & tmask[:, None] & nmask[None, :]
+    first = (offs_n % ES == 0) & nmask
+    n_first = tl.sum(tl.sum((sel & first[None, :]).to(tl.int32), axis=1), axis=0)
+    tl.atomic_add(counters_ptr + 1, n_first.to(tl.int64), sem="relaxed")
+    if count_tokens:
+        tl.atomic_add(counters_ptr, tl.zeros((), tl.int64) + T, sem="relaxed")
+    return sel
+
+
 def fp32_dots(x) -> bool:
     """The UPCAST switch of the kernels for input ``x``."""
     return INTERPRET or x.dtype == torch.float32
