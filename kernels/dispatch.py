@@ -69,6 +69,15 @@ def route(x, router_in, router_out, tau, top_k, counters, cfg, own_max):
     return (scores, *selection_rule(scores, tau, top_k))
 
 
+def in_kernel_routing(route_override, tau, sharded, expert_offset, E):
+    """(scores, ref, factor) for paths that run the router's tail themselves: none given (they select
+    from their own tail) unless a benchmark overrides them; sharded scores as the local experts' view."""
+    if route_override is None:
+        return None, None, float(tau)
+    sc, ref, factor = route_override
+    return (sc[:, expert_offset : expert_offset + E] if sharded else sc), ref, factor
+
+
 def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation,
                              counters, cfg=None, route_override=None, expert_offset=0):
     """``expert_offset``: the local experts are experts [offset, offset + E_local) of the router
@@ -95,9 +104,7 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
     if gemm is not None and top_k == 0 and gemm["min_tokens"] <= T <= gemm["max_tokens"]:
         stacked = stacked_up_view(w_in, w_up, router_in)
     if stacked is not None:  # up GEMM (router's first layer stacked in), router tail, select + act, down GEMM
-        sc, ref, factor = (None, None, float(tau)) if route_override is None else route_override
-        if sharded and sc is not None:
-            sc = sc[:, expert_offset : expert_offset + E]
+        sc, ref, factor = in_kernel_routing(route_override, tau, sharded, expert_offset, E)
         return gemm_masked_experts(x, stacked, router_out, factor, w_in, w_up, w_out, b_in, b_out, activation,
                                    counters, gemm, cfg["router"], scores=sc, ref=ref, expert_offset=expert_offset)
     fused = token_tier(path_config(cfg, "fused", D, ES), T)  # blocks per token count (H200: bigger slices at T=3)
@@ -109,9 +116,7 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
         # full_router: the kernel computes the router's first layer too (small routers: one launch fewer)
         full = (fused if in_fused else masked).get("full_router", False)
         hid = None if full else router_hidden(x, router_in)
-        sc, ref, factor = (None, None, float(tau)) if route_override is None else route_override
-        if sharded and sc is not None:
-            sc = sc[:, expert_offset : expert_offset + E]
+        sc, ref, factor = in_kernel_routing(route_override, tau, sharded, expert_offset, E)
         if in_fused:
             return fused_decode_experts(x, sc, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters,
                                         fused, hid=hid, router_out=router_out, expert_offset=expert_offset,
