@@ -81,11 +81,11 @@ def routing_scores(T, E, fraction, routing, dtype):
     return (scores, scores.float().amax(-1), 0.99), k / E
 
 
-def moe_forward(x, routing, w, tau, activation, counters):
+def moe_forward(x, routing, w, tau, activation, counters, cfg=None):
     # The op's CUDA body as vLLM calls it: the router runs (fused or cuBLAS, as in serving), then the
-    # benchmark's controlled routing decides which experts run.
+    # benchmark's controlled routing decides which experts run. cfg: a kernel config (None: the device's).
     return dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, w["w_in"], w["w_up"], w["w_out"],
-                                    w["b_in"], w["b_out"], activation, counters, route_override=routing)
+                                    w["b_in"], w["b_out"], activation, counters, cfg, route_override=routing)
 
 
 def graphed(fns, reps):

@@ -28,10 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernels import SHAPES as BENCH_SHAPES  # noqa: E402
-from bench_kernels import copies_for, graphed, make_moe, reps_for, routing_scores, time_us  # noqa: E402
+from bench_kernels import copies_for, graphed, make_moe, moe_forward, reps_for, routing_scores, time_us  # noqa: E402
 
 from d2dmoe_kernels.configs import config_file, kernel_config, own_file_name, path_config  # noqa: E402
-from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 from d2dmoe_kernels.layout import stacked_up_view  # noqa: E402
 
 SHAPES = [(768, 3072, False, 64), (768, 3072, False, 128), (640, 2048, True, 64), (640, 2048, True, 128),
@@ -110,9 +109,9 @@ def tune_gemm(dev: dict, tuned: dict) -> None:
                     scores = routing_scores(T, dff // es, fraction, routing, torch.bfloat16)[0]
                     name = "all" if fraction == 1.0 else routing
                     for key, cfg in [("device", base), *enumerate(cands)]:
-                        times[T][key][name] = time_us(graphed([lambda w=w, c=cfg: dynamic_k_experts_triton(
-                            x, w["router_in"], w["router_out"], 0.99, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"],
-                            w["b_out"], act, counters, c, route_override=scores) for w in ws], reps_for(T)))
+                        times[T][key][name] = time_us(graphed(
+                            [lambda w=w, c=cfg: moe_forward(x, scores, w, 0.99, act, counters, c) for w in ws],
+                            reps_for(T)))
                 print(f"  d={d} e={es} T={T} gemm: " + "; ".join(
                     f"{k} " + "/".join(f"{v:.1f}" for v in times[T][k].values()) for k in times[T]) + " us", flush=True)
             tuned[f"gemm@d{d}e{es}"] = gemm_tier(times)
@@ -157,9 +156,8 @@ def main():
                 drawn[tokens] = (torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16),
                                  routing_scores(tokens, dff // es, 0.3, "independent", torch.bfloat16)[0])
             x, routing = drawn[tokens]
-            return time_us(graphed([lambda w=w: dynamic_k_experts_triton(
-                x, w["router_in"], w["router_out"], 0.99, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"],
-                w["b_out"], "relu", counters, cfg, route_override=routing) for w in ws], 8 if tokens <= 16 else 2))
+            return time_us(graphed([lambda w=w: moe_forward(x, routing, w, 0.99, "relu", counters, cfg) for w in ws],
+                                   8 if tokens <= 16 else 2))
 
         def with_cand(cand, upto=T):
             if path == "balanced":  # the device's config, the balanced kernel on for this shape up to ``upto``

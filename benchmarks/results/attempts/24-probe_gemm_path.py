@@ -23,11 +23,10 @@ import triton
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_kernels import (SHAPES, copies_for, dense_forward, graphed, make_dense, make_moe,  # noqa: E402
-                           reps_for, routing_scores, time_us)
+                           moe_forward, reps_for, routing_scores, time_us)
 from provenance import provenance  # noqa: E402
 
 from d2dmoe_kernels.configs import kernel_config  # noqa: E402
-from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 
 DEV = kernel_config(torch.cuda.get_device_name())
 ROUTINGS = ((0.3, "independent"), (0.3, "shared"), (1.0, "independent"))
@@ -76,9 +75,8 @@ def main(out, shapes):
                     row = dict(shape=shape, expert_size=es, tokens=T, fraction=round(real, 4), routing=routing,
                                dense_us=round(dense, 2))
                     for v, cfg in cfgs.items():
-                        us = time_us(graphed([lambda w=w, c=cfg: dynamic_k_experts_triton(
-                            x, w["router_in"], w["router_out"], 0.99, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"],
-                            w["b_out"], act, counters, c, route_override=scores) for w in moe_ws], reps))
+                        us = time_us(graphed([lambda w=w, c=cfg: moe_forward(x, scores, w, 0.99, act, counters, c)
+                                              for w in moe_ws], reps))
                         row[v] = round(dense / us, 3)
                     rows.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
