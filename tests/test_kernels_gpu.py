@@ -81,6 +81,11 @@ def run(x, w, tau, counters, act="gelu_tanh", top_k=0, route_override=None):
                                     route_override=route_override)
 
 
+def poison_allocator(dtype):
+    for _ in range(2):  # the allocator's free blocks hold NaN: unwritten hidden units would show
+        torch.full((1 << 26,), float("nan"), device="cuda", dtype=dtype)
+
+
 @pytest.mark.parametrize("stacked", [False, True])  # the plugin's layout: the device's gemm tiers may apply
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -250,8 +255,7 @@ def test_in_kernel_router_matches_reference(dtype, shape, T, tau):
     x, _ = inputs(T, d, E, dtype, g)
     cfg = own_router_cfg()
     counters = torch.zeros(3, dtype=torch.int64, device="cuda")
-    for _ in range(2):  # poison the allocator's free blocks: unwritten hidden units would show as NaN
-        torch.full((1 << 26,), float("nan"), device="cuda", dtype=dtype)
+    poison_allocator(dtype)
     out = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, *experts(w), "gelu_tanh", counters,
                                    cfg)
     scores, rowmax = router_tail(router_hidden(x, w["router_in"]), w["router_out"], cfg["router"])
@@ -300,6 +304,23 @@ def test_in_kernel_router_graph_replay_and_no_sync(T):
     check_graph_replay_and_no_sync(SHAPES[0], T, own_router_cfg(), 3)
 
 
+def check_override_matches_fp64(shape, T, tau, dtype, cfg, seed, stacked=False):
+    """Controlled routing (router paid) through ``cfg``'s paths against fp64, with NaN-poisoned
+    memory: no NaN, bf16-level relative error, the device counters exact."""
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, dtype, seed=seed, stacked=stacked)
+    x, scores = inputs(T, d, E, dtype, g)
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    poison_allocator(dtype)
+    out = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, *experts(w), "gelu_tanh", counters,
+                                   cfg, route_override=(scores, *selection_rule(scores, tau)))
+    mask = select_experts(scores, tau)
+    ref = ref64(x, mask, w, "gelu_tanh")
+    assert not torch.isnan(out).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
 def balanced_cfg():
     """The device's config with the balanced decode kernel for T <= 4 at every shape (router outside it)."""
     cfg = kernel_config(torch.cuda.get_device_name())
@@ -314,19 +335,7 @@ def balanced_cfg():
 def test_balanced_decode_matches_reference(dtype, shape, T, tau):
     """The balanced decode kernel (selected neurons spread evenly over a fixed grid) against fp64,
     outputs and partials from a NaN-poisoned allocator, counters on the device."""
-    d, dff, es, gated = shape
-    w, E, g = make(d, dff, es, gated, dtype, seed=80 + T + int(tau * 10))
-    x, scores = inputs(T, d, E, dtype, g)
-    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
-    for _ in range(2):
-        torch.full((1 << 26,), float("nan"), device="cuda", dtype=dtype)
-    out = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, *experts(w), "gelu_tanh", counters,
-                                   balanced_cfg(), route_override=(scores, *selection_rule(scores, tau)))
-    mask = select_experts(scores, tau)
-    ref = ref64(x, mask, w, "gelu_tanh")
-    assert not torch.isnan(out).any()
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
-    assert counters.tolist() == [T, int(mask.sum()), 0]
+    check_override_matches_fp64(shape, T, tau, dtype, balanced_cfg(), seed=80 + T + int(tau * 10))
 
 
 @pytest.mark.parametrize("T", [1, 3])
@@ -342,29 +351,13 @@ def gemm_cfg():
                       for k, v in cfg.items() if k.startswith("gemm")}}
 
 
-def poison_allocator(dtype):
-    for _ in range(2):  # the allocator's free blocks hold NaN: unwritten hidden units would show
-        torch.full((1 << 26,), float("nan"), device="cuda", dtype=dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("T", [1, 5, 64, 300, 2048])
 @pytest.mark.parametrize("tau", [0.3, 0.7, 1.0])
 def test_gemm_path_matches_fp64_reference(dtype, shape, T, tau):
     """Controlled routing through the gemm path (router paid), against fp64, NaN-poisoned memory."""
-    d, dff, es, gated = shape
-    w, E, g = make(d, dff, es, gated, dtype, seed=90 + T + int(tau * 10), stacked=True)
-    x, scores = inputs(T, d, E, dtype, g)
-    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
-    poison_allocator(dtype)
-    out = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, *experts(w), "gelu_tanh", counters,
-                                   gemm_cfg(), route_override=(scores, *selection_rule(scores, tau)))
-    mask = select_experts(scores, tau)
-    ref = ref64(x, mask, w, "gelu_tanh")
-    assert not torch.isnan(out).any()
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
-    assert counters.tolist() == [T, int(mask.sum()), 0]
+    check_override_matches_fp64(shape, T, tau, dtype, gemm_cfg(), seed=90 + T + int(tau * 10), stacked=True)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
