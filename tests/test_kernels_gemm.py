@@ -142,6 +142,8 @@ def test_dispatch_takes_the_gemm_path_only_for_stacked_weights(monkeypatch):
 
 def test_stacked_view_only_over_one_buffer_in_order():
     w_in, w_up, r_in = stack_up_weights(4, 8, 16, 6, True)
+    for i, t in enumerate((w_in, w_up, r_in)):  # the buffer is uninitialised (NaN-free values to compare)
+        t.copy_(torch.randn(t.shape) + 10 * i)
     view = stacked_up_view(w_in, w_up, r_in)
     assert view.shape == (4 * 8 * 2 + 6, 16)
     assert view.data_ptr() == w_in.data_ptr()
