@@ -102,6 +102,16 @@ async def send(session: aiohttp.ClientSession, url: str, model: str, req: dict) 
             **({} if ok else {"error": f"finish_reason {out['finish_reason']}, {len(out['tokens'])} tokens"})}
 
 
+def client_session(timeout: float) -> aiohttp.ClientSession:
+    """A session that opens one connection per request: no limit (aiohttp's default pool of 100 would cap the
+    concurrency) and no keep-alive. A pooled idle connection can be closed by uvicorn's keep-alive timer
+    just as the client reuses it, and the request fails with ServerDisconnectedError before the server saw
+    it (aiohttp#3609, uvicorn#824; it failed one request of a CI burst). Fresh connections leave every
+    error the server's own."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                                 timeout=aiohttp.ClientTimeout(total=timeout))
+
+
 async def model_name(session: aiohttp.ClientSession, url: str) -> str:
     async with session.get(f"{url}/v1/models") as resp:
         return (await resp.json())["data"][0]["id"]
@@ -109,8 +119,7 @@ async def model_name(session: aiohttp.ClientSession, url: str) -> str:
 
 async def burst(url: str, reqs: list[dict], warmup: int = 4, timeout: float = 1800) -> dict:
     """All of ``reqs`` at once (after ``warmup`` sequential ones); per-request results and a summary."""
-    conn = aiohttp.TCPConnector(limit=0)  # aiohttp's default pool (100) would cap the concurrency
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+    async with client_session(timeout) as session:
         model = await model_name(session, url)
         for req in reqs[:warmup]:
             await send(session, url, model, {**req, "cancel_after": None})
@@ -133,7 +142,7 @@ def summarize(results: list[dict], wall: float) -> dict:
 async def after_check(url: str, prompt: str = "The people of the United States", max_tokens: int = 4) -> dict:
     """After a burst: /health, one fresh completion, the engine's running/waiting request gauges, and its
     count of finished requests by reason (length, stop, ...: vLLM 0.32 does not count client aborts)."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+    async with client_session(300) as session:
         async with session.get(f"{url}/health") as resp:
             health = resp.status
         fresh = await send(session, url, await model_name(session, url),
