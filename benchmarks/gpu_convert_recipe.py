@@ -70,7 +70,8 @@ def options(method: str, work: Path, corpus: str | None = None):
                           routers=RouterOptions(**RECIPE["routers"]), calibrate=CalibrateOptions(**RECIPE["calibrate"]))
 
 
-def sweep(work: Path, out: Path, deadline: float, smoke: bool, methods=("d2dmoe", "moefication")) -> tuple[dict, dict]:
+def sweep(work: Path, out: Path, deadline: float, smoke: bool,
+          methods: tuple[str, ...] = ("d2dmoe", "moefication")) -> tuple[dict, dict]:
     """Held-out perplexity (SOTU 2016-2021, Brown, BBC), zero-shot task accuracy and executed compute
     per tau (D2DMoE) and k (MoEfication): ``d2dmoe-eval``'s ``evaluate`` (resumable point by point),
     against the sparsified dense model; and the same measures of the original model (GELU-tanh gate),

@@ -470,9 +470,21 @@ def _value(entry: dict, kind: str, name: str) -> float:
     return entry[kind][name] if kind == "ppl" else entry[kind][name]["accuracy"]
 
 
+def quality_curves(points: list[dict], x_key: str) -> list[tuple[str, str, list[dict]]]:
+    """(label, method, points sorted by ``x_key``): one curve per method, or per checkpoint where a
+    method has several (e.g. the same model split into experts of different sizes), named after it."""
+    by_method: dict[str, dict[str, list[dict]]] = {}
+    for p in points:
+        by_method.setdefault(p["method"], {}).setdefault(p.get("checkpoint"), []).append(p)
+    return [(method if len(by_ckpt) == 1 else f"{method} ({Path(ckpt).name})", method,
+             sorted(pts, key=lambda p: p[x_key]))
+            for method, by_ckpt in by_method.items() for ckpt, pts in by_ckpt.items()]
+
+
 def plot_quality(result: dict, path: str | Path, x_key: str = "model_compute", title: str = "") -> None:
-    """One panel per quality number, quality against compute, one curve per method, dense dotted; and,
-    when the experts were cut from a fine-tuned copy, the model before fine-tuning (``original``) dashed."""
+    """One panel per quality number, quality against compute, one curve per method (``quality_curves``),
+    dense dotted; and, when the experts were cut from a fine-tuned copy, the model before fine-tuning
+    (``original``) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -483,10 +495,10 @@ def plot_quality(result: dict, path: str | Path, x_key: str = "model_compute", t
     rows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
     for ax, (kind, name, label) in zip(axes.flat, metrics):
-        for method in dict.fromkeys(p["method"] for p in result["points"]):
-            pts = sorted((p for p in result["points"] if p["method"] == method), key=lambda p: p[x_key])
+        for curve, method, pts in quality_curves(result["points"], x_key):
             style, color = METHOD_STYLE.get(method, ("^-", None))
-            ax.plot([p[x_key] for p in pts], [_value(p, kind, name) for p in pts], style, color=color, label=method)
+            ax.plot([p[x_key] for p in pts], [_value(p, kind, name) for p in pts], style,
+                    color=color if curve == method else None, label=curve)
         if result["dense"] is not None:
             ax.axhline(_value(result["dense"], kind, name), color="gray", ls=":", lw=1.2, label="dense")
         if result.get("original") is not None:

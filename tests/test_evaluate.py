@@ -15,7 +15,7 @@ from d2dmoe_converter.cli import main as convert_cli
 from d2dmoe_converter.dense import load_dense
 from d2dmoe_converter.evaluate import (EvalOptions, plot_quality, build_moe, choice_logprobs, compute_fractions,
                                        compute_without_lm_head, evaluate, flops_per_token, format_table,
-                                       load_checkpoint, main, prepare_data, score_choices)
+                                       load_checkpoint, main, prepare_data, quality_curves, score_choices)
 from d2dmoe_converter.hf_model import build_model
 from d2dmoe_converter.moe_model import ReferenceMoEMLP, expert_layers, ffn_fraction, perplexity, set_selection
 from d2dmoe_converter.routers import router_targets
@@ -237,3 +237,14 @@ def test_oracle_selects_on_true_expert_norms(dense_dir, converted_dir, tmp_path)
     routed0, oracle0 = result["points"][0], result["points"][2]
     assert oracle0["ppl"] == pytest.approx(routed0["ppl"]) and oracle0["ffn_compute"] == 1.0
     assert result["points"][3]["ffn_compute"] < 1.0 and result["complete"]
+
+
+def test_quality_curves_one_per_method_or_per_checkpoint():
+    """One curve per method; a method with several checkpoints (expert sizes) gets one per checkpoint."""
+    pt = lambda method, ckpt, x: {"method": method, "checkpoint": ckpt, "ffn_compute": x}  # noqa: E731
+    points = [pt("d2dmoe", "/w/e64", 0.9), pt("d2dmoe", "/w/e32", 0.5), pt("moefication", "/w/m", 0.5),
+              pt("d2dmoe", "/w/e64", 0.4), pt("moefication", "/w/m", 0.25)]
+    curves = quality_curves(points, "ffn_compute")
+    assert [(label, method) for label, method, _ in curves] == [
+        ("d2dmoe (e64)", "d2dmoe"), ("d2dmoe (e32)", "d2dmoe"), ("moefication", "moefication")]
+    assert [[p["ffn_compute"] for p in pts] for _, _, pts in curves] == [[0.4, 0.9], [0.5], [0.25, 0.5]]
