@@ -94,7 +94,7 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
         print(f"[recipe] tasks left out: {err}")
         tasks = ()
     c = RECIPE["calibrate"]
-    opts = EvalOptions(taus=TAUS, top_k_fractions=TOP_K_FRACTIONS if "moefication" in methods else (), corpora=tuple(corpora), tokens=c["eval_tokens"],
+    opts = EvalOptions(taus=TAUS, top_k_fractions=TOP_K_FRACTIONS, corpora=tuple(corpora), tokens=c["eval_tokens"],
                        seq_len=c["seq_len"], tasks=tasks, items=ITEMS if not smoke else 4, batch=8, device="auto",
                        tags=(("conversion", "gpu-recipe"),) + ((("smoke", "true"),) if smoke else ()))
     original = evaluate(work / "stages" / "dense", [], opts, out=out / "convert-recipe-gemma3-270m-original.json",
@@ -109,16 +109,21 @@ def copy_sparsified(src: Path, work: Path) -> Path:
     source to convert from (the stage fingerprints name the source file: a copy would not match). The
     converter's fingerprints then decide whether the stages are reused (same ReLU and sparsify options)."""
     gguf = src / GGUF
+    for name in (GGUF, "stages/dense/stage.json", "stages/sparsify/stage.json"):
+        if not (src / name).is_file():
+            raise SystemExit(f"[recipe] --sparsified-from {src}: no finished {name.removesuffix('/stage.json')} "
+                             f"there. Fix: finish that run first (rerun its command), or drop --sparsified-from")
     for name in ("stages/dense", "stages/sparsify"):
         have, want = src / name, work / name
-        if not gguf.is_file() or not (have / "stage.json").is_file():
-            raise SystemExit(f"[recipe] --sparsified-from {src}: no finished {name} (or {GGUF}) there. "
-                             f"Fix: finish that run first (rerun its command), or drop --sparsified-from")
         if not want.exists():
             want.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(have, want)
             print(f"[recipe] {name} copied from {src}")
     return gguf
+
+
+def stage_fingerprint(work: Path, name: str = "sparsify") -> str:
+    return json.loads((work / "stages" / name / "stage.json").read_text())["fingerprint"]
 
 
 def merge(fetched: Path, quality: Path) -> None:
@@ -202,7 +207,7 @@ def main():
                 return save()
             report = convert(gguf, args.work / method, options(method, args.work, args.corpus))
             print(format_report(report))
-            if args.sparsified_from and not str(report["seconds"].get("sparsify", "")).startswith("skipped"):
+            if args.sparsified_from and stage_fingerprint(args.work) != stage_fingerprint(args.sparsified_from):
                 print(f"[recipe] WARNING: the sparsify stage of {args.sparsified_from} did not match this run's "
                       f"options and was trained again")
             results[key] = report
@@ -218,7 +223,8 @@ def main():
     for mine, theirs in kept:  # $OUT is new on every call: bring back the points so far
         if (args.work / mine).exists():
             shutil.copy(args.work / mine, args.out / theirs)
-    original, result = sweep(args.work, args.out, deadline, args.smoke, methods)  # plots beside: ...-sweep-quality.png etc.
+    # plots beside: ...-sweep-quality.png etc.
+    original, result = sweep(args.work, args.out, deadline, args.smoke, methods)
     for mine, theirs in kept:
         if (args.out / theirs).exists():
             shutil.copy(args.out / theirs, args.work / mine)
