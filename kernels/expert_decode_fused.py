@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from d2dmoe_kernels.router_tail import tile
-from d2dmoe_kernels.triton_common import (ACT_CODES, count_selected, expert_hidden, fp32_dots, mma, router_select,
-                                          selected)
+from d2dmoe_kernels.triton_common import (ACT_CODES, await_producer, count_selected, expert_hidden, fp32_dots, mma,
+                                          pdl_launch, router_select, selected, use_pdl)
 
 
 @triton.jit
@@ -29,8 +29,9 @@ def _fused_decode_kernel(
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
     OWN_MAX: tl.constexpr, ROUTER: tl.constexpr, FULL_ROUTER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_EALL: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_RE: tl.constexpr, BLOCK_RW: tl.constexpr,
+    BLOCK_RE: tl.constexpr, BLOCK_RW: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_producer(PDL)
     e = tl.program_id(0)
     c = tl.program_id(1)
     offs_t = tl.arange(0, BLOCK_T)
@@ -80,8 +81,9 @@ def _fused_reduce_kernel(
     part_ptr, scores_ptr, ref_ptr, tau, b_out_ptr, out_ptr,
     T, DO, E, NC, stride_s, stride_o,
     HAS_BIAS: tl.constexpr, OWN_MAX: tl.constexpr,
-    BLOCK_EALL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_EALL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_producer(PDL)
     # One program per (column block, token): all of the token's selected slices are loaded as one
     # [BLOCK_S, BLOCK_N] tile per step (no data-dependent branch, so the loads overlap).
     t = tl.program_id(1)
@@ -135,6 +137,7 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
         out = x.new_empty(T, DO)
     part = torch.empty((E * nc, T, DO), device=x.device, dtype=torch.float32)
     gated, has_b_in, has_b_out = w_up is not None, b_in is not None, b_out is not None
+    pdl = use_pdl(cfg, x)
     _fused_decode_kernel[(E, nc)](
         x, scores, ref, tau, w_in, w_up if gated else w_in, w_out, b_in if has_b_in else w_in, part, counters,
         x if full or not router else hid, router_in if full else w_in, router_out if router else w_in,
@@ -144,13 +147,13 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
         GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=fp32_dots(x), OWN_MAX=own_max,
         ROUTER=router, FULL_ROUTER=full, BLOCK_T=block_t, BLOCK_EALL=block_eall, BLOCK_J=block_j, BLOCK_K=cfg["BLOCK_K"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_RE=tile(cfg.get("ROUTER_BLOCK_E", 64), ER),
-        BLOCK_RW=tile(cfg.get("ROUTER_BLOCK_W", 128), W),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_RW=tile(cfg.get("ROUTER_BLOCK_W", 128), W), PDL=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(pdl),
     )
     _fused_reduce_kernel[(triton.cdiv(DO, cfg["BLOCK_N_REDUCE"]), T)](
         part, scores, ref, tau, b_out if has_b_out else part, out,
         T, DO, E, nc, scores.stride(0), out.stride(0),
         HAS_BIAS=has_b_out, OWN_MAX=own_max, BLOCK_EALL=block_eall,
-        BLOCK_S=min(64, triton.next_power_of_2(E * nc)), BLOCK_N=cfg["BLOCK_N_REDUCE"],
+        BLOCK_S=min(64, triton.next_power_of_2(E * nc)), BLOCK_N=cfg["BLOCK_N_REDUCE"], PDL=pdl, **pdl_launch(pdl),
     )
     return out

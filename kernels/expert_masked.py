@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from d2dmoe_kernels.router_tail import tile
-from d2dmoe_kernels.triton_common import (ACT_CODES, expert_hidden, fp32_dots, neuron_selected, router_select,
-                                           selected)
+from d2dmoe_kernels.triton_common import (ACT_CODES, await_producer, expert_hidden, fp32_dots, neuron_selected,
+                                           pdl_launch, router_select, selected, use_pdl)
 
 MODES = {"scores": 0, "router": 1, "router+override": 2, "all": 3}
 
@@ -45,8 +45,9 @@ def _masked_up_kernel(
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr, MODE: tl.constexpr,
     FULL_ROUTER: tl.constexpr, SPAN: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_W: tl.constexpr,
+    BLOCK_W: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_producer(PDL)
     tb = tl.program_id(0)
     e = tl.program_id(1)
     c = tl.program_id(2)
@@ -123,6 +124,7 @@ def masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters
     ER, W = (router_out.shape[0], router_out.shape[1]) if m in (1, 2) else (E, 16)
     grid = (triton.cdiv(T, block_t), 1, triton.cdiv(E * ES, block_j)) if span else \
         (triton.cdiv(T, block_t), E, triton.cdiv(ES, block_j))
+    pdl = use_pdl(cfg, x)
     _masked_up_kernel[grid](
         x, hid if hid is not None else x, router_in if full else w_in, router_out if router_out is not None else w_in,
         scores if scores is not None else x, ref if ref is not None else x, float(tau), float("inf"),
@@ -131,7 +133,8 @@ def masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters
         scores.stride(0) if scores is not None else 0,
         GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=fp32_dots(x), MODE=m, FULL_ROUTER=full, SPAN=span,
         BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_K=cfg["BLOCK_K"], BLOCK_E=tile(cfg["ROUTER_BLOCK_E"], ER),
-        BLOCK_W=tile(cfg["ROUTER_BLOCK_W"], W), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_W=tile(cfg["ROUTER_BLOCK_W"], W), PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl_launch(pdl),
     )
     return down_gemm(h, w_out, b_out, x)
 

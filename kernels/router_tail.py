@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2dmoe_kernels.triton_common import fp32_dots, router_tile
+from d2dmoe_kernels.triton_common import await_producer, fp32_dots, pdl_launch, router_tile, use_pdl
 
 
 def tile(block, n):
@@ -23,8 +23,9 @@ def tile(block, n):
 def _router_tail_kernel(
     hid_ptr, w2_ptr, scores_ptr, rowmax_ptr, T, E, W, stride_h, stride_s,
     UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr,
-    ROWMAX: tl.constexpr,
+    ROWMAX: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_producer(PDL)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = offs_t < T
     rmax = tl.zeros((BLOCK_T,), dtype=tl.float32)
@@ -57,11 +58,12 @@ def router_tail(hid, router_out, cfg, rowmax=True):
     E = router_out.shape[0]
     scores = torch.empty((T, E), device=hid.device, dtype=router_out.dtype)
     rmax = torch.empty((T,), device=hid.device, dtype=torch.float32) if rowmax else scores
+    pdl = use_pdl(cfg, hid)
     block_t = min(cfg["TAIL_BLOCK_T"], max(16, triton.next_power_of_2(T)))
     block_e = tile(cfg["TAIL_BLOCK_E"] if rowmax else cfg.get("TAIL_SPLIT_BLOCK_E", 16), E)
     _router_tail_kernel[(triton.cdiv(T, block_t), 1 if rowmax else triton.cdiv(E, block_e))](
         hid, router_out, scores, rmax, T, E, W, hid.stride(0), scores.stride(0),
         UPCAST=fp32_dots(hid), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_W=tile(cfg["TAIL_BLOCK_W"], W),
-        ROWMAX=rowmax, num_warps=4,
+        ROWMAX=rowmax, PDL=pdl, num_warps=4, **pdl_launch(pdl),
     )
     return scores, rmax if rowmax else None

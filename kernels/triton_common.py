@@ -5,6 +5,7 @@ except for fp32 models, whose products are full fp32 (no TF32 rounding), and und
 ``TRITON_INTERPRET=1`` (CPU tests), where bf16/fp16 arithmetic is unreliable: there ``mma`` upcasts.
 """
 
+import functools
 import os
 
 import torch
@@ -14,6 +15,47 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
+
+try:  # grid dependency control (programmatic dependent launch, sm_90+; triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_PDL = True
+except ImportError:  # pragma: no cover - older triton: PDL is never switched on
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(cfg: dict, x: torch.Tensor) -> bool:
+    """Whether a path's kernels launch as programmatic dependents (``"pdl": true`` in its config):
+    the launch overlaps the previous kernel's tail instead of waiting for it (a CUDA graph keeps the
+    edge). Needs sm_90+, a triton with grid dependency control, and not the interpreter."""
+    return bool(cfg.get("pdl", False)) and HAS_PDL and not INTERPRET and x.is_cuda and _sm90_or_later(
+        x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """The launch keyword that goes with ``use_pdl`` (none when off: the interpreter knows no such option)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def await_producer(PDL: tl.constexpr):
+    """First statement of a kernel launched with ``pdl_launch``: wait until the previous kernel has
+    finished and its writes are visible (nothing is read before), then let the next one launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit

@@ -390,3 +390,35 @@ def test_gemm_path_own_router(shape, T, tau):
 @pytest.mark.parametrize("T", [4, 64, 1024])
 def test_gemm_path_graph_replay_and_no_sync(shape, T):
     check_graph_replay_and_no_sync(shape, T, gemm_cfg(), 7, stacked=True)
+
+
+def pdl_cfg(base=None):
+    """``base`` (the device's config) with the router tail, fused decode and masked kernels launched as
+    programmatic dependents (``"pdl": true``), at every shape key."""
+    cfg = base or kernel_config(torch.cuda.get_device_name())
+    return {k: {**v, "pdl": True} if k.split("@")[0] in ("router", "fused", "masked") else v for k, v in cfg.items()}
+
+
+def test_pdl_is_used_on_this_device():
+    """The PDL tests below check something only if the launches really are programmatic dependents."""
+    from d2dmoe_kernels.triton_common import use_pdl
+
+    assert use_pdl(pdl_cfg()["fused"], torch.empty(1, device="cuda"))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1, 3, 16, 64])
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+def test_pdl_matches_fp64_reference(shape, T, tau):
+    check_override_matches_fp64(shape, T, tau, torch.bfloat16, pdl_cfg(), seed=300 + T)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("T", [1, 3, 16, 300])
+def test_pdl_graph_replay_and_no_sync(shape, T):
+    check_graph_replay_and_no_sync(shape, T, pdl_cfg(), 9)
+
+
+@pytest.mark.parametrize("T", [1, 8, 64])
+def test_pdl_in_kernel_router_graph_replay_and_no_sync(T):
+    check_graph_replay_and_no_sync(SHAPES[0], T, pdl_cfg(own_router_cfg()), 11)
