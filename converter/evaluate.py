@@ -476,9 +476,25 @@ def quality_curves(points: list[dict], x_key: str) -> list[tuple[str, str, list[
     by_method: dict[str, dict[str, list[dict]]] = {}
     for p in points:
         by_method.setdefault(p["method"], {}).setdefault(p.get("checkpoint"), []).append(p)
-    return [(method if len(by_ckpt) == 1 else f"{method} ({Path(ckpt).name})", method,
-             sorted(pts, key=lambda p: p[x_key]))
-            for method, by_ckpt in by_method.items() for ckpt, pts in by_ckpt.items()]
+    curves = []
+    for method, by_ckpt in by_method.items():
+        names = distinct_names(list(by_ckpt))
+        curves += [(method if len(by_ckpt) == 1 else f"{method} ({names[ckpt]})", method,
+                    sorted(pts, key=lambda p: p[x_key])) for ckpt, pts in by_ckpt.items()]
+    return curves
+
+
+def distinct_names(paths: list[str | None]) -> dict[str | None, str]:
+    """Each path's shortest tail of components that no other path shares (``run-a/ckpt``, ``run-b/ckpt``
+    for two checkpoints both named ``ckpt``)."""
+    parts = {p: Path(str(p)).parts for p in paths}
+    out = {}
+    for p in paths:
+        n = 1
+        while n < len(parts[p]) and any(q != p and parts[q][-n:] == parts[p][-n:] for q in paths):
+            n += 1
+        out[p] = "/".join(parts[p][-n:])
+    return out
 
 
 def plot_quality(result: dict, path: str | Path, x_key: str = "model_compute", title: str = "") -> None:

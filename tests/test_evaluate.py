@@ -248,3 +248,11 @@ def test_quality_curves_one_per_method_or_per_checkpoint():
     assert [(label, method) for label, method, _ in curves] == [
         ("d2dmoe (e64)", "d2dmoe"), ("d2dmoe (e32)", "d2dmoe"), ("moefication", "moefication")]
     assert [[p["ffn_compute"] for p in pts] for _, _, pts in curves] == [[0.4, 0.9], [0.5], [0.25, 0.5]]
+
+
+def test_quality_curves_tell_same_named_checkpoints_apart():
+    """Two recipe runs both write their checkpoint to ``d2dmoe/``: the labels take the run's directory too."""
+    pt = lambda ckpt, x: {"method": "d2dmoe", "checkpoint": ckpt, "ffn_compute": x}  # noqa: E731
+    curves = quality_curves([pt("/root/recipe/d2dmoe", 0.5), pt("/root/recipe-e16/d2dmoe", 0.5),
+                             pt("/root/e32", 0.4)], "ffn_compute")
+    assert [label for label, _, _ in curves] == ["d2dmoe (recipe/d2dmoe)", "d2dmoe (recipe-e16/d2dmoe)", "d2dmoe (e32)"]

@@ -386,3 +386,22 @@ def test_masked_dense_fallback(T):
     out = dynamic_k_experts_triton(x, *router(D, E), 0.0, 0, *w.values(), "gelu_tanh", counters, cfg)
     check(out, reference(x, torch.ones(T, E, dtype=torch.bool), w, "gelu_tanh"))
     assert counters.tolist() == [T, T * E, 0]
+
+
+@pytest.mark.parametrize("T", [1, 8])  # fused decode (router tail outside it), masked
+def test_pdl_config_is_ignored_off_the_gpu(T):
+    """A device file may switch on programmatic dependent launch; on the CPU / interpreter the same config
+    must run the same kernels without it (the interpreter knows no ``launch_pdl``) and give the same result."""
+    from d2dmoe_kernels.triton_common import pdl_launch, use_pdl
+
+    E, ES, D = 8, 16, 32
+    w = layer(E, ES, D, True, 21)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=T)
+    pdl = {k: dict(v, pdl=True) if isinstance(v, dict) and k.split("@")[0] in ("router", "fused", "masked") else v
+           for k, v in SMALL.items()}
+    assert not use_pdl(pdl["fused"], x) and pdl_launch(False) == {}
+    outs = [dynamic_k_experts_triton(x, r_in, r_out, 0.6, 0, *w.values(), "gelu_tanh", torch.zeros(3, dtype=torch.int64),
+                                     cfg) for cfg in (SMALL, pdl)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    check(outs[1], reference(x, select_experts(router_scores(x, r_in, r_out), 0.6), w, "gelu_tanh"))
