@@ -61,7 +61,8 @@ def route(x, router_in, router_out, tau, top_k, counters, cfg, own_max):
         return scores, rowmax, float(tau)
     if top_k == 0 and T <= cfg["router"]["tail_max_tokens"]:  # cuBLAS first layer + one Triton tail
         # own_max: the tail's expert blocks spread over programs, the fused kernel takes the row max
-        scores, rowmax = router_tail(router_hidden(x, router_in), router_out, cfg["router"], rowmax=not own_max)
+        scores, rowmax = router_tail(router_hidden(x, router_in, cfg["router"]), router_out, cfg["router"],
+                                     rowmax=not own_max)
         return scores, rowmax, float(tau)
     scores = router_scores(x, router_in, router_out)
     if own_max:
@@ -115,7 +116,7 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
     if own_router:  # the router's tail runs inside the expert kernel: router GEMM + 2 launches
         # full_router: the kernel computes the router's first layer too (small routers: one launch fewer)
         full = (fused if in_fused else masked).get("full_router", False)
-        hid = None if full else router_hidden(x, router_in)
+        hid = None if full else router_hidden(x, router_in, cfg["router"])
         sc, ref, factor = in_kernel_routing(route_override, tau, sharded, expert_offset, E)
         if in_fused:
             return fused_decode_experts(x, sc, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters,

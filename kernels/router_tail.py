@@ -1,7 +1,9 @@
 """Router tail: scores R = |relu(H) W2^T| and the per-token max, one launch after the first layer.
 
-The router's first layer H = x W1^T is one cuBLAS GEMM (it reads the w x d weights once, which a
-Triton kernel cannot beat); everything after it -- ReLU, the small second layer (E x w), |.|, the
+The router's first layer H = x W1^T is one cuBLAS GEMM (it reads the w x d weights once), or, for
+up to ``router.hidden_max_tokens`` tokens, a Triton GEMV-shaped launch over blocks of hidden units
+(``_router_hidden_kernel``: it can launch as a programmatic dependent, which cuBLAS cannot);
+everything after it -- ReLU, the small second layer (E x w), |.|, the
 row max -- runs here, grid (ceil(T / BLOCK_T),), replacing four launches (ReLU, GEMM, abs, amax) and
 the fp32 cast of the torch router. Scores are rounded to the model dtype, as the torch router's are,
 and the row max is taken over the rounded scores, so selection is the same rule (``selection_rule``).
@@ -11,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from d2dmoe_kernels.triton_common import await_producer, fp32_dots, pdl_launch, router_tile, use_pdl
+from d2dmoe_kernels.triton_common import (await_producer, fp32_dots, pdl_launch, router_hidden_block, router_tile,
+                                          use_pdl)
 
 
 def tile(block, n):
@@ -46,9 +49,37 @@ def _router_tail_kernel(
         tl.store(rowmax_ptr + offs_t, rmax, mask=tmask)
 
 
-def router_hidden(x, router_in):
-    """The router's first layer before its ReLU (cuBLAS)."""
-    return torch.nn.functional.linear(x, router_in)
+@triton.jit
+def _router_hidden_kernel(
+    x_ptr, w1_ptr, hid_ptr, T, D, W, stride_x,
+    UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):
+    await_producer(PDL)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
+    offs_w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    wmask = offs_w < W
+    h = router_hidden_block(x_ptr, stride_x, w1_ptr, D, offs_t, tmask, offs_w, wmask, UPCAST, BLOCK_T, BLOCK_W, BLOCK_K)
+    tl.store(hid_ptr + offs_t[:, None] * W + offs_w[None, :], h, mask=tmask[:, None] & wmask[None, :])
+
+
+def router_hidden(x, router_in, cfg=None):
+    """The router's first layer before its ReLU, [T, w] in the weights' dtype: cuBLAS, or the Triton
+    launch for T <= ``cfg["hidden_max_tokens"]`` (``cfg`` the router config; None: cuBLAS)."""
+    T, D = x.shape
+    if cfg is None or T > cfg.get("hidden_max_tokens", 0) or router_in.stride() != (D, 1):
+        return torch.nn.functional.linear(x, router_in)
+    W = router_in.shape[0]
+    hid = torch.empty((T, W), device=x.device, dtype=router_in.dtype)
+    block_t = max(16, min(64, triton.next_power_of_2(T)))
+    block_w = tile(cfg.get("HIDDEN_BLOCK_W", 16), W)
+    pdl = use_pdl(cfg, x)
+    _router_hidden_kernel[(triton.cdiv(W, block_w), triton.cdiv(T, block_t))](
+        x, router_in, hid, T, D, W, x.stride(0), UPCAST=fp32_dots(x), BLOCK_T=block_t, BLOCK_W=block_w,
+        BLOCK_K=min(cfg.get("HIDDEN_BLOCK_K", 256), triton.next_power_of_2(D)), PDL=pdl,
+        num_warps=cfg.get("HIDDEN_num_warps", 4), **pdl_launch(pdl),
+    )
+    return hid
 
 
 def router_tail(hid, router_out, cfg, rowmax=True):

@@ -133,6 +133,9 @@ def test_end_to_end_with_own_router(T):
         scores, rowmax = fused_router(x, w["router_in"], w["router_out"], torch.zeros(1, dtype=torch.int64,
                                       device="cuda"), cfg["router"])
         mask = scores >= 0.5 * rowmax[:, None]
+    elif T <= cfg["router"]["tail_max_tokens"]:  # the op's first layer (cuBLAS or Triton) + the tail's scores
+        scores, rowmax = router_tail(router_hidden(x, w["router_in"], cfg["router"]), w["router_out"], cfg["router"])
+        mask = scores.float() >= 0.5 * rowmax[:, None]
     else:
         mask = select_experts(router_scores(x, w["router_in"], w["router_out"]), 0.5)
     assert 0 < int(mask.sum()) < T * E
@@ -253,12 +256,18 @@ def test_in_kernel_router_matches_reference(dtype, shape, T, tau):
     d, dff, es, gated = shape
     w, E, g = make(d, dff, es, gated, dtype, seed=60 + T)
     x, _ = inputs(T, d, E, dtype, g)
-    cfg = own_router_cfg()
+    check_in_kernel_router(x, w, tau, own_router_cfg(), dtype)
+
+
+def check_in_kernel_router(x, w, tau, cfg, dtype):
+    """The op through ``cfg`` with its own router against fp64, selecting from the same router
+    launches' scores (first layer as ``cfg`` computes it, then the tail)."""
+    T = x.shape[0]
     counters = torch.zeros(3, dtype=torch.int64, device="cuda")
     poison_allocator(dtype)
     out = dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, *experts(w), "gelu_tanh", counters,
                                    cfg)
-    scores, rowmax = router_tail(router_hidden(x, w["router_in"]), w["router_out"], cfg["router"])
+    scores, rowmax = router_tail(router_hidden(x, w["router_in"], cfg["router"]), w["router_out"], cfg["router"])
     mask = scores.float() >= tau * rowmax[:, None]
     ref = ref64(x, mask, w, "gelu_tanh")
     assert not torch.isnan(out).any()
@@ -422,3 +431,40 @@ def test_pdl_graph_replay_and_no_sync(shape, T):
 @pytest.mark.parametrize("T", [1, 8, 64])
 def test_pdl_in_kernel_router_graph_replay_and_no_sync(T):
     check_graph_replay_and_no_sync(SHAPES[0], T, pdl_cfg(own_router_cfg()), 11)
+
+
+def hidden_cfg():
+    """``pdl_cfg()`` with the router's first layer as the Triton launch up to 64 tokens."""
+    cfg = pdl_cfg()
+    return {**cfg, "router": {**cfg["router"], "hidden_max_tokens": 64}}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1, 4, 37, 64])
+def test_router_hidden_triton_matches_fp64(shape, T):
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=400 + T)
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    hid = router_hidden(x, w["router_in"], hidden_cfg()["router"])
+    want = x.double() @ w["router_in"].double().t()
+    assert not torch.isnan(hid).any()
+    assert ((hid.double() - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1, 3, 16, 64])
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+def test_triton_router_hidden_in_kernel_router_matches_reference(shape, T, tau):
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=450 + T)
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    cfg = hidden_cfg()
+    own = own_router_cfg()
+    cfg = {**cfg, **{k: {**cfg.get(k, {}), **v} for k, v in own.items() if k.startswith(("fused", "masked"))}}
+    check_in_kernel_router(x, w, tau, cfg, torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("T", [1, 3, 16, 64])
+def test_triton_router_hidden_graph_replay_and_no_sync(shape, T):
+    check_graph_replay_and_no_sync(shape, T, hidden_cfg(), 13)

@@ -405,3 +405,31 @@ def test_pdl_config_is_ignored_off_the_gpu(T):
                                      cfg) for cfg in (SMALL, pdl)]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     check(outs[1], reference(x, select_experts(router_scores(x, r_in, r_out), 0.6), w, "gelu_tanh"))
+
+
+@pytest.mark.parametrize("T,D,W", [(1, 64, 32), (5, 96, 48), (37, 64, 24), (70, 40, 16)])
+def test_router_hidden_triton_matches_torch(T, D, W):
+    """The Triton first layer (T <= hidden_max_tokens) against the fp64 product; cuBLAS above the bound."""
+    x = torch.randn(T, D)
+    r_in, _ = router(D, 4, W, seed=T)
+    cfg = dict(ROUTER, hidden_max_tokens=64, HIDDEN_BLOCK_K=32)
+    hid = router_hidden(x, r_in, cfg)
+    check(hid, x.double() @ r_in.double().t())
+    torch.testing.assert_close(router_hidden(x, r_in, dict(cfg, hidden_max_tokens=T - 1)), x @ r_in.t())
+
+
+@pytest.mark.parametrize("own_router", [False, True])
+@pytest.mark.parametrize("T", [1, 3, 9])  # fused decode (router tail outside it, or inside), masked
+def test_dispatch_with_triton_router_hidden(T, own_router):
+    E, ES, D = 8, 16, 32
+    w = layer(E, ES, D, True, 23)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=30 + T)
+    cfg = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64, hidden_max_tokens=64, HIDDEN_BLOCK_K=32),
+               fused=dict(FUSED, own_router=own_router), masked=dict(MASKED, max_tokens=64, own_router=own_router))
+    counters = torch.zeros(3, dtype=torch.int64)
+    out = dynamic_k_experts_triton(x, r_in, r_out, 0.6, 0, *w.values(), "gelu_tanh", counters, cfg)
+    mask = select_experts(router_scores(x, r_in, r_out), 0.6)
+    assert 0 < int(mask.sum()) < T * E
+    check(out, reference(x, mask, w, "gelu_tanh"))
+    assert counters.tolist() == [T, int(mask.sum()), 0]
