@@ -88,6 +88,13 @@ def moe_forward(x, routing, w, tau, activation, counters, cfg=None):
                                     w["b_in"], w["b_out"], activation, counters, cfg, route_override=routing)
 
 
+def moe_us(x, routing, moe_ws, tau, activation, counters, reps, cfg=None):
+    """The D2DMoE layer's time (us per call): one graph of ``reps`` calls of ``moe_forward`` cycling
+    through the weight copies ``moe_ws``."""
+    return time_us(graphed([lambda w=w: moe_forward(x, routing, w, tau, activation, counters, cfg) for w in moe_ws],
+                           reps))
+
+
 def graphed(fns, reps):
     """One CUDA graph of ``reps`` back-to-back layer calls cycling through ``fns`` (weight copies),
     as a model's layers sit in one vLLM graph; returns (replay, reps)."""
@@ -162,17 +169,16 @@ def main():
                         if fraction == 1.0 and routing == "shared":
                             continue  # identical to independent at 100%
                         scores, real = routing_scores(T, E, fraction, routing, dtype)
-                        moe_us = time_us(graphed(
-                            [lambda w=w: moe_forward(x, scores, w, 0.99, activation, counters) for w in moe_ws], reps))
+                        moe_time = moe_us(x, scores, moe_ws, 0.99, activation, counters, reps)
                         rows.append(dict(shape=name, expert_size=es, tokens=T, fraction=round(real, 4), routing=routing,
-                                         dense_us=round(dense_us, 2), d2dmoe_us=round(moe_us, 2),
-                                         speedup=round(dense_us / moe_us, 3)))
+                                         dense_us=round(dense_us, 2), d2dmoe_us=round(moe_time, 2),
+                                         speedup=round(dense_us / moe_time, 3)))
                         r = rows[-1]
                         print(f"{name:16s} e={es:<4d} T={T:<6d} f={r['fraction']:<6.3f} {routing:11s} "
-                              f"dense {dense_us:9.1f} us  d2dmoe {moe_us:9.1f} us  x{r['speedup']:.2f}", flush=True)
+                              f"dense {dense_us:9.1f} us  d2dmoe {moe_time:9.1f} us  x{r['speedup']:.2f}", flush=True)
                 # tau = 0 (every expert, host-known): the dense fallback
                 scores, _ = routing_scores(T, E, 1.0, "independent", dtype)
-                fb = time_us(graphed([lambda w=w: moe_forward(x, scores, w, 0.0, activation, counters) for w in moe_ws], reps))
+                fb = moe_us(x, scores, moe_ws, 0.0, activation, counters, reps)
                 rows.append(dict(shape=name, expert_size=es, tokens=T, fraction=1.0, routing="tau0-fallback",
                                  dense_us=round(dense_us, 2), d2dmoe_us=round(fb, 2), speedup=round(dense_us / fb, 3)))
                 del moe_ws

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernels import SHAPES as BENCH_SHAPES  # noqa: E402
-from bench_kernels import copies_for, graphed, make_moe, moe_forward, reps_for, routing_scores, time_us  # noqa: E402
+from bench_kernels import copies_for, make_moe, moe_us, reps_for, routing_scores  # noqa: E402
 
 from d2dmoe_kernels.configs import config_file, kernel_config, own_file_name, path_config  # noqa: E402
 from d2dmoe_kernels.layout import stacked_up_view  # noqa: E402
@@ -109,9 +109,7 @@ def tune_gemm(dev: dict, tuned: dict) -> None:
                     scores = routing_scores(T, dff // es, fraction, routing, torch.bfloat16)[0]
                     name = "all" if fraction == 1.0 else routing
                     for key, cfg in [("device", base), *enumerate(cands)]:
-                        times[T][key][name] = time_us(graphed(
-                            [lambda w=w, c=cfg: moe_forward(x, scores, w, 0.99, act, counters, c) for w in ws],
-                            reps_for(T)))
+                        times[T][key][name] = moe_us(x, scores, ws, 0.99, act, counters, reps_for(T), cfg)
                 print(f"  d={d} e={es} T={T} gemm: " + "; ".join(
                     f"{k} " + "/".join(f"{v:.1f}" for v in times[T][k].values()) for k in times[T]) + " us", flush=True)
             tuned[f"gemm@d{d}e{es}"] = gemm_tier(times)
@@ -156,8 +154,7 @@ def main():
                 drawn[tokens] = (torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16),
                                  routing_scores(tokens, dff // es, 0.3, "independent", torch.bfloat16)[0])
             x, routing = drawn[tokens]
-            return time_us(graphed([lambda w=w: moe_forward(x, routing, w, 0.99, "relu", counters, cfg) for w in ws],
-                                   8 if tokens <= 16 else 2))
+            return moe_us(x, routing, ws, 0.99, "relu", counters, 8 if tokens <= 16 else 2, cfg)
 
         def with_cand(cand, upto=T):
             if path == "balanced":  # the device's config, the balanced kernel on for this shape up to ``upto``

@@ -24,11 +24,10 @@ import triton
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_kernels import (SHAPES, copies_for, dense_forward, graphed, make_dense, make_moe,  # noqa: E402
-                           reps_for, routing_scores, time_us)
+                           moe_us, reps_for, routing_scores, time_us)
 from provenance import provenance  # noqa: E402
 
 from d2dmoe_kernels.configs import kernel_config  # noqa: E402
-from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 
 DEV = kernel_config(torch.cuda.get_device_name())
 PDL = {k: {**v, "pdl": True} if k.split("@")[0] in ("router", "fused", "masked") else v for k, v in DEV.items()}
@@ -65,10 +64,7 @@ def main(out):
                     routing, real = routing_scores(T, E, frac, "independent", dtype)
                     us = {}
                     for label, cfg in (("off", DEV), ("pdl", PDL), ("off again", DEV)):
-                        fns = [lambda w=w, cfg=cfg: dynamic_k_experts_triton(
-                            x, w["router_in"], w["router_out"], 0.99, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"],
-                            w["b_out"], act, counters, cfg, route_override=routing) for w in moe_ws]
-                        us[label] = time_us(graphed(fns, reps))
+                        us[label] = moe_us(x, routing, moe_ws, 0.99, act, counters, reps, cfg)
                     rows.append(dict(shape=shape, expert_size=es, tokens=T, fraction=real, dense_us=round(dense, 2),
                                      off_us=round(us["off"], 2), pdl_us=round(us["pdl"], 2),
                                      off_again_us=round(us["off again"], 2),

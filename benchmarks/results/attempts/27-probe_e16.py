@@ -20,11 +20,10 @@ import triton
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_kernels import (SHAPES, copies_for, dense_forward, graphed, make_dense, make_moe,  # noqa: E402
-                           reps_for, routing_scores, time_us)
+                           moe_us, reps_for, routing_scores, time_us)
 from provenance import provenance  # noqa: E402
 
 from d2dmoe_kernels.configs import kernel_config  # noqa: E402
-from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 
 DEV = kernel_config(torch.cuda.get_device_name())
 SPAN = [[1 << 30, {"own_router": False, "BLOCK_T": 64, "BLOCK_J": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}]]
@@ -62,10 +61,7 @@ def main(out):
                 for label, cfg in VARIANTS.items():
                     if es == 32 and label != "device":
                         continue
-                    fns = [lambda w=w, cfg=cfg: dynamic_k_experts_triton(
-                        x, w["router_in"], w["router_out"], 0.99, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"],
-                        w["b_out"], act, counters, cfg, route_override=routing) for w in moe_ws]
-                    us = time_us(graphed(fns, reps))
+                    us = moe_us(x, routing, moe_ws, 0.99, act, counters, reps, cfg)
                     rows.append(dict(expert_size=es, tokens=T, fraction=real, config=label, dense_us=round(dense, 2),
                                      us=round(us, 2), speedup=round(dense / us, 3)))
                     line += f"  {label} {us:8.2f} ({dense / us:4.2f}x)"
