@@ -67,7 +67,8 @@ def router_hidden(x, router_in, cfg=None):
     """The router's first layer before its ReLU, [T, w] in the weights' dtype: cuBLAS, or the Triton
     launch for T <= ``cfg["hidden_max_tokens"]`` (``cfg`` the router config; None: cuBLAS)."""
     T, D = x.shape
-    if cfg is None or T > cfg.get("hidden_max_tokens", 0) or router_in.stride() != (D, 1):
+    if (cfg is None or T > cfg.get("hidden_max_tokens", 0) or router_in.stride() != (D, 1) or x.stride(1) != 1
+            or x.dtype != router_in.dtype):  # the kernel's layout and dtype assumptions; cuBLAS takes the rest
         return torch.nn.functional.linear(x, router_in)
     W = router_in.shape[0]
     hid = torch.empty((T, W), device=x.device, dtype=router_in.dtype)

@@ -388,7 +388,7 @@ def test_masked_dense_fallback(T):
     assert counters.tolist() == [T, T * E, 0]
 
 
-@pytest.mark.parametrize("T", [1, 8])  # fused decode (router tail outside it), masked
+@pytest.mark.parametrize("T", [1, 8])  # fused decode after the router tail; masked after the tail
 def test_pdl_config_is_ignored_off_the_gpu(T):
     """A device file may switch on programmatic dependent launch; on the CPU / interpreter the same config
     must run the same kernels without it (the interpreter knows no ``launch_pdl``) and give the same result."""
@@ -398,22 +398,28 @@ def test_pdl_config_is_ignored_off_the_gpu(T):
     w = layer(E, ES, D, True, 21)
     x = torch.randn(T, D)
     r_in, r_out = router(D, E, seed=T)
+    base = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64, hidden_max_tokens=64, HIDDEN_BLOCK_K=32),
+                masked=dict(MASKED, max_tokens=64))
     pdl = {k: dict(v, pdl=True) if isinstance(v, dict) and k.split("@")[0] in ("router", "fused", "masked") else v
-           for k, v in SMALL.items()}
+           for k, v in base.items()}
     assert not use_pdl(pdl["fused"], x) and pdl_launch(False) == {}
     outs = [dynamic_k_experts_triton(x, r_in, r_out, 0.6, 0, *w.values(), "gelu_tanh", torch.zeros(3, dtype=torch.int64),
-                                     cfg) for cfg in (SMALL, pdl)]
+                                     cfg) for cfg in (base, pdl)]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-    check(outs[1], reference(x, select_experts(router_scores(x, r_in, r_out), 0.6), w, "gelu_tanh"))
+    scores, rowmax = router_tail(router_hidden(x, r_in, base["router"]), r_out, base["router"])
+    check(outs[1], reference(x, scores >= 0.6 * rowmax[:, None], w, "gelu_tanh"))
 
 
-@pytest.mark.parametrize("T,D,W", [(1, 64, 32), (5, 96, 48), (37, 64, 24), (70, 40, 16)])
-def test_router_hidden_triton_matches_torch(T, D, W):
-    """The Triton first layer (T <= hidden_max_tokens) against the fp64 product; cuBLAS above the bound."""
+@pytest.mark.parametrize("T,D,W", [(1, 64, 32), (5, 96, 48), (37, 64, 24), (70, 40, 16)])  # 70: two token blocks
+def test_router_hidden_triton_matches_torch(T, D, W, monkeypatch):
+    """The Triton first layer (T <= hidden_max_tokens) against the fp64 product, with cuBLAS out of
+    reach so a silent fallback cannot pass; cuBLAS above the bound."""
     x = torch.randn(T, D)
     r_in, _ = router(D, 4, W, seed=T)
-    cfg = dict(ROUTER, hidden_max_tokens=64, HIDDEN_BLOCK_K=32)
-    hid = router_hidden(x, r_in, cfg)
+    cfg = dict(ROUTER, hidden_max_tokens=128, HIDDEN_BLOCK_K=32)
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.functional, "linear", None)
+        hid = router_hidden(x, r_in, cfg)
     check(hid, x.double() @ r_in.double().t())
     torch.testing.assert_close(router_hidden(x, r_in, dict(cfg, hidden_max_tokens=T - 1)), x @ r_in.t())
 
@@ -429,7 +435,8 @@ def test_dispatch_with_triton_router_hidden(T, own_router):
                fused=dict(FUSED, own_router=own_router), masked=dict(MASKED, max_tokens=64, own_router=own_router))
     counters = torch.zeros(3, dtype=torch.int64)
     out = dynamic_k_experts_triton(x, r_in, r_out, 0.6, 0, *w.values(), "gelu_tanh", counters, cfg)
-    mask = select_experts(router_scores(x, r_in, r_out), 0.6)
+    scores, rowmax = router_tail(router_hidden(x, r_in, cfg["router"]), r_out, cfg["router"])  # the op's own scores
+    mask = scores >= 0.6 * rowmax[:, None]
     assert 0 < int(mask.sum()) < T * E
     check(out, reference(x, mask, w, "gelu_tanh"))
     assert counters.tolist() == [T, int(mask.sum()), 0]
