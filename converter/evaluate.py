@@ -487,7 +487,7 @@ def quality_curves(points: list[dict], x_key: str) -> list[tuple[str, str, list[
 def distinct_names(paths: list[str | None]) -> dict[str | None, str]:
     """Each path's shortest tail of components that no other path shares (``run-a/ckpt``, ``run-b/ckpt``
     for two checkpoints both named ``ckpt``)."""
-    parts = {p: tuple(q for q in Path(str(p)).parts if q != Path(str(p)).anchor) for p in paths}
+    parts = {p: Path(str(p)).parts[1 if Path(str(p)).anchor else 0:] for p in paths}  # no root component
     out = {}
     for p in paths:
         n = 1

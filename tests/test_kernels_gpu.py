@@ -437,9 +437,9 @@ def test_pdl_in_kernel_router_graph_replay_and_no_sync(T):
     check_graph_replay_and_no_sync(SHAPES[0], T, pdl_cfg(own_router_cfg()), 11)
 
 
-def hidden_cfg():
-    """``pdl_cfg()`` with the router's first layer as the Triton launch up to 64 tokens."""
-    cfg = pdl_cfg()
+def hidden_cfg(base=None):
+    """``pdl_cfg(base)`` with the router's first layer as the Triton launch up to 64 tokens."""
+    cfg = pdl_cfg(base)
     return {**cfg, "router": {**cfg["router"], "hidden_max_tokens": 64}}
 
 
@@ -462,10 +462,7 @@ def test_triton_router_hidden_in_kernel_router_matches_reference(shape, T, tau):
     d, dff, es, gated = shape
     w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=450 + T)
     x, _ = inputs(T, d, E, torch.bfloat16, g)
-    cfg = hidden_cfg()
-    own = own_router_cfg()
-    cfg = {**cfg, **{k: {**cfg.get(k, {}), **v} for k, v in own.items() if k.startswith(("fused", "masked"))}}
-    check_in_kernel_router(x, w, tau, cfg, torch.bfloat16)
+    check_in_kernel_router(x, w, tau, hidden_cfg(own_router_cfg()), torch.bfloat16)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3])
