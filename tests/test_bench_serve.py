@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +33,42 @@ def test_bench_serve_cpu(tmp_path):
     assert result["settings"]["async_scheduling"] is True and result["settings"]["capture_sizes"][-1] == 256
     assert set(result["async_scheduling_used"]) == {"dense-tp1", "0.3-tp1"}
     assert all(isinstance(v, bool) for v in result["async_scheduling_used"].values())
+
+
+def test_bench_serve_real_pair_on_text(tmp_path, dense_dir, converted_dir):
+    """--dense/--d2dmoe/--taus with --prompt-text: a checkpoint pair served on windows of held-out SOTU
+    in the checkpoint's tokenizer; the JSON says so, and the engine reports the fraction tau gives."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--dense", str(dense_dir("gpt2")),
+           "--d2dmoe", str(converted_dir("gpt2")), "--taus", "0,0.5", "--prompt-text", "sotu", "--dtype", "float32",
+           "--memory", "0.2", "--batches", "2", "--shapes", "48x4", "--repeats", "1",
+           "--work", str(tmp_path / "work"), "--out", str(out), "--tag", "pair"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "serve-cpu-pair.json").read_text())
+    assert result["settings"]["prompts"] == "held-out sotu text" and "text" not in result["settings"]
+    by_tau = {r["setting"]: r for r in result["rows"]}
+    assert set(by_tau) == {"tau=0", "tau=0.5"} and by_tau["tau=0"]["fraction"] == 1.0
+    assert by_tau["tau=0.5"]["fraction"] < 1.0 and all(r["d2dmoe_tok_s"] > 0 for r in by_tau.values())
+
+
+def test_text_prompts_are_windows_of_the_stream():
+    """Text prompts: each the asked length, led by BOS where the tokenizer uses one, cut from consecutive
+    places of the stream (wrapping around it), so no two prompts of a batch are the same."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_serve import prompts
+
+    stream = list(range(100, 137))  # 37 tokens: a batch of 4 x 15 wraps around
+    for bos in (None, 2):
+        ps = [p["prompt_token_ids"] for p in prompts(4, 16, 50000, seed=5, text={"corpus": "t", "tokens": stream,
+                                                                                  "bos": bos})]
+        body = 16 - (bos is not None)
+        assert all(len(p) == 16 for p in ps) and len({tuple(p) for p in ps}) == 4
+        for i, p in enumerate(ps):
+            assert (p[0] == bos) == (bos is not None)
+            assert p[16 - body:] == [stream[(5 + i * body + j) % 37] for j in range(body)]
+    with pytest.raises(SystemExit, match="shorter than one"):
+        prompts(1, 64, 50000, seed=0, text={"corpus": "t", "tokens": stream, "bos": None})
 
 
 def test_profile_decode_cpu(tmp_path):

@@ -56,6 +56,20 @@ def test_real_gemma_pipeline_serves(gemma_gguf, tmp_path):
     attach_experts(model, {k: v.float() for k, v in load_file(str(out / "model.safetensors")).items()},
                    "gemma3_text", "relu", tau=cfg["d2dmoe"]["tau"])
     tok = load_tokenizer(dense)
+    assert_greedy(result, model, tok)
+    # The dense stage (the original model, read from the GGUF) is a plain Hugging Face checkpoint vLLM
+    # serves as what it is: the dense engine of benchmarks/bench_serve.py. A GGUF config names no
+    # architecture, so without the one save_dense adds vLLM loaded it as an embedding model.
+    assert json.loads((work / "dense" / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+    original = load_dense(work / "dense")
+    assert_greedy(run_vllm(tmp_path, work / "dense", "dense", max_tokens=6, prompts=PROMPTS),
+                  build_model(original).eval(), tok)
+
+
+def assert_greedy(result, model, tok):
+    """The engine generated, for every prompt, what the torch model generates greedily."""
+    import torch
+
     for out_ in result["batch"]:
         ids = list(out_["prompt_ids"])
         assert ids[0] == tok.bos_token_id                                  # Gemma needs its BOS
