@@ -25,8 +25,9 @@ log-probabilities are compared against the first one.
     python benchmarks/bench_serve.py --dense DIR --d2dmoe DIR --taus 0.1,0.2 [--prompt-text sotu]  # any pair
 
 Random token ids are not text: a trained router sees them as text it never saw (the GPU recipe's
-Gemma 3 270M at its calibrated tau executes 50% of FFN compute on held-out SOTU and 30-39% on random ids,
-``serve-nvidia-h200-gemma3-270m.json``), so for real checkpoints ``--prompt-text`` is the honest load.
+Gemma 3 270M executes 50% of FFN compute on held-out SOTU at its calibrated tau 0.0796, but 30-39% on random
+ids at tau 0.08, ``serve-nvidia-h200-gemma3-270m.json``), so for real checkpoints ``--prompt-text`` is the
+honest load.
 """
 
 from __future__ import annotations
@@ -43,42 +44,45 @@ from pathlib import Path
 
 from provenance import ROOT, provenance
 
+CORPORA = ("sotu", "brown", "bbc")  # d2dmoe_converter.eval_data.CORPORA (checked equal in the tests)
+
 CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_GEN = 32, 64, 32
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]  # CUDA-graph token counts (the batches benchmarked are among them)
 
 
-def text_tokens(corpus: str, tokenizer_dir: Path) -> dict:
-    """The held-out documents of ``corpus`` (``d2dmoe_converter.eval_data.CORPORA``) as one token stream
-    in the checkpoint's tokenizer, documents joined by EOS, and the BOS id if the tokenizer starts every
-    text with one (Gemma does; GPT-2 does not)."""
-    from transformers import AutoTokenizer
-
+def text_prompts(corpus: str, dense_dir: Path, shapes: list, batches: list, vocab: int) -> dict:
+    """{"<batch>x<prompt_len>": [[token ids]] * batch}: held-out documents of ``corpus`` in the dense
+    checkpoint's tokenizer, cut as the converter cuts its evaluation text (``token_sequences``: documents
+    joined by EOS, BOS first where the model wants one; read again, in another order, when a batch needs
+    more text than the corpus has), so each request gets its own stretch of text."""
+    from d2dmoe_converter.corpus import CorpusError, token_sequences
+    from d2dmoe_converter.dense import TOKENIZER_FILES, DenseModel, check_model_type, load_tokenizer
     from d2dmoe_converter.eval_data import corpus_documents
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except Exception as err:  # noqa: BLE001 - the fix is the same whatever the tokenizer's complaint
-        raise SystemExit(f"--prompt-text: no tokenizer in {tokenizer_dir} ({err}). Fix: put tokenizer.json (or "
-                         "vocab.json + merges.txt) beside its config.json, or drop --prompt-text") from err
-    stream = []
-    for doc in corpus_documents(corpus):
-        stream += tok(doc, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-    starts = tok("a")["input_ids"][:1] == [tok.bos_token_id]
-    return {"corpus": corpus, "tokens": stream, "bos": tok.bos_token_id if starts else None}
+    config = json.loads((dense_dir / "config.json").read_text())
+    check_model_type(config, dense_dir)
+    if not any((dense_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        raise SystemExit(f"--prompt-text: {dense_dir} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:5])}). "
+                         "Fix: put the model's tokenizer files beside its config.json, or drop --prompt-text")
+    dense = DenseModel(config, {}, dense_dir)
+    tok = load_tokenizer(dense)
+    docs = corpus_documents(corpus)
+    out = {}
+    for prompt_len, _ in shapes:
+        for batch in batches:
+            try:
+                ids = token_sequences(tok, docs, batch, prompt_len, bos=dense.bos_token_id(tok), passes=10_000,
+                                      what=f"a batch of {batch} {prompt_len}-token prompts")
+            except CorpusError as err:
+                raise SystemExit(f"--prompt-text {corpus}: {err}") from err
+            if int(ids.max()) >= vocab:
+                raise SystemExit(f"--prompt-text: {dense_dir}'s tokenizer gives id {int(ids.max())}, beyond the model's "
+                                 f"vocabulary ({vocab}). Fix: use the tokenizer the checkpoint was trained with")
+            out[f"{batch}x{prompt_len}"] = ids.tolist()
+    return out
 
 
-def prompts(n: int, length: int, vocab: int, seed: int, text: dict | None = None) -> list[dict]:
-    """``n`` prompts of ``length`` token ids: random ids, or consecutive windows of ``text`` (from
-    ``text_tokens``; wrapping around the stream when the batch needs more text than it has, each window
-    starting where the previous one ended, shifted by ``seed``), each led by the BOS the model expects."""
-    if text is not None:
-        stream, bos = text["tokens"], text["bos"]
-        body = length - (bos is not None)
-        if len(stream) < body:
-            raise SystemExit(f"--prompt-text {text['corpus']}: {len(stream)} tokens, shorter than one {length}-token "
-                             "prompt. Fix: shorter prompts (--shapes) or a larger corpus")
-        return [{"prompt_token_ids": [bos] * (bos is not None) +
-                 [stream[(seed + i * body + j) % len(stream)] for j in range(body)]} for i in range(n)]
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -110,7 +114,9 @@ def worker(spec: dict) -> dict:
     rows = []
     for prompt_len, gen_len in spec["shapes"]:
         for batch in spec["batches"]:
-            ps = prompts(batch, prompt_len, spec["vocab"], seed=batch * 7919 + prompt_len, text=spec.get("text"))
+            text = spec.get("text_prompts")
+            ps = ([{"prompt_token_ids": ids} for ids in text[f"{batch}x{prompt_len}"]] if text else
+                  prompts(batch, prompt_len, spec["vocab"], seed=batch * 7919 + prompt_len))
             full = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True, detokenize=False)
             first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
             llm.generate(ps, full, use_tqdm=False)                        # warm-up, same shape
@@ -246,8 +252,9 @@ def main() -> int:
     ap.add_argument("--tp-check", action="store_true", help="compare greedy outputs across tp sizes")
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--shapes", default="128x128,1024x128", help="prompt_len x gen_len")
-    ap.add_argument("--prompt-text", metavar="CORPUS", help="prompts cut from a held-out corpus (sotu, brown, bbc) "
-                    "in the dense checkpoint's tokenizer instead of random token ids (real routing)")
+    ap.add_argument("--prompt-text", metavar="CORPUS", choices=CORPORA,
+                    help="real checkpoints: prompts cut from a held-out corpus (sotu, brown, bbc) in the dense "
+                         "checkpoint's tokenizer instead of random token ids (real routing); --tp-check keeps random ids")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--memory", type=float, default=0.85, help="vLLM gpu_memory_utilization (on the CPU: of RAM)")
     ap.add_argument("--custom-all-reduce", action="store_true",
@@ -276,6 +283,8 @@ def main() -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-serve-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.prompt_text and (args.synthetic_gemma2b or args.synthetic_small):
+        ap.error("--prompt-text needs a real checkpoint pair (--dense, --d2dmoe): the synthetic models have no tokenizer")
     if args.synthetic_gemma2b or args.synthetic_small:
         from synthetic_gemma2b import SMALL, write
 
@@ -302,10 +311,11 @@ def main() -> int:
             "repeats": args.repeats, "async_scheduling": args.async_scheduling,
             "capture_sizes": [int(c) for c in args.capture_sizes.split(",")],
             "batches": [int(b) for b in args.batches.split(",")],
-            "shapes": [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")], "tp_check": args.tp_check}
+            # lists, not tuples: a spec must equal itself read back from JSON (--reuse compares them)
+            "shapes": [[int(v) for v in s.split("x")] for s in args.shapes.split(",")], "tp_check": args.tp_check}
     if args.prompt_text:
-        base["text"] = text_tokens(args.prompt_text, dense)
-        print(f"prompts: windows of held-out {args.prompt_text} ({len(base['text']['tokens']):,} tokens)", flush=True)
+        base["text_prompts"] = text_prompts(args.prompt_text, dense, base["shapes"], base["batches"], vocab)
+        print(f"prompts: held-out {args.prompt_text} text in {dense}'s tokenizer", flush=True)
 
     rounds = {}  # (setting, tp) -> one engine result per round
     for r in range(args.rounds):
@@ -343,9 +353,9 @@ def main() -> int:
 
     import vllm
 
-    settings = {k: v for k, v in base.items() if k != "text"}
-    settings["prompts"] = f"held-out {args.prompt_text} text" if args.prompt_text else "random token ids"
-    result = {**provenance(vllm=vllm.__version__), "settings": {**settings, "tp": tps, "rounds": args.rounds,
+    recorded = {k: v for k, v in base.items() if k != "text_prompts"}
+    recorded["prompts"] = f"held-out {args.prompt_text} text" if args.prompt_text else "random token ids"
+    result = {**provenance(vllm=vllm.__version__), "settings": {**recorded, "tp": tps, "rounds": args.rounds,
                                                                 "cuda_graphs": True, "measure": __doc__.split("\n\n")[1]},
               "startup_s": {f"{k[0]}-tp{k[1]}": v["startup_s"] for k, v in runs.items()},
               "async_scheduling_used": {f"{k[0]}-tp{k[1]}": v.get("async_scheduling") for k, v in runs.items()},

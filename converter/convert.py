@@ -194,18 +194,22 @@ def export_state(dense: DenseModel, experts: list[dict], routers: list[dict], dt
 
 def export_config(dense: DenseModel, cfg: D2DMoEConfig, dtype: torch.dtype) -> dict:
     hf = {k: v for k, v in dense.config.items() if k not in ("auto_map", "quantization_config", "_name_or_path")}
-    hf["architectures"] = [architecture(dense.model_type)]
+    hf["architectures"] = [moe_architecture(dense.model_type)]
     hf.pop("torch_dtype", None)
     hf["dtype"] = str(dtype).removeprefix("torch.")
     hf["d2dmoe"] = cfg.to_dict()
     return hf
 
 
-def architecture(model_type: str, d2dmoe: bool = True) -> str:
-    """The class name a checkpoint's ``architectures`` names: ours (``D2DMoEGemma3ForCausalLM``) or, for
-    the dense stages, the plain Hugging Face one (``Gemma3ForCausalLM``) vLLM and transformers serve."""
-    name = next(a for a, (t, _) in ARCHITECTURES.items() if t == model_type)
-    return name if d2dmoe else name.removeprefix("D2DMoE")
+def moe_architecture(model_type: str) -> str:
+    """The class a D2DMoE checkpoint's ``architectures`` names (``D2DMoEGemma3ForCausalLM``)."""
+    return next(a for a, (t, _) in ARCHITECTURES.items() if t == model_type)
+
+
+def hf_architecture(model_type: str) -> str:
+    """The plain Hugging Face class of the dense stages (``Gemma3ForCausalLM``), which vLLM and
+    transformers serve."""
+    return moe_architecture(model_type).removeprefix("D2DMoE")
 
 
 def save_dense(dense_cfg: dict, state: dict[str, torch.Tensor], tokenizer_of: DenseModel, dest: Path) -> None:
@@ -214,7 +218,7 @@ def save_dense(dense_cfg: dict, state: dict[str, torch.Tensor], tokenizer_of: De
     save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
     cfg = {k: v for k, v in dense_cfg.items() if k not in ("quantization_config", "auto_map", "_name_or_path")}
     if not cfg.get("architectures"):
-        cfg["architectures"] = [architecture(cfg["model_type"], d2dmoe=False)]
+        cfg["architectures"] = [hf_architecture(cfg["model_type"])]
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
     tokenizer_of.save_tokenizer(dest)
 

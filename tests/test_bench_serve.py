@@ -36,8 +36,9 @@ def test_bench_serve_cpu(tmp_path):
 
 
 def test_bench_serve_real_pair_on_text(tmp_path, dense_dir, converted_dir):
-    """--dense/--d2dmoe/--taus with --prompt-text: a checkpoint pair served on windows of held-out SOTU
-    in the checkpoint's tokenizer; the JSON says so, and the engine reports the fraction tau gives."""
+    """--dense/--d2dmoe/--taus with --prompt-text: a checkpoint pair served on held-out SOTU in the
+    checkpoint's tokenizer; the JSON says so, the engine reports the fraction tau gives; run again with
+    --reuse, every engine's result is taken from --work (its spec read back from JSON equals the new one)."""
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--dense", str(dense_dir("gpt2")),
            "--d2dmoe", str(converted_dir("gpt2")), "--taus", "0,0.5", "--prompt-text", "sotu", "--dtype", "float32",
@@ -46,29 +47,52 @@ def test_bench_serve_real_pair_on_text(tmp_path, dense_dir, converted_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "serve-cpu-pair.json").read_text())
-    assert result["settings"]["prompts"] == "held-out sotu text" and "text" not in result["settings"]
+    assert result["settings"]["prompts"] == "held-out sotu text" and "text_prompts" not in result["settings"]
     by_tau = {r["setting"]: r for r in result["rows"]}
     assert set(by_tau) == {"tau=0", "tau=0.5"} and by_tau["tau=0"]["fraction"] == 1.0
     assert by_tau["tau=0.5"]["fraction"] < 1.0 and all(r["d2dmoe_tok_s"] > 0 for r in by_tau.values())
+    again = subprocess.run(cmd + ["--reuse"], capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("reusing") == 3, again.stdout[-3000:]
+    assert json.loads((out / "serve-cpu-pair.json").read_text())["rows"] == result["rows"]
 
 
-def test_text_prompts_are_windows_of_the_stream():
-    """Text prompts: each the asked length, led by BOS where the tokenizer uses one, cut from consecutive
-    places of the stream (wrapping around it), so no two prompts of a batch are the same."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_serve import prompts
+@pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])
+def test_text_prompts_are_held_out_text(dense_dir, family):
+    """Text prompts: per (batch, prompt length) the asked number of prompts of that length, cut from
+    the held-out SOTU speeches as the converter cuts its evaluation text (BOS first for Gemma, none for
+    GPT-2), no two the same."""
+    from bench_serve import CORPORA, text_prompts
+    from transformers import AutoTokenizer
 
-    stream = list(range(100, 137))  # 37 tokens: a batch of 4 x 15 wraps around
-    for bos in (None, 2):
-        ps = [p["prompt_token_ids"] for p in prompts(4, 16, 50000, seed=5, text={"corpus": "t", "tokens": stream,
-                                                                                  "bos": bos})]
-        body = 16 - (bos is not None)
-        assert all(len(p) == 16 for p in ps) and len({tuple(p) for p in ps}) == 4
-        for i, p in enumerate(ps):
-            assert (p[0] == bos) == (bos is not None)
-            assert p[16 - body:] == [stream[(5 + i * body + j) % 37] for j in range(body)]
-    with pytest.raises(SystemExit, match="shorter than one"):
-        prompts(1, 64, 50000, seed=0, text={"corpus": "t", "tokens": stream, "bos": None})
+    from d2dmoe_converter.corpus import token_sequences
+    from d2dmoe_converter.eval_data import CORPORA as EVAL_CORPORA
+    from d2dmoe_converter.eval_data import corpus_documents
+
+    assert CORPORA == EVAL_CORPORA
+    root = dense_dir(family)
+    tok = AutoTokenizer.from_pretrained(str(root))
+    got = text_prompts("sotu", root, [[40, 4], [9, 4]], [1, 3], vocab=len(tok))
+    assert set(got) == {"1x40", "3x40", "1x9", "3x9"}
+    bos = None if family == "gpt2" else tok.bos_token_id
+    for key, ps in got.items():
+        batch, length = map(int, key.split("x"))
+        assert len(ps) == batch and all(len(p) == length for p in ps) and len({tuple(p) for p in ps}) == batch
+        assert all((p[0] == bos) == (bos is not None) for p in ps)
+        want = token_sequences(tok, corpus_documents("sotu"), batch, length, bos=bos)
+        assert ps == want.tolist()
+    text = tok.decode(got["3x40"][2], skip_special_tokens=True).strip()
+    assert len(text) > 100 and text[:60] in "\n".join(corpus_documents("sotu"))   # real text, read back
+
+
+def test_text_prompts_need_a_tokenizer(tmp_path, dense_dir):
+    from bench_serve import text_prompts
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((dense_dir("gpt2") / "config.json").read_text())
+    with pytest.raises(SystemExit, match="holds no tokenizer"):
+        text_prompts("sotu", bare, [[16, 4]], [1], vocab=50257)
 
 
 def test_profile_decode_cpu(tmp_path):
