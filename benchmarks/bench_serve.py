@@ -44,7 +44,7 @@ from pathlib import Path
 
 from provenance import ROOT, provenance
 
-CORPORA = ("sotu", "brown", "bbc")  # d2dmoe_converter.eval_data.CORPORA (checked equal in the tests)
+from d2dmoe_converter.eval_data import CORPORA
 
 CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_GEN = 32, 64, 32
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]  # CUDA-graph token counts (the batches benchmarked are among them)
@@ -56,13 +56,14 @@ def text_prompts(corpus: str, dense_dir: Path, shapes: list, batches: list, voca
     joined by EOS, BOS first where the model wants one; read again, in another order, when a batch needs
     more text than the corpus has), so each request gets its own stretch of text."""
     from d2dmoe_converter.corpus import CorpusError, token_sequences
-    from d2dmoe_converter.dense import TOKENIZER_FILES, DenseModel, check_model_type, load_tokenizer
+    from d2dmoe_converter.dense import DenseModel, check_model_type, load_tokenizer
     from d2dmoe_converter.eval_data import corpus_documents
 
     config = json.loads((dense_dir / "config.json").read_text())
     check_model_type(config, dense_dir)
-    if not any((dense_dir / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
-        raise SystemExit(f"--prompt-text: {dense_dir} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:5])}). "
+    vocab_files = ("tokenizer.json", "vocab.json", "tokenizer.model")
+    if not any((dense_dir / f).is_file() for f in vocab_files):
+        raise SystemExit(f"--prompt-text: {dense_dir} holds no tokenizer (none of {', '.join(vocab_files)}). "
                          "Fix: put the model's tokenizer files beside its config.json, or drop --prompt-text")
     dense = DenseModel(config, {}, dense_dir)
     tok = load_tokenizer(dense)

@@ -20,6 +20,13 @@ def subprocess_env(**extra):
     return env
 
 
+def with_pdl(cfg: dict) -> dict:
+    """A kernel config with the router tail, fused decode and masked kernels launched as programmatic
+    dependents (``"pdl": true``) at every shape key, as a device file may set them."""
+    return {k: {**v, "pdl": True} if isinstance(v, dict) and k.split("@")[0] in ("router", "fused", "masked") else v
+            for k, v in cfg.items()}
+
+
 @pytest.fixture(scope="session")
 def dense_dir(tmp_path_factory):
     """Factory: tiny dense checkpoint of a family (cached per session)."""

@@ -9,6 +9,7 @@ import importlib
 import pytest
 import torch
 
+from conftest import with_pdl
 from d2dmoe_kernels.configs import kernel_config
 from d2dmoe_kernels.reference import dynamic_k_experts_reference, router_scores, select_experts, selection_rule
 
@@ -404,8 +405,7 @@ def test_gemm_path_graph_replay_and_no_sync(shape, T):
 def pdl_cfg(base=None):
     """``base`` (the device's config) with the router tail, fused decode and masked kernels launched as
     programmatic dependents (``"pdl": true``), at every shape key."""
-    cfg = base or kernel_config(torch.cuda.get_device_name())
-    return {k: {**v, "pdl": True} if k.split("@")[0] in ("router", "fused", "masked") else v for k, v in cfg.items()}
+    return with_pdl(base or kernel_config(torch.cuda.get_device_name()))
 
 
 def test_pdl_is_used_on_this_device():

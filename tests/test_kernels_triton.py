@@ -13,6 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import with_pdl  # noqa: E402
 
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 from d2dmoe_kernels.expert_decode import decode_experts  # noqa: E402
@@ -400,8 +401,7 @@ def test_pdl_config_is_ignored_off_the_gpu(T):
     r_in, r_out = router(D, E, seed=T)
     base = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64, hidden_max_tokens=64, HIDDEN_BLOCK_K=32),
                 masked=dict(MASKED, max_tokens=64))
-    pdl = {k: dict(v, pdl=True) if isinstance(v, dict) and k.split("@")[0] in ("router", "fused", "masked") else v
-           for k, v in base.items()}
+    pdl = with_pdl(base)
     assert not use_pdl(pdl["fused"], x) and pdl_launch(False) == {}
     outs = [dynamic_k_experts_triton(x, r_in, r_out, 0.6, 0, *w.values(), "gelu_tanh", torch.zeros(3, dtype=torch.int64),
                                      cfg) for cfg in (base, pdl)]
