@@ -9,9 +9,6 @@
   reduce grid (ceil(d_out / BLOCK_N), T): out[t] = sum of the selected slices' partials in a fixed
          order (deterministic, no atomics) + b_out.
 Three launches fewer than the two-kernel path (no separate row-max, up and down kernels).
-With ``reduce_in_kernel`` (small d_out: GPT-2, Gemma 3 270M) there is no reduce launch: every fused
-program takes a ticket (an atomic on the semaphore slot counters[2], reset by the last program, so
-CUDA-graph replays work), and the last one sums the partials in the same fixed order.
 """
 
 import torch
@@ -24,60 +21,15 @@ from d2dmoe_kernels.triton_common import (ACT_CODES, await_producer, count_selec
 
 
 @triton.jit
-def token_threshold(scores_ptr, ref_ptr, tau, t, E, stride_s, OWN_MAX: tl.constexpr, BLOCK_EALL: tl.constexpr):
-    """tau * (token t's reference score): its row max over the scores, or the given reference. Loads
-    bypass L1 (.cg): inside the fused kernel other programs wrote the router's scores."""
-    if OWN_MAX:
-        offs_all = tl.arange(0, BLOCK_EALL)
-        s_all = tl.load(scores_ptr + t * stride_s + offs_all, mask=offs_all < E, other=0.0,
-                        cache_modifier=".cg").to(tl.float32)
-        return tau * tl.max(s_all, axis=0)
-    return tau * tl.load(ref_ptr + t, cache_modifier=".cg").to(tl.float32)
-
-
-@triton.jit
-def reduce_selected_partials(part_ptr, scores_ptr, ref_ptr, tau, b_out_ptr, out_ptr, t, T, DO, E, NC, stride_s,
-                             stride_o, HAS_BIAS: tl.constexpr, OWN_MAX: tl.constexpr, BLOCK_EALL: tl.constexpr,
-                             BLOCK_SALL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[t] = sum of token t's selected slices' partials + b_out, for one program: the selected
-    slots are compacted first (prefix sum; slot order kept), so the loads that follow touch only
-    them, BLOCK_S slots x BLOCK_N columns per step -- fewer dependent steps than masked tiles over
-    every slot. Reads bypass L1: other programs of this launch wrote the partials."""
-    thr = token_threshold(scores_ptr, ref_ptr, tau, t, E, stride_s, OWN_MAX, BLOCK_EALL)
-    offs_all = tl.arange(0, BLOCK_SALL)
-    smask = offs_all < E * NC
-    sc = tl.load(scores_ptr + t * stride_s + offs_all // NC, mask=smask, other=-1.0, cache_modifier=".cg")
-    sel = (sc.to(tl.float32) >= thr) & smask
-    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    n_sel = tl.sum(sel.to(tl.int32), axis=0)
-    for n0 in range(0, DO, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < DO
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, n_sel, BLOCK_S):
-            ks = k0 + tl.arange(0, BLOCK_S)
-            hit = (pos[None, :] == ks[:, None]) & sel[None, :]                       # [BLOCK_S, BLOCK_SALL]
-            slots = tl.sum(tl.where(hit, offs_all[None, :], 0), axis=1)             # the k-th selected slot
-            p = tl.load(part_ptr + (slots.to(tl.int64) * T + t)[:, None] * DO + offs_n[None, :],
-                        mask=(ks < n_sel)[:, None] & nmask[None, :], other=0.0, cache_modifier=".cg")
-            acc += tl.sum(p, axis=0)
-        if HAS_BIAS:
-            acc += tl.load(b_out_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * stride_o + offs_n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
 def _fused_decode_kernel(
     x_ptr, scores_ptr, ref_ptr, tau, w_in_ptr, w_up_ptr, w_out_ptr, b_in_ptr, part_ptr, counters_ptr,
-    hid_ptr, w1_ptr, w2_ptr, rscores_ptr, rref_ptr, guard, b_out_ptr, out_ptr,
+    hid_ptr, w1_ptr, w2_ptr, rscores_ptr, rref_ptr, guard,
     T, D, DO, ES, E, ER, W, E_OFF,
-    stride_x, stride_s, stride_h, stride_o,
+    stride_x, stride_s, stride_h,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
     OWN_MAX: tl.constexpr, ROUTER: tl.constexpr, FULL_ROUTER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_EALL: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_RE: tl.constexpr, BLOCK_RW: tl.constexpr, PDL: tl.constexpr,
-    REDUCE: tl.constexpr, HAS_B_OUT: tl.constexpr, BLOCK_SALL: tl.constexpr, BLOCK_SR: tl.constexpr,
-    BLOCK_NR: tl.constexpr,
 ):
     await_producer(PDL)
     e = tl.program_id(0)
@@ -104,32 +56,24 @@ def _fused_decode_kernel(
         sel = (s >= tau * rmax) & tmask
     else:
         sel = selected(scores_ptr, ref_ptr, tau, offs_t, tmask, e, stride_s)
-    if count_selected(sel, counters_ptr, e, c, T) > 0:  # else: no token selected the expert, nothing to read
-        offs_j = c * BLOCK_J + tl.arange(0, BLOCK_J)
-        jmask = offs_j < ES
-        h = expert_hidden(x_ptr, offs_t, tmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, e, offs_j, jmask, D, ES,
-                          GATED, HAS_BIAS, ACT, UPCAST, BLOCK_T, BLOCK_J, BLOCK_K)
-        h = tl.where(sel[:, None] & jmask[None, :], h, 0.0)   # unselected tokens contribute nothing
-        if not UPCAST:
-            h = h.to(w_out_ptr.dtype.element_ty)
-        slot = e * tl.num_programs(1) + c
-        for n0 in range(0, DO, BLOCK_N):  # the output width (w_out's rows), d_out
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < DO
-            w = tl.load(w_out_ptr + (e * ES + offs_j).to(tl.int64)[:, None] * DO + offs_n[None, :],
-                        mask=jmask[:, None] & nmask[None, :], other=0.0)
-            p = mma(h, w, UPCAST)
-            tl.store(part_ptr + (slot * T + offs_t)[:, None] * DO + offs_n[None, :], p,
-                     mask=tmask[:, None] & nmask[None, :])
-    if REDUCE:  # the last program to arrive sums the partials (every program arrives, selected or not)
-        tl.debug_barrier()  # this program's stores are issued before its ticket releases them
-        ticket = tl.atomic_add(counters_ptr + 2, 1, sem="acq_rel")
-        if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
-            for t in range(0, T):
-                reduce_selected_partials(part_ptr, scores_ptr, ref_ptr, tau, b_out_ptr, out_ptr, t, T, DO, E,
-                                         tl.num_programs(1), stride_s, stride_o, HAS_B_OUT, OWN_MAX, BLOCK_EALL,
-                                         BLOCK_SALL, BLOCK_SR, BLOCK_NR)
-            tl.atomic_xchg(counters_ptr + 2, 0)
+    if count_selected(sel, counters_ptr, e, c, T) == 0:
+        return
+    offs_j = c * BLOCK_J + tl.arange(0, BLOCK_J)
+    jmask = offs_j < ES
+    h = expert_hidden(x_ptr, offs_t, tmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, e, offs_j, jmask, D, ES,
+                      GATED, HAS_BIAS, ACT, UPCAST, BLOCK_T, BLOCK_J, BLOCK_K)
+    h = tl.where(sel[:, None] & jmask[None, :], h, 0.0)   # unselected tokens contribute nothing
+    if not UPCAST:
+        h = h.to(w_out_ptr.dtype.element_ty)
+    slot = e * tl.num_programs(1) + c
+    for n0 in range(0, DO, BLOCK_N):  # the output width (w_out's rows), d_out
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < DO
+        w = tl.load(w_out_ptr + (e * ES + offs_j).to(tl.int64)[:, None] * DO + offs_n[None, :],
+                    mask=jmask[:, None] & nmask[None, :], other=0.0)
+        p = mma(h, w, UPCAST)
+        tl.store(part_ptr + (slot * T + offs_t)[:, None] * DO + offs_n[None, :], p,
+                 mask=tmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -145,7 +89,12 @@ def _fused_reduce_kernel(
     t = tl.program_id(1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < DO
-    thr = token_threshold(scores_ptr, ref_ptr, tau, t, E, stride_s, OWN_MAX, BLOCK_EALL)
+    if OWN_MAX:
+        offs_all = tl.arange(0, BLOCK_EALL)
+        s_all = tl.load(scores_ptr + t * stride_s + offs_all, mask=offs_all < E, other=0.0).to(tl.float32)
+        thr = tau * tl.max(s_all, axis=0)
+    else:
+        thr = tau * tl.load(ref_ptr + t).to(tl.float32)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for s0 in range(0, E * NC, BLOCK_S):
         slots = s0 + tl.arange(0, BLOCK_S)
@@ -167,16 +116,10 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
     ``router_out`` given: the programs compute the router's tail themselves from ``hid`` (router
     first layer, before ReLU), or with ``hid`` None the whole router from ``router_in`` (two launches
     fewer); selection then follows the router unless ``scores`` is given too (benchmarks: router
-    paid, controlled routing).
-    ``cfg["reduce_in_kernel"]``: the last fused program sums the partials (no reduce launch); needs the
-    semaphore slot counters[2], 0 between calls."""
+    paid, controlled routing)."""
     T, D = x.shape
     E, ES, _ = w_in.shape
     DO = w_out.shape[2]
-    reduce_in_kernel = bool(cfg.get("reduce_in_kernel", False))
-    if reduce_in_kernel and counters.numel() < 3:
-        raise ValueError(f"fused decode with reduce_in_kernel needs counters of 3 int64 slots (tokens, pairs, "
-                         f"semaphore), got {counters.numel()}; allocate torch.zeros(3, dtype=torch.int64)")
     router = 0 if router_out is None else (1 if scores is None else 2)
     full = router > 0 and hid is None
     rscores = rref = None
@@ -195,28 +138,22 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
     part = torch.empty((E * nc, T, DO), device=x.device, dtype=torch.float32)
     gated, has_b_in, has_b_out = w_up is not None, b_in is not None, b_out is not None
     pdl = use_pdl(cfg, x)
-    block_s = min(64, triton.next_power_of_2(E * nc))
     _fused_decode_kernel[(E, nc)](
         x, scores, ref, tau, w_in, w_up if gated else w_in, w_out, b_in if has_b_in else w_in, part, counters,
         x if full or not router else hid, router_in if full else w_in, router_out if router else w_in,
         rscores if router else part,
-        rref if router else part, float("inf"), b_out if has_b_out else part, out,
+        rref if router else part, float("inf"),
         T, D, DO, ES, E, ER, W, expert_offset, x.stride(0), scores.stride(0), x.stride(0) if full or not router else hid.stride(0),
-        out.stride(0),
         GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=fp32_dots(x), OWN_MAX=own_max,
         ROUTER=router, FULL_ROUTER=full, BLOCK_T=block_t, BLOCK_EALL=block_eall, BLOCK_J=block_j, BLOCK_K=cfg["BLOCK_K"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_RE=tile(cfg.get("ROUTER_BLOCK_E", 64), ER),
         BLOCK_RW=tile(cfg.get("ROUTER_BLOCK_W", 128), W), PDL=pdl,
-        REDUCE=reduce_in_kernel, HAS_B_OUT=has_b_out, BLOCK_SALL=triton.next_power_of_2(E * nc),
-        BLOCK_SR=cfg.get("REDUCE_BLOCK_S", 32), BLOCK_NR=min(cfg.get("REDUCE_BLOCK_N", 256), triton.next_power_of_2(DO)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(pdl),
     )
-    if reduce_in_kernel:
-        return out
     _fused_reduce_kernel[(triton.cdiv(DO, cfg["BLOCK_N_REDUCE"]), T)](
         part, scores, ref, tau, b_out if has_b_out else part, out,
         T, DO, E, nc, scores.stride(0), out.stride(0),
         HAS_BIAS=has_b_out, OWN_MAX=own_max, BLOCK_EALL=block_eall,
-        BLOCK_S=block_s, BLOCK_N=cfg["BLOCK_N_REDUCE"], PDL=pdl, **pdl_launch(pdl),
+        BLOCK_S=min(64, triton.next_power_of_2(E * nc)), BLOCK_N=cfg["BLOCK_N_REDUCE"], PDL=pdl, **pdl_launch(pdl),
     )
     return out

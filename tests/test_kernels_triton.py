@@ -39,7 +39,6 @@ GROUPED = dict(BLOCK_T_SCAN=16, BM=16, BN_UP=16, BK_UP=32, BN_DOWN=32, BK_DOWN=1
 BALANCED = dict(max_tokens=4, programs_per_sm=1, BLOCK_J=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2,
                 BLOCK_N_REDUCE=32)
 FUSED = dict(max_tokens=4, BLOCK_J=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2, BLOCK_N_REDUCE=32)
-FUSED_REDUCE = dict(FUSED, reduce_in_kernel=True, REDUCE_BLOCK_S=4, REDUCE_BLOCK_N=16)  # the last program sums the partials
 ROUTER = dict(max_tokens=8, BLOCK_W=16, BLOCK_K=32, num_warps=4, tail_max_tokens=0, TAIL_BLOCK_T=16, TAIL_BLOCK_E=16,
               TAIL_BLOCK_W=16)
 MASKED = dict(min_tokens=5, max_tokens=0, fallback_max_tokens=0, own_router=False, BLOCK_T=16, BLOCK_J=16, BLOCK_K=32,
@@ -61,7 +60,6 @@ def masked_scores(x, scores, ref_val, factor, w_in, w_up, w_out, b_in, b_out, ac
 PATHS = {  # path: (launcher, config, tokens)
     "masked": (masked_scores, MASKED, 37),
     "fused": (fused_decode_experts, FUSED, 3),
-    "fused+reduce": (fused_decode_experts, FUSED_REDUCE, 3),
     "balanced": (balanced_decode_experts, BALANCED, 3),
     "decode": (decode_experts, DECODE, 5),
     "grouped": (grouped_experts, GROUPED, 61),
@@ -108,11 +106,11 @@ def test_kernel_matches_reference(path, gated, activation, ES, tau):
     mask = select_experts(scores, tau)
     if tau == 1.0:
         assert (mask.sum(-1) == 1).all()
-    counters = torch.zeros(3, dtype=torch.int64)         # tokens, pairs, the in-kernel reduction's semaphore
+    counters = torch.zeros(2, dtype=torch.int64)
     out = torch.full_like(x, float("nan"))               # poisoned: every element must be written
     launch(x, scores, ref_val, factor, *w.values(), activation, counters, cfg, out=out)
     check(out, reference(x, mask, w, activation))
-    assert counters.tolist() == [T, int(mask.sum()), 0]
+    assert counters.tolist() == [T, int(mask.sum())]
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -124,13 +122,13 @@ def test_idle_experts_and_single_expert_tokens(path):
     scores = torch.full((T, E), 0.01)
     scores[:, 4] = 1.0                                    # every token: expert 4 only...
     scores[::3, 7] = 0.9                                  # ...every third also expert 7; 7 of 9 experts idle
-    counters = torch.zeros(3, dtype=torch.int64)
+    counters = torch.zeros(2, dtype=torch.int64)
     ref_val, factor = selection_rule(scores, 0.5)
     out = launch(x, scores, ref_val, factor, *w.values(), "relu", counters, cfg)
     mask = select_experts(scores, 0.5)
     assert mask.sum(0).tolist() == [0, 0, 0, 0, T, 0, 0, len(range(0, T, 3)), 0]
     check(out, reference(x, mask, w, "relu"))
-    assert counters.tolist() == [T, int(mask.sum()), 0]
+    assert counters.tolist() == [T, int(mask.sum())]
 
 
 @pytest.mark.parametrize("block_j,ES", [(32, 16), (64, 16), (64, 24)])
@@ -263,21 +261,19 @@ def test_router_tail_matches_torch(T, D, W, E, rowmax):
     assert torch.equal(rmax, scores.amax(-1)) if rowmax else rmax is None
 
 
-@pytest.mark.parametrize("kernel", ["fused", "fused+reduce", "balanced"])
+@pytest.mark.parametrize("balanced", [False, True])
 @pytest.mark.parametrize("split_tail", [False, True])
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("gated,d_out", [(True, None), (False, 72)])
-def test_fused_with_router_tail(T, split_tail, gated, d_out, kernel):
+def test_fused_with_router_tail(T, split_tail, gated, d_out, balanced):
     """cuBLAS router layer + Triton tail (row max in the tail, or expert blocks spread over programs
-    and the decode kernel taking the row max) feeding the fused decode kernel (its reduction as a
-    launch or in its last program) or the balanced one."""
+    and the decode kernel taking the row max) feeding the fused or the balanced decode kernel."""
     E, ES, D = 40, 16, 32
     w = layer(E, ES, D, gated, 31, d_out)
     x = torch.randn(T, D)
     r_in, r_out = router(D, E, seed=11)
-    cfg = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64),
-               fused=dict(FUSED_REDUCE if kernel == "fused+reduce" else FUSED, split_tail=split_tail),
-               balanced=dict(BALANCED, max_tokens=4 if kernel == "balanced" else 0))
+    cfg = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64), fused=dict(FUSED, split_tail=split_tail),
+               balanced=dict(BALANCED, max_tokens=4 if balanced else 0))
     counters = torch.zeros(3, dtype=torch.int64)
     out = dynamic_k_experts_triton(x, r_in, r_out, 0.5, 0, *w.values(), "gelu_tanh", counters, cfg)
     mask = select_experts(router_scores(x, r_in, r_out), 0.5)
@@ -286,7 +282,7 @@ def test_fused_with_router_tail(T, split_tail, gated, d_out, kernel):
 
 
 @pytest.mark.parametrize("full", [False, True])
-@pytest.mark.parametrize("path", ["fused", "fused+reduce", "masked"])
+@pytest.mark.parametrize("path", ["fused", "masked"])
 @pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("gated,d_out", [(False, None), (True, None), (True, 24), (True, 72)])
 def test_in_kernel_router(path, tau, gated, d_out, full):
@@ -294,11 +290,11 @@ def test_in_kernel_router(path, tau, gated, d_out, full):
     reference on the torch router's selection, same counters; tau = 1 keeps one expert per token.
     d_out != d_in: gated experts with biases (attention projections as experts)."""
     E, ES, D = 9, 16, 32
-    T = 21 if path == "masked" else 3
+    T = 3 if path == "fused" else 21
     w = layer(E, ES, D, gated, 17, d_out, biases=True if d_out else None)
     x = torch.randn(T, D)
     r_in, r_out = router(D, E, seed=5)
-    cfg = dict(SMALL, fused=dict(FUSED_REDUCE if path == "fused+reduce" else FUSED, own_router=True, full_router=full),
+    cfg = dict(SMALL, fused=dict(FUSED, own_router=True, full_router=full),
                masked=dict(MASKED, max_tokens=64, own_router=True, full_router=full))
     counters = torch.zeros(3, dtype=torch.int64)
     out = dynamic_k_experts_triton(x, r_in, r_out, tau, 0, *w.values(), "relu", counters, cfg)
@@ -351,16 +347,16 @@ def test_fused_token_tiers_pick_the_blocks(T, monkeypatch):
 
 
 @pytest.mark.parametrize("full", [False, True])
-@pytest.mark.parametrize("path", ["fused", "fused+reduce", "masked"])
+@pytest.mark.parametrize("path", ["fused", "masked"])
 def test_in_kernel_router_with_override_and_shards(path, full):
     """Benchmarks' controlled routing (router paid, given scores select) and tensor-parallel shards
     (local experts, row max over all router experts) through the in-kernel router."""
     E, ES, D, tp = 8, 16, 32, 2
-    T = 19 if path == "masked" else 3
+    T = 3 if path == "fused" else 19
     w = layer(E, ES, D, False, 23)
     x = torch.randn(T, D)
     r_in, r_out = router(D, E, seed=9)
-    cfg = dict(SMALL, fused=dict(FUSED_REDUCE if path == "fused+reduce" else FUSED, own_router=True, full_router=full),
+    cfg = dict(SMALL, fused=dict(FUSED, own_router=True, full_router=full),
                masked=dict(MASKED, max_tokens=64, own_router=True, full_router=full))
     scores = torch.rand(T, E) ** 3
     routing = (scores, *selection_rule(scores, 0.6))
@@ -444,13 +440,3 @@ def test_dispatch_with_triton_router_hidden(T, own_router):
     assert 0 < int(mask.sum()) < T * E
     check(out, reference(x, mask, w, "gelu_tanh"))
     assert counters.tolist() == [T, int(mask.sum()), 0]
-
-
-def test_in_kernel_reduction_needs_the_semaphore_slot():
-    """reduce_in_kernel takes its ticket on counters[2]: a two-slot counters buffer is refused with the fix."""
-    E, ES, D, T = 4, 16, 32, 2
-    w = layer(E, ES, D, False, 47)
-    x, scores = torch.randn(T, D), torch.rand(T, E)
-    with pytest.raises(ValueError, match="3 int64 slots"):
-        fused_decode_experts(x, scores, *selection_rule(scores, 0.5), *w.values(), "relu",
-                             torch.zeros(2, dtype=torch.int64), FUSED_REDUCE)

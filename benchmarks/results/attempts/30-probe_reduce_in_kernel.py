@@ -9,6 +9,9 @@ program reduces T tokens alone); a loss at Gemma-2B (2048 columns x ~77 slices f
 Times the device config, the in-kernel reduction with two tile shapes, and the device config again.
 
     python benchmarks/results/attempts/30-probe_reduce_in_kernel.py OUT_DIR
+
+Ran at fe1dee3, the commit that had ``reduce_in_kernel`` (refuted: 1.4-8x slower in every row, one program's
+bandwidth; reverted after it, so this script needs that commit to run).
 """
 
 import json
