@@ -72,7 +72,7 @@ def router_hidden(x, router_in, cfg=None):
         return torch.nn.functional.linear(x, router_in)
     W = router_in.shape[0]
     hid = torch.empty((T, W), device=x.device, dtype=router_in.dtype)
-    block_t = max(16, min(64, triton.next_power_of_2(T)))
+    block_t = max(16, min(cfg.get("HIDDEN_BLOCK_T", 64), triton.next_power_of_2(T)))  # token rows per program
     block_w = tile(cfg.get("HIDDEN_BLOCK_W", 16), W)
     pdl = use_pdl(cfg, x)
     _router_hidden_kernel[(triton.cdiv(W, block_w), triton.cdiv(T, block_t))](

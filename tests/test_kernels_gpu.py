@@ -444,13 +444,14 @@ def hidden_cfg(base=None):
     return {**cfg, "router": {**cfg["router"], "hidden_max_tokens": 128}}
 
 
+@pytest.mark.parametrize("rows", [16, 32, 64])  # token rows per program (HIDDEN_BLOCK_T)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("T", [1, 4, 37, 64, 100, 128])
-def test_router_hidden_triton_matches_fp64(shape, T):
+def test_router_hidden_triton_matches_fp64(shape, T, rows):
     d, dff, es, gated = shape
     w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=400 + T)
     x, _ = inputs(T, d, E, torch.bfloat16, g)
-    hid = router_hidden(x, w["router_in"], hidden_cfg()["router"])
+    hid = router_hidden(x, w["router_in"], {**hidden_cfg()["router"], "HIDDEN_BLOCK_T": rows})
     want = x.double() @ w["router_in"].double().t()
     assert not torch.isnan(hid).any()
     assert ((hid.double() - want).norm() / want.norm()).item() < 1e-2

@@ -411,12 +411,13 @@ def test_pdl_config_is_ignored_off_the_gpu(T):
 
 
 @pytest.mark.parametrize("T,D,W", [(1, 64, 32), (5, 96, 48), (37, 64, 24), (70, 40, 16)])  # 70: two token blocks
-def test_router_hidden_triton_matches_torch(T, D, W, monkeypatch):
+@pytest.mark.parametrize("rows", [16, 64])  # token rows per program (HIDDEN_BLOCK_T)
+def test_router_hidden_triton_matches_torch(T, D, W, rows, monkeypatch):
     """The Triton first layer (T <= hidden_max_tokens) against the fp64 product, with cuBLAS out of
     reach so a silent fallback cannot pass; cuBLAS above the bound."""
     x = torch.randn(T, D)
     r_in, _ = router(D, 4, W, seed=T)
-    cfg = dict(ROUTER, hidden_max_tokens=128, HIDDEN_BLOCK_K=32)
+    cfg = dict(ROUTER, hidden_max_tokens=128, HIDDEN_BLOCK_K=32, HIDDEN_BLOCK_T=rows)
     with monkeypatch.context() as m:
         m.setattr(torch.nn.functional, "linear", None)
         hid = router_hidden(x, r_in, cfg)
