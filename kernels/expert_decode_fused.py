@@ -154,6 +154,7 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
         part, scores, ref, tau, b_out if has_b_out else part, out,
         T, DO, E, nc, scores.stride(0), out.stride(0),
         HAS_BIAS=has_b_out, OWN_MAX=own_max, BLOCK_EALL=block_eall,
-        BLOCK_S=min(64, triton.next_power_of_2(E * nc)), BLOCK_N=cfg["BLOCK_N_REDUCE"], PDL=pdl, **pdl_launch(pdl),
+        BLOCK_S=min(cfg.get("REDUCE_BLOCK_S", 64), triton.next_power_of_2(E * nc)),  # slots per step
+        BLOCK_N=cfg["BLOCK_N_REDUCE"], PDL=pdl, **pdl_launch(pdl),
     )
     return out

@@ -473,6 +473,14 @@ def test_triton_router_hidden_graph_replay_and_no_sync(shape, T):
     check_graph_replay_and_no_sync(shape, T, hidden_cfg(), 13)
 
 
+@pytest.mark.parametrize("reduce_s", [16, 64, 256])  # slots per reduction step (REDUCE_BLOCK_S)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("T", [1, 3, 4])
+def test_fused_reduce_steps_graph_replay_and_no_sync(shape, T, reduce_s):
+    cfg = hidden_cfg()
+    check_graph_replay_and_no_sync(shape, T, {**cfg, "fused": {**cfg["fused"], "REDUCE_BLOCK_S": reduce_s}}, 19)
+
+
 @pytest.mark.parametrize("T", [1, 16, 64, 65, 300, 1024])  # the masked@d640e16 tiers: in-kernel router to 64, spanning tiles
 def test_sixteen_neuron_experts_at_gemma3_shape(T):
     shape = (640, 2048, 16, True)

@@ -60,6 +60,7 @@ def masked_scores(x, scores, ref_val, factor, w_in, w_up, w_out, b_in, b_out, ac
 PATHS = {  # path: (launcher, config, tokens)
     "masked": (masked_scores, MASKED, 37),
     "fused": (fused_decode_experts, FUSED, 3),
+    "fused, 8-slot reduce steps": (fused_decode_experts, dict(FUSED, REDUCE_BLOCK_S=8), 3),  # several steps per token
     "balanced": (balanced_decode_experts, BALANCED, 3),
     "decode": (decode_experts, DECODE, 5),
     "grouped": (grouped_experts, GROUPED, 61),
