@@ -1,8 +1,8 @@
 """Kernel configs side by side: the D2DMoE layer under the device's config and named overrides of it.
 
-    python benchmarks/compare_configs.py --out DIR --name 34-router-gemv \
-        --case gpt2-ffn:64,128 --case gemma-2b-ffn:256 --tokens 1,2,3,4 --fractions 0.3 \
-        --variant 'gemv w4={"router": {"hidden_gemv_max_tokens": 4, "HIDDEN_GEMV_BLOCK_W": 4}}'
+    python benchmarks/compare_configs.py --out DIR --name 35-reduce-e128 \
+        --case gemma-2b-ffn:128,256 --tokens 1,2,3 --fractions 0.1,0.3,1.0 \
+        --variant 'S128={"fused@d2048e128": {"REDUCE_BLOCK_S": 128}}'
 
 An attempt at a launch config is a prediction about one key; this times it in the kernels benchmark's
 setting (CUDA graphs of back-to-back calls, weights rotated beyond L2, router paid, routing
@@ -21,13 +21,8 @@ import triton
 
 from bench_kernels import SHAPES, copies_for, dense_forward, graphed, make_dense, make_moe, moe_us, reps_for, \
     routing_scores, time_us
-from d2dmoe_kernels.configs import kernel_config
+from d2dmoe_kernels.configs import kernel_config, with_overrides
 from provenance import provenance
-
-
-def with_overrides(base: dict, overrides: dict) -> dict:
-    """``base`` with each path's keys replaced by the override's (paths merged one level deep)."""
-    return {**base, **{path: {**base.get(path, {}), **keys} for path, keys in overrides.items()}}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

@@ -29,15 +29,20 @@ def config_file(device_name: str) -> Path | None:
                  if not frag.startswith("_") and frag in device_name), None)
 
 
+def with_overrides(base: dict, overrides: dict) -> dict:
+    """``base`` with each path's keys replaced by the override's, path by path (a device file over the
+    defaults; a benchmark's variant over a device config). ``base`` is not changed."""
+    return {**base, **{path: {**base.get(path, {}), **keys} for path, keys in overrides.items()}}
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_config(device_name: str | None) -> dict:
     cfg = json.loads((CONFIG_DIR / "default.json").read_text())
     cfg.pop("_comment", None)
     tuned = config_file(device_name) if device_name else None
     if tuned is not None:
-        for path, values in json.loads(tuned.read_text()).items():
-            if not path.startswith("_"):
-                cfg[path] = {**cfg.get(path, {}), **values}
+        cfg = with_overrides(cfg, {path: values for path, values in json.loads(tuned.read_text()).items()
+                                   if not path.startswith("_")})
     return cfg
 
 

@@ -11,9 +11,9 @@ import pytest
 os.environ["TRITON_INTERPRET"] = "1"  # as in test_tune_kernels: the kernel modules imported now are the interpreted ones
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from compare_configs import parse_case, parse_variant, with_overrides  # noqa: E402
+from compare_configs import parse_case, parse_variant  # noqa: E402
 
-from d2dmoe_kernels.configs import kernel_config  # noqa: E402
+from d2dmoe_kernels.configs import kernel_config, with_overrides  # noqa: E402
 
 
 def test_overrides_replace_only_the_keys_they_name():
