@@ -9,7 +9,8 @@ setting (CUDA graphs of back-to-back calls, weights rotated beyond L2, router pa
 controlled) against the dense MLP and the unchanged device config, which runs first and last so the
 spread between its two runs is on the table too. An override is merged into the device config key by
 key (``{"router": {...}}`` changes only the router keys it names; ``"fused@d2048": {...}`` likewise).
-Writes ``<name>.json`` and prints one line per (shape, expert size, T, fraction).
+Writes ``<name>.json`` and prints one line per (shape, expert size, T, fraction); a variant that fails to
+compile or launch (e.g. out of shared memory) gets its error in its row and the rest go on.
 """
 
 import argparse
@@ -77,10 +78,15 @@ def main():
                     routing, real = routing_scores(T, dff // es, frac, args.routing, dtype)
                     line = f"{shape:16s} e={es:3d} T={T:4d} f={real:.2f} dense {dense:7.2f}"
                     for label, cfg in variants:
-                        us = moe_us(x, routing, moe_ws, 0.99, act, counters, reps, cfg)
-                        rows.append(dict(shape=shape, expert_size=es, tokens=T, fraction=round(real, 4),
-                                         routing=args.routing, config=label, dense_us=round(dense, 2), us=round(us, 2),
-                                         speedup=round(dense / us, 3)))
+                        row = dict(shape=shape, expert_size=es, tokens=T, fraction=round(real, 4),
+                                   routing=args.routing, config=label, dense_us=round(dense, 2))
+                        try:
+                            us = moe_us(x, routing, moe_ws, 0.99, act, counters, reps, cfg)
+                        except Exception as exc:  # a variant that does not compile or launch loses its row only
+                            rows.append({**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                            line += f" | {label} {type(exc).__name__}"
+                            continue
+                        rows.append({**row, "us": round(us, 2), "speedup": round(dense / us, 3)})
                         line += f" | {label} {us:7.2f}"
                     print(line, flush=True)
                 path.write_text(json.dumps({**provenance(triton=triton.__version__), "dtype": "bfloat16",

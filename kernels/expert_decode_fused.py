@@ -5,7 +5,9 @@
          selected its expert, else computes h = act(x w_in^T + b_in) * (x w_up^T) for the slice and
          immediately multiplies by the slice's rows of w_out, writing a partial output
          P[e, slice] = h w_out[slice] (fp32, [T, d_out]). Every selected weight byte is read once,
-         in contiguous rows, by one of E * e / BLOCK_J programs.
+         in contiguous rows, by one of E * e / BLOCK_J programs. With ``PREFETCH`` (config) a selected
+         program first asks L2 for its slice's rows (sm_90 bulk prefetch), so its two streamed loops
+         are not bound by the few tiles its pipeline keeps in flight.
   reduce grid (ceil(d_out / BLOCK_N), T): out[t] = sum of the selected slices' partials in a fixed
          order (deterministic, no atomics) + b_out.
 Three launches fewer than the two-kernel path (no separate row-max, up and down kernels).
@@ -17,7 +19,7 @@ import triton.language as tl
 
 from d2dmoe_kernels.router_tail import tile
 from d2dmoe_kernels.triton_common import (ACT_CODES, await_producer, count_selected, expert_hidden, fp32_dots, mma,
-                                          pdl_launch, router_select, selected, use_pdl)
+                                          pdl_launch, prefetch_l2, prefetch_ok, router_select, selected, use_pdl)
 
 
 @triton.jit
@@ -29,7 +31,8 @@ def _fused_decode_kernel(
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
     OWN_MAX: tl.constexpr, ROUTER: tl.constexpr, FULL_ROUTER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_EALL: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_RE: tl.constexpr, BLOCK_RW: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_RE: tl.constexpr, BLOCK_RW: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    THREADS: tl.constexpr,
 ):
     await_producer(PDL)
     e = tl.program_id(0)
@@ -58,6 +61,15 @@ def _fused_decode_kernel(
         sel = selected(scores_ptr, ref_ptr, tau, offs_t, tmask, e, stride_s)
     if count_selected(sel, counters_ptr, e, c, T) == 0:
         return
+    if PREFETCH > 0:  # the slice's weights requested at once (bit 2: w_in / w_up, bit 1: w_out)
+        row0 = (e * ES + c * BLOCK_J).to(tl.int64)
+        n_rows = tl.minimum(ES - c * BLOCK_J, BLOCK_J)
+        if PREFETCH & 2:
+            prefetch_l2(w_in_ptr + row0 * D, n_rows * D, THREADS)
+            if GATED:
+                prefetch_l2(w_up_ptr + row0 * D, n_rows * D, THREADS)
+        if PREFETCH & 1:
+            prefetch_l2(w_out_ptr + row0 * DO, n_rows * DO, THREADS)
     offs_j = c * BLOCK_J + tl.arange(0, BLOCK_J)
     jmask = offs_j < ES
     h = expert_hidden(x_ptr, offs_t, tmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, e, offs_j, jmask, D, ES,
@@ -138,6 +150,7 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
     part = torch.empty((E * nc, T, DO), device=x.device, dtype=torch.float32)
     gated, has_b_in, has_b_out = w_up is not None, b_in is not None, b_out is not None
     pdl = use_pdl(cfg, x)
+    prefetch = prefetch_ok(cfg.get("PREFETCH", 0), x, w_in, w_up, w_out)
     _fused_decode_kernel[(E, nc)](
         x, scores, ref, tau, w_in, w_up if gated else w_in, w_out, b_in if has_b_in else w_in, part, counters,
         x if full or not router else hid, router_in if full else w_in, router_out if router else w_in,
@@ -147,7 +160,7 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
         GATED=gated, HAS_BIAS=has_b_in, ACT=ACT_CODES[activation], UPCAST=fp32_dots(x), OWN_MAX=own_max,
         ROUTER=router, FULL_ROUTER=full, BLOCK_T=block_t, BLOCK_EALL=block_eall, BLOCK_J=block_j, BLOCK_K=cfg["BLOCK_K"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_RE=tile(cfg.get("ROUTER_BLOCK_E", 64), ER),
-        BLOCK_RW=tile(cfg.get("ROUTER_BLOCK_W", 128), W), PDL=pdl,
+        BLOCK_RW=tile(cfg.get("ROUTER_BLOCK_W", 128), W), PDL=pdl, PREFETCH=prefetch, THREADS=32 * cfg["num_warps"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(pdl),
     )
     _fused_reduce_kernel[(triton.cdiv(DO, cfg["BLOCK_N_REDUCE"]), T)](

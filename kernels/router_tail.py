@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from d2dmoe_kernels.triton_common import (await_producer, fp32_dots, pdl_launch, router_hidden_block, router_tile,
-                                          use_pdl)
+from d2dmoe_kernels.triton_common import (await_producer, fp32_dots, pdl_launch, prefetch_l2, prefetch_ok,
+                                          router_hidden_block, router_tile, use_pdl)
 
 
 def tile(block, n):
@@ -26,17 +26,20 @@ def tile(block, n):
 def _router_tail_kernel(
     hid_ptr, w2_ptr, scores_ptr, rowmax_ptr, T, E, W, stride_h, stride_s,
     UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr,
-    ROWMAX: tl.constexpr, PDL: tl.constexpr,
+    ROWMAX: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    await_producer(PDL)
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = offs_t < T
-    rmax = tl.zeros((BLOCK_T,), dtype=tl.float32)
     # ROWMAX: one program per token block walks every expert block and writes the row max; else the
     # expert blocks are spread over grid axis 1 (more programs for few tokens) and the consumer
     # takes the row max itself (the fused decode kernel's OWN_MAX).
     e_first = 0 if ROWMAX else tl.program_id(1) * BLOCK_E
     e_last = E if ROWMAX else e_first + BLOCK_E
+    if PREFETCH:  # W2 does not depend on the previous kernel: requested while it drains
+        if tl.program_id(0) == 0:
+            prefetch_l2(w2_ptr + e_first * W, (tl.minimum(e_last, E) - e_first) * W, 128)  # E * W < 2^31
+    await_producer(PDL)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = offs_t < T
+    rmax = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for e0 in range(e_first, e_last, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         emask = offs_e < E
@@ -53,7 +56,12 @@ def _router_tail_kernel(
 def _router_hidden_kernel(
     x_ptr, w1_ptr, hid_ptr, T, D, W, stride_x,
     UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, THREADS: tl.constexpr,
 ):
+    if PREFETCH:  # W1 does not depend on the previous kernel: requested while it drains
+        if tl.program_id(1) == 0:
+            w0 = tl.program_id(0) * BLOCK_W
+            prefetch_l2(w1_ptr + w0.to(tl.int64) * D, tl.minimum(W - w0, BLOCK_W) * D, THREADS)
     await_producer(PDL)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = offs_t < T
@@ -78,6 +86,7 @@ def router_hidden(x, router_in, cfg=None):
     _router_hidden_kernel[(triton.cdiv(W, block_w), triton.cdiv(T, block_t))](
         x, router_in, hid, T, D, W, x.stride(0), UPCAST=fp32_dots(x), BLOCK_T=block_t, BLOCK_W=block_w,
         BLOCK_K=min(cfg.get("HIDDEN_BLOCK_K", 256), triton.next_power_of_2(D)), PDL=pdl,
+        PREFETCH=prefetch_ok(cfg.get("HIDDEN_PREFETCH", 0), x, router_in), THREADS=32 * cfg.get("HIDDEN_num_warps", 4),
         num_warps=cfg.get("HIDDEN_num_warps", 4), **pdl_launch(pdl),
     )
     return hid
@@ -96,6 +105,7 @@ def router_tail(hid, router_out, cfg, rowmax=True):
     _router_tail_kernel[(triton.cdiv(T, block_t), 1 if rowmax else triton.cdiv(E, block_e))](
         hid, router_out, scores, rmax, T, E, W, hid.stride(0), scores.stride(0),
         UPCAST=fp32_dots(hid), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_W=tile(cfg["TAIL_BLOCK_W"], W),
-        ROWMAX=rowmax, PDL=pdl, num_warps=4, **pdl_launch(pdl),
+        ROWMAX=rowmax, PDL=pdl, PREFETCH=prefetch_ok(cfg.get("TAIL_PREFETCH", 0), hid, router_out), num_warps=4,
+        **pdl_launch(pdl),
     )
     return scores, rmax if rowmax else None

@@ -58,6 +58,36 @@ def await_producer(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+def prefetch_ok(cfg_value, x: torch.Tensor, *weights: torch.Tensor) -> int:
+    """The PREFETCH switch of a kernel (its config value, 0 = off) where the device can take it: sm_90+
+    (``cp.async.bulk.prefetch.L2``), not the interpreter, and every weight 16-byte aligned with rows
+    of a multiple of 16 bytes (the bulk copy's granularity); else 0."""
+    if not cfg_value or INTERPRET or not x.is_cuda:
+        return 0
+    if not _sm90_or_later(x.device.index if x.device.index is not None else torch.cuda.current_device()):
+        return 0
+    ok = all(w.data_ptr() % 16 == 0 and w.stride(-1) == 1 and (w.shape[-1] * w.element_size()) % 16 == 0
+             and w.is_contiguous() for w in weights if w is not None)
+    return int(cfg_value) if ok else 0
+
+
+@triton.jit
+def prefetch_l2(ptr, n_elems, NUM_THREADS: tl.constexpr):
+    """Ask L2 for ``n_elems`` contiguous elements from ``ptr`` without waiting for them (sm_90 bulk
+    prefetch, one chunk per thread): weights a program will stream are in flight from HBM at once,
+    instead of a few pipeline stages at a time, so its later loads hit L2. The host checks alignment
+    (``prefetch_ok``); the result changes nothing but timing."""
+    ESIZE: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
+    nbytes = n_elems.to(tl.int64) * ESIZE
+    chunk = tl.cdiv(nbytes, NUM_THREADS * 16) * 16  # bytes, a multiple of 16
+    offs = tl.arange(0, NUM_THREADS).to(tl.int64) * chunk
+    size = tl.minimum(tl.maximum(nbytes - offs, 0), chunk).to(tl.int32)
+    addr = ptr.to(tl.int64) + offs
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [addr, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def activation(h, ACT: tl.constexpr):
     if ACT == 0:

@@ -27,6 +27,15 @@ def with_pdl(cfg: dict) -> dict:
             for k, v in cfg.items()}
 
 
+def with_prefetch(cfg: dict, fused: int = 3) -> dict:
+    """A kernel config whose fused decode kernels ask L2 for their slices' weights first (``PREFETCH``
+    bits: 2 w_in / w_up, 1 w_out) and whose router launches prefetch their weights before they wait."""
+    out = {k: {**v, "PREFETCH": fused} if isinstance(v, dict) and k.split("@")[0] == "fused" else v
+           for k, v in cfg.items()}
+    out["router"] = {**cfg["router"], "HIDDEN_PREFETCH": 1, "TAIL_PREFETCH": 1}
+    return out
+
+
 @pytest.fixture(scope="session")
 def dense_dir(tmp_path_factory):
     """Factory: tiny dense checkpoint of a family (cached per session)."""

@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import with_pdl
+from conftest import with_pdl, with_prefetch
 from d2dmoe_kernels.configs import kernel_config
 from d2dmoe_kernels.reference import dynamic_k_experts_reference, router_scores, select_experts, selection_rule
 
@@ -486,3 +486,45 @@ def test_sixteen_neuron_experts_at_gemma3_shape(T):
     shape = (640, 2048, 16, True)
     check_override_matches_fp64(shape, T, 0.5, torch.bfloat16, kernel_config(torch.cuda.get_device_name()), seed=500 + T)
     check_graph_replay_and_no_sync(shape, T, kernel_config(torch.cuda.get_device_name()), 17)
+
+
+def prefetch_cfg(fused_bits=3, base=None):
+    """``hidden_cfg(base)`` with the fused decode kernels' L2 prefetch (``PREFETCH`` bits) and the router
+    launches' weight prefetch on, at every shape key."""
+    return with_prefetch(hidden_cfg(base), fused_bits)
+
+
+def test_prefetch_is_used_on_this_device():
+    """The prefetch tests below check the inline PTX only where it is compiled in (sm_90+)."""
+    from d2dmoe_kernels.triton_common import prefetch_ok
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("cp.async.bulk.prefetch.L2 needs sm_90+; the prefetch tests run without it here")
+    w = torch.empty(4, 64, device="cuda", dtype=torch.bfloat16)
+    assert prefetch_ok(3, w, w) == 3
+    assert prefetch_ok(3, w, w[:, 1:]) == 0  # misaligned rows: off
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+@pytest.mark.parametrize("tau", [0.01, 0.5, 1.0])  # nearly every expert .. one expert per token
+def test_prefetch_matches_fp64_reference(shape, T, tau, bits):
+    check_override_matches_fp64(shape, T, tau, torch.bfloat16, prefetch_cfg(bits), seed=600 + T)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+def test_prefetch_in_kernel_router_matches_reference(shape, T, tau):
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=650 + T)
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    check_in_kernel_router(x, w, tau, prefetch_cfg(3, own_router_cfg()), torch.bfloat16)
+    check_in_kernel_router(x, w, tau, prefetch_cfg(3), torch.bfloat16)  # router tail kernel (Gemma-2B: split)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_prefetch_graph_replay_and_no_sync(shape, T):
+    check_graph_replay_and_no_sync(shape, T, prefetch_cfg(3), 21)

@@ -13,7 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import with_pdl  # noqa: E402
+from conftest import with_pdl, with_prefetch  # noqa: E402
 
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 from d2dmoe_kernels.expert_decode import decode_experts  # noqa: E402
@@ -388,6 +388,25 @@ def test_masked_dense_fallback(T):
     out = dynamic_k_experts_triton(x, *router(D, E), 0.0, 0, *w.values(), "gelu_tanh", counters, cfg)
     check(out, reference(x, torch.ones(T, E, dtype=torch.bool), w, "gelu_tanh"))
     assert counters.tolist() == [T, T * E, 0]
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_prefetch_config_is_ignored_off_the_gpu(T):
+    """A device file may switch on the L2 prefetches (inline PTX, sm_90); on the CPU / interpreter the same
+    config runs the kernels without them and gives the same result; misaligned weights switch them off."""
+    from d2dmoe_kernels.triton_common import prefetch_ok
+
+    E, ES, D = 8, 16, 32
+    w = layer(E, ES, D, True, 23)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=T)
+    base = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64, hidden_max_tokens=64, HIDDEN_BLOCK_K=32))
+    pre = with_prefetch(base)
+    assert pre["fused"]["PREFETCH"] == 3 and pre["router"]["HIDDEN_PREFETCH"] == 1
+    assert prefetch_ok(3, x, w["w_in"]) == 0 and prefetch_ok(0, x) == 0
+    outs = [dynamic_k_experts_triton(x, r_in, r_out, 0.6, 0, *w.values(), "gelu_tanh", torch.zeros(3, dtype=torch.int64),
+                                     cfg) for cfg in (base, pre)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("T", [1, 8])  # fused decode after the router tail; masked after the tail
