@@ -90,6 +90,8 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
     sharded = E != router_out.shape[0]
     if cfg is None:
         cfg = kernel_config(torch.cuda.get_device_name(x.device) if x.is_cuda else None)
+    if f"router@d{D}" in cfg or f"router@d{D}e{ES}" in cfg:  # router keys per shape (H200: prefetch at d2048)
+        cfg = {**cfg, "router": path_config(cfg, "router", D, ES)}
     x = x.contiguous()
     masked_all_t = path_config(cfg, "masked", D, ES)
     masked = token_tier(masked_all_t, T)

@@ -409,6 +409,27 @@ def test_prefetch_config_is_ignored_off_the_gpu(T):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
+def test_router_keys_per_shape_reach_the_router_launches(monkeypatch):
+    """``router@d<D>`` / ``router@d<D>e<ES>`` in a config file change the router keys of that shape only
+    (the H200 file prefetches the router's weights at d2048 alone)."""
+    import d2dmoe_kernels.dispatch as dispatch
+
+    seen = []
+    real = dispatch.router_hidden
+    monkeypatch.setattr(dispatch, "router_hidden", lambda x, w1, cfg: seen.append(dict(cfg)) or real(x, w1, cfg))
+    E, ES, D = 8, 16, 32
+    w = layer(E, ES, D, True, 24)
+    x = torch.randn(1, D)
+    r_in, r_out = router(D, E, seed=5)
+    base = dict(SMALL, router=dict(ROUTER, max_tokens=0, tail_max_tokens=64, hidden_max_tokens=64, HIDDEN_BLOCK_K=32))
+    for cfg, want in ((base, None), ({**base, f"router@d{D}": {"HIDDEN_PREFETCH": 1}}, 1),
+                      ({**base, f"router@d{D}e{ES}": {"HIDDEN_PREFETCH": 2}}, 2),
+                      ({**base, f"router@d{D * 2}": {"HIDDEN_PREFETCH": 1}}, None)):
+        seen.clear()
+        dynamic_k_experts_triton(x, r_in, r_out, 0.6, 0, *w.values(), "gelu_tanh", torch.zeros(3, dtype=torch.int64), cfg)
+        assert seen and all(c.get("HIDDEN_PREFETCH") == want for c in seen), (want, seen)
+
+
 @pytest.mark.parametrize("T", [1, 8])  # fused decode after the router tail; masked after the tail
 def test_pdl_config_is_ignored_off_the_gpu(T):
     """A device file may switch on programmatic dependent launch; on the CPU / interpreter the same config
