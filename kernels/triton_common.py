@@ -32,16 +32,19 @@ except ImportError:  # pragma: no cover - older triton: PDL is never switched on
 
 
 @functools.lru_cache(maxsize=None)
-def _sm90_or_later(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+def _sm90_kernels(x: torch.Tensor) -> bool:
+    """Whether kernels on ``x`` may use sm_90 instructions: compiled (not the interpreter), CUDA, sm_90+."""
+    if INTERPRET or not x.is_cuda:
+        return False
+    return torch.cuda.get_device_capability(x.device.index if x.device.index is not None
+                                            else torch.cuda.current_device())[0] >= 9
 
 
 def use_pdl(cfg: dict, x: torch.Tensor) -> bool:
     """Whether a path's kernels launch as programmatic dependents (``"pdl": true`` in its config):
     the launch overlaps the previous kernel's tail instead of waiting for it (a CUDA graph keeps the
     edge). Needs sm_90+, a triton with grid dependency control, and not the interpreter."""
-    return bool(cfg.get("pdl", False)) and HAS_PDL and not INTERPRET and x.is_cuda and _sm90_or_later(
-        x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return bool(cfg.get("pdl", False)) and HAS_PDL and _sm90_kernels(x)
 
 
 def pdl_launch(pdl: bool) -> dict:
@@ -62,12 +65,10 @@ def prefetch_ok(cfg_value, x: torch.Tensor, *weights: torch.Tensor) -> int:
     """The PREFETCH switch of a kernel (its config value, 0 = off) where the device can take it: sm_90+
     (``cp.async.bulk.prefetch.L2``), not the interpreter, and every weight 16-byte aligned with rows
     of a multiple of 16 bytes (the bulk copy's granularity); else 0."""
-    if not cfg_value or INTERPRET or not x.is_cuda:
+    if not cfg_value or not _sm90_kernels(x):
         return 0
-    if not _sm90_or_later(x.device.index if x.device.index is not None else torch.cuda.current_device()):
-        return 0
-    ok = all(w.data_ptr() % 16 == 0 and w.stride(-1) == 1 and (w.shape[-1] * w.element_size()) % 16 == 0
-             and w.is_contiguous() for w in weights if w is not None)
+    ok = all(w.is_contiguous() and w.data_ptr() % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0
+             for w in weights if w is not None)
     return int(cfg_value) if ok else 0
 
 
