@@ -7,7 +7,8 @@
          P[e, slice] = h w_out[slice] (fp32, [T, d_out]). Every selected weight byte is read once,
          in contiguous rows, by one of E * e / BLOCK_J programs. With ``PREFETCH`` (config) a selected
          program first asks L2 for its slice's rows (sm_90 bulk prefetch), so its two streamed loops
-         are not bound by the few tiles its pipeline keeps in flight.
+         are not bound by the few tiles its pipeline keeps in flight; with ``TMA`` the tiles come
+         through tensor descriptors (the copy engine) instead of per-thread loads.
   reduce grid (ceil(d_out / BLOCK_N), T): out[t] = sum of the selected slices' partials in a fixed
          order (deterministic, no atomics) + b_out.
 Three launches fewer than the two-kernel path (no separate row-max, up and down kernels).
@@ -19,7 +20,8 @@ import triton.language as tl
 
 from d2dmoe_kernels.router_tail import tile
 from d2dmoe_kernels.triton_common import (ACT_CODES, await_producer, count_selected, expert_hidden, fp32_dots, mma,
-                                          pdl_launch, prefetch_l2, prefetch_ok, router_select, selected, use_pdl)
+                                          pdl_launch, prefetch_l2, prefetch_ok, router_select, rows_descriptor,
+                                          selected, tma_ok, use_pdl)
 
 
 @triton.jit
@@ -32,7 +34,7 @@ def _fused_decode_kernel(
     OWN_MAX: tl.constexpr, ROUTER: tl.constexpr, FULL_ROUTER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_EALL: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_RE: tl.constexpr, BLOCK_RW: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-    THREADS: tl.constexpr,
+    THREADS: tl.constexpr, TMA: tl.constexpr,
 ):
     await_producer(PDL)
     e = tl.program_id(0)
@@ -72,17 +74,21 @@ def _fused_decode_kernel(
             prefetch_l2(w_out_ptr + row0 * DO, n_rows * DO, THREADS)
     offs_j = c * BLOCK_J + tl.arange(0, BLOCK_J)
     jmask = offs_j < ES
+    row0 = e * ES + c * BLOCK_J  # with TMA (host: ES a multiple of BLOCK_J) the slice's first weight row
     h = expert_hidden(x_ptr, offs_t, tmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, e, offs_j, jmask, D, ES,
-                      GATED, HAS_BIAS, ACT, UPCAST, BLOCK_T, BLOCK_J, BLOCK_K)
+                      GATED, HAS_BIAS, ACT, UPCAST, BLOCK_T, BLOCK_J, BLOCK_K, TMA, row0)
     h = tl.where(sel[:, None] & jmask[None, :], h, 0.0)   # unselected tokens contribute nothing
     if not UPCAST:
-        h = h.to(w_out_ptr.dtype.element_ty)
+        h = h.to(x_ptr.dtype.element_ty)  # the weights' dtype (the op takes x in it)
     slot = e * tl.num_programs(1) + c
     for n0 in range(0, DO, BLOCK_N):  # the output width (w_out's rows), d_out
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < DO
-        w = tl.load(w_out_ptr + (e * ES + offs_j).to(tl.int64)[:, None] * DO + offs_n[None, :],
-                    mask=jmask[:, None] & nmask[None, :], other=0.0)
+        if TMA:
+            w = w_out_ptr.load([row0, n0])
+        else:
+            w = tl.load(w_out_ptr + (e * ES + offs_j).to(tl.int64)[:, None] * DO + offs_n[None, :],
+                        mask=jmask[:, None] & nmask[None, :], other=0.0)
         p = mma(h, w, UPCAST)
         tl.store(part_ptr + (slot * T + offs_t)[:, None] * DO + offs_n[None, :], p,
                  mask=tmask[:, None] & nmask[None, :])
@@ -150,9 +156,14 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
     part = torch.empty((E * nc, T, DO), device=x.device, dtype=torch.float32)
     gated, has_b_in, has_b_out = w_up is not None, b_in is not None, b_out is not None
     pdl = use_pdl(cfg, x)
-    prefetch = prefetch_ok(cfg.get("PREFETCH", 0), x, w_in, w_up, w_out)
+    tma = ES % block_j == 0 and tma_ok(cfg.get("TMA", 0), x, w_in, w_up, w_out)
+    prefetch = 0 if tma else prefetch_ok(cfg.get("PREFETCH", 0), x, w_in, w_up, w_out)
+    wi, wu, wo = w_in, w_up if gated else w_in, w_out
+    if tma:  # the slices' tiles through the copy engine
+        wi, wu = (rows_descriptor(w, block_j, cfg["BLOCK_K"]) for w in (wi, wu))
+        wo = rows_descriptor(wo, block_j, cfg["BLOCK_N"])
     _fused_decode_kernel[(E, nc)](
-        x, scores, ref, tau, w_in, w_up if gated else w_in, w_out, b_in if has_b_in else w_in, part, counters,
+        x, scores, ref, tau, wi, wu, wo, b_in if has_b_in else w_in, part, counters,
         x if full or not router else hid, router_in if full else w_in, router_out if router else w_in,
         rscores if router else part,
         rref if router else part, float("inf"),
@@ -161,6 +172,7 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
         ROUTER=router, FULL_ROUTER=full, BLOCK_T=block_t, BLOCK_EALL=block_eall, BLOCK_J=block_j, BLOCK_K=cfg["BLOCK_K"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_RE=tile(cfg.get("ROUTER_BLOCK_E", 64), ER),
         BLOCK_RW=tile(cfg.get("ROUTER_BLOCK_W", 128), W), PDL=pdl, PREFETCH=prefetch, THREADS=32 * cfg["num_warps"],
+        TMA=tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(pdl),
     )
     _fused_reduce_kernel[(triton.cdiv(DO, cfg["BLOCK_N_REDUCE"]), T)](

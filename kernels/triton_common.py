@@ -12,6 +12,7 @@ import torch
 
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -70,6 +71,23 @@ def prefetch_ok(cfg_value, x: torch.Tensor, *weights: torch.Tensor) -> int:
     ok = all(w.is_contiguous() and w.data_ptr() % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0
              for w in weights if w is not None)
     return int(cfg_value) if ok else 0
+
+
+def tma_ok(cfg_value, x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a kernel may read its weights through tensor descriptors (``TMA`` in its config; the
+    copy engine moves whole tiles into shared memory, one request per tile instead of a 16-byte
+    ``cp.async`` per thread): sm_90+ on CUDA (the interpreter emulates them, so the CPU tests run the
+    same code), and weights contiguous, 16-byte aligned, with rows of a multiple of 16 bytes."""
+    if not cfg_value or not (INTERPRET or _sm90_kernels(x)):
+        return False
+    return all(w.is_contiguous() and w.data_ptr() % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0
+               for w in weights if w is not None)
+
+
+def rows_descriptor(w: torch.Tensor, block_rows: int, block_cols: int):
+    """A tensor descriptor over an expert weight [E, e, n] viewed as its E*e rows [E*e, n]: tiles of
+    ``block_rows`` x ``block_cols``, zero outside the matrix (the copy engine's bounds)."""
+    return TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [block_rows, block_cols])
 
 
 @triton.jit
@@ -160,10 +178,12 @@ def count_selected(sel, counters_ptr, e, c, T):
 def expert_hidden(
     x_ptr, x_rows, xmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, e, offs_j, jmask, D, ES,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr = False, row0=0,
 ):
     """h = act(x w_in^T + b_in) * (x w_up^T) for token rows ``x_rows`` and neurons ``offs_j`` of
-    expert e: the first half of every expert kernel, fp32 accumulation, [BM, BN]."""
+    expert e: the first half of every expert kernel, fp32 accumulation, [BM, BN]. With TMA, w_in /
+    w_up are ``rows_descriptor``s and the tile is rows ``row0 ..`` (= e * ES + offs_j; rows past the
+    expert are the caller's to mask, as ``jmask`` does for the pointer loads)."""
     w_rows = (e * ES + offs_j).to(tl.int64) * D
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc_up = tl.zeros((BM, BN), dtype=tl.float32)
@@ -173,9 +193,16 @@ def expert_hidden(
         xk = tl.load(x_ptr + x_rows[:, None] * stride_x + offs_k[None, :], mask=xmask[:, None] & kmask[None, :],
                      other=0.0)
         wmask = jmask[:, None] & kmask[None, :]
-        acc += mma(xk, tl.trans(tl.load(w_in_ptr + w_rows[:, None] + offs_k[None, :], mask=wmask, other=0.0)), UPCAST)
+        if TMA:
+            wi = w_in_ptr.load([row0, k0])
+        else:
+            wi = tl.load(w_in_ptr + w_rows[:, None] + offs_k[None, :], mask=wmask, other=0.0)
+        acc += mma(xk, tl.trans(wi), UPCAST)
         if GATED:
-            wu = tl.load(w_up_ptr + w_rows[:, None] + offs_k[None, :], mask=wmask, other=0.0)
+            if TMA:
+                wu = w_up_ptr.load([row0, k0])
+            else:
+                wu = tl.load(w_up_ptr + w_rows[:, None] + offs_k[None, :], mask=wmask, other=0.0)
             acc_up += mma(xk, tl.trans(wu), UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_in_ptr + e * ES + offs_j, mask=jmask, other=0.0).to(tl.float32)[None, :]

@@ -23,17 +23,25 @@ def subprocess_env(**extra):
 def with_pdl(cfg: dict) -> dict:
     """A kernel config with the router tail, fused decode and masked kernels launched as programmatic
     dependents (``"pdl": true``) at every shape key, as a device file may set them."""
-    return {k: {**v, "pdl": True} if isinstance(v, dict) and k.split("@")[0] in ("router", "fused", "masked") else v
-            for k, v in cfg.items()}
+    return at_every_key(cfg, ("router", "fused", "masked"), pdl=True)
+
+
+def at_every_key(cfg: dict, paths: tuple[str, ...], **keys) -> dict:
+    """``cfg`` with ``keys`` set in the paths' configs and in each of their shape keys (``path@d..``)."""
+    return {k: {**v, **keys} if isinstance(v, dict) and k.split("@")[0] in paths else v for k, v in cfg.items()}
 
 
 def with_prefetch(cfg: dict, fused: int = 3) -> dict:
     """A kernel config whose fused decode kernels ask L2 for their slices' weights first (``PREFETCH``
     bits: 2 w_in / w_up, 1 w_out) and whose router launches prefetch their weights before they wait."""
-    out = {k: {**v, "PREFETCH": fused} if isinstance(v, dict) and k.split("@")[0] == "fused" else v
-           for k, v in cfg.items()}
+    out = at_every_key(cfg, ("fused",), PREFETCH=fused)
     out["router"] = {**cfg["router"], "HIDDEN_PREFETCH": 1, "TAIL_PREFETCH": 1}
     return out
+
+
+def with_tma(cfg: dict) -> dict:
+    """A kernel config whose fused decode kernels read their weight tiles through tensor descriptors."""
+    return at_every_key(cfg, ("fused",), TMA=1)
 
 
 @pytest.fixture(scope="session")

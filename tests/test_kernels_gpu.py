@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import with_pdl, with_prefetch
+from conftest import with_pdl, with_prefetch, with_tma
 from d2dmoe_kernels.configs import kernel_config
 from d2dmoe_kernels.reference import dynamic_k_experts_reference, router_scores, select_experts, selection_rule
 
@@ -528,3 +528,46 @@ def test_prefetch_in_kernel_router_matches_reference(shape, T, tau):
 @pytest.mark.parametrize("T", [1, 3, 16])
 def test_prefetch_graph_replay_and_no_sync(shape, T):
     check_graph_replay_and_no_sync(shape, T, prefetch_cfg(3), 21)
+
+
+def tma_cfg(base=None):
+    """``hidden_cfg(base)`` with the fused decode kernels' weight tiles through tensor descriptors, at every
+    shape key (the by_tokens tiers' blocks included)."""
+    return with_tma(hidden_cfg(base))
+
+
+def test_tma_is_used_on_this_device():
+    """The TMA tests below check the descriptor loads only where they are compiled in (sm_90+)."""
+    from d2dmoe_kernels.triton_common import tma_ok
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors (TMA) need sm_90+; the TMA tests run the pointer loads here")
+    w = torch.empty(4, 64, device="cuda", dtype=torch.bfloat16)
+    assert tma_ok(1, w, w, None)
+    assert not tma_ok(1, w, w[:, 1:])  # misaligned rows: off
+    assert not tma_ok(0, w, w)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+@pytest.mark.parametrize("tau", [0.01, 0.5, 1.0])  # nearly every expert .. one expert per token
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tma_matches_fp64_reference(shape, T, tau, dtype):
+    check_override_matches_fp64(shape, T, tau, dtype, tma_cfg(), seed=700 + T)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+def test_tma_in_kernel_router_matches_reference(shape, T, tau):
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=750 + T)
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    check_in_kernel_router(x, w, tau, tma_cfg(own_router_cfg()), torch.bfloat16)
+    check_in_kernel_router(x, w, tau, tma_cfg(), torch.bfloat16)  # router tail kernel (Gemma-2B: split)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("T", [1, 3])
+def test_tma_graph_replay_and_no_sync(shape, T):
+    check_graph_replay_and_no_sync(shape, T, tma_cfg(), 23)

@@ -61,6 +61,7 @@ PATHS = {  # path: (launcher, config, tokens)
     "masked": (masked_scores, MASKED, 37),
     "fused": (fused_decode_experts, FUSED, 3),
     "fused, 8-slot reduce steps": (fused_decode_experts, dict(FUSED, REDUCE_BLOCK_S=8), 3),  # several steps per token
+    "fused, TMA": (fused_decode_experts, dict(FUSED, TMA=1), 3),  # tensor descriptors (pointer loads where e % 16)
     "balanced": (balanced_decode_experts, BALANCED, 3),
     "decode": (decode_experts, DECODE, 5),
     "grouped": (grouped_experts, GROUPED, 61),
