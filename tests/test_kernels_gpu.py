@@ -513,23 +513,6 @@ def test_prefetch_matches_fp64_reference(shape, T, tau, bits):
     check_override_matches_fp64(shape, T, tau, torch.bfloat16, prefetch_cfg(bits), seed=600 + T)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("T", [1, 3])
-@pytest.mark.parametrize("tau", [0.5, 1.0])
-def test_prefetch_in_kernel_router_matches_reference(shape, T, tau):
-    d, dff, es, gated = shape
-    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=650 + T)
-    x, _ = inputs(T, d, E, torch.bfloat16, g)
-    check_in_kernel_router(x, w, tau, prefetch_cfg(3, own_router_cfg()), torch.bfloat16)
-    check_in_kernel_router(x, w, tau, prefetch_cfg(3), torch.bfloat16)  # router tail kernel (Gemma-2B: split)
-
-
-@pytest.mark.parametrize("shape", SHAPES[:3])
-@pytest.mark.parametrize("T", [1, 3, 16])
-def test_prefetch_graph_replay_and_no_sync(shape, T):
-    check_graph_replay_and_no_sync(shape, T, prefetch_cfg(3), 21)
-
-
 def tma_cfg(base=None):
     """``hidden_cfg(base)`` with the fused decode kernels' weight tiles through tensor descriptors, at every
     shape key (the by_tokens tiers' blocks included)."""
@@ -556,18 +539,28 @@ def test_tma_matches_fp64_reference(shape, T, tau, dtype):
     check_override_matches_fp64(shape, T, tau, dtype, tma_cfg(), seed=700 + T)
 
 
+WEIGHT_FEEDS = {  # how the fused decode kernels get their weights: (config over a base, router seed, graph seed)
+    "prefetch": (lambda base=None: prefetch_cfg(3, base), 650, 21),
+    "tma": (tma_cfg, 750, 23),
+}
+
+
+@pytest.mark.parametrize("feed", list(WEIGHT_FEEDS))
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("tau", [0.5, 1.0])
-def test_tma_in_kernel_router_matches_reference(shape, T, tau):
+def test_weight_feed_in_kernel_router_matches_reference(feed, shape, T, tau):
+    cfg_of, seed, _ = WEIGHT_FEEDS[feed]
     d, dff, es, gated = shape
-    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=750 + T)
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=seed + T)
     x, _ = inputs(T, d, E, torch.bfloat16, g)
-    check_in_kernel_router(x, w, tau, tma_cfg(own_router_cfg()), torch.bfloat16)
-    check_in_kernel_router(x, w, tau, tma_cfg(), torch.bfloat16)  # router tail kernel (Gemma-2B: split)
+    check_in_kernel_router(x, w, tau, cfg_of(own_router_cfg()), torch.bfloat16)
+    check_in_kernel_router(x, w, tau, cfg_of(), torch.bfloat16)  # router tail kernel (Gemma-2B: split)
 
 
+@pytest.mark.parametrize("feed", list(WEIGHT_FEEDS))
 @pytest.mark.parametrize("shape", SHAPES[:3])
-@pytest.mark.parametrize("T", [1, 3])
-def test_tma_graph_replay_and_no_sync(shape, T):
-    check_graph_replay_and_no_sync(shape, T, tma_cfg(), 23)
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_weight_feed_graph_replay_and_no_sync(feed, shape, T):
+    cfg_of, _, seed = WEIGHT_FEEDS[feed]
+    check_graph_replay_and_no_sync(shape, T, cfg_of(), seed)
