@@ -27,6 +27,7 @@ from d2dmoe_vllm.expert_layer import DynamicKMLP
 logger = logging.getLogger("d2dmoe_vllm")
 STATS_FILE_ENV = "D2DMOE_STATS_FILE"
 STATS_INTERVAL_ENV = "D2DMOE_STATS_INTERVAL"
+STATS_AT_EXIT_ENV = "D2DMOE_STATS_AT_EXIT"  # "0": no report logged at exit (a caller that prints its own)
 
 
 def expert_layers(model: nn.Module) -> list[DynamicKMLP]:
@@ -120,7 +121,8 @@ def write_report(model: nn.Module, path: str) -> dict[str, Any]:
 
 
 def start_reporting(model: nn.Module) -> None:
-    """Log the report at process exit; keep $D2DMOE_STATS_FILE up to date while serving."""
+    """Log the report at process exit (unless $D2DMOE_STATS_AT_EXIT is "0"); keep $D2DMOE_STATS_FILE up
+    to date while serving."""
     ref = weakref.ref(model)
     path = os.environ.get(STATS_FILE_ENV)
     layers = expert_layers(model)
@@ -132,7 +134,8 @@ def start_reporting(model: nn.Module) -> None:
         if m is not None:
             logger.warning(format_report(write_report(m, path) if path else compute_report(m)))
 
-    atexit.register(at_exit)
+    if os.environ.get(STATS_AT_EXIT_ENV, "1") != "0":
+        atexit.register(at_exit)
     if path:
         interval = float(os.environ.get(STATS_INTERVAL_ENV, "10"))
 

@@ -74,9 +74,9 @@ def _fused_decode_kernel(
             prefetch_l2(w_out_ptr + row0 * DO, n_rows * DO, THREADS)
     offs_j = c * BLOCK_J + tl.arange(0, BLOCK_J)
     jmask = offs_j < ES
-    row0 = e * ES + c * BLOCK_J  # with TMA (host: ES a multiple of BLOCK_J) the slice's first weight row
+    first_row = e * ES + c * BLOCK_J  # with TMA (host: ES a multiple of BLOCK_J) the slice's first weight row
     h = expert_hidden(x_ptr, offs_t, tmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, e, offs_j, jmask, D, ES,
-                      GATED, HAS_BIAS, ACT, UPCAST, BLOCK_T, BLOCK_J, BLOCK_K, TMA, row0)
+                      GATED, HAS_BIAS, ACT, UPCAST, BLOCK_T, BLOCK_J, BLOCK_K, TMA, first_row)
     h = tl.where(sel[:, None] & jmask[None, :], h, 0.0)   # unselected tokens contribute nothing
     if not UPCAST:
         h = h.to(x_ptr.dtype.element_ty)  # the weights' dtype (the op takes x in it)
@@ -85,7 +85,7 @@ def _fused_decode_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < DO
         if TMA:
-            w = w_out_ptr.load([row0, n0])
+            w = w_out_ptr.load([first_row, n0])
         else:
             w = tl.load(w_out_ptr + (e * ES + offs_j).to(tl.int64)[:, None] * DO + offs_n[None, :],
                         mask=jmask[:, None] & nmask[None, :], other=0.0)

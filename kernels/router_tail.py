@@ -26,7 +26,7 @@ def tile(block, n):
 def _router_tail_kernel(
     hid_ptr, w2_ptr, scores_ptr, rowmax_ptr, T, E, W, stride_h, stride_s,
     UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr,
-    ROWMAX: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    ROWMAX: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, THREADS: tl.constexpr,
 ):
     # ROWMAX: one program per token block walks every expert block and writes the row max; else the
     # expert blocks are spread over grid axis 1 (more programs for few tokens) and the consumer
@@ -35,7 +35,7 @@ def _router_tail_kernel(
     e_last = E if ROWMAX else e_first + BLOCK_E
     if PREFETCH:  # W2 does not depend on the previous kernel: requested while it drains
         if tl.program_id(0) == 0:
-            prefetch_l2(w2_ptr + e_first * W, (tl.minimum(e_last, E) - e_first) * W, 128)  # E * W < 2^31
+            prefetch_l2(w2_ptr + e_first * W, (tl.minimum(e_last, E) - e_first) * W, THREADS)  # E * W < 2^31
     await_producer(PDL)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = offs_t < T
@@ -102,10 +102,12 @@ def router_tail(hid, router_out, cfg, rowmax=True):
     pdl = use_pdl(cfg, hid)
     block_t = min(cfg["TAIL_BLOCK_T"], max(16, triton.next_power_of_2(T)))
     block_e = tile(cfg["TAIL_BLOCK_E"] if rowmax else cfg.get("TAIL_SPLIT_BLOCK_E", 16), E)
+    num_warps = 4
     _router_tail_kernel[(triton.cdiv(T, block_t), 1 if rowmax else triton.cdiv(E, block_e))](
         hid, router_out, scores, rmax, T, E, W, hid.stride(0), scores.stride(0),
         UPCAST=fp32_dots(hid), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_W=tile(cfg["TAIL_BLOCK_W"], W),
-        ROWMAX=rowmax, PDL=pdl, PREFETCH=prefetch_ok(cfg.get("TAIL_PREFETCH", 0), hid, router_out), num_warps=4,
+        ROWMAX=rowmax, PDL=pdl, PREFETCH=prefetch_ok(cfg.get("TAIL_PREFETCH", 0), hid, router_out),
+        THREADS=32 * num_warps, num_warps=num_warps,
         **pdl_launch(pdl),
     )
     return scores, rmax if rowmax else None

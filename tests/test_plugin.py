@@ -123,3 +123,21 @@ def test_serving_advice_names_the_settings_that_hide_the_speedup():
                        (ModelConfig, ("enforce_eager",)), (DeviceConfig, ("device_type",))):
         fields = {f.name for f in dataclasses.fields(cls)} | set(getattr(cls, "__annotations__", {}))
         assert set(names) <= fields, (cls.__name__, set(names) - fields)
+
+
+def test_exit_report_can_be_turned_off(monkeypatch):
+    """The report at exit is on by default; D2DMOE_STATS_AT_EXIT=0 (what d2dmoe-demo sets, since it prints
+    the report itself) leaves it out."""
+    import torch
+
+    from d2dmoe_vllm import stats
+
+    registered = []
+    monkeypatch.setattr(stats.atexit, "register", registered.append)
+    monkeypatch.delenv(stats.STATS_FILE_ENV, raising=False)
+    monkeypatch.delenv(stats.STATS_AT_EXIT_ENV, raising=False)
+    stats.start_reporting(torch.nn.Linear(2, 2))
+    assert len(registered) == 1
+    monkeypatch.setenv(stats.STATS_AT_EXIT_ENV, "0")
+    stats.start_reporting(torch.nn.Linear(2, 2))
+    assert len(registered) == 1
