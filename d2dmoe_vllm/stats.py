@@ -122,19 +122,23 @@ def write_report(model: nn.Module, path: str) -> dict[str, Any]:
 
 def start_reporting(model: nn.Module) -> None:
     """Log the report at process exit (unless $D2DMOE_STATS_AT_EXIT is "0"); keep $D2DMOE_STATS_FILE up
-    to date while serving."""
+    to date while serving and write it a last time at exit."""
     ref = weakref.ref(model)
     path = os.environ.get(STATS_FILE_ENV)
     layers = expert_layers(model)
     if path and layers and layers[0].tp_size > 1:  # one file per rank: each counts its own experts
         path = f"{path}.rank{layers[0].tp_rank}"
 
+    log = os.environ.get(STATS_AT_EXIT_ENV, "1") != "0"
+
     def at_exit() -> None:
         m = ref()
         if m is not None:
-            logger.warning(format_report(write_report(m, path) if path else compute_report(m)))
+            report = write_report(m, path) if path else compute_report(m)  # the file's last write, always
+            if log:
+                logger.warning(format_report(report))
 
-    if os.environ.get(STATS_AT_EXIT_ENV, "1") != "0":
+    if path or log:
         atexit.register(at_exit)
     if path:
         interval = float(os.environ.get(STATS_INTERVAL_ENV, "10"))

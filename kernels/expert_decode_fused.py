@@ -63,8 +63,9 @@ def _fused_decode_kernel(
         sel = selected(scores_ptr, ref_ptr, tau, offs_t, tmask, e, stride_s)
     if count_selected(sel, counters_ptr, e, c, T) == 0:
         return
+    first_row = e * ES + c * BLOCK_J  # the slice's first weight row (TMA: the host has ES % BLOCK_J == 0)
     if PREFETCH > 0:  # the slice's weights requested at once (bit 2: w_in / w_up, bit 1: w_out)
-        row0 = (e * ES + c * BLOCK_J).to(tl.int64)
+        row0 = first_row.to(tl.int64)
         n_rows = tl.minimum(ES - c * BLOCK_J, BLOCK_J)
         if PREFETCH & 2:
             prefetch_l2(w_in_ptr + row0 * D, n_rows * D, THREADS)
@@ -74,7 +75,6 @@ def _fused_decode_kernel(
             prefetch_l2(w_out_ptr + row0 * DO, n_rows * DO, THREADS)
     offs_j = c * BLOCK_J + tl.arange(0, BLOCK_J)
     jmask = offs_j < ES
-    first_row = e * ES + c * BLOCK_J  # with TMA (host: ES a multiple of BLOCK_J) the slice's first weight row
     h = expert_hidden(x_ptr, offs_t, tmask, stride_x, w_in_ptr, w_up_ptr, b_in_ptr, e, offs_j, jmask, D, ES,
                       GATED, HAS_BIAS, ACT, UPCAST, BLOCK_T, BLOCK_J, BLOCK_K, TMA, first_row)
     h = tl.where(sel[:, None] & jmask[None, :], h, 0.0)   # unselected tokens contribute nothing
@@ -159,9 +159,10 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
     tma = ES % block_j == 0 and tma_ok(cfg.get("TMA", 0), x, w_in, w_up, w_out)
     prefetch = 0 if tma else prefetch_ok(cfg.get("PREFETCH", 0), x, w_in, w_up, w_out)
     wi, wu, wo = w_in, w_up if gated else w_in, w_out
-    if tma:  # the slices' tiles through the copy engine
-        wi, wu = (rows_descriptor(w, block_j, cfg["BLOCK_K"]) for w in (wi, wu))
-        wo = rows_descriptor(wo, block_j, cfg["BLOCK_N"])
+    if tma:  # the slices' tiles through the copy engine (PREFETCH off: it needs pointers)
+        wi = rows_descriptor(w_in, block_j, cfg["BLOCK_K"])
+        wu = rows_descriptor(w_up, block_j, cfg["BLOCK_K"]) if gated else wi
+        wo = rows_descriptor(w_out, block_j, cfg["BLOCK_N"])
     _fused_decode_kernel[(E, nc)](
         x, scores, ref, tau, wi, wu, wo, b_in if has_b_in else w_in, part, counters,
         x if full or not router else hid, router_in if full else w_in, router_out if router else w_in,

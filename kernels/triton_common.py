@@ -32,13 +32,24 @@ except ImportError:  # pragma: no cover - older triton: PDL is never switched on
         pass
 
 
-@functools.lru_cache(maxsize=None)
 def _sm90_kernels(x: torch.Tensor) -> bool:
     """Whether kernels on ``x`` may use sm_90 instructions: compiled (not the interpreter), CUDA, sm_90+."""
     if INTERPRET or not x.is_cuda:
         return False
-    return torch.cuda.get_device_capability(x.device.index if x.device.index is not None
-                                            else torch.cuda.current_device())[0] >= 9
+    return _sm90_device(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_device(index: int) -> bool:
+    """Cached per device index (not per tensor: a cache keyed by tensors would keep them alive)."""
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _bulk_copyable(weights) -> bool:
+    """Every weight (None skipped) contiguous, 16-byte aligned, rows a multiple of 16 bytes: what the
+    bulk copy engine (L2 prefetch, tensor descriptors) needs."""
+    return all(w.is_contiguous() and w.data_ptr() % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0
+               for w in weights if w is not None)
 
 
 def use_pdl(cfg: dict, x: torch.Tensor) -> bool:
@@ -68,20 +79,18 @@ def prefetch_ok(cfg_value, x: torch.Tensor, *weights: torch.Tensor) -> int:
     of a multiple of 16 bytes (the bulk copy's granularity); else 0."""
     if not cfg_value or not _sm90_kernels(x):
         return 0
-    ok = all(w.is_contiguous() and w.data_ptr() % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0
-             for w in weights if w is not None)
-    return int(cfg_value) if ok else 0
+    return int(cfg_value) if _bulk_copyable(weights) else 0
 
 
 def tma_ok(cfg_value, x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether a kernel may read its weights through tensor descriptors (``TMA`` in its config; the
     copy engine moves whole tiles into shared memory, one request per tile instead of a 16-byte
     ``cp.async`` per thread): sm_90+ on CUDA (the interpreter emulates them, so the CPU tests run the
-    same code), and weights contiguous, 16-byte aligned, with rows of a multiple of 16 bytes."""
+    same code), and weights contiguous, 16-byte aligned, with rows of a multiple of 16 bytes. Where it
+    is on, a kernel's PREFETCH is off (the prefetch does pointer arithmetic on the weights)."""
     if not cfg_value or not (INTERPRET or _sm90_kernels(x)):
         return False
-    return all(w.is_contiguous() and w.data_ptr() % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0
-               for w in weights if w is not None)
+    return _bulk_copyable(weights)
 
 
 def rows_descriptor(w: torch.Tensor, block_rows: int, block_cols: int):

@@ -531,6 +531,23 @@ def test_tma_is_used_on_this_device():
     assert not tma_ok(0, w, w)
 
 
+@pytest.mark.parametrize("T,descriptors", [(1, 0), (2, 3), (3, 3)])
+def test_device_config_takes_tma_where_it_says(T, descriptors, monkeypatch):
+    """The device's own config at Gemma-2B e=256: on the H200 the T=2-3 tier reads through tensor
+    descriptors (w_in, w_up, w_out) and T=1 does not; the result matches fp64 either way."""
+    import d2dmoe_kernels.expert_decode_fused as fused
+
+    cfg = kernel_config(torch.cuda.get_device_name())
+    tier = [over for bound, over in cfg.get("fused@d2048e256", {}).get("by_tokens", []) if bound >= T][:1]
+    if not (tier and tier[0].get("TMA")) and descriptors:
+        pytest.skip("this device's config has no TMA tier at Gemma-2B T=2-3")
+    made = []
+    real = fused.rows_descriptor
+    monkeypatch.setattr(fused, "rows_descriptor", lambda *a: made.append(a[1:]) or real(*a))
+    check_override_matches_fp64(SHAPES[2], T, 0.5, torch.bfloat16, cfg, seed=780 + T)
+    assert len(made) == descriptors
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("T", [1, 2, 3, 4])
 @pytest.mark.parametrize("tau", [0.01, 0.5, 1.0])  # nearly every expert .. one expert per token

@@ -483,3 +483,26 @@ def test_dispatch_with_triton_router_hidden(T, own_router):
     assert 0 < int(mask.sum()) < T * E
     check(out, reference(x, mask, w, "gelu_tanh"))
     assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
+@pytest.mark.parametrize("d_out", D_OUTS)
+@pytest.mark.parametrize("gated,ES,descriptors", [(True, 32, 3), (False, 32, 2), (True, 24, 0)])
+def test_fused_tma_reads_through_descriptors(gated, ES, descriptors, d_out, monkeypatch):
+    """With ``TMA`` the fused kernel gets its weights as tensor descriptors (w_in, w_up if gated, w_out;
+    none where e is no multiple of the slice: pointer loads), and matches the reference either way."""
+    import d2dmoe_kernels.expert_decode_fused as fused
+
+    made = []
+    real = fused.rows_descriptor
+    monkeypatch.setattr(fused, "rows_descriptor", lambda *a: made.append(a[1:]) or real(*a))
+    E, D, T = 6, 40, 3
+    w = layer(E, ES, D, gated, 11, d_out)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(T, D, generator=g)
+    scores = torch.rand(T, E, generator=g) ** 4
+    ref_val, factor = selection_rule(scores, 0.5)
+    counters = torch.zeros(2, dtype=torch.int64)
+    out = fused_decode_experts(x, scores, ref_val, factor, *w.values(), "relu", counters, dict(FUSED, TMA=1))
+    assert len(made) == descriptors
+    assert all(rows == FUSED["BLOCK_J"] for rows, _ in made)
+    check(out, reference(x, select_experts(scores, 0.5), w, "relu"))

@@ -125,9 +125,9 @@ def test_serving_advice_names_the_settings_that_hide_the_speedup():
         assert set(names) <= fields, (cls.__name__, set(names) - fields)
 
 
-def test_exit_report_can_be_turned_off(monkeypatch):
-    """The report at exit is on by default; D2DMOE_STATS_AT_EXIT=0 (what d2dmoe-demo sets, since it prints
-    the report itself) leaves it out."""
+def test_exit_report_can_be_turned_off(monkeypatch, tmp_path, caplog):
+    """The report is logged at exit by default; D2DMOE_STATS_AT_EXIT=0 (what d2dmoe-demo sets, since it
+    prints the report itself) leaves the log out but still writes $D2DMOE_STATS_FILE a last time."""
     import torch
 
     from d2dmoe_vllm import stats
@@ -136,8 +136,20 @@ def test_exit_report_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(stats.atexit, "register", registered.append)
     monkeypatch.delenv(stats.STATS_FILE_ENV, raising=False)
     monkeypatch.delenv(stats.STATS_AT_EXIT_ENV, raising=False)
-    stats.start_reporting(torch.nn.Linear(2, 2))
+    model = torch.nn.Linear(2, 2)
+    stats.start_reporting(model)
     assert len(registered) == 1
+    with caplog.at_level("WARNING", logger=stats.logger.name):
+        registered.pop()()
+    assert "D2DMoE" in caplog.text
     monkeypatch.setenv(stats.STATS_AT_EXIT_ENV, "0")
-    stats.start_reporting(torch.nn.Linear(2, 2))
-    assert len(registered) == 1
+    stats.start_reporting(model)
+    assert registered == []                                   # nothing to log, no file: nothing at exit
+    path = tmp_path / "stats.json"
+    monkeypatch.setenv(stats.STATS_FILE_ENV, str(path))
+    monkeypatch.setenv(stats.STATS_INTERVAL_ENV, "3600")
+    stats.start_reporting(model)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=stats.logger.name):
+        registered.pop()()
+    assert path.is_file() and "D2DMoE" not in caplog.text     # the file's last write, no log line
