@@ -12,7 +12,6 @@ import torch
 
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -30,6 +29,13 @@ except ImportError:  # pragma: no cover - older triton: PDL is never switched on
     @triton.jit
     def gdc_launch_dependents():
         pass
+
+
+try:  # host-side tensor descriptors (TMA; triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    HAS_TMA = True
+except ImportError:  # pragma: no cover - older triton: TMA is never switched on
+    HAS_TMA = False
 
 
 def _sm90_kernels(x: torch.Tensor) -> bool:
@@ -85,10 +91,10 @@ def prefetch_ok(cfg_value, x: torch.Tensor, *weights: torch.Tensor) -> int:
 def tma_ok(cfg_value, x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether a kernel may read its weights through tensor descriptors (``TMA`` in its config; the
     copy engine moves whole tiles into shared memory, one request per tile instead of a 16-byte
-    ``cp.async`` per thread): sm_90+ on CUDA (the interpreter emulates them, so the CPU tests run the
-    same code), and weights contiguous, 16-byte aligned, with rows of a multiple of 16 bytes. Where it
+    ``cp.async`` per thread): a triton with host descriptors, sm_90+ on CUDA (the interpreter emulates
+    them, so the CPU tests run the same code), and weights contiguous, 16-byte aligned, with rows of a multiple of 16 bytes. Where it
     is on, a kernel's PREFETCH is off (the prefetch does pointer arithmetic on the weights)."""
-    if not cfg_value or not (INTERPRET or _sm90_kernels(x)):
+    if not cfg_value or not HAS_TMA or not (INTERPRET or _sm90_kernels(x)):
         return False
     return _bulk_copyable(weights)
 

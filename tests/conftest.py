@@ -44,6 +44,15 @@ def with_tma(cfg: dict) -> dict:
     return at_every_key(cfg, ("fused",), TMA=1)
 
 
+def count_descriptors(monkeypatch) -> list:
+    """The (rows, cols) blocks of every tensor descriptor the fused decode launcher makes from now on."""
+    import d2dmoe_kernels.expert_decode_fused as fused
+
+    made, real = [], fused.rows_descriptor
+    monkeypatch.setattr(fused, "rows_descriptor", lambda *a: made.append(a[1:]) or real(*a))
+    return made
+
+
 @pytest.fixture(scope="session")
 def dense_dir(tmp_path_factory):
     """Factory: tiny dense checkpoint of a family (cached per session)."""

@@ -9,8 +9,8 @@ import importlib
 import pytest
 import torch
 
-from conftest import with_pdl, with_prefetch, with_tma
-from d2dmoe_kernels.configs import kernel_config
+from conftest import count_descriptors, with_pdl, with_prefetch, with_tma
+from d2dmoe_kernels.configs import kernel_config, path_config, token_tier
 from d2dmoe_kernels.reference import dynamic_k_experts_reference, router_scores, select_experts, selection_rule
 
 
@@ -535,15 +535,10 @@ def test_tma_is_used_on_this_device():
 def test_device_config_takes_tma_where_it_says(T, descriptors, monkeypatch):
     """The device's own config at Gemma-2B e=256: on the H200 the T=2-3 tier reads through tensor
     descriptors (w_in, w_up, w_out) and T=1 does not; the result matches fp64 either way."""
-    import d2dmoe_kernels.expert_decode_fused as fused
-
     cfg = kernel_config(torch.cuda.get_device_name())
-    tier = [over for bound, over in cfg.get("fused@d2048e256", {}).get("by_tokens", []) if bound >= T][:1]
-    if not (tier and tier[0].get("TMA")) and descriptors:
+    if descriptors and not token_tier(path_config(cfg, "fused", 2048, 256), T).get("TMA"):
         pytest.skip("this device's config has no TMA tier at Gemma-2B T=2-3")
-    made = []
-    real = fused.rows_descriptor
-    monkeypatch.setattr(fused, "rows_descriptor", lambda *a: made.append(a[1:]) or real(*a))
+    made = count_descriptors(monkeypatch)
     check_override_matches_fp64(SHAPES[2], T, 0.5, torch.bfloat16, cfg, seed=780 + T)
     assert len(made) == descriptors
 

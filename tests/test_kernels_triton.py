@@ -13,7 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import with_pdl, with_prefetch  # noqa: E402
+from conftest import count_descriptors, with_pdl, with_prefetch  # noqa: E402
 
 from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 from d2dmoe_kernels.expert_decode import decode_experts  # noqa: E402
@@ -490,11 +490,7 @@ def test_dispatch_with_triton_router_hidden(T, own_router):
 def test_fused_tma_reads_through_descriptors(gated, ES, descriptors, d_out, monkeypatch):
     """With ``TMA`` the fused kernel gets its weights as tensor descriptors (w_in, w_up if gated, w_out;
     none where e is no multiple of the slice: pointer loads), and matches the reference either way."""
-    import d2dmoe_kernels.expert_decode_fused as fused
-
-    made = []
-    real = fused.rows_descriptor
-    monkeypatch.setattr(fused, "rows_descriptor", lambda *a: made.append(a[1:]) or real(*a))
+    made = count_descriptors(monkeypatch)
     E, D, T = 6, 40, 3
     w = layer(E, ES, D, gated, 11, d_out)
     g = torch.Generator().manual_seed(12)
