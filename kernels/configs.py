@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).with_name("configs")
+TUNED_ELEMENT_SIZE = 2  # the device files' tiles were chosen for bf16 / fp16 weights
 
 
 def own_file_name(device_name: str) -> str:
@@ -58,3 +59,14 @@ def token_tier(cfg: dict, tokens: int, key: str = "by_tokens") -> dict:
         if tokens <= bound:
             return {**cfg, **over}
     return cfg
+
+
+def for_element_size(cfg: dict, element_size: int, widths=("BLOCK_K", "BLOCK_N")) -> dict:
+    """``cfg`` for weights of ``element_size`` bytes: the tiles' ``widths`` shrink by the ratio to the
+    2-byte weights the configs were tuned on (fp32: half), so a tile holds the bytes it was tuned to
+    hold and a config that fits shared memory in bf16 fits in fp32 (the H200's 128 x 128 fused tier
+    at d2048, T=2-3, asked 344 KB of 227 KB for fp32 weights)."""
+    ratio = element_size // TUNED_ELEMENT_SIZE
+    if ratio <= 1:
+        return cfg
+    return {**cfg, **{k: max(16, cfg[k] // ratio) for k in widths if k in cfg}}

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from d2dmoe_kernels.configs import for_element_size
 from d2dmoe_kernels.router_tail import tile
 from d2dmoe_kernels.triton_common import (ACT_CODES, await_producer, count_selected, expert_hidden, fp32_dots, mma,
                                           pdl_launch, prefetch_l2, prefetch_ok, router_select, rows_descriptor,
@@ -138,6 +139,8 @@ def fused_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_out, ac
     T, D = x.shape
     E, ES, _ = w_in.shape
     DO = w_out.shape[2]
+    if x.is_cuda:  # fp32 weights: tiles of the bf16 config's bytes (shared memory; the interpreter has no limit)
+        cfg = for_element_size(cfg, w_in.element_size())
     router = 0 if router_out is None else (1 if scores is None else 2)
     full = router > 0 and hid is None
     rscores = rref = None

@@ -158,3 +158,18 @@ def test_kernel_config_falls_back_to_the_device_family():
     tuned = json.loads((CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())
     key = next(k for k in tuned if not k.startswith("_"))
     assert all(h100[key][k] == v for k, v in tuned[key].items())
+
+
+def test_fp32_tiles_hold_the_bytes_of_the_tuned_ones():
+    """Device files are tuned on 2-byte weights; for fp32 the fused kernel's K / N tile widths halve
+    (each tile the bytes it was tuned to hold: the H200's d2048 T=2-3 tier asked 344 KB of shared
+    memory otherwise), never below the 16 a tensor-core dot needs; 2-byte weights keep the config."""
+    from d2dmoe_kernels.configs import for_element_size, kernel_config, path_config, token_tier
+
+    tier = token_tier(path_config(kernel_config("NVIDIA H200"), "fused", 2048, 256), 3)
+    assert for_element_size(tier, 2) is tier
+    fp32 = for_element_size(tier, 4)
+    assert (fp32["BLOCK_K"], fp32["BLOCK_N"]) == (tier["BLOCK_K"] // 2, tier["BLOCK_N"] // 2) == (64, 128)
+    assert {k: v for k, v in fp32.items() if k not in ("BLOCK_K", "BLOCK_N")} == \
+        {k: v for k, v in tier.items() if k not in ("BLOCK_K", "BLOCK_N")}
+    assert for_element_size({"BLOCK_K": 16, "BLOCK_N": 32, "BLOCK_J": 64}, 4) == {"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_J": 64}
