@@ -80,6 +80,15 @@ def candidate_key(cfg: dict, path: str, d: int, es: int, tokens: int, values: di
     return key
 
 
+def acting_values(cfg: dict, path: str, d: int, es: int, tokens: int) -> dict:
+    """The values ``path`` runs with at ``tokens`` for this shape, as dispatch reads them (its token tier
+    applied where dispatch applies one; the tier list itself left out)."""
+    out = path_config(cfg, path, d, es)
+    out = token_tier(out, tokens) if path in TIERED else dict(out)
+    out.pop("by_tokens", None)
+    return out
+
+
 def taking_path(cfg: dict, path: str, d: int, es: int, tokens: int) -> dict:
     """``cfg`` with the paths dispatch tries before ``path`` off at this shape and ``tokens``, and
     ``path`` on there, so a layer timed at ``tokens`` runs ``path`` (``cfg`` is not changed)."""
@@ -166,7 +175,7 @@ def candidates(cfg: dict, path: str, d: int, es: int) -> list:
     """The grid of ``path`` led by the values ``cfg`` runs at the path's tuning T (timed even where the
     grid lacks them, e.g. a probe's choice), each point once."""
     tokens, grid = GRID[path]
-    acting = token_tier(path_config(cfg, path, d, es), tokens) if path in TIERED else path_config(cfg, path, d, es)
+    acting = acting_values(cfg, path, d, es, tokens)
     current = {k: acting[k] for k in grid[0] if k in acting}
     if current.keys() != grid[0].keys():  # a config without one of the grid's knobs: the grid alone
         return grid

@@ -19,11 +19,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_kernels import SHAPES  # noqa: E402
 from tune_kernels import (ALL_TOKENS, GEMM_BLOCKS, GRID, SHAPES as TUNED_SHAPES, candidate_config,  # noqa: E402
                           candidate_key, gemm_tier, taking_path)
+from tune_kernels import acting_values as acting  # noqa: E402
 
 import torch  # noqa: E402
 
 from d2dmoe_kernels import dispatch  # noqa: E402
-from d2dmoe_kernels.configs import kernel_config, path_config, token_tier  # noqa: E402
+from d2dmoe_kernels.configs import kernel_config, path_config  # noqa: E402
 
 PROBE = ROOT / "benchmarks" / "results" / "attempts" / "24-probe-gemm-path-round3.json"
 CANDIDATES = {"gemm-64x128": 0, "gemm-32x256": 1}
@@ -162,15 +163,8 @@ def taken(monkeypatch):
     return run
 
 
-def acting(cfg, path, d, es, tokens):
-    """The values a path runs with at ``tokens`` (its tier applied, the tier list itself left out)."""
-    out = token_tier(path_config(cfg, path, d, es), tokens)
-    out.pop("by_tokens", None)
-    return out
-
-
 def own_router(dev, d, es):
-    return token_tier(path_config(dev, "fused", d, es), 1).get("own_router", False)
+    return acting(dev, "fused", d, es, 1).get("own_router", False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
