@@ -65,15 +65,17 @@ async def send(session: aiohttp.ClientSession, url: str, model: str, req: dict) 
     """One request; returns {"i", "status": ok|cancelled|error|lost, "tokens", "prompt_ids", "text", ...}."""
     body = {"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0,
             "ignore_eos": True, "return_token_ids": True, "stream": req["stream"]}
-    out = {"i": req["i"], "status": "lost", "tokens": [], "prompt_ids": None, "text": "", "finish_reason": None}
+    out = {"i": req["i"], "status": "lost", "tokens": [], "prompt_ids": None, "text": "", "finish_reason": None,
+           "id": None}  # the server's request id (its log names the engine request "<id>-0")
     t0 = time.perf_counter()
     try:
         async with session.post(f"{url}/v1/completions", json=body) as resp:
             if resp.status != 200:
                 return {**out, "status": "error", "error": f"HTTP {resp.status}: {(await resp.text())[:500]}"}
             if not req["stream"]:
-                choice = (await resp.json())["choices"][0]
-                out.update(tokens=choice["token_ids"], prompt_ids=choice["prompt_token_ids"], text=choice["text"],
+                body = await resp.json()
+                choice = body["choices"][0]
+                out.update(id=body["id"], tokens=choice["token_ids"], prompt_ids=choice["prompt_token_ids"], text=choice["text"],
                            finish_reason=choice["finish_reason"])
             else:
                 chunks, done = 0, False
@@ -84,7 +86,9 @@ async def send(session: aiohttp.ClientSession, url: str, model: str, req: dict) 
                     if line == b"data: [DONE]":
                         done = True
                         break
-                    choice = json.loads(line[6:])["choices"][0]
+                    chunk = json.loads(line[6:])
+                    choice = chunk["choices"][0]
+                    out["id"] = out["id"] or chunk["id"]
                     out["tokens"] += choice.get("token_ids") or []
                     out["prompt_ids"] = out["prompt_ids"] or choice.get("prompt_token_ids")
                     out["text"] += choice["text"]

@@ -19,7 +19,7 @@ import load_test  # noqa: E402  (benchmarks/, on the path through conftest)
 
 RUNNER = Path(__file__).parent / "vllm_runner.py"
 N, MAX_TOKENS, REF_TOKENS = 240, 16, 32
-SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--seed", "0",  # as the offline
+SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--seed", "0",  # as the offline
               "--served-model-name", "tiny-d2dmoe", "--enable-log-requests"]                        # runner's engine
 
 
@@ -49,9 +49,10 @@ def server(tmp_path, converted_dir):
 
 def test_burst_matches_offline_greedy_and_server_survives(tmp_path, server):
     ckpt, url, stats, log = server
-    # Prompts of 2 to ~75 tokens, 1 to 16 output tokens; the cut-off requests ask for 64 to 128.
+    # Prompts of 2 to ~75 tokens, 1 to 16 output tokens; the cut-off requests ask for 300 to 400 (the tiny
+    # model has 512 positions), so the engine is still generating them when the client hangs up.
     reqs = load_test.make_requests(N, prompt_words=(1, 60), max_tokens=(1, MAX_TOKENS), cancel_fraction=0.1,
-                                   cancel_tokens=(64, 128), seed=1)
+                                   cancel_tokens=(300, 400), seed=1)
     res = asyncio.run(load_test.burst(url, reqs, warmup=0, timeout=600))
     after = asyncio.run(load_test.after_check(url, prompt=reqs[0]["prompt"], max_tokens=MAX_TOKENS))
     print({k: v for k, v in res.items() if k != "results"}, after)
@@ -80,10 +81,15 @@ def test_burst_matches_offline_greedy_and_server_survives(tmp_path, server):
     assert after["health"] == 200
     assert after["fresh"]["status"] == "ok" and after["fresh"]["tokens"] == ref[reqs[0]["prompt"]]["tokens"][:MAX_TOKENS]
     assert after["num_requests_running"] == 0 and after["num_requests_waiting"] == 0   # cancelled ones freed
-    # The server aborted exactly the cut-off requests; the engine finished every other one by length.
-    aborted = set(re.findall(r"Request (\S+) aborted\.", log.read_text()))
-    assert len(aborted) == len(by_status["cancelled"]), aborted
-    assert after["finished"] == {**{k: 0 for k in after["finished"]}, "length": len(by_status["ok"]) + 1}
+    # The server aborted cut-off requests only, and every request is accounted for once: aborted, or
+    # finished by length (a cut-off one too, where the engine had generated all its tokens before the client
+    # read its first chunks: CI once saw all 19 so, with the client's event loop starved on 2 cores).
+    aborted = {re.sub(r"-\d+$", "", rid) for rid in re.findall(r"Request (\S+) aborted\.", log.read_text())}
+    cancelled_ids = {r["id"] for r in by_status["cancelled"]}
+    assert None not in cancelled_ids and aborted <= cancelled_ids, aborted - cancelled_ids
+    assert aborted, "no cut-off request was aborted: the server kept generating for clients that hung up"
+    finished_early = len(cancelled_ids - aborted)
+    assert after["finished"] == {**{k: 0 for k in after["finished"]}, "length": len(by_status["ok"]) + 1 + finished_early}
 
     # Routing really dropped experts under load (the engine's own compute report).
     deadline = time.time() + 30
