@@ -10,6 +10,9 @@ fraction). Allocation: per layer argmin delta + lambda * fraction, lambda bisect
 fraction; the layers are the same size), which assumes the layers' losses add. Check, on 4,096 other
 SOTU tokens: the allocation against one tau bisected to the allocation's measured fraction. The torch
 reference model on the CPU (2 threads); about 30 min for Gemma 3 270M on 2 cores.
+
+Kept as the record of that measurement; the converter's own allocation (``d2dmoe-convert
+--tau-per-layer``, ``d2dmoe_converter.calibrate.per_layer_taus``) grew from it.
 """
 import json, math, sys, time
 from pathlib import Path

@@ -5,16 +5,27 @@ size over tokens x d_ff, counted per token on the calibration tokens by the torc
 The fraction falls as tau rises (tau = 0 runs every expert, tau = 1 only the arg-max), so tau is
 found by bisection: the smallest tau whose fraction is <= budget, to within the bisection width.
 Quality (held-out perplexity, dense vs converted) is then measured on separate held-out tokens.
+
+With ``per_layer`` (``--tau-per-layer``), each FFN layer gets its own tau: one tau leaves layers
+executing very different fractions whatever dropping experts there costs. Each layer alone is run at
+a grid of multiples of the global tau (the others run every expert) to get its (delta NLL, fraction)
+curve; then for a price lambda each layer takes the grid point minimising delta NLL + lambda x its
+share of FFN compute x fraction, and lambda is bisected until the *measured* fraction of all layers
+together is within the budget, and the taus are scaled down together to spend what the coarse grid
+left of it. The allocation is kept only if its calibration NLL beats one tau's at the same budget. Cost: layers x grid perplexity passes over ``sensitivity_tokens``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 from tqdm import tqdm
 
-from d2dmoe_converter.moe_model import expert_layers, ffn_fraction, ffn_layers, perplexity, projection_fraction, run_base, set_selection
+from d2dmoe_converter.moe_model import (expert_layers, ffn_fraction, ffn_layers, perplexity, projection_fraction, run_base,
+                                        set_selection)
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,9 @@ class CalibrateOptions:
     eval_tokens: int = 4096       # further held-out tokens for perplexity and the reported fraction
     seq_len: int = 256
     iterations: int = 12          # bisection steps (tau resolution 2^-12)
+    per_layer: bool = False       # a tau per FFN layer (see the module docstring)
+    sensitivity_tokens: int = 1024  # calibration tokens of each per-layer sensitivity pass
+    tau_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)  # per-layer taus tried, as multiples of the global tau
 
 
 def check_budget(budget: float | None) -> float | None:
@@ -60,8 +74,85 @@ def bisect_tau(model, seqs: torch.Tensor, budget: float, iterations: int) -> tup
     return hi, f_hi, sorted(trace)
 
 
+def mean_nll(model, seqs: torch.Tensor) -> float:
+    return math.log(perplexity(model, seqs))
+
+
+def layer_sensitivity(model, seqs: torch.Tensor, taus: list[float],
+                      projection_tau: float = 0.0) -> tuple[float, list[list[tuple[float, float]]]]:
+    """(NLL with every FFN expert, per layer [(delta NLL, that layer's fraction)] at each tau in ``taus``
+    with that FFN alone selecting): what dropping experts costs in each layer. Attention-projection
+    experts, if any, run at ``projection_tau`` throughout."""
+    layers = ffn_layers(model)
+    set_selection(model, projection_tau, layer_tau=[0.0] * len(layers))
+    base = mean_nll(model, seqs)
+    curves = [[] for _ in layers]
+    bar = tqdm(total=len(layers) * len(taus), desc="calibrate: per-layer sensitivity")
+    for l, layer in enumerate(layers):
+        for t in taus:
+            set_selection(model, projection_tau, layer_tau=[t if i == l else 0.0 for i in range(len(layers))])
+            nll = mean_nll(model, seqs)
+            curves[l].append((nll - base, layer.pairs / max(1, layer.tokens * layer.num_experts)))
+            bar.update()
+    bar.close()
+    return base, curves
+
+
+def allocate(curves: list[list[tuple[float, float]]], taus: list[float], weights: list[float], price: float) -> list[float]:
+    """Per layer, the tau minimising delta NLL + price x weight x fraction (weights: FFN compute shares)."""
+    return [taus[min(range(len(taus)), key=lambda g: c[g][0] + price * w * c[g][1])] for c, w in zip(curves, weights)]
+
+
+def per_layer_taus(model, calib: torch.Tensor, budget: float, tau: float, opts: CalibrateOptions) -> dict:
+    """A tau per FFN layer within ``budget`` (module docstring); compared with one ``tau`` on ``calib``."""
+    layers = ffn_layers(model)
+    taus = sorted({0.0, *(min(1.0, g * tau) for g in opts.tau_grid)})
+    seqs = calib[: max(1, opts.sensitivity_tokens // calib.shape[1])]
+    _, curves = layer_sensitivity(model, seqs, taus, projection_tau=tau)
+    sizes = [m.num_experts * m.t["experts.w_in"].shape[1] for m in layers]
+    weights = [n / sum(sizes) for n in sizes]
+
+    def joint_fraction(alloc: list[float]) -> float:
+        set_selection(model, tau, layer_tau=alloc)  # attention experts, if any, at the one tau
+        run_base(model, calib)
+        return ffn_fraction(model)
+
+    # Bisect log(price): the cheapest price whose allocation's measured fraction is within the budget.
+    lo, hi = -12.0, 12.0
+    best = allocate(curves, taus, weights, math.exp(hi))
+    f_best = joint_fraction(best)
+    for _ in tqdm(range(opts.iterations), desc=f"calibrate: per-layer taus for {budget:.0%} of FFN compute"):
+        mid = (lo + hi) / 2
+        alloc = allocate(curves, taus, weights, math.exp(mid))
+        f = joint_fraction(alloc)
+        if f > budget:
+            lo = mid
+        else:
+            hi, best, f_best = mid, alloc, f
+    # The grid is coarse: spend what is left of the budget by scaling every layer's tau down together.
+    lo, hi, chosen = 0.0, 1.0, (1.0, best, f_best)
+    for _ in tqdm(range(opts.iterations // 2), desc="calibrate: per-layer taus, rest of the budget"):
+        mid = (lo + hi) / 2
+        alloc = [mid * t for t in best]
+        f = joint_fraction(alloc)
+        if f > budget:
+            lo = mid
+        else:
+            hi, chosen = mid, (mid, alloc, f)
+    grid_choice, (scale, best, f_best) = best, chosen
+    set_selection(model, tau, layer_tau=best)
+    nll_layers = mean_nll(model, calib)
+    set_selection(model, tau)
+    nll_one = mean_nll(model, calib)
+    keep = f_best <= budget and nll_layers < nll_one
+    return {"layer_tau": best if keep else None, "candidate": best, "candidate_fraction": f_best,
+            "grid_choice": grid_choice, "scale": scale,
+            "calib_nll": {"per_layer": nll_layers, "one_tau": nll_one}, "grid": taus,
+            "sensitivity": [[{"tau": t, "delta_nll": d, "fraction": f} for t, (d, f) in zip(taus, c)] for c in curves]}
+
+
 def calibrate(model, calib: torch.Tensor, heldout: torch.Tensor, method: str, budget: float | None, tau: float,
-              iterations: int) -> dict:
+              opts: CalibrateOptions = CalibrateOptions()) -> dict:
     """Pick the setting for ``budget`` (or keep ``tau``), then measure fraction and perplexity."""
     E = ffn_layers(model)[0].num_experts
     result: dict = {"method": method, "budget": budget}
@@ -69,13 +160,16 @@ def calibrate(model, calib: torch.Tensor, heldout: torch.Tensor, method: str, bu
         k = E if budget is None else max(1, min(E, round(budget * E)))
         result.update(top_k=k, tau=0.0, calib_fraction=measure_fraction(model, calib, 0.0, k))
     elif budget is not None:
-        tau, f, trace = bisect_tau(model, calib, budget, iterations)
+        tau, f, trace = bisect_tau(model, calib, budget, opts.iterations)
         result.update(top_k=0, tau=tau, calib_fraction=f, trace=[{"tau": t, "ffn_fraction": x} for t, x in trace])
+        if opts.per_layer and 0.0 < tau < 1.0:
+            result["per_layer"] = per_layer_taus(model, calib, budget, tau, opts)
+            result["layer_tau"] = result["per_layer"]["layer_tau"]
     else:
         result.update(top_k=0, tau=tau, calib_fraction=measure_fraction(model, calib, tau))
     set_selection(model, 0.0, 0)  # every expert: the (ReLU-fied) dense model exactly
     result["ppl_dense"] = perplexity(model, heldout, desc="calibrate: perplexity, all experts")
-    set_selection(model, result["tau"], result["top_k"])
+    set_selection(model, result["tau"], result["top_k"], layer_tau=result.get("layer_tau") or ())
     for m in expert_layers(model):
         m.record, m.per_token = True, []
     result["ppl_converted"] = perplexity(model, heldout, desc="calibrate: perplexity, converted")

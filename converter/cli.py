@@ -72,6 +72,12 @@ def parser() -> argparse.ArgumentParser:
     cg.add_argument("--calib-tokens", type=int, default=c.tokens, help=f"held-out tokens that set tau (default {c.tokens})")
     cg.add_argument("--eval-tokens", type=int, default=c.eval_tokens,
                     help=f"further held-out tokens for perplexity (default {c.eval_tokens})")
+    cg.add_argument("--tau-per-layer", action="store_true",
+                    help="calibrate a tau per FFN layer (with --budget): each layer's quality cost of dropping experts "
+                         "is measured and the budget spent where it costs least; kept only if it beats one tau on the "
+                         "calibration text (layers x 5 extra perplexity passes)")
+    cg.add_argument("--sensitivity-tokens", type=int, default=c.sensitivity_tokens,
+                    help=f"calibration tokens per per-layer sensitivity pass (default {c.sensitivity_tokens})")
     a = AttentionOptions()
     ag = ap.add_argument_group("attention-projection experts (optional; D2DMoE method only; served at tp = 1)")
     ag.add_argument("--attention-experts", default="",
@@ -100,7 +106,8 @@ def options(args: argparse.Namespace) -> ConvertOptions:
         routers=RouterOptions(width=args.router_width, tokens=args.router_tokens, seq_len=args.seq_len,
                               steps=args.router_steps, batch=args.router_batch, lr=args.router_lr),
         calibrate=CalibrateOptions(budget=args.budget, tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
-                                   seq_len=args.seq_len),
+                                   seq_len=args.seq_len, per_layer=args.tau_per_layer,
+                                   sensitivity_tokens=args.sensitivity_tokens),
         attention=AttentionOptions(projections=tuple(n for n in args.attention_experts.split(",") if n),
                                    expert_size=args.attn_expert_size, cost=args.attn_cost, tokens=args.attn_tokens,
                                    seq_len=args.seq_len, steps=args.attn_steps, batch=args.attn_batch, lr=args.attn_lr),

@@ -88,7 +88,8 @@ def expert_counts(d_ff: int, opts: ConvertOptions) -> tuple[int, int]:
     return d_ff // size, size
 
 
-def moe_config(dense: DenseModel, opts: ConvertOptions, tau: float = 0.0, top_k: int = 0) -> D2DMoEConfig:
+def moe_config(dense: DenseModel, opts: ConvertOptions, tau: float = 0.0, top_k: int = 0,
+               layer_tau: tuple[float, ...] = ()) -> D2DMoEConfig:
     E, e = expert_counts(dense.d_ff, opts)
     L = dense.num_layers
     projections = projection_specs(dense, resolve_projections(dense.model_type, opts.attention.projections),
@@ -97,6 +98,7 @@ def moe_config(dense: DenseModel, opts: ConvertOptions, tau: float = 0.0, top_k:
         format_version=FORMAT_VERSION, tau=check_tau(tau, "--tau"), top_k=top_k, activation=dense_activation(dense),
         gated=dense.model_type != "gpt2", expert_modules=("mlp", *(p.name for p in projections)), d_ff=dense.d_ff,
         num_experts=(E,) * L, expert_size=(e,) * L, router_width=opts.routers.width, projections=projections,
+        layer_tau=layer_tau,
     )
 
 
@@ -110,6 +112,9 @@ def check_options(opts: ConvertOptions) -> None:
         raise ValueError(f"--method {opts.method!r}: use one of {list(METHODS)}")
     check_tau(opts.tau, "--tau")
     check_budget(opts.calibrate.budget)
+    if opts.calibrate.per_layer and (opts.method != "d2dmoe" or opts.calibrate.budget is None):
+        raise ValueError("--tau-per-layer calibrates a D2DMoE tau per layer to a compute budget: it needs "
+                         "--budget and --method d2dmoe")
     if opts.method == "moefication" and opts.calibrate.budget is None:
         raise ValueError("--method moefication needs --budget: it sets the fixed k = budget x experts")
     if opts.routers.width <= 0:
@@ -122,7 +127,8 @@ def check_options(opts: ConvertOptions) -> None:
     for name, value in (("--sparsify-passes", opts.sparsify.passes), ("--sparsify-batch", opts.sparsify.batch),
                         ("--sparsify-accum", opts.sparsify.accum), ("--seq-len", opts.sparsify.seq_len), ("--router-tokens", opts.routers.tokens),
                         ("--router-batch", opts.routers.batch), ("--calib-tokens", opts.calibrate.tokens),
-                        ("--eval-tokens", opts.calibrate.eval_tokens)):
+                        ("--eval-tokens", opts.calibrate.eval_tokens),
+                        ("--sensitivity-tokens", opts.calibrate.sensitivity_tokens)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     at = opts.attention
@@ -381,13 +387,13 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
     replaced = tuple(p.name for p in cfg.projections)
 
     # 4. calibrate: tau (or k) for the budget, measured on held-out text
-    tau, top_k, calib = opts.tau, 0, None
+    tau, top_k, layer_tau, calib = opts.tau, 0, (), None
     if measure:
         def run_calibrate(part: Path) -> dict:
             model = build_model(dense, device=device)
             attach_experts(model, {**expert_state(dense, experts, routers), **projections}, dense.model_type,
                            cfg.activation)
-            result = calibrate(model, text.calib, text.heldout, opts.method, budget, opts.tau, opts.calibrate.iterations)
+            result = calibrate(model, text.calib, text.heldout, opts.method, budget, opts.tau, opts.calibrate)
             if relu:  # the original (not ReLU-fied) model too: what the user compares against
                 del model
                 original = build_model(source, device=device)
@@ -397,11 +403,11 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
 
         stage = Stage(work, "calibrate" + suffix, fingerprint(fp, asdict(opts.calibrate), opts.tau, text.corpus))
         calib = timed(stage, run_calibrate)
-        tau, top_k = calib["tau"], calib["top_k"]
+        tau, top_k, layer_tau = calib["tau"], calib["top_k"], tuple(calib.get("layer_tau") or ())
 
     # 5. export: the checkpoint, validated by the plugin's validator, renamed into place
     t0 = time.time()
-    cfg = moe_config(dense, opts, tau=tau, top_k=top_k)
+    cfg = moe_config(dense, opts, tau=tau, top_k=top_k, layer_tau=layer_tau)
     state = export_state(dense, experts, routers, opts.dtype, projections, replaced)
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     staging = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
@@ -431,6 +437,7 @@ def build_report(dense, cfg, opts, state, router_info, calib, seconds, work, dst
         "output": str(dst), "work_dir": str(work), "model_type": dense.model_type, "layers": dense.num_layers,
         "experts_per_layer": cfg.num_experts[0], "expert_size": cfg.expert_size[0], "split": opts.split,
         "activation": cfg.activation, "method": opts.method, "tau": cfg.tau, "top_k": cfg.top_k,
+        "layer_tau": list(cfg.layer_tau) or None, "tau_summary": cfg.describe_tau(),
         "budget": opts.calibrate.budget,
         "parameters": {"total": sum(v.numel() for v in state.values()), "routers": router_params},
         "routers_trained": bool(router_info.get("trained")),
@@ -460,7 +467,7 @@ def format_report(report: dict) -> str:
              f"{report['experts_per_layer']} experts x {report['expert_size']} neurons per FFN ({report['split']})",
              f"  {'parameters':22s} {report['parameters']['total']:,} (routers {report['parameters']['routers']:,})",
              f"  {'method':22s} {report['method']}, activation {report['activation']}, "
-             + (f"top-k {report['top_k']}" if report["top_k"] else f"tau {report['tau']:.4f}")
+             + (f"top-k {report['top_k']}" if report["top_k"] else report.get("tau_summary", f"tau {report['tau']:.4f}"))
              + (f" (budget {report['budget']:.0%} of FFN compute)" if report["budget"] is not None else "")]
     if "attention_experts" in report:
         a = report["attention_experts"]

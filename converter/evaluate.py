@@ -139,6 +139,8 @@ def load_checkpoint(path: str | Path, dense: DenseModel) -> Checkpoint:
     report = path / "d2dmoe_report.json"
     method = json.loads(report.read_text()).get("method") if report.is_file() else None
     method = method or ("moefication" if d2.get("top_k") else "d2dmoe")
+    if d2.get("layer_tau"):
+        method += "-per-layer"   # its own curve: a tau per FFN layer (--tau-per-layer)
     if any(m != "mlp" for m in d2.get("expert_modules", ())):
         method += "+attention"   # its own curve: attention projections run as experts too
     ffn = replaced_tensors(dense, d2)
@@ -174,15 +176,22 @@ def build_moe(ckpt: Checkpoint, dense: DenseModel, device) -> torch.nn.Module:
     return model
 
 
-def settings_for(ckpt: Checkpoint, opts: EvalOptions) -> list[tuple[str, float, int, bool]]:
-    """(label, tau, top_k, oracle) per sweep point of this checkpoint; with ``opts.oracle`` D2DMoE
-    checkpoints get each tau twice, the second time selecting on the true expert output norms."""
+def settings_for(ckpt: Checkpoint, opts: EvalOptions) -> list[tuple[str, float, int, bool, tuple[float, ...]]]:
+    """(label, tau, top_k, oracle, layer_tau) per sweep point of this checkpoint; with ``opts.oracle``
+    D2DMoE checkpoints get each tau twice, the second time selecting on the true expert output norms.
+    A checkpoint with per-layer taus is measured at its calibrated taus, then at each sweep tau as its
+    layer taus scaled by sweep tau / its tau (the allocation's shape kept, its level swept)."""
     if ckpt.method == "moefication":
         E = ckpt.d2dmoe["num_experts"][0]
         ks = sorted({max(1, min(E, round(f * E))) for f in opts.top_k_fractions}, reverse=True)
-        return [(f"k={k}/{E}", 0.0, k, False) for k in ks]
-    points = [(f"tau={t:g}", float(t), 0, False) for t in opts.taus]
-    return points + ([(f"tau={t:g} oracle", float(t), 0, True) for t in opts.taus] if opts.oracle else [])
+        return [(f"k={k}/{E}", 0.0, k, False, ()) for k in ks]
+    layer_tau, tau0 = tuple(ckpt.d2dmoe.get("layer_tau") or ()), ckpt.d2dmoe.get("tau", 0.0)
+    if layer_tau and tau0 > 0:
+        scaled = [(f"tau={t:g} per-layer", float(t), 0, False, tuple(min(1.0, x * (t / tau0)) for x in layer_tau))
+                  for t in opts.taus]
+        return [("calibrated per-layer", float(tau0), 0, False, layer_tau), *scaled]
+    points = [(f"tau={t:g}", float(t), 0, False, ()) for t in opts.taus]
+    return points + ([(f"tau={t:g} oracle", float(t), 0, True, ()) for t in opts.taus] if opts.oracle else [])
 
 
 # ---------------------------------------------------------------- compute model
@@ -433,13 +442,13 @@ def evaluate(dense_path: str | Path, checkpoints: list[str | Path], opts: EvalOp
         if not settings or (deadline is not None and time.time() > deadline):
             continue
         model = build_moe(ckpt, dense, device)
-        for label, tau, top_k, oracle in settings:
+        for label, tau, top_k, oracle, layer_tau in settings:
             if deadline is not None and time.time() > deadline:
                 break
-            set_selection(model, tau=tau, top_k=top_k, oracle=oracle)
+            set_selection(model, tau=tau, top_k=top_k, oracle=oracle, layer_tau=layer_tau)
             method = ckpt.method + ("-oracle" if oracle else "")
             point = {"method": method, "setting": label, "tau": tau, "top_k": top_k, "checkpoint": str(ckpt.path),
-                     **dict(opts.tags)}
+                     **({"layer_tau": list(layer_tau)} if layer_tau else {}), **dict(opts.tags)}
             point.update(measure(model, data, opts, tok, flops, f"{method} {label}"))
             result["points"].append(point)
             save()

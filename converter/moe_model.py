@@ -99,10 +99,16 @@ def projection_layers(model: nn.Module) -> list[ReferenceMoEMLP]:
     return [m for m in expert_layers(model) if m.module != "mlp"]
 
 
-def set_selection(model: nn.Module, tau: float = 0.0, top_k: int = 0, oracle: bool = False) -> None:
+def set_selection(model: nn.Module, tau: float = 0.0, top_k: int = 0, oracle: bool = False,
+                  layer_tau: tuple[float, ...] | list[float] = ()) -> None:
+    """Selection of every expert layer, counters reset; ``layer_tau`` (one per layer) replaces ``tau``
+    for the FFNs, as a checkpoint's ``d2dmoe.layer_tau`` does in the plugin."""
     for m in expert_layers(model):
         m.tau, m.top_k, m.oracle = tau, top_k, oracle
         m.tokens = m.pairs = 0
+    if layer_tau:
+        for m, t in zip(ffn_layers(model), layer_tau, strict=True):
+            m.tau = float(t)
 
 
 def ffn_fraction(model: nn.Module) -> float:

@@ -19,5 +19,5 @@ def validate_main(argv: list[str] | None = None) -> int:
         print(f"d2dmoe-validate: {err}", file=sys.stderr)
         return 2
     print(f"{args.checkpoint}: valid D2DMoE checkpoint, {len(cfg.num_experts)} expert layers, "
-          f"{cfg.num_experts[0]} experts of {cfg.expert_size[0]}, tau = {cfg.tau}")
+          f"{cfg.num_experts[0]} experts of {cfg.expert_size[0]}, {cfg.describe_tau()}")
     return 0

@@ -1,7 +1,8 @@
 """The ``d2dmoe`` block of a checkpoint's config.json, parsed and validated into a frozen dataclass.
 
 Every error names the field, what was found and how to fix it. Deployment-time overrides use flat
-keys (``d2dmoe_tau``, ``d2dmoe_top_k``) so they pass through vLLM's ``hf_overrides`` unchanged.
+keys (``d2dmoe_tau``, ``d2dmoe_layer_tau``, ``d2dmoe_top_k``) so they pass through vLLM's
+``hf_overrides`` unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from d2dmoe_kernels.reference import ACTIVATIONS
 
 FORMAT_VERSION = 1
 TAU_OVERRIDE_KEY = "d2dmoe_tau"
+LAYER_TAU_OVERRIDE_KEY = "d2dmoe_layer_tau"
 TOP_K_OVERRIDE_KEY = "d2dmoe_top_k"
 # Attention projections that may be expert layers (``expert_modules``), per family: name -> the
 # attention module's attribute prefix. Each is a 2-layer ReLU MLP split into experts (METHOD step 5).
@@ -82,6 +84,14 @@ def check_tau(tau: Any, field: str = "d2dmoe.tau") -> float:
     return float(tau)
 
 
+def check_layer_tau(vals: Any, n_layers: int, field: str = "d2dmoe.layer_tau") -> tuple[float, ...]:
+    """Per-layer FFN thresholds: one tau in [0, 1] per transformer layer."""
+    if not isinstance(vals, (list, tuple)) or len(vals) != n_layers or not all(valid_tau(t) for t in vals):
+        raise _fail(field, f"needs {n_layers} numbers in [0, 1] (one tau per layer's FFN), got {vals!r}",
+                    "write one tau per transformer layer, or leave the key out to use d2dmoe.tau everywhere")
+    return tuple(float(t) for t in vals)
+
+
 @dataclass(frozen=True)
 class D2DMoEConfig:
     format_version: int
@@ -95,6 +105,16 @@ class D2DMoEConfig:
     expert_size: tuple[int, ...]    # per layer
     router_width: int
     projections: tuple[ProjectionExperts, ...] = ()   # attention projections run as experts (may be none)
+    layer_tau: tuple[float, ...] = ()   # per-layer FFN tau (calibrated per layer); empty: ``tau`` everywhere
+
+    def mlp_tau(self, layer: int) -> float:
+        """The FFN threshold of ``layer`` (attention-projection experts always use ``tau``)."""
+        return self.layer_tau[layer] if self.layer_tau else self.tau
+
+    def describe_tau(self) -> str:
+        if not self.layer_tau:
+            return f"tau = {self.tau:.4g}"
+        return f"tau per layer {min(self.layer_tau):.4g}..{max(self.layer_tau):.4g} (attention experts {self.tau:.4g})"
 
     def projection(self, name: str) -> ProjectionExperts | None:
         return next((p for p in self.projections if p.name == name), None)
@@ -112,6 +132,8 @@ class D2DMoEConfig:
             "expert_size": list(self.expert_size),
             "router_width": self.router_width,
         }
+        if self.layer_tau:
+            out["layer_tau"] = list(self.layer_tau)
         if self.projections:
             out["projection_experts"] = {p.name: p.to_dict() for p in self.projections}
         return out
@@ -146,10 +168,15 @@ class D2DMoEConfig:
         if version != FORMAT_VERSION:
             raise _fail("d2dmoe.format_version", f"{version} is not supported (this plugin reads {FORMAT_VERSION})",
                         "upgrade d2dmoe-vllm or re-export the checkpoint")
+        n_layers = hf.get("num_hidden_layers", hf.get("n_layer"))
+        # A deployment tau replaces the checkpoint's thresholds, per-layer ones included: one tau everywhere.
         if TAU_OVERRIDE_KEY in hf:
-            tau = check_tau(hf[TAU_OVERRIDE_KEY], TAU_OVERRIDE_KEY)
+            tau, layer_tau = check_tau(hf[TAU_OVERRIDE_KEY], TAU_OVERRIDE_KEY), ()
         else:
             tau = check_tau(block["tau"] if "tau" in block else need("tau", float))
+            layer_tau = check_layer_tau(block["layer_tau"], n_layers) if "layer_tau" in block else ()
+        if LAYER_TAU_OVERRIDE_KEY in hf:
+            layer_tau = check_layer_tau(hf[LAYER_TAU_OVERRIDE_KEY], n_layers, LAYER_TAU_OVERRIDE_KEY)
         top_k = hf.get(TOP_K_OVERRIDE_KEY, block.get("top_k", 0))
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise _fail("d2dmoe.top_k", f"{top_k!r} is not an integer >= 0", "use 0 for dynamic-k or k > 0 for top-k")
@@ -174,7 +201,6 @@ class D2DMoEConfig:
         if d_ff <= 0 or d_ff != base_d_ff:
             raise _fail("d2dmoe.d_ff", f"{d_ff} does not match the model's FFN width {base_d_ff}",
                         "set it to the dense model's intermediate size")
-        n_layers = hf.get("num_hidden_layers", hf.get("n_layer"))
         per_layer = {}
         for key in ("num_experts", "expert_size"):
             vals = need(key, list)
@@ -191,7 +217,7 @@ class D2DMoEConfig:
             raise _fail("d2dmoe.router_width", f"{router_width} is not positive", "use the trained router's hidden width")
         projections = _parse_projections(hf, block, [m for m in modules if m != "mlp"], n_layers)
         return cls(version, tau, top_k, activation, gated, modules, d_ff,
-                   per_layer["num_experts"], per_layer["expert_size"], router_width, projections)
+                   per_layer["num_experts"], per_layer["expert_size"], router_width, projections, layer_tau)
 
 
 def partial_qkv(names) -> list[str]:

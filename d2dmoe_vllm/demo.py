@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    calibrate=CalibrateOptions(budget=args.budget)))
     t1 = time.time()
 
-    print(f"[2/2] generating with vLLM (calibrated tau = {conversion['tau']:.4f})")
+    print(f"[2/2] generating with vLLM (calibrated {conversion['tau_summary']})")
     # In-process engine (starts faster; lets the report read the model's counters), offline, a KV
     # cache that fits a small machine, and no second report at exit (printed below), unless the user
     # chose otherwise.

@@ -89,7 +89,8 @@ class DynamicKMLP(nn.Module):
         shard = (tp_rank * (E // tp_size), E // tp_size)
         self.layer, self.tp_rank, self.tp_size, self.expert_offset = layer, tp_rank, tp_size, shard[0]
         self.num_experts, self.expert_size = E, e
-        self.tau, self.top_k, self.activation = cfg.tau, cfg.top_k, activation
+        self.tau = cfg.mlp_tau(layer) if projection is None else cfg.tau
+        self.top_k, self.activation = cfg.top_k, activation
         # w_in, w_up and the router's first layer back to back in one buffer: on the GPU one cuBLAS
         # GEMM computes them together (d2dmoe_kernels.layout, expert_masked_gemm).
         w_in, w_up, router_in = stack_up_weights(shard[1], e, d_in, cfg.router_width, gated)

@@ -7,14 +7,16 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file
 
-from d2dmoe_converter.moe_model import attach_experts, expert_layers
+from d2dmoe_converter.moe_model import attach_experts, expert_layers, set_selection
 
 
-def reference_model(dense_dir, ckpt_dir, tau):
+def reference_model(dense_dir, ckpt_dir, tau, layer_tau=()):
     cfg = json.loads((ckpt_dir / "config.json").read_text())
     state = load_file(str(ckpt_dir / "model.safetensors"))
     model = tf.AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32, attn_implementation="eager")
     attach_experts(model, state, cfg["model_type"], cfg["d2dmoe"]["activation"], tau, cfg["d2dmoe"].get("top_k", 0))
+    if layer_tau:
+        set_selection(model, tau, cfg["d2dmoe"].get("top_k", 0), layer_tau=layer_tau)
     return model.eval()
 
 

@@ -47,6 +47,9 @@ def test_valid_checkpoint_passes(ckpt, capsys):
     (dict(d2dmoe_tau=1.5), "d2dmoe.tau", "0 to run every expert"),
     (dict(d2dmoe_tau=-0.1), "d2dmoe.tau", "0 to run every expert"),
     (dict(d2dmoe_tau="high"), "d2dmoe.tau", "0 to run every expert"),
+    (dict(d2dmoe_layer_tau=[0.1]), "d2dmoe.layer_tau", "one tau per transformer layer"),
+    (dict(d2dmoe_layer_tau=[0.1, 1.5]), "d2dmoe.layer_tau", "one tau per transformer layer"),
+    (dict(d2dmoe_layer_tau=0.1), "d2dmoe.layer_tau", "one tau per transformer layer"),
     (dict(d2dmoe_expert_size=[48, 48], d2dmoe_num_experts=[10, 10]), r"d2dmoe.expert_size\[0\]", "divides d_ff"),
     (dict(d2dmoe_num_experts=[16]), "d2dmoe.num_experts", "one value per transformer layer"),
     (dict(architectures=["LlamaForCausalLM"]), "architectures", "D2DMoEGPT2LMHeadModel"),
@@ -126,6 +129,20 @@ def test_deploy_time_tau_override_is_validated(ckpt):
     assert D2DMoEConfig.from_hf({**hf, "d2dmoe_top_k": 3}).top_k == 3
     with pytest.raises(CheckpointError, match=r"d2dmoe_tau: 1.2 is not a number in \[0, 1\]"):
         D2DMoEConfig.from_hf({**hf, "d2dmoe_tau": 1.2})
+
+
+def test_per_layer_tau_reads_back_and_overrides(ckpt, capsys):
+    edit_config(ckpt, d2dmoe_layer_tau=[0.2, 0.05])
+    cfg = validate_checkpoint(ckpt)
+    assert cfg.layer_tau == (0.2, 0.05) and [cfg.mlp_tau(i) for i in (0, 1)] == [0.2, 0.05]
+    assert D2DMoEConfig.from_hf(cfg_hf := json.loads((ckpt / "config.json").read_text())).to_dict()["layer_tau"] == [0.2, 0.05]
+    assert validate_main([str(ckpt)]) == 0 and "tau per layer 0.05..0.2" in capsys.readouterr().out
+    # A deployment tau is one tau everywhere; a deployment layer_tau replaces the checkpoint's.
+    one = D2DMoEConfig.from_hf({**cfg_hf, "d2dmoe_tau": 0.4})
+    assert one.layer_tau == () and [one.mlp_tau(i) for i in (0, 1)] == [0.4, 0.4]
+    assert D2DMoEConfig.from_hf({**cfg_hf, "d2dmoe_layer_tau": [0.0, 1.0]}).layer_tau == (0.0, 1.0)
+    with pytest.raises(CheckpointError, match=r"d2dmoe_layer_tau: needs 2 numbers in \[0, 1\]"):
+        D2DMoEConfig.from_hf({**cfg_hf, "d2dmoe_layer_tau": [0.1, 0.2, 0.3]})
 
 
 def test_expert_tensor_names_are_the_documented_ones(ckpt):

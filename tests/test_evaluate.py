@@ -6,6 +6,7 @@ scoring logic, not about the numbers' quality.
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -65,6 +66,31 @@ def test_ffn_compute_matches_layer_counters(gpt2_sweep, dense_dir, converted_dir
     by_hand = sum(m.pairs for m in layers) / sum(m.tokens * m.num_experts for m in layers)
     assert point["by_data"]["sotu"]["ffn_compute"] == pytest.approx(by_hand, rel=1e-12)
     assert by_hand == pytest.approx(ffn_fraction(model), rel=1e-12)
+
+
+def test_per_layer_checkpoint_is_swept_at_its_own_taus(dense_dir, converted_dir, tmp_path):
+    """A checkpoint with d2dmoe.layer_tau: its own curve, measured at its calibrated taus and at each sweep
+    tau as those taus scaled; the counts are the reference model's at the same per-layer taus."""
+    ckpt = tmp_path / "per-layer"
+    shutil.copytree(converted_dir("gpt2"), ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["d2dmoe"].update(tau=0.4, layer_tau=[0.6, 0.2])
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    opts = EvalOptions(taus=(0.2, 0.4), **{**SMALL, "tasks": ()}, dense=False)
+    pts = evaluate(dense_dir("gpt2"), [ckpt], opts, progress=False)["points"]
+    assert [(p["method"], p["setting"]) for p in pts] == [("d2dmoe-per-layer", "calibrated per-layer"),
+                                                          ("d2dmoe-per-layer", "tau=0.2 per-layer"),
+                                                          ("d2dmoe-per-layer", "tau=0.4 per-layer")]
+    assert pts[0]["layer_tau"] == pts[2]["layer_tau"] == [0.6, 0.2] and pts[1]["layer_tau"] == [0.3, 0.1]
+    assert pts[2]["ppl"] == pts[0]["ppl"] and pts[1]["ffn_compute"] > pts[0]["ffn_compute"]
+    dense = load_dense(dense_dir("gpt2"))
+    model = build_moe(load_checkpoint(ckpt, dense), dense, "cpu")
+    set_selection(model, tau=0.4, layer_tau=[0.6, 0.2])
+    perplexity(model, prepare_data(dense, opts).corpora["sotu"], batch=opts.batch)
+    layers = expert_layers(model)
+    assert pts[0]["by_data"]["sotu"]["ffn_compute"] == pytest.approx(
+        sum(m.pairs for m in layers) / sum(m.tokens * m.num_experts for m in layers), rel=1e-12)
+    assert layers[0].pairs < layers[1].pairs  # layer 0's higher tau drops more experts
 
 
 def test_usage_histograms_count_every_token(gpt2_sweep, dense_dir):

@@ -10,11 +10,14 @@ import subprocess
 import sys
 import time
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import subprocess_env
+from d2dmoe_converter.calibrate import allocate
 from d2dmoe_converter.cli import main as convert_cli
 from d2dmoe_converter.dense import DenseModel, load_dense
 from d2dmoe_converter.hf_model import build_model
@@ -171,6 +174,51 @@ def test_calibrate_hits_budget(pipeline):
     assert all(b <= a + 0.01 for a, b in zip(fractions, fractions[1:])) and fractions[0] > fractions[-1]
 
 
+def test_allocate_spends_the_budget_where_it_costs_least():
+    """Two layers of equal compute: dropping experts costs layer 0 a lot and layer 1 little, so a
+    middle price thins layer 1 only; no price thins nothing, a high one thins both."""
+    taus = [0.0, 0.1, 0.2]
+    curves = [[(0.0, 1.0), (0.5, 0.6), (2.0, 0.3)],     # (delta NLL, fraction) at each tau
+              [(0.0, 1.0), (0.01, 0.5), (0.02, 0.2)]]
+    assert allocate(curves, taus, [0.5, 0.5], 0.0) == [0.0, 0.0]
+    assert allocate(curves, taus, [0.5, 0.5], 1.0) == [0.0, 0.2]
+    assert allocate(curves, taus, [0.5, 0.5], 100.0) == [0.2, 0.2]
+    # Compute shares weigh the saving: layer 1 holding 1% of the compute is no longer worth thinning.
+    assert allocate(curves, taus, [0.99, 0.01], 1.0) == [0.0, 0.0]
+    assert allocate(curves, taus, [0.99, 0.01], 4.0) == [0.1, 0.2]
+
+
+def test_tau_per_layer_calibration(pipeline, dense_dir, tmp_path, capsys):
+    """--tau-per-layer on the pipeline's finished stages: only calibrate runs again; the allocation keeps
+    the budget on the calibration tokens and is written (config, report) only where it beat one tau."""
+    out, work = pipeline
+    work2, out2 = tmp_path / "work", tmp_path / "moe"
+    shutil.copytree(work, work2)
+    args = [str(dense_dir("gpt2")), str(out2), "--work-dir", str(work2), "--sparsify-steps", "6", "--sparsify-batch",
+            "4", "--warmup", "2", "--sparsify-lr", "1e-3", "--hoyer-alpha", "0.05", "--save-every", "3",
+            "--budget", "0.5", *FAST, "--tau-per-layer", "--sensitivity-tokens", "512"]
+    assert convert_cli(args) == 0
+    printed = capsys.readouterr().out
+    assert all(f"[{s}] done earlier" in printed for s in ("sparsify", "split", "routers"))
+    assert "[calibrate] done earlier" not in printed
+    result = json.loads((work2 / "calibrate" / "result.json").read_text())
+    per, tau = result["per_layer"], result["tau"]
+    assert per["grid"] == sorted({0.0, *(min(1.0, g * tau) for g in (0.5, 1.0, 1.5, 2.0, 3.0))})
+    assert len(per["sensitivity"]) == 2 and all(len(c) == len(per["grid"]) for c in per["sensitivity"])
+    for curve in per["sensitivity"]:
+        assert curve[0]["delta_nll"] == 0.0 and curve[0]["fraction"] == 1.0        # tau 0: the dense model
+        assert curve[-1]["fraction"] < curve[0]["fraction"]
+    assert per["candidate_fraction"] <= 0.5 and all(t in per["grid"] for t in per["grid_choice"])
+    assert per["candidate"] == [per["scale"] * t for t in per["grid_choice"]] and 0 < per["scale"] <= 1
+    cfg = json.loads((out2 / "config.json").read_text())["d2dmoe"]
+    report = json.loads((out2 / "d2dmoe_report.json").read_text())
+    kept = per["calib_nll"]["per_layer"] < per["calib_nll"]["one_tau"]
+    assert (per["layer_tau"] == per["candidate"]) if kept else per["layer_tau"] is None
+    assert cfg.get("layer_tau") == per["layer_tau"] == report["layer_tau"] and cfg["tau"] == tau
+    assert ("tau per layer" in printed) == kept
+    assert abs(result["ffn_fraction"] - 0.5) <= 0.08
+
+
 def test_split_model_at_tau0_equals_relufied_dense(pipeline):
     """The exported experts at tau = 0 reproduce the (sparsified, ReLU-fied) dense model's logits."""
     out, work = pipeline
@@ -259,6 +307,9 @@ def test_moefication_exports_and_serves(dense_dir, tmp_path):
     (["--router-steps", "-1"], "--router-steps must be >= 0"),
     (["--sparsify-distill", "1.5"], "--sparsify-distill is a weight in [0, 1]"),
     (["--sparsify-passes", "0"], "--sparsify-passes must be positive"),
+    (["--tau-per-layer"], "--tau-per-layer calibrates a D2DMoE tau per layer to a compute budget"),
+    (["--tau-per-layer", "--budget", "0.5", "--method", "moefication"], "it needs --budget and --method d2dmoe"),
+    (["--tau-per-layer", "--budget", "0.5", "--sensitivity-tokens", "0"], "--sensitivity-tokens must be positive"),
 ])
 def test_bad_options_write_nothing(dense_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

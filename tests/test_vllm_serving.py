@@ -44,8 +44,8 @@ def test_tau0_equals_vllm_dense(tmp_path, dense_dir, converted_dir, family, relu
     assert all(r["tokens"] > 0 and r["fraction"] == 1.0 for r in moe["report"]["layers"])
 
 
-def check_against_reference(result, dense, ckpt, tau, steps=8):
-    ref = reference_model(dense, ckpt, tau)
+def check_against_reference(result, dense, ckpt, tau, steps=8, layer_tau=()):
+    ref = reference_model(dense, ckpt, tau, layer_tau)
     for out in result["batch"]:
         tokens, logprobs = greedy(ref, out["prompt_ids"], steps)
         assert out["tokens"] == tokens
@@ -68,6 +68,16 @@ def test_tau_override_matches_masked_reference(tmp_path, dense_dir, converted_di
     check_against_reference(result, dense_dir(family), ckpt, 0.5)
     # w_in, w_up, router_in still share one buffer after vLLM loaded them (the GPU's gemm path needs it)
     assert result["stacked"] == [[True] * len(result["report"]["layers"])]
+
+
+def test_layer_tau_override_matches_masked_reference(tmp_path, dense_dir, converted_dir):
+    """A tau per FFN layer (d2dmoe_layer_tau, as --tau-per-layer writes d2dmoe.layer_tau): layer 0 selects,
+    layer 1 runs every expert."""
+    ckpt = converted_dir("gemma3_text", relufy=True)
+    result = run_vllm(tmp_path, ckpt, report=True, llm_kwargs={"hf_overrides": {"d2dmoe_layer_tau": [0.6, 0.0]}})
+    check_against_reference(result, dense_dir("gemma3_text"), ckpt, 0.0, layer_tau=[0.6, 0.0])
+    first, second = result["report"]["layers"]
+    assert first["fraction"] < 1.0 and second["fraction"] == 1.0
 
 
 def test_checkpoint_tau_matches_masked_reference(tmp_path, dense_dir, converted_dir):
