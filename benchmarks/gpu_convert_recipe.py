@@ -59,15 +59,20 @@ TITLE = "Gemma 3 270M, GPU recipe: quality vs compute"
 ITEMS = 200
 
 
+METHODS = ("d2dmoe", "moefication", "d2dmoe-per-layer")   # the last: d2dmoe with --tau-per-layer
+
+
 def options(method: str, work: Path, corpus: str | None = None):
     from d2dmoe_converter.calibrate import CalibrateOptions
     from d2dmoe_converter.convert import ConvertOptions
     from d2dmoe_converter.routers import RouterOptions
     from d2dmoe_converter.sparsify import SparsifyOptions
 
-    return ConvertOptions(expert_size=RECIPE["expert_size"], method=method, dtype="bfloat16", overwrite=True,
-                          work_dir=str(work / "stages"), corpus=corpus, sparsify=SparsifyOptions(**RECIPE["sparsify"]),
-                          routers=RouterOptions(**RECIPE["routers"]), calibrate=CalibrateOptions(**RECIPE["calibrate"]))
+    per_layer = method == "d2dmoe-per-layer"
+    return ConvertOptions(expert_size=RECIPE["expert_size"], method="d2dmoe" if per_layer else method,
+                          dtype="bfloat16", overwrite=True, work_dir=str(work / "stages"), corpus=corpus,
+                          sparsify=SparsifyOptions(**RECIPE["sparsify"]), routers=RouterOptions(**RECIPE["routers"]),
+                          calibrate=CalibrateOptions(**RECIPE["calibrate"], per_layer=per_layer))
 
 
 def sweep(work: Path, out: Path, deadline: float, smoke: bool,
@@ -158,7 +163,8 @@ def main():
     ap.add_argument("--sparsified-from", type=Path, metavar="WORK",
                     help="another recipe --work whose finished dense + sparsify stages this run starts from")
     ap.add_argument("--methods", default="d2dmoe,moefication",
-                    help="conversions to run and sweep (default d2dmoe,moefication)")
+                    help="conversions to run and sweep (default d2dmoe,moefication; d2dmoe-per-layer: d2dmoe with a "
+                         "tau per FFN layer, sharing d2dmoe's stages up to calibration)")
     ap.add_argument("--merge", type=Path, metavar="FETCHED",
                     help="here, after the device run: merge the fetched --out folder into --out's quality JSON")
     args = ap.parse_args()
@@ -168,8 +174,8 @@ def main():
         RECIPE.update(SMOKE)
     RECIPE["expert_size"] = args.expert_size
     methods = tuple(m for m in args.methods.split(",") if m)
-    if not methods or set(methods) - {"d2dmoe", "moefication"}:
-        raise SystemExit(f"[recipe] --methods {args.methods!r}: expected d2dmoe and/or moefication, comma-separated")
+    if not methods or set(methods) - set(METHODS):
+        raise SystemExit(f"[recipe] --methods {args.methods!r}: expected some of {', '.join(METHODS)}, comma-separated")
     deadline = time.time() + args.minutes * 60
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)

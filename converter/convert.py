@@ -401,7 +401,9 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
             write_json(part / "result.json", result)
             return result
 
-        stage = Stage(work, "calibrate" + suffix, fingerprint(fp, asdict(opts.calibrate), opts.tau, text.corpus))
+        # Per-layer taus in their own stage: one work dir keeps both calibrations (neither redoes the other).
+        name = "calibrate" + suffix + ("-per-layer" if opts.calibrate.per_layer else "")
+        stage = Stage(work, name, fingerprint(fp, asdict(opts.calibrate), opts.tau, text.corpus))
         calib = timed(stage, run_calibrate)
         tau, top_k, layer_tau = calib["tau"], calib["top_k"], tuple(calib.get("layer_tau") or ())
 

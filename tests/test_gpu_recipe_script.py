@@ -46,7 +46,7 @@ def test_refuses_a_run_without_a_finished_sparsify_stage(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "d2dmoe,topk"], "expected d2dmoe and/or moefication"),
+    (["--methods", "d2dmoe,topk"], "expected some of d2dmoe, moefication, d2dmoe-per-layer"),
     (["--expert-size", "32"], "holds a run with expert_size 64, not 32"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):

@@ -200,8 +200,8 @@ def test_tau_per_layer_calibration(pipeline, dense_dir, tmp_path, capsys):
     assert convert_cli(args) == 0
     printed = capsys.readouterr().out
     assert all(f"[{s}] done earlier" in printed for s in ("sparsify", "split", "routers"))
-    assert "[calibrate] done earlier" not in printed
-    result = json.loads((work2 / "calibrate" / "result.json").read_text())
+    assert "[calibrate-per-layer] done earlier" not in printed and (work2 / "calibrate" / "result.json").is_file()
+    result = json.loads((work2 / "calibrate-per-layer" / "result.json").read_text())
     per, tau = result["per_layer"], result["tau"]
     assert per["grid"] == sorted({0.0, *(min(1.0, g * tau) for g in (0.5, 1.0, 1.5, 2.0, 3.0))})
     assert len(per["sensitivity"]) == 2 and all(len(c) == len(per["grid"]) for c in per["sensitivity"])
