@@ -165,6 +165,9 @@ def calibrate(model, calib: torch.Tensor, heldout: torch.Tensor, method: str, bu
         if opts.per_layer and 0.0 < tau < 1.0:
             result["per_layer"] = per_layer_taus(model, calib, budget, tau, opts)
             result["layer_tau"] = result["per_layer"]["layer_tau"]
+        elif opts.per_layer:
+            result["per_layer"] = {"layer_tau": None, "skipped": f"one tau = {tau:g} already runs "
+                                   + ("every expert" if tau == 0.0 else "only the top expert")}
     else:
         result.update(top_k=0, tau=tau, calib_fraction=measure_fraction(model, calib, tau))
     set_selection(model, 0.0, 0)  # every expert: the (ReLU-fied) dense model exactly

@@ -461,6 +461,8 @@ def build_report(dense, cfg, opts, state, router_info, calib, seconds, work, dst
         if "projection_fraction" in calib:
             report["projection_fraction"] = calib["projection_fraction"]
         report["ppl_original"] = calib.get("ppl_original", calib["ppl_dense"])
+        if "per_layer" in calib:
+            report["per_layer"] = {k: calib["per_layer"].get(k) for k in ("candidate", "calib_nll", "skipped")}
     return report
 
 
@@ -486,6 +488,12 @@ def format_report(report: dict) -> str:
         relu = (f", ReLU-fied dense {report['ppl_dense']:.2f}" if report["ppl_original"] != report["ppl_dense"] else "")
         lines.append(f"  {'held-out perplexity':22s} dense {report['ppl_original']:.2f}{relu} -> converted "
                      f"{report['ppl_converted']:.2f} ({rel:+.1%} vs dense)")
+        if "per_layer" in report:
+            p = report["per_layer"]
+            verdict = (f"skipped: {p['skipped']}" if p.get("skipped") else
+                       f"{'kept' if report['layer_tau'] else 'not kept'}: calibration NLL "
+                       f"{p['calib_nll']['per_layer']:.4f} vs one tau's {p['calib_nll']['one_tau']:.4f}")
+            lines.append(f"  {'per-layer taus':22s} {verdict}")
     elif not report["routers_trained"]:
         lines.append(f"  {'routers':22s} untrained (--router-steps 0): not measured")
     if "router_val_loss" in report:

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,7 +217,13 @@ def test_tau_per_layer_calibration(pipeline, dense_dir, tmp_path, capsys):
     assert (per["layer_tau"] == per["candidate"]) if kept else per["layer_tau"] is None
     assert cfg.get("layer_tau") == per["layer_tau"] == report["layer_tau"] and cfg["tau"] == tau
     assert ("tau per layer" in printed) == kept
+    assert re.search(r"per-layer taus\s+" + ("kept" if kept else "not kept") + ": calibration NLL", printed)
     assert abs(result["ffn_fraction"] - 0.5) <= 0.08
+    # At a budget one tau meets by running every expert there is nothing to allocate: said, not hidden.
+    args[args.index("--budget") + 1] = "1.0"
+    assert convert_cli([*args, "--overwrite"]) == 0
+    assert "per-layer taus         skipped: one tau = 0 already runs every expert" in capsys.readouterr().out
+    assert "layer_tau" not in json.loads((out2 / "config.json").read_text())["d2dmoe"]
 
 
 def test_split_model_at_tau0_equals_relufied_dense(pipeline):
