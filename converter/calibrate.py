@@ -12,14 +12,15 @@ a grid of multiples of the global tau (the others run every expert) to get its (
 curve; then for a price lambda each layer takes the grid point minimising delta NLL + lambda x its
 share of FFN compute x fraction, and lambda is bisected until the *measured* fraction of all layers
 together is within the budget, and the taus are scaled down together to spend what the coarse grid
-left of it. The allocation is kept only if its calibration NLL beats one tau's at the same budget. Cost: layers x grid perplexity passes over ``sensitivity_tokens``.
+left of it. The allocation is kept only if its calibration NLL beats one tau's at the same budget.
+Cost: layers x grid perplexity passes over ``sensitivity_tokens``, plus ~1.5 x ``iterations`` passes
+over the calibration tokens without the LM head.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
