@@ -91,9 +91,11 @@ def layer_sensitivity(model, seqs: torch.Tensor, taus: list[float],
     bar = tqdm(total=len(layers) * len(taus), desc="calibrate: per-layer sensitivity")
     for l, layer in enumerate(layers):
         for t in taus:
-            set_selection(model, projection_tau, layer_tau=[t if i == l else 0.0 for i in range(len(layers))])
-            nll = mean_nll(model, seqs)
-            curves[l].append((nll - base, layer.pairs / max(1, layer.tokens * layer.num_experts)))
+            if t == 0.0:  # every expert: the base model itself, nothing to run
+                curves[l].append((0.0, 1.0))
+            else:
+                set_selection(model, projection_tau, layer_tau=[t if i == l else 0.0 for i in range(len(layers))])
+                curves[l].append((mean_nll(model, seqs) - base, layer.pairs / max(1, layer.tokens * layer.num_experts)))
             bar.update()
     bar.close()
     return base, curves
