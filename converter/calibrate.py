@@ -11,10 +11,11 @@ executing very different fractions whatever dropping experts there costs. Each l
 a grid of multiples of the global tau (the others run every expert) to get its (delta NLL, fraction)
 curve; then for a price lambda each layer takes the grid point minimising delta NLL + lambda x its
 share of FFN compute x fraction, and lambda is bisected until the *measured* fraction of all layers
-together is within the budget, and the taus are scaled down together to spend what the coarse grid
-left of it. The allocation is kept only if its calibration NLL beats one tau's at the same budget.
-Cost: layers x grid perplexity passes over ``sensitivity_tokens``, plus ~1.5 x ``iterations`` passes
-over the calibration tokens without the LM head.
+together is within the budget. The losses do not add up (thinning early layers changes what the later
+ones see), so that allocation overshoots: the candidates are one tau moved 25/50/75/100% of the way
+toward it, each scaled to spend the budget, and the best calibration NLL is kept if it beats one
+tau's. Cost: layers x 5 perplexity passes over ``sensitivity_tokens``, ~3 x ``iterations`` passes over
+the calibration tokens without the LM head, and one perplexity pass per candidate.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class CalibrateOptions:
     per_layer: bool = False       # a tau per FFN layer (see the module docstring)
     sensitivity_tokens: int = 1024  # calibration tokens of each per-layer sensitivity pass
     tau_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)  # per-layer taus tried, as multiples of the global tau
+    blends: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # candidates: one tau moved this far toward the allocation
 
 
 def check_budget(budget: float | None) -> float | None:
@@ -122,35 +124,43 @@ def per_layer_taus(model, calib: torch.Tensor, budget: float, tau: float, opts: 
 
     # Bisect log(price): the cheapest price whose allocation's measured fraction is within the budget.
     lo, hi = -12.0, 12.0
-    best = allocate(curves, taus, weights, math.exp(hi))
-    f_best = joint_fraction(best)
+    grid_choice = allocate(curves, taus, weights, math.exp(hi))
     for _ in tqdm(range(opts.iterations), desc=f"calibrate: per-layer taus for {budget:.0%} of FFN compute"):
         mid = (lo + hi) / 2
         alloc = allocate(curves, taus, weights, math.exp(mid))
-        f = joint_fraction(alloc)
-        if f > budget:
+        if joint_fraction(alloc) > budget:
             lo = mid
         else:
-            hi, best, f_best = mid, alloc, f
-    # The grid is coarse: spend what is left of the budget by scaling every layer's tau down together.
-    lo, hi, chosen = 0.0, 1.0, (1.0, best, f_best)
-    for _ in tqdm(range(opts.iterations // 2), desc="calibrate: per-layer taus, rest of the budget"):
-        mid = (lo + hi) / 2
-        alloc = [mid * t for t in best]
-        f = joint_fraction(alloc)
-        if f > budget:
-            lo = mid
-        else:
-            hi, chosen = mid, (mid, alloc, f)
-    grid_choice, (scale, best, f_best) = best, chosen
-    set_selection(model, tau, layer_tau=best)
-    nll_layers = mean_nll(model, calib)
+            hi, grid_choice = mid, alloc
+
+    # The layers' losses do not add (thinning early layers changes what later ones see), so the additive
+    # allocation overshoots: try one tau moved part of the way toward it, each scaled to spend the budget
+    # (the grid is coarse), and keep the best calibration NLL, if it beats one tau's.
+    def scaled_to_budget(alloc: list[float]) -> tuple[list[float], float] | None:
+        lo, hi, found = 0.0, 2.0, None
+        for _ in range(max(1, opts.iterations // 2)):
+            mid = (lo + hi) / 2
+            trial = [min(1.0, mid * t) for t in alloc]
+            f = joint_fraction(trial)
+            if f > budget:
+                lo = mid
+            else:
+                hi, found = mid, (trial, f)
+        return found
+
+    candidates = []
+    for blend in tqdm(opts.blends, desc="calibrate: per-layer candidates"):
+        found = scaled_to_budget([(1 - blend) * tau + blend * g for g in grid_choice])
+        if found is not None:
+            set_selection(model, tau, layer_tau=found[0])
+            candidates.append({"blend": blend, "layer_tau": found[0], "fraction": found[1],
+                               "calib_nll": mean_nll(model, calib)})
     set_selection(model, tau)
     nll_one = mean_nll(model, calib)
-    keep = f_best <= budget and nll_layers < nll_one
-    return {"layer_tau": best if keep else None, "candidate": best, "candidate_fraction": f_best,
-            "grid_choice": grid_choice, "scale": scale,
-            "calib_nll": {"per_layer": nll_layers, "one_tau": nll_one}, "grid": taus,
+    best = min(candidates, key=lambda c: c["calib_nll"], default=None)
+    keep = best is not None and best["calib_nll"] < nll_one
+    return {"layer_tau": best["layer_tau"] if keep else None, "best": best, "one_tau_calib_nll": nll_one,
+            "candidates": candidates, "grid_choice": grid_choice, "grid": taus,
             "sensitivity": [[{"tau": t, "delta_nll": d, "fraction": f} for t, (d, f) in zip(taus, c)] for c in curves]}
 
 

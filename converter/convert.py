@@ -462,7 +462,8 @@ def build_report(dense, cfg, opts, state, router_info, calib, seconds, work, dst
             report["projection_fraction"] = calib["projection_fraction"]
         report["ppl_original"] = calib.get("ppl_original", calib["ppl_dense"])
         if "per_layer" in calib:
-            report["per_layer"] = {k: calib["per_layer"].get(k) for k in ("candidate", "calib_nll", "skipped")}
+            report["per_layer"] = {k: calib["per_layer"].get(k) for k in ("best", "one_tau_calib_nll", "skipped")}
+            report["per_layer_blends"] = list(opts.calibrate.blends)
     return report
 
 
@@ -490,9 +491,14 @@ def format_report(report: dict) -> str:
                      f"{report['ppl_converted']:.2f} ({rel:+.1%} vs dense)")
         if "per_layer" in report:
             p = report["per_layer"]
-            verdict = (f"skipped: {p['skipped']}" if p.get("skipped") else
-                       f"{'kept' if report['layer_tau'] else 'not kept'}: calibration NLL "
-                       f"{p['calib_nll']['per_layer']:.4f} vs one tau's {p['calib_nll']['one_tau']:.4f}")
+            if p.get("skipped"):
+                verdict = f"skipped: {p['skipped']}"
+            elif p.get("best") is None:
+                verdict = "not kept: no candidate within the budget"
+            else:
+                verdict = (f"{'kept' if report['layer_tau'] else 'not kept'}: calibration NLL "
+                           f"{p['best']['calib_nll']:.4f} vs one tau's {p['one_tau_calib_nll']:.4f}"
+                           f" (best of {', '.join(f'{b:.0%}' for b in report['per_layer_blends'])} toward the allocation)")
             lines.append(f"  {'per-layer taus':22s} {verdict}")
     elif not report["routers_trained"]:
         lines.append(f"  {'routers':22s} untrained (--router-steps 0): not measured")

@@ -209,12 +209,14 @@ def test_tau_per_layer_calibration(pipeline, dense_dir, tmp_path, capsys):
     for curve in per["sensitivity"]:
         assert curve[0]["delta_nll"] == 0.0 and curve[0]["fraction"] == 1.0        # tau 0: the dense model
         assert curve[-1]["fraction"] < curve[0]["fraction"]
-    assert per["candidate_fraction"] <= 0.5 and all(t in per["grid"] for t in per["grid_choice"])
-    assert per["candidate"] == [per["scale"] * t for t in per["grid_choice"]] and 0 < per["scale"] <= 1
+    assert all(t in per["grid"] for t in per["grid_choice"])
+    assert [c["blend"] for c in per["candidates"]] == [0.25, 0.5, 0.75, 1.0]    # every blend found a scale
+    assert all(c["fraction"] <= 0.5 and all(0 <= t <= 1 for t in c["layer_tau"]) for c in per["candidates"])
+    best = min(per["candidates"], key=lambda c: c["calib_nll"])
+    kept = best["calib_nll"] < per["one_tau_calib_nll"]
+    assert per["best"] == best and per["layer_tau"] == (best["layer_tau"] if kept else None)
     cfg = json.loads((out2 / "config.json").read_text())["d2dmoe"]
     report = json.loads((out2 / "d2dmoe_report.json").read_text())
-    kept = per["calib_nll"]["per_layer"] < per["calib_nll"]["one_tau"]
-    assert (per["layer_tau"] == per["candidate"]) if kept else per["layer_tau"] is None
     assert cfg.get("layer_tau") == per["layer_tau"] == report["layer_tau"] and cfg["tau"] == tau
     assert ("tau per layer" in printed) == kept
     assert re.search(r"per-layer taus\s+" + ("kept" if kept else "not kept") + ": calibration NLL", printed)
