@@ -226,6 +226,11 @@ def test_tau_per_layer_calibration(pipeline, dense_dir, tmp_path, capsys):
     assert convert_cli([*args, "--overwrite"]) == 0
     assert "per-layer taus         skipped: one tau = 0 already runs every expert" in capsys.readouterr().out
     assert "layer_tau" not in json.loads((out2 / "config.json").read_text())["d2dmoe"]
+    # Per-layer options are not one tau's: changing them leaves its finished calibration alone.
+    one_tau = [a for a in args if a != "--tau-per-layer"]
+    one_tau[one_tau.index("--budget") + 1], one_tau[one_tau.index("--sensitivity-tokens") + 1] = "0.5", "256"
+    assert convert_cli([*one_tau, "--overwrite"]) == 0
+    assert "[calibrate] done earlier" in capsys.readouterr().out
 
 
 def test_split_model_at_tau0_equals_relufied_dense(pipeline):
