@@ -114,7 +114,8 @@ class D2DMoEConfig:
     def describe_tau(self) -> str:
         if not self.layer_tau:
             return f"tau = {self.tau:.4g}"
-        return f"tau per layer {min(self.layer_tau):.4g}..{max(self.layer_tau):.4g} (attention experts {self.tau:.4g})"
+        per = f"tau per layer {min(self.layer_tau):.4g}..{max(self.layer_tau):.4g}"
+        return per + (f" (attention experts {self.tau:.4g})" if self.projections else "")
 
     def projection(self, name: str) -> ProjectionExperts | None:
         return next((p for p in self.projections if p.name == name), None)
