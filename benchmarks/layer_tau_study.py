@@ -42,7 +42,7 @@ def run(s, taus):
     for m, t in zip(layers, taus):
         m.tau, m.top_k, m.oracle, m.tokens, m.pairs = t, 0, False, 0, 0
     nll = math.log(perplexity(model, s))
-    return nll, ffn_fraction(model), [m.pairs / max(1, m.tokens * m.num_experts) for m in layers]
+    return nll, ffn_fraction(model), [m.fraction for m in layers]
 
 res = {"budget": budget, "grid": GRID}
 t0 = time.time()

@@ -73,9 +73,9 @@ async def send(session: aiohttp.ClientSession, url: str, model: str, req: dict) 
             if resp.status != 200:
                 return {**out, "status": "error", "error": f"HTTP {resp.status}: {(await resp.text())[:500]}"}
             if not req["stream"]:
-                body = await resp.json()
-                choice = body["choices"][0]
-                out.update(id=body["id"], tokens=choice["token_ids"], prompt_ids=choice["prompt_token_ids"], text=choice["text"],
+                reply = await resp.json()
+                choice = reply["choices"][0]
+                out.update(id=reply["id"], tokens=choice["token_ids"], prompt_ids=choice["prompt_token_ids"], text=choice["text"],
                            finish_reason=choice["finish_reason"])
             else:
                 chunks, done = 0, False

@@ -21,7 +21,7 @@ the calibration tokens without the LM head, and one perplexity pass per candidat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
@@ -42,6 +42,15 @@ class CalibrateOptions:
     tau_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)  # per-layer taus tried, as multiples of the global tau
     blends: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # candidates: one tau moved this far toward the allocation
 
+    def stage_key(self) -> dict:
+        """What the calibration stage's fingerprint holds: every field, less the per-layer ones when
+        calibrating one tau (changing them must not redo it; work dirs from before keep their stage)."""
+        fields = asdict(self)
+        return fields if self.per_layer else {k: v for k, v in fields.items() if k not in PER_LAYER_FIELDS}
+
+
+PER_LAYER_FIELDS = ("per_layer", "sensitivity_tokens", "tau_grid", "blends")
+
 
 def check_budget(budget: float | None) -> float | None:
     if budget is None:
@@ -58,6 +67,22 @@ def measure_fraction(model, seqs: torch.Tensor, tau: float, top_k: int = 0) -> f
     return ffn_fraction(model)
 
 
+def bisect_within(fraction, lo: float, hi: float, budget: float, iterations: int, desc: str,
+                  f_hi: float | None = None) -> tuple[float, float | None, list]:
+    """Smallest x in [lo, hi] found by bisection with ``fraction(x)`` <= budget, for a fraction that
+    falls as x rises: (x, its fraction, trace of (x, fraction)); (hi, f_hi, ...) if no step got within."""
+    trace = []
+    for _ in tqdm(range(iterations), desc=desc):
+        mid = (lo + hi) / 2
+        f = fraction(mid)
+        trace.append((mid, f))
+        if f > budget:
+            lo = mid
+        else:
+            hi, f_hi = mid, f
+    return hi, f_hi, trace
+
+
 def bisect_tau(model, seqs: torch.Tensor, budget: float, iterations: int) -> tuple[float, float, list]:
     """(tau, its fraction, trace of (tau, fraction)): smallest tau found with fraction <= budget."""
     trace = [(1.0, measure_fraction(model, seqs, 1.0))]
@@ -65,16 +90,9 @@ def bisect_tau(model, seqs: torch.Tensor, budget: float, iterations: int) -> tup
         return 0.0, 1.0, [(0.0, 1.0)]
     if trace[0][1] > budget:  # even one expert per token costs more than the budget
         return 1.0, trace[0][1], trace
-    lo, hi, f_hi = 0.0, 1.0, trace[0][1]
-    for _ in tqdm(range(iterations), desc=f"calibrate: tau for {budget:.0%} of FFN compute"):
-        mid = (lo + hi) / 2
-        f = measure_fraction(model, seqs, mid)
-        trace.append((mid, f))
-        if f > budget:
-            lo = mid
-        else:
-            hi, f_hi = mid, f
-    return hi, f_hi, sorted(trace)
+    tau, f, steps = bisect_within(lambda t: measure_fraction(model, seqs, t), 0.0, 1.0, budget, iterations,
+                                  f"calibrate: tau for {budget:.0%} of FFN compute", f_hi=trace[0][1])
+    return tau, f, sorted(trace + steps)
 
 
 def mean_nll(model, seqs: torch.Tensor) -> float:
@@ -82,9 +100,9 @@ def mean_nll(model, seqs: torch.Tensor) -> float:
 
 
 def layer_sensitivity(model, seqs: torch.Tensor, taus: list[float],
-                      projection_tau: float = 0.0) -> tuple[float, list[list[tuple[float, float]]]]:
-    """(NLL with every FFN expert, per layer [(delta NLL, that layer's fraction)] at each tau in ``taus``
-    with that FFN alone selecting): what dropping experts costs in each layer. Attention-projection
+                      projection_tau: float = 0.0) -> list[list[tuple[float, float]]]:
+    """Per layer [(delta NLL against every FFN expert running, that layer's fraction)] at each tau in
+    ``taus`` with that FFN alone selecting: what dropping experts costs in each layer. Attention-projection
     experts, if any, run at ``projection_tau`` throughout."""
     layers = ffn_layers(model)
     set_selection(model, projection_tau, layer_tau=[0.0] * len(layers))
@@ -97,10 +115,10 @@ def layer_sensitivity(model, seqs: torch.Tensor, taus: list[float],
                 curves[l].append((0.0, 1.0))
             else:
                 set_selection(model, projection_tau, layer_tau=[t if i == l else 0.0 for i in range(len(layers))])
-                curves[l].append((mean_nll(model, seqs) - base, layer.pairs / max(1, layer.tokens * layer.num_experts)))
+                curves[l].append((mean_nll(model, seqs) - base, layer.fraction))
             bar.update()
     bar.close()
-    return base, curves
+    return curves
 
 
 def allocate(curves: list[list[tuple[float, float]]], taus: list[float], weights: list[float], price: float) -> list[float]:
@@ -113,7 +131,7 @@ def per_layer_taus(model, calib: torch.Tensor, budget: float, tau: float, opts: 
     layers = ffn_layers(model)
     taus = sorted({0.0, *(min(1.0, g * tau) for g in opts.tau_grid)})
     seqs = calib[: max(1, opts.sensitivity_tokens // calib.shape[1])]
-    _, curves = layer_sensitivity(model, seqs, taus, projection_tau=tau)
+    curves = layer_sensitivity(model, seqs, taus, projection_tau=tau)
     sizes = [m.num_experts * m.t["experts.w_in"].shape[1] for m in layers]
     weights = [n / sum(sizes) for n in sizes]
 
@@ -123,30 +141,21 @@ def per_layer_taus(model, calib: torch.Tensor, budget: float, tau: float, opts: 
         return ffn_fraction(model)
 
     # Bisect log(price): the cheapest price whose allocation's measured fraction is within the budget.
-    lo, hi = -12.0, 12.0
-    grid_choice = allocate(curves, taus, weights, math.exp(hi))
-    for _ in tqdm(range(opts.iterations), desc=f"calibrate: per-layer taus for {budget:.0%} of FFN compute"):
-        mid = (lo + hi) / 2
-        alloc = allocate(curves, taus, weights, math.exp(mid))
-        if joint_fraction(alloc) > budget:
-            lo = mid
-        else:
-            hi, grid_choice = mid, alloc
+    log_price, _, _ = bisect_within(lambda x: joint_fraction(allocate(curves, taus, weights, math.exp(x))),
+                                    -12.0, 12.0, budget, opts.iterations,
+                                    f"calibrate: per-layer taus for {budget:.0%} of FFN compute")
+    grid_choice = allocate(curves, taus, weights, math.exp(log_price))
 
     # The layers' losses do not add (thinning early layers changes what later ones see), so the additive
     # allocation overshoots: try one tau moved part of the way toward it, each scaled to spend the budget
     # (the grid is coarse), and keep the best calibration NLL, if it beats one tau's.
     def scaled_to_budget(alloc: list[float]) -> tuple[list[float], float] | None:
-        lo, hi, found = 0.0, 2.0, None
-        for _ in range(max(1, opts.iterations // 2)):
-            mid = (lo + hi) / 2
-            trial = [min(1.0, mid * t) for t in alloc]
-            f = joint_fraction(trial)
-            if f > budget:
-                lo = mid
-            else:
-                hi, found = mid, (trial, f)
-        return found
+        def scaled(x: float) -> list[float]:
+            return [min(1.0, x * t) for t in alloc]
+
+        x, f, _ = bisect_within(lambda x: joint_fraction(scaled(x)), 0.0, 2.0, budget,
+                                max(1, opts.iterations // 2), "calibrate: per-layer candidate, scale")
+        return None if f is None else (scaled(x), f)
 
     candidates = []
     for blend in tqdm(opts.blends, desc="calibrate: per-layer candidates"):
@@ -192,7 +201,7 @@ def calibrate(model, calib: torch.Tensor, heldout: torch.Tensor, method: str, bu
     result["ffn_fraction"] = ffn_fraction(model)
     if projection_fraction(model) is not None:  # attention projections as experts run at the same tau
         result["projection_fraction"] = projection_fraction(model)
-    result["layer_fraction"] = [m.pairs / max(1, m.tokens * m.num_experts) for m in ffn_layers(model)]
+    result["layer_fraction"] = [m.fraction for m in ffn_layers(model)]
     result["experts_per_token_mean"] = [float(torch.cat(m.per_token).float().mean()) for m in ffn_layers(model)]
     for m in expert_layers(model):
         m.record, m.per_token = False, []

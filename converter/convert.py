@@ -38,7 +38,6 @@ from d2dmoe_vllm.checkpoint import layer_prefix, validate_checkpoint
 from d2dmoe_vllm.config import ARCHITECTURES, FORMAT_VERSION, CheckpointError, D2DMoEConfig, check_tau
 
 SPLITS = ("kmeans", "contiguous")
-PER_LAYER_OPTIONS = ("per_layer", "sensitivity_tokens", "tau_grid", "blends")   # CalibrateOptions for --tau-per-layer
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                    "gelu_fast": "gelu_tanh"}
@@ -405,10 +404,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         # Per-layer taus in their own stage: one work dir keeps both calibrations (neither redoes the other),
         # and the per-layer options do not enter one tau's fingerprint.
         name = "calibrate" + suffix + ("-per-layer" if opts.calibrate.per_layer else "")
-        cal = asdict(opts.calibrate)
-        if not opts.calibrate.per_layer:
-            cal = {k: v for k, v in cal.items() if k not in PER_LAYER_OPTIONS}
-        stage = Stage(work, name, fingerprint(fp, cal, opts.tau, text.corpus))
+        stage = Stage(work, name, fingerprint(fp, opts.calibrate.stage_key(), opts.tau, text.corpus))
         calib = timed(stage, run_calibrate)
         tau, top_k, layer_tau = calib["tau"], calib["top_k"], tuple(calib.get("layer_tau") or ())
 

@@ -41,6 +41,11 @@ class ReferenceMoEMLP(nn.Module):
         return self.t["experts.w_in"].shape[0]
 
     @property
+    def fraction(self) -> float:
+        """Executed share of this layer's token-expert pairs since the counters were reset."""
+        return self.pairs / max(1, self.tokens * self.num_experts)
+
+    @property
     def flops_per_pair(self) -> int:
         """Multiply-adds of one expert on one token."""
         return pair_macs(self.t["experts.w_in"], self.t["experts.w_up"], self.t["experts.w_out"])
