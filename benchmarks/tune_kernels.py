@@ -60,10 +60,11 @@ GEMM_ROUTINGS = ((0.3, "independent"), (0.3, "shared"), (1.0, "independent"))
 ALL_TOKENS = 1 << 30
 KEEP_MARGIN = 0.98  # a candidate replaces the device's values only if it is more than 2% faster
 TIERED = ("fused", "masked", "gemm")  # the paths whose configs dispatch reads through token_tier
-# what must be off at T for dispatch to reach a path (its order: gemm, fused [balanced inside fused's
-# range], masked, decode, grouped), and what the path itself needs on up to T
-OFF_BEFORE = {"fused": ("gemm", "balanced"), "balanced": ("gemm",), "decode": ("gemm", "fused", "masked"),
-              "grouped": ("gemm", "fused", "masked", "decode")}
+# what must be off at T for dispatch to reach a path (its order: gemm, persistent, fused [balanced inside
+# fused's range], masked, decode, grouped), and what the path itself needs on up to T
+OFF_BEFORE = {"fused": ("gemm", "persistent", "balanced"), "balanced": ("gemm", "persistent"),
+              "decode": ("gemm", "persistent", "fused", "masked"),
+              "grouped": ("gemm", "persistent", "fused", "masked", "decode")}
 ON_FOR = {"fused": ("fused",), "balanced": ("fused", "balanced"), "decode": ("decode",), "grouped": ()}
 
 

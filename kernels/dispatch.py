@@ -11,6 +11,9 @@
   (``layout.py``): the dense MLP's cuBLAS GEMMs with the router's first layer stacked into the up
   GEMM, the router tail, and the selection + activation in one elementwise Triton launch
   (``expert_masked_gemm.py``; large T where selections cover nearly every expert and Triton tiles lose);
+- T <= persistent max_tokens (decoding one sequence or a few): the whole layer -- router, selection,
+  experts, reduction -- in one launch of one program per SM, phases separated by grid barriers
+  (``expert_decode_persistent.py``);
 - T <= fused max_tokens (decoding a few sequences): one fused expert kernel + a reduction; with
   T <= ``balanced.max_tokens`` (and the router outside the kernel) the balanced kernel instead, whose
   fixed grid spreads the selected experts' neurons evenly over the SMs;
@@ -30,6 +33,7 @@ from d2dmoe_kernels.configs import kernel_config, path_config, token_tier
 from d2dmoe_kernels.expert_decode import decode_experts
 from d2dmoe_kernels.expert_decode_balanced import balanced_decode_experts
 from d2dmoe_kernels.expert_decode_fused import fused_decode_experts
+from d2dmoe_kernels.expert_decode_persistent import persistent_decode_experts
 from d2dmoe_kernels.expert_grouped import grouped_experts
 from d2dmoe_kernels.expert_masked import masked_dense_experts
 from d2dmoe_kernels.expert_masked_gemm import gemm_masked_experts
@@ -110,6 +114,13 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
         sc, ref, factor = in_kernel_routing(route_override, tau, sharded, expert_offset, E)
         return gemm_masked_experts(x, stacked, router_out, factor, w_in, w_up, w_out, b_in, b_out, activation,
                                    counters, gemm, cfg["router"], scores=sc, ref=ref, expert_offset=expert_offset)
+    persistent = token_tier(path_config(cfg, "persistent", D, ES), T) if "persistent" in cfg else None
+    if (persistent is not None and T <= persistent["max_tokens"] and top_k == 0 and not sharded
+            and E <= OWN_MAX_MAX_EXPERTS and router_in.stride() == (D, 1) and router_out.is_contiguous()
+            and x.dtype == router_in.dtype):  # the whole layer in one launch (router inside, grid barriers)
+        sc, ref, factor = in_kernel_routing(route_override, tau, sharded, expert_offset, E)
+        return persistent_decode_experts(x, sc, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters,
+                                         persistent, router_in=router_in, router_out=router_out)
     fused = token_tier(path_config(cfg, "fused", D, ES), T)  # blocks per token count (H200: bigger slices at T=3)
     in_fused = T <= fused["max_tokens"]
     in_masked = not in_fused and masked["min_tokens"] <= T <= masked["max_tokens"]

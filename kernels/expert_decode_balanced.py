@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from d2dmoe_kernels.triton_common import ACT_CODES, expert_hidden, fp32_dots, mma, num_programs
+from d2dmoe_kernels.triton_common import ACT_CODES, add_down_partial, expert_hidden, fp32_dots, num_programs
 
 
 @triton.jit
@@ -85,17 +85,7 @@ def _balanced_decode_kernel(
         h = tl.where(sel, h, 0.0)            # tokens that did not select the neuron's expert add nothing
         if not UPCAST:
             h = h.to(w_out_ptr.dtype.element_ty)
-        for n0 in range(0, DO, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < DO
-            w = tl.load(w_out_ptr + rows.to(tl.int64)[:, None] * DO + offs_n[None, :],
-                        mask=gmask[:, None] & nmask[None, :], other=0.0)
-            acc = mma(h, w, UPCAST)
-            pp = part + offs_t[:, None] * DO + offs_n[None, :]
-            pmask = tmask[:, None] & nmask[None, :]
-            if g0 > lo:
-                acc += tl.load(pp, mask=pmask, other=0.0)
-            tl.store(pp, acc, mask=pmask)
+        add_down_partial(h, w_out_ptr, rows, gmask, DO, part, offs_t, tmask, g0 > lo, UPCAST, BLOCK_N)
 
 
 @triton.jit

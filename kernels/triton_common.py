@@ -228,6 +228,25 @@ def expert_hidden(
 
 
 @triton.jit
+def add_down_partial(h, w_out_ptr, rows, rmask, DO, part, offs_t, tmask, accumulate,
+                     UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """part[t, :] = (part[t, :] if ``accumulate``) + h w_out[rows] over the output width: the down half of
+    the kernels that give each program its own fp32 partial [T, d_out] (balanced, persistent decode).
+    h [BLOCK_T, BLOCK_R] in w_out's dtype (fp32 under UPCAST), ``rows`` the tile's rows of [E * e]."""
+    for n0 in range(0, DO, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < DO
+        w = tl.load(w_out_ptr + rows.to(tl.int64)[:, None] * DO + offs_n[None, :],
+                    mask=rmask[:, None] & nmask[None, :], other=0.0)
+        acc = mma(h, w, UPCAST)
+        pp = part + offs_t[:, None] * DO + offs_n[None, :]
+        pmask = tmask[:, None] & nmask[None, :]
+        if accumulate:
+            acc += tl.load(pp, mask=pmask, other=0.0)
+        tl.store(pp, acc, mask=pmask)
+
+
+@triton.jit
 def router_hidden_block(x_ptr, stride_x, w1_ptr, D, offs_t, tmask, offs_w, wmask,
                         UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
     """The router's first layer for a block of its hidden units, x W1^T rounded to W1's dtype (as
@@ -287,3 +306,28 @@ def router_select(hid_ptr, stride_h, w1_ptr, D, w2_ptr, offs_t, tmask, e, E, W,
         rmax = tl.maximum(rmax, tl.max(tl.where(emask[None, :], s, 0.0), axis=1))
         s_e += tl.sum(tl.where(offs_e[None, :] == e, s, 0.0), axis=1)
     return s_e, rmax
+
+
+@triton.jit
+def load_acquire(ptr):
+    """An int32 scalar read with acquire semantics at GPU scope (a plain load, not an atomic: many
+    programs can poll one address without serialising at L2); later reads see what was released
+    before the value it returns."""
+    v = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l",
+                                  [(ptr + tl.arange(0, 1)).to(tl.int64)], dtype=tl.int32, is_pure=False, pack=1)
+    return tl.max(v, axis=0)
+
+
+@triton.jit
+def grid_barrier(count_ptr, num_progs):
+    """Every program of the grid waits here until all ``num_progs`` have arrived; writes before it
+    are visible to every program after it. ``count_ptr`` (int32) is 0 before the barrier; the caller
+    resets it once every program is known to have left (the persistent decode kernel resets one
+    barrier's counter behind the next barrier). One acq_rel add per program, then acquire-polls of a
+    plain load. Only for grids whose programs are all resident at once (one per SM), never under the
+    interpreter (it runs programs one after another)."""
+    tl.debug_barrier()  # the whole program's writes are issued before its arrival is released
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel") + 1
+    while arrived < num_progs:
+        arrived = load_acquire(count_ptr)
+    tl.debug_barrier()

@@ -19,6 +19,7 @@ from d2dmoe_kernels.dispatch import dynamic_k_experts_triton  # noqa: E402
 from d2dmoe_kernels.expert_decode import decode_experts  # noqa: E402
 from d2dmoe_kernels.expert_decode_balanced import balanced_decode_experts  # noqa: E402
 from d2dmoe_kernels.expert_decode_fused import fused_decode_experts  # noqa: E402
+from d2dmoe_kernels.expert_decode_persistent import persistent_decode_experts  # noqa: E402
 from d2dmoe_kernels.expert_grouped import grouped_experts  # noqa: E402
 from d2dmoe_kernels.expert_masked import masked_dense_experts  # noqa: E402
 from d2dmoe_kernels.reference import (  # noqa: E402
@@ -43,6 +44,8 @@ ROUTER = dict(max_tokens=8, BLOCK_W=16, BLOCK_K=32, num_warps=4, tail_max_tokens
               TAIL_BLOCK_W=16)
 MASKED = dict(min_tokens=5, max_tokens=0, fallback_max_tokens=0, own_router=False, BLOCK_T=16, BLOCK_J=16, BLOCK_K=32,
               ROUTER_BLOCK_E=16, ROUTER_BLOCK_W=16, num_warps=4, num_stages=2)
+PERSISTENT = dict(max_tokens=4, HIDDEN_BLOCK_W=16, HIDDEN_BLOCK_K=32, TAIL_BLOCK_W=16, BLOCK_R=16, BLOCK_K=32,
+                  BLOCK_N=32, BLOCK_N_REDUCE=16, REDUCE_BLOCK_S=4, num_warps=4, num_stages=2)
 SMALL = dict(router=ROUTER, fused=FUSED, decode=dict(DECODE, max_tokens=8), grouped=GROUPED, masked=MASKED,
              balanced=dict(BALANCED, max_tokens=0))
 
@@ -63,6 +66,9 @@ PATHS = {  # path: (launcher, config, tokens)
     "fused, 8-slot reduce steps": (fused_decode_experts, dict(FUSED, REDUCE_BLOCK_S=8), 3),  # several steps per token
     "fused, TMA": (fused_decode_experts, dict(FUSED, TMA=1), 3),  # tensor descriptors (pointer loads where e % 16)
     "balanced": (balanced_decode_experts, BALANCED, 3),
+    "persistent": (persistent_decode_experts, PERSISTENT, 3),
+    "persistent, one token": (persistent_decode_experts, PERSISTENT, 1),
+    "persistent, 32-row slices": (persistent_decode_experts, dict(PERSISTENT, BLOCK_R=32), 2),
     "decode": (decode_experts, DECODE, 5),
     "grouped": (grouped_experts, GROUPED, 61),
 }
@@ -305,6 +311,54 @@ def test_in_kernel_router(path, tau, gated, d_out, full):
         assert (mask.sum(-1) == 1).all()
     check(out, reference(x, mask, w, "relu"))
     assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("T,gated,d_out,ES", [(1, True, None, 16), (1, False, None, 24), (2, True, 24, 16),
+                                              (3, False, 72, 32), (4, True, None, 48)])
+def test_persistent_decode_through_dispatch(T, gated, d_out, ES, tau):
+    """The one-launch decode path as dispatch takes it (own router, no override): the router's first
+    layer spread over the programs, every program's own scores and selection, the selected neurons
+    cut into 16-row slices round robin (4 programs under the interpreter: a program takes several
+    slices, slices span experts, some programs get none at tau = 1), the partials reduced in order;
+    matches the torch router's selection."""
+    E, D = 9, 32
+    w = layer(E, ES, D, gated, 23 + T, d_out, biases=True if d_out else None)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=9)
+    cfg = dict(SMALL, persistent=PERSISTENT)
+    counters = torch.zeros(3, dtype=torch.int64)
+    out = dynamic_k_experts_triton(x, r_in, r_out, tau, 0, *w.values(), "gelu_tanh", counters, cfg)
+    mask = select_experts(router_scores(x, r_in, r_out), tau)
+    if tau == 1.0:
+        assert (mask.sum(-1) == 1).all()
+    check(out, reference(x, mask, w, "gelu_tanh"))
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
+def test_persistent_decode_only_where_it_applies(monkeypatch):
+    """Dispatch takes the one-launch path up to its max_tokens and only for dynamic-k routing on whole
+    (unsharded) layers: above it, for top-k and for a shard the other decode paths run."""
+    import d2dmoe_kernels.dispatch as dispatch
+
+    calls = []
+    real = dispatch.persistent_decode_experts
+    monkeypatch.setattr(dispatch, "persistent_decode_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    E, ES, D = 6, 16, 32
+    w = layer(E, ES, D, True, 5)
+    r_in, r_out = router(D, E, seed=3)
+    cfg = dict(SMALL, persistent=dict(PERSISTENT, max_tokens=2))
+    counters = torch.zeros(3, dtype=torch.int64)
+    for T, top_k, taken in [(1, 0, True), (2, 0, True), (3, 0, False), (1, 2, False)]:
+        calls.clear()
+        x = torch.randn(T, D)
+        out = dynamic_k_experts_triton(x, r_in, r_out, 0.5, top_k, *w.values(), "relu", counters, cfg)
+        check(out, reference(x, select_experts(router_scores(x, r_in, r_out), 0.5, top_k), w, "relu"))
+        assert bool(calls) == taken, (T, top_k)
+    calls.clear()
+    shard = {k: (None if v is None else v[:3]) if k.startswith(("w_", "b_in")) else v for k, v in w.items()}
+    dynamic_k_experts_triton(torch.randn(1, D), r_in, r_out, 0.5, 0, *shard.values(), "relu", counters, cfg)
+    assert not calls
 
 
 @pytest.mark.parametrize("T", [21, 30])

@@ -139,6 +139,7 @@ def test_blocks_run_only_where_they_win():
 
 DEVICES = ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
 PATH_FUNCTIONS = {"fused": "fused_decode_experts", "balanced": "balanced_decode_experts", "decode": "decode_experts",
+                  "persistent": "persistent_decode_experts",
                   "grouped": "grouped_experts", "masked": "masked_dense_experts", "gemm": "gemm_masked_experts",
                   "dense": "dense_experts"}
 
@@ -193,6 +194,18 @@ def test_decode_tuning_reached_masked_before(taken):
     shaped = {**dev, f"decode@d{d}e{es}": candidate_key(dev, "decode", d, es, T, grid[0])}
     assert taken(shaped, d, dff, gated, es, T)[0] == "masked"
     assert taken(taking_path(shaped, "decode", d, es, T), d, dff, gated, es, T)[0] == "decode"
+
+
+@pytest.mark.parametrize("path", ["fused", "balanced"])
+def test_tuning_reaches_its_path_past_the_persistent_one(taken, path):
+    """A device file with the one-launch decode path on would take T=1 before the fused kernel: the
+    tuner switches it off at the tuned shape, so fused / balanced candidates time their own path."""
+    dev = kernel_config("NVIDIA H200")
+    dev = {**dev, "persistent": {**dev["persistent"], "max_tokens": 4}}
+    T, grid = GRID[path]
+    d, dff, gated, es = TUNED_SHAPES[-1]
+    assert taken(dev, d, dff, gated, es, T)[0] == "persistent"
+    assert taken(candidate_config(dev, path, d, es, T, grid[0]), d, dff, gated, es, T)[0] == path
 
 
 @pytest.mark.parametrize("device", DEVICES)
