@@ -21,7 +21,8 @@ launch pipeline only at 10% of experts (Gemma-2B T=1 20.6 vs 24.2 us with 16-row
 program one contiguous range (perfect balance); it spilled registers and its streams were not
 multi-buffered (offline sm_90 compile), 36 vs 28.4 us.
 
-The grid is one program per SM so all are resident at once (a barrier needs that). Under the
+The grid is one program per SM so all are resident at once (a barrier needs that; on a GPU whose SMs
+other processes' kernels may hold for long -- MPS, shared partitions -- set ``"phased": true``). Under the
 interpreter (programs run one after another), or where no barrier buffer exists yet while a CUDA
 graph is being captured, the same kernel runs as one launch per phase (``PHASE`` 1, 2, 3): the same
 code, the launch boundaries as the barriers. Selection comes from the kernel's own router, or from
