@@ -17,9 +17,9 @@ runs the whole layer, the phases separated by grid barriers (``triton_common.gri
 
 Measured on the H200 (attempt 38): correct everywhere, **off in every device file** -- it beats the
 launch pipeline only at 10% of experts (Gemma-2B T=1 20.6 vs 24.2 us with 16-row slices) and loses at
-30% (31.7 vs 28.4 us with 64-row slices; GPT-2 11.6 vs 11.7 at 16 rows). A first version gave each
-program one contiguous range (perfect balance); it spilled registers and its streams were not
-multi-buffered (offline sm_90 compile), 36 vs 28.4 us.
+30% (31.7 vs 28.4 us with 64-row slices; GPT-2: parity, 11.6 vs 11.7 at 16 rows). Spreading the rows
+evenly (each program ~n / P rows) measured slower still (33.6 us): a slice costs its pipelined steps,
+not its bytes.
 
 The grid is one program per SM so all are resident at once (a barrier needs that; on a GPU whose SMs
 other processes' kernels may hold for long -- MPS, shared partitions -- set ``"phased": true``). Under the
