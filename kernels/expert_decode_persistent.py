@@ -77,7 +77,7 @@ def _persistent_decode_kernel(
     if PHASE == ALL_PHASES:
         grid_barrier(bar_ptr, P)
 
-    # -- B: selection (every program), then the program's range of the selected neurons --------------
+    # -- B: selection (every program), then the program's slices of the selected neurons -------------
     if PHASE == ALL_PHASES or PHASE == EXPERTS:
         offs_e = tl.arange(0, BLOCK_EALL)
         emask = offs_e < E
@@ -191,9 +191,10 @@ def persistent_decode_experts(x, scores, ref, tau, w_in, w_up, w_out, b_in, b_ou
     if out is None:
         out = x.new_empty(T, DO)
     hid = torch.empty((T, W), device=x.device, dtype=router_in.dtype) if router else out
-    sel = torch.empty((nprog, T, E), device=x.device, dtype=torch.int8)
     part = torch.empty((nprog, T, DO), device=x.device, dtype=torch.float32)
     n_sel = torch.empty((1,), device=x.device, dtype=torch.int32)
+    # each program's copy of the [T, E] selection, read back per slice; one token selected every listed expert
+    sel = torch.empty((nprog, T, E), device=x.device, dtype=torch.int8) if T > 1 else n_sel
     gated, has_b_in, has_b_out = w_up is not None, b_in is not None, b_out is not None
     pdl = use_pdl(cfg, x)
     if bar is not None:
