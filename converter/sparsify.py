@@ -49,18 +49,20 @@ def square_hoyer(a: torch.Tensor) -> torch.Tensor:
 
 
 class HoyerReLU(nn.Module):
-    """ReLU that keeps the square Hoyer of its last output (for the loss) and its zero fraction."""
+    """ReLU that keeps the square Hoyer of its last output (for the loss) and its zero fraction, both
+    as tensors on the activation's device: reading them is the caller's one host sync per step, not
+    one per layer in the middle of the forward pass."""
 
     def __init__(self):
         super().__init__()
         self.hoyer: torch.Tensor | None = None
-        self.zero_fraction = 0.0
+        self.zero_fraction: torch.Tensor | None = None
 
     def forward(self, x):
         a = torch.relu(x)
         if self.training:
             self.hoyer = square_hoyer(a)
-            self.zero_fraction = float((a.detach() == 0).float().mean())
+            self.zero_fraction = (a.detach() == 0).float().mean()
         return a
 
 
@@ -138,9 +140,10 @@ def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_
     bar = tqdm(range(start, opts.steps), desc="sparsify (ReLU + Hoyer fine-tuning)", initial=start, total=opts.steps)
     t0 = time.time()
     for step in bar:
+        t_step = time.time()
         for group in optim.param_groups:
             group["lr"] = lr_at(step, opts)
-        task_sum = hoyer_sum = 0.0
+        task_sum = hoyer_sum = 0.0  # become device tensors: no host sync until the step's log line
         for micro in range(opts.accum):
             i = (step * opts.accum + micro) * opts.batch
             ids = seqs[i : i + opts.batch].to(device)
@@ -154,14 +157,16 @@ def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_
                     task = (1 - opts.distill) * task + opts.distill * kl
             hoyer = torch.stack([a.hoyer for a in acts]).mean()
             ((task + opts.alpha * hoyer) / opts.accum).backward()
-            task_sum += float(task.detach()) / opts.accum
-            hoyer_sum += float(hoyer.detach()) / opts.accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip))
+            task_sum = task_sum + torch.as_tensor(task).detach().float() / opts.accum
+            hoyer_sum = hoyer_sum + hoyer.detach().float() / opts.accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip)
         optim.step()
         optim.zero_grad(set_to_none=True)
-        zeros = sum(a.zero_fraction for a in acts) / len(acts)
+        zeros = torch.stack([a.zero_fraction for a in acts]).mean()
+        task_sum, hoyer_sum, zeros, grad_norm = torch.stack(   # the step's one host sync
+            [t.to(zeros.device, torch.float32) for t in (task_sum, hoyer_sum, zeros, grad_norm)]).tolist()
         log.append({"step": step + 1, "task_loss": task_sum, "hoyer": hoyer_sum, "zero_fraction": zeros,
-                    "grad_norm": grad_norm, "lr": lr_at(step, opts)})
+                    "grad_norm": grad_norm, "lr": lr_at(step, opts), "seconds": time.time() - t_step})
         bar.set_postfix(loss=f"{task_sum:.3f}", hoyer=f"{hoyer_sum:.1f}", zeros=f"{zeros:.2f}")
         if (step + 1) % opts.save_every == 0 and step + 1 < opts.steps:
             tmp = state_file.with_name(state_file.name + ".tmp")

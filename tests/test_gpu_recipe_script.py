@@ -57,3 +57,22 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
                            "--out", str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert sorted(p.name for p in work.iterdir()) == ["recipe.json"]
+
+
+def test_profile_sparsify_smoke(tmp_path):
+    """``profile_sparsify.py --smoke`` (the GPU profile's code path on a tiny Gemma 3): every variant times
+    its steps from ``finetune``'s own per-step log, the profile names the ops that took the time, and a
+    run without a GPU is refused unless it is the smoke check."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_sparsify.py"), "--out", str(tmp_path), "--steps", "4",
+           "--warmup", "1"]
+    proc = subprocess.run(cmd + ["--smoke"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "profile-sparsify-cpu-smoke.json").read_text())
+    assert set(doc["variants"]) == {"base", "per-layer-sync", "sdpa", "frozen-embedding"}
+    for r in doc["variants"].values():
+        assert len(r["step_seconds"]) == 4 and all(s > 0 for s in r["step_seconds"])
+        assert r["median_step_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["median_step_s"])
+    names = [row["name"] for row in doc["profile_base"]["top"]]
+    assert "aten::mm" in names and doc["profile_base"]["self_cpu_us_total"] > 0
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "GPU machine" in refused.stderr

@@ -37,7 +37,7 @@ def test_square_hoyer_matches_hand_computation():
     assert square_hoyer(a).item() == pytest.approx(6.8 / 3, rel=1e-6)
     act = HoyerReLU().train()
     act(torch.tensor([[-1.0, 2.0, 2.0]]))
-    assert act.hoyer.item() == pytest.approx(16 / 8, rel=1e-6) and act.zero_fraction == pytest.approx(1 / 3)
+    assert act.hoyer.item() == pytest.approx(16 / 8, rel=1e-6) and act.zero_fraction.item() == pytest.approx(1 / 3)
 
 
 def test_distill_loss_is_kl_of_teacher_to_student():

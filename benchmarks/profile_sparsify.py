@@ -1,0 +1,165 @@
+"""Where a sparsify step's time goes on the GPU (device tool), before anyone trains longer.
+
+    python benchmarks/profile_sparsify.py --out $OUT                  # ~2 min on an H100
+    python benchmarks/profile_sparsify.py --smoke --out /tmp/prof     # the same code path on the CPU, tiny model
+
+The GPU recipe's sparsify stage (Gemma 3 270M, 16 x 512 tokens a step, distilled from the original model)
+ran 188 s for 480 steps on an H200 and 221 s on an H100: ~0.4 s a step, about ten times what its FLOPs
+(~17 TFLOP: student forward + backward, teacher forward, two 262k-vocabulary LM heads) take at bf16 rates.
+The authors trained ~250 times more tokens. This script times ``finetune`` itself on a model of that shape
+with random weights (a step's cost does not depend on the values, so no GGUF is needed) and random token
+ids, with the recipe's options, in variants:
+
+- ``base``: the code as it is (eager attention, as ``build_model`` builds it; one host sync per step);
+- ``per-layer-sync``: the step as it was before session 39 (a host sync in every layer's ReLU);
+- ``sdpa``: student and teacher with PyTorch's scaled-dot-product attention instead of eager;
+- ``frozen-embedding``: the tied embedding / LM head left out of training (170M of the 270M parameters).
+
+Per variant: median wall seconds per step after ``--warmup`` steps (``finetune`` logs each step's time),
+tokens per second; then ``torch.profiler`` over two ``base`` steps: the kernels with the most device time,
+and host against device totals. Prints a table and writes ``profile-sparsify-<device>.json``.
+"""
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from provenance import provenance
+
+GEMMA3_270M = dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                   max_position_embeddings=32768, sliding_window=512, query_pre_attn_scalar=256,
+                   hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, tie_word_embeddings=True)
+TINY = dict(GEMMA3_270M, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            head_dim=32, vocab_size=512, sliding_window=16, query_pre_attn_scalar=32)
+RECIPE = dict(batch=16, accum=1, seq_len=512, lr=1e-4, warmup=24, alpha=1e-3, clip=1.0, distill=1.0, passes=1)
+VARIANTS = ("base", "per-layer-sync", "sdpa", "frozen-embedding")
+
+
+def build(config: dict, attention: str, device: str) -> torch.nn.Module:
+    """As ``d2dmoe_converter.hf_model.build_model`` builds a model (fp32 weights), with random values."""
+    import transformers as tf
+
+    hf = tf.AutoConfig.for_model(**config)
+    hf._attn_implementation = attention
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(hf, dtype=torch.float32).to(device).eval()
+
+
+@contextlib.contextmanager
+def per_layer_sync():
+    """The pre-session-39 HoyerReLU: its zero fraction read to the host in every layer's forward."""
+    from d2dmoe_converter import sparsify
+
+    forward = sparsify.HoyerReLU.forward
+
+    def syncing(self, x):
+        a = forward(self, x)
+        if self.training:
+            float(self.zero_fraction)
+        return a
+
+    sparsify.HoyerReLU.forward = syncing
+    try:
+        yield
+    finally:
+        sparsify.HoyerReLU.forward = forward
+
+
+def run_variant(name: str, config: dict, steps: int, device: str, work: Path, profile: bool = False) -> dict:
+    from d2dmoe_converter.sparsify import SparsifyOptions, finetune, relufy_
+
+    attention = "sdpa" if name == "sdpa" else "eager"
+    model = build(config, attention, device)
+    teacher = build(config, attention, device).requires_grad_(False)
+    relufy_(model)
+    if name == "frozen-embedding":
+        model.get_input_embeddings().weight.requires_grad_(False)
+    opts = SparsifyOptions(steps=steps, save_every=10 ** 9, **RECIPE)
+    if device == "cpu":
+        opts = SparsifyOptions(**{**opts.__dict__, "batch": 2, "seq_len": 32})
+    seqs = torch.randint(0, config["vocab_size"], (steps * opts.batch, opts.seq_len), generator=torch.Generator().manual_seed(1))
+    state = work / f"{name}-{'profile' if profile else 'time'}.pt"
+    guard = per_layer_sync() if name == "per-layer-sync" else contextlib.nullcontext()
+    result = {}
+    with guard:
+        if profile:
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+            with torch.profiler.profile(activities=acts) as prof:
+                finetune(model, seqs, opts, state, teacher)
+            result["profile"] = profile_summary(prof, device)
+        else:
+            log = finetune(model, seqs, opts, state, teacher)["log"]
+            result["step_seconds"] = [r["seconds"] for r in log]
+    del model, teacher
+    if device == "cuda":
+        result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return result | {"tokens_per_step": opts.batch * opts.seq_len}
+
+
+def profile_summary(prof, device: str, rows: int = 25) -> dict:
+    def dev(e, total=True):  # torch >= 2.4 says device, older cuda
+        name = ("" if total else "self_") + ("device_time_total" if hasattr(e, "device_time_total") else "cuda_time_total")
+        return getattr(e, name, 0.0) if device == "cuda" else 0.0
+
+    events = prof.key_averages()
+    top = sorted(events, key=lambda e: dev(e, total=False) if device == "cuda" else e.self_cpu_time_total, reverse=True)
+    return {"self_device_us_total": sum(dev(e, total=False) for e in events),
+            "self_cpu_us_total": sum(e.self_cpu_time_total for e in events),
+            "top": [{"name": e.key[:120], "calls": e.count, "self_device_us": dev(e, total=False),
+                     "self_cpu_us": e.self_cpu_time_total} for e in top[:rows]]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per variant (the first --warmup not counted)")
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--smoke", action="store_true", help="tiny model, CPU allowed: checks the script, times nothing useful")
+    args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    if set(variants) - set(VARIANTS):
+        ap.error(f"--variants: some of {', '.join(VARIANTS)}")
+    if args.steps <= args.warmup:
+        ap.error("--steps must exceed --warmup")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        raise SystemExit("profile_sparsify.py times the GPU recipe's step: run it on the GPU machine (or --smoke here)")
+    config = TINY if args.smoke else GEMMA3_270M
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in variants:
+            r = run_variant(name, config, args.steps, device, Path(tmp))
+            timed = r["step_seconds"][args.warmup:]
+            r["median_step_s"] = statistics.median(timed)
+            r["tokens_per_s"] = r["tokens_per_step"] / r["median_step_s"]
+            results[name] = r
+            print(f"{name:17s} {1e3 * r['median_step_s']:9.1f} ms/step {r['tokens_per_s']:10.0f} tok/s", flush=True)
+        prof = run_variant("base", config, 2, device, Path(tmp), profile=True)["profile"]
+    base = results.get("base")
+    print(f"\n{'variant':17s} {'ms/step':>9s} {'tok/s':>10s} {'vs base':>8s}")
+    for name, r in results.items():
+        ratio = base["median_step_s"] / r["median_step_s"] if base else float("nan")
+        print(f"{name:17s} {1e3 * r['median_step_s']:9.1f} {r['tokens_per_s']:10.0f} {ratio:8.2f}")
+    print(f"\nprofile of 2 base steps: host {prof['self_cpu_us_total'] / 1e3:.0f} ms, device {prof['self_device_us_total'] / 1e3:.0f} ms")
+    for row in prof["top"][:15]:
+        print(f"  {row['self_device_us'] / 1e3:9.1f} ms dev {row['self_cpu_us'] / 1e3:9.1f} ms host {row['calls']:6d}x  {row['name'][:70]}")
+    doc = {**provenance(), "config": config, "recipe": RECIPE, "steps": args.steps, "warmup": args.warmup,
+           "smoke": args.smoke, "variants": results, "profile_base": prof}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / ("profile-sparsify-" + doc["device"].replace(" ", "-").lower() + ("-smoke" if args.smoke else "") + ".json")
+    path.write_text(json.dumps(doc, indent=1))
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
