@@ -23,6 +23,10 @@ misreads the GGUF tokenizer, which the converter refuses), each ``pip install --
 ``python benchmarks/gpu_convert_recipe.py --merge FETCHED --out benchmarks/results/quality-gemma3-270m.json``.
 Checked end to end on the CPU with ``--smoke``.
 
+Longer sparsity training (the authors' ~1B tokens against the recipe's ~4M): ``--sparsify-steps N`` with a
+--work of its own; the state is saved every 40 steps, so the same command in the next call of the lease goes
+on where the last stopped (``benchmarks/profile_sparsify.py`` says where a step's time goes first).
+
 Other expert sizes on the same sparsified model (the lever "finer experts"): ``--expert-size 32 --work
 /root/recipe-e32 --sparsified-from /root/recipe --methods d2dmoe`` converts from that run's GGUF and
 copies its finished dense and sparsify stages (their fingerprints name the source file and do not depend
@@ -31,6 +35,7 @@ on the split), so only split, routers and calibration run.
 
 import argparse
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -109,6 +114,12 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
     return original, points
 
 
+def sparsify_recipe(base: dict, steps: int) -> dict:
+    """``base``'s sparsify options for ``steps`` steps: the passes over the training text grow in proportion
+    (480 steps x 8k tokens take the SOTU train split ~3 times), so a longer run is not refused for want of text."""
+    return {**base, "steps": steps, "passes": max(base["passes"], math.ceil(base["passes"] * steps / base["steps"]))}
+
+
 def copy_sparsified(src: Path, work: Path) -> Path:
     """Start ``work`` from another run's finished dense + sparsify stages; returns that run's GGUF, the
     source to convert from (the stage fingerprints name the source file: a copy would not match). The
@@ -160,6 +171,9 @@ def main():
                     "moby-dick/ and ham-mail/ beside sotu/); held-out stays SOTU 2016-2021")
     ap.add_argument("--expert-size", type=int, default=RECIPE["expert_size"],
                     help=f"neurons per expert (default {RECIPE['expert_size']}; must divide d_ff = 2048)")
+    ap.add_argument("--sparsify-steps", type=int, default=RECIPE["sparsify"]["steps"],
+                    help=f"sparsity fine-tuning steps of {RECIPE['sparsify']['batch']} x {RECIPE['sparsify']['seq_len']} "
+                         f"tokens (default {RECIPE['sparsify']['steps']}); the training text's passes grow with them")
     ap.add_argument("--sparsified-from", type=Path, metavar="WORK",
                     help="another recipe --work whose finished dense + sparsify stages this run starts from")
     ap.add_argument("--methods", default="d2dmoe,moefication",
@@ -173,6 +187,9 @@ def main():
     if args.smoke:
         RECIPE.update(SMOKE)
     RECIPE["expert_size"] = args.expert_size
+    if args.sparsify_steps < 1:
+        raise SystemExit(f"[recipe] --sparsify-steps {args.sparsify_steps}: give at least 1")
+    RECIPE["sparsify"] = sparsify_recipe(RECIPE["sparsify"], args.sparsify_steps)
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or set(methods) - set(METHODS):
         raise SystemExit(f"[recipe] --methods {args.methods!r}: expected some of {', '.join(METHODS)}, comma-separated")
@@ -183,8 +200,10 @@ def main():
     corpus = args.corpus or "sotu"
     results = json.loads(state_file.read_text()) if state_file.exists() else \
         {"provenance": provenance(), "recipe": {**RECIPE, "corpus": corpus}}
-    held = {"corpus": results["recipe"].get("corpus", "sotu"), "expert_size": results["recipe"]["expert_size"]}
-    for key, value in (("corpus", corpus), ("expert_size", RECIPE["expert_size"])):
+    held = {"corpus": results["recipe"].get("corpus", "sotu"), "expert_size": results["recipe"]["expert_size"],
+            "sparsify_steps": results["recipe"]["sparsify"]["steps"]}
+    for key, value in (("corpus", corpus), ("expert_size", RECIPE["expert_size"]),
+                       ("sparsify_steps", RECIPE["sparsify"]["steps"])):
         if held[key] != value:  # its finished reports would be taken as this run's
             raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "
                              f"Fix: pass another --work (or the same --{key.replace('_', '-')} to resume)")

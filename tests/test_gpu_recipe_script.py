@@ -48,6 +48,8 @@ def test_refuses_a_run_without_a_finished_sparsify_stage(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--methods", "d2dmoe,topk"], "expected some of d2dmoe, moefication, d2dmoe-per-layer"),
     (["--expert-size", "32"], "holds a run with expert_size 64, not 32"),
+    (["--sparsify-steps", "1920"], "holds a run with sparsify_steps 480, not 1920"),
+    (["--sparsify-steps", "0"], "--sparsify-steps 0: give at least 1"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     work = tmp_path / "work"
@@ -76,3 +78,13 @@ def test_profile_sparsify_smoke(tmp_path):
     assert "aten::mm" in names and doc["profile_base"]["self_cpu_us_total"] > 0
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "GPU machine" in refused.stderr
+
+
+def test_longer_sparsify_reuses_the_text_in_proportion():
+    base = recipe.RECIPE["sparsify"]
+    assert recipe.sparsify_recipe(base, base["steps"]) == base
+    four = recipe.sparsify_recipe(base, 4 * base["steps"])
+    assert four["steps"] == 4 * base["steps"] and four["passes"] == 4 * base["passes"]
+    assert {k: v for k, v in four.items() if k not in ("steps", "passes")} == \
+        {k: v for k, v in base.items() if k not in ("steps", "passes")}
+    assert recipe.sparsify_recipe(base, 10)["passes"] == base["passes"]   # shorter: never fewer passes than allowed
