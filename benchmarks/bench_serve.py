@@ -17,7 +17,9 @@ vLLM's host work the engine hides, which varies between processes: attempt 20 in
 engine N times, alternating dense and D2DMoE; each row then reports the median over rounds and
 every round's ratio (``speedup_rounds``, ``prefill_speedup_rounds``). With
 ``--tp-check`` the same greedy prompts run at every tensor-parallel size and the tokens and
-log-probabilities are compared against the first one.
+log-probabilities are compared against the first one. ``stacked_layout`` records, per D2DMoE engine and
+worker, whether each expert layer kept the plugin's one-buffer ``[w_in; w_up; router_in]`` layout after
+vLLM loaded it (the cuBLAS-GEMM path runs only on that layout).
 
     python benchmarks/bench_serve.py --synthetic-gemma2b --fractions 0.3 --tp 1,2 --tp-check
     python benchmarks/bench_serve.py --synthetic-small --dtype float32 --memory 0.3 --batches 1,8 \
@@ -26,7 +28,8 @@ log-probabilities are compared against the first one.
 
 Random token ids are not text: a trained router sees them as text it never saw (the GPU recipe's
 Gemma 3 270M executes 50% of FFN compute on held-out SOTU at its calibrated tau 0.0796, but 30-39% on random
-ids at tau 0.08, ``serve-nvidia-h200-gemma3-270m.json``), so for real checkpoints ``--prompt-text`` is the
+ids at tau 0.08, ``serve-nvidia-h200-gemma3-270m.json``; on held-out text 43-57% at tau 0.0779,
+``serve-nvidia-h100-80gb-hbm3-gemma3-270m-text.json``), so for real checkpoints ``--prompt-text`` is the
 honest load.
 """
 
