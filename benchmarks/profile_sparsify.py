@@ -24,6 +24,7 @@ and host against device totals. Prints a table and writes ``profile-sparsify-<de
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -46,13 +47,11 @@ VARIANTS = ("base", "per-layer-sync", "sdpa", "frozen-embedding")
 
 
 def build(config: dict, attention: str, device: str) -> torch.nn.Module:
-    """As ``d2dmoe_converter.hf_model.build_model`` builds a model (fp32 weights), with random values."""
-    import transformers as tf
+    """The model ``build_model`` builds for the converter (fp32 weights), with its initial random values."""
+    from d2dmoe_converter.hf_model import empty_model
 
-    hf = tf.AutoConfig.for_model(**config)
-    hf._attn_implementation = attention
     torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(hf, dtype=torch.float32).to(device).eval()
+    return empty_model(config, attention).to(device).eval()
 
 
 @contextlib.contextmanager
@@ -86,7 +85,7 @@ def run_variant(name: str, config: dict, steps: int, device: str, work: Path, pr
         model.get_input_embeddings().weight.requires_grad_(False)
     opts = SparsifyOptions(steps=steps, save_every=10 ** 9, **RECIPE)
     if device == "cpu":
-        opts = SparsifyOptions(**{**opts.__dict__, "batch": 2, "seq_len": 32})
+        opts = dataclasses.replace(opts, batch=2, seq_len=32)
     seqs = torch.randint(0, config["vocab_size"], (steps * opts.batch, opts.seq_len), generator=torch.Generator().manual_seed(1))
     state = work / f"{name}-{'profile' if profile else 'time'}.pt"
     guard = per_layer_sync() if name == "per-layer-sync" else contextlib.nullcontext()

