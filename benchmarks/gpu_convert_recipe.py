@@ -22,8 +22,8 @@ held-out unchanged) the cache's ``moby-dick/`` and ``ham-mail/`` must travel too
 Checked end to end on the CPU with ``--smoke``.
 
 Longer sparsity training (the authors' ~1B tokens against the recipe's ~4M): ``--sparsify-steps N`` with a
---work of its own; the state is saved every 40 steps, so the same command in the next call of the lease goes
-on where the last stopped (``benchmarks/profile_sparsify.py`` says where a step's time goes first).
+--work of its own; the state is saved about 12 times a run, so the same command in the next call of the lease
+goes on where the last stopped (session 40: 1600 steps in two calls; docs/converter.md, "Training longer").
 
 Other expert sizes on the same sparsified model (the lever "finer experts"): ``--expert-size 32 --work
 /root/recipe-e32 --sparsified-from /root/recipe --methods d2dmoe`` converts from that run's GGUF and
@@ -126,8 +126,10 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None) -> None
 
 def sparsify_recipe(base: dict, steps: int) -> dict:
     """``base``'s sparsify options for ``steps`` steps: the passes over the training text grow in proportion
-    (480 steps x 8k tokens take the SOTU train split ~3 times), so a longer run is not refused for want of text."""
-    return {**base, "steps": steps, "passes": max(base["passes"], math.ceil(base["passes"] * steps / base["steps"]))}
+    (480 steps x 8k tokens take the SOTU train split ~3 times), so a longer run is not refused for want of text;
+    the 3.3 GB training state is saved about 12 times a run (every 40 steps at most), not every 40 steps."""
+    return {**base, "steps": steps, "passes": max(base["passes"], math.ceil(base["passes"] * steps / base["steps"])),
+            "save_every": max(base["save_every"], steps // 12)}
 
 
 def copy_sparsified(src: Path, work: Path) -> Path:
