@@ -34,9 +34,9 @@ def empty_model(config: dict, attention: str = "eager") -> nn.Module:
 
 
 def build_model(dense: DenseModel, *, relu: bool = False, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu", attention: str = "eager") -> nn.Module:
+                device: str | torch.device = "cpu") -> nn.Module:
     """A transformers causal LM holding ``dense``'s weights (``empty_model``'s, then the weights)."""
-    model = empty_model(relu_config(dense.config) if relu else dense.config, attention)
+    model = empty_model(relu_config(dense.config) if relu else dense.config)
     missing, unexpected = model.load_state_dict(dense.state, strict=False)
     missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
