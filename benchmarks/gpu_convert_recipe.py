@@ -112,9 +112,10 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
     return original, points
 
 
-def configure(smoke: bool, expert_size: int, sparsify_steps: int | None) -> None:
-    """This run's RECIPE: the smoke settings (--smoke), the expert size, and a sparsify stage of
-    ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's)."""
+def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generated: float = 0.0) -> None:
+    """This run's RECIPE: the smoke settings (--smoke), the expert size, a sparsify stage of
+    ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's), and the share of its
+    sequences continued by the original model (``generated``, teacher_text.py)."""
     if smoke:
         RECIPE.update(SMOKE)
     RECIPE["expert_size"] = expert_size
@@ -122,6 +123,8 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None) -> None
         if sparsify_steps < 1:
             raise SystemExit(f"[recipe] --sparsify-steps {sparsify_steps}: give at least 1")
         RECIPE["sparsify"] = sparsify_recipe(RECIPE["sparsify"], sparsify_steps)
+    if generated:
+        RECIPE["sparsify"] = {**RECIPE["sparsify"], "generated": generated}
 
 
 def sparsify_recipe(base: dict, steps: int) -> dict:
@@ -187,6 +190,9 @@ def main():
                     help=f"sparsity fine-tuning steps of {RECIPE['sparsify']['batch']} x {RECIPE['sparsify']['seq_len']} "
                          f"tokens (default {RECIPE['sparsify']['steps']}, --smoke {SMOKE['sparsify']['steps']}); the "
                          f"training text's passes grow with them")
+    ap.add_argument("--generated", type=float, default=0.0, metavar="SHARE",
+                    help="share of the sparsify sequences continued by the original model after their first 32 "
+                         "tokens (d2dmoe-convert --sparsify-generated: distinct text for long runs; vLLM samples it)")
     ap.add_argument("--sparsified-from", type=Path, metavar="WORK",
                     help="another recipe --work whose finished dense + sparsify stages this run starts from")
     ap.add_argument("--methods", default="d2dmoe,moefication",
@@ -197,7 +203,7 @@ def main():
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.out)
-    configure(args.smoke, args.expert_size, args.sparsify_steps)
+    configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated)
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or set(methods) - set(METHODS):
         raise SystemExit(f"[recipe] --methods {args.methods!r}: expected some of {', '.join(METHODS)}, comma-separated")
@@ -209,9 +215,10 @@ def main():
     results = json.loads(state_file.read_text()) if state_file.exists() else \
         {"provenance": provenance(), "recipe": {**RECIPE, "corpus": corpus}}
     held = {"corpus": results["recipe"].get("corpus", "sotu"), "expert_size": results["recipe"]["expert_size"],
-            "sparsify_steps": results["recipe"]["sparsify"]["steps"]}
+            "sparsify_steps": results["recipe"]["sparsify"]["steps"],
+            "generated": results["recipe"]["sparsify"].get("generated", 0.0)}
     for key, value in (("corpus", corpus), ("expert_size", RECIPE["expert_size"]),
-                       ("sparsify_steps", RECIPE["sparsify"]["steps"])):
+                       ("sparsify_steps", RECIPE["sparsify"]["steps"]), ("generated", RECIPE["sparsify"].get("generated", 0.0))):
         if held[key] != value:  # its finished reports would be taken as this run's
             raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "
                              f"Fix: pass another --work (or the same --{key.replace('_', '-')} to resume)")

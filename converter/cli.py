@@ -58,6 +58,12 @@ def parser() -> argparse.ArgumentParser:
                         f"cross-entropy; default {d.distill})")
     s.add_argument("--sparsify-passes", type=int, default=d.passes,
                    help=f"times the training text may be reused (default {d.passes})")
+    s.add_argument("--sparsify-generated", type=float, default=d.generated, metavar="SHARE",
+                   help="share in [0, 1] of the training sequences whose text after their first "
+                        "--sparsify-generated-prompt tokens is sampled from the original model (distinct text for long "
+                        f"runs; vLLM on a GPU where installed, else transformers; default {d.generated})")
+    s.add_argument("--sparsify-generated-prompt", type=int, default=d.generated_prompt, metavar="N",
+                   help=f"tokens of real text a generated sequence starts from (default {d.generated_prompt})")
     s.add_argument("--save-every", type=int, default=d.save_every, help="steps between resumable training states")
     r = RouterOptions()
     rg = ap.add_argument_group("routers")
@@ -102,7 +108,8 @@ def options(args: argparse.Namespace) -> ConvertOptions:
         sparsify=SparsifyOptions(steps=args.sparsify_steps, batch=args.sparsify_batch, accum=args.sparsify_accum,
                                  seq_len=args.seq_len, lr=args.sparsify_lr, warmup=args.warmup, alpha=args.hoyer_alpha,
                                  save_every=args.save_every, distill=args.sparsify_distill,
-                                 passes=args.sparsify_passes),
+                                 passes=args.sparsify_passes, generated=args.sparsify_generated,
+                                 generated_prompt=args.sparsify_generated_prompt),
         routers=RouterOptions(width=args.router_width, tokens=args.router_tokens, seq_len=args.seq_len,
                               steps=args.router_steps, batch=args.router_batch, lr=args.router_lr),
         calibrate=CalibrateOptions(budget=args.budget, tokens=args.calib_tokens, eval_tokens=args.eval_tokens,

@@ -33,6 +33,7 @@ from d2dmoe_converter.moe_model import attach_experts, perplexity
 from d2dmoe_converter.routers import METHODS, RouterOptions, capture_ffn_inputs, load_routers, train_routers
 from d2dmoe_converter.sparsify import SparsifyOptions, finetune, plot_log, relufy_
 from d2dmoe_converter.split import contiguous_order, dense_ffn, dense_ffn_names, split_ffn
+from d2dmoe_converter.teacher_text import engine_for, teacher_text
 from d2dmoe_converter.workdir import Stage, fingerprint, write_json
 from d2dmoe_vllm.checkpoint import layer_prefix, validate_checkpoint
 from d2dmoe_vllm.config import ARCHITECTURES, FORMAT_VERSION, CheckpointError, D2DMoEConfig, check_tau
@@ -122,6 +123,11 @@ def check_options(opts: ConvertOptions) -> None:
     for name, value in (("--sparsify-steps", opts.sparsify.steps), ("--router-steps", opts.routers.steps)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if not 0 <= opts.sparsify.generated <= 1:
+        raise ValueError(f"--sparsify-generated is a share of the sequences in [0, 1], got {opts.sparsify.generated}")
+    if opts.sparsify.generated and not 0 < opts.sparsify.generated_prompt < opts.sparsify.seq_len:
+        raise ValueError(f"--sparsify-generated-prompt must be in [1, {opts.sparsify.seq_len - 1}] (below --seq-len "
+                         f"{opts.sparsify.seq_len}), got {opts.sparsify.generated_prompt}")
     if not 0 <= opts.sparsify.distill <= 1:
         raise ValueError(f"--sparsify-distill is a weight in [0, 1], got {opts.sparsify.distill}")
     for name, value in (("--sparsify-passes", opts.sparsify.passes), ("--sparsify-batch", opts.sparsify.batch),
@@ -218,6 +224,14 @@ def hf_architecture(model_type: str) -> str:
     return moe_architecture(model_type).removeprefix("D2DMoE")
 
 
+def eos_ids(dense: DenseModel) -> list[int]:
+    """The end-of-text ids teacher text must not sample (the config's, else the tokenizer's)."""
+    eos = dense.config.get("eos_token_id")
+    if eos is None:
+        eos = load_tokenizer(dense).eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
 def save_dense(dense_cfg: dict, state: dict[str, torch.Tensor], tokenizer_of: DenseModel, dest: Path) -> None:
     """A Hugging Face model directory (config.json + safetensors + tokenizer). A config read from a GGUF
     names no architecture; without one vLLM would load the directory as an embedding model."""
@@ -307,13 +321,35 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         seconds[stage.name] = report["seconds"]
         return stage.finish(report)
 
-    # 1. sparsify: ReLU-fication + square-Hoyer fine-tuning (optional)
+    # 1. sparsify: ReLU-fication + square-Hoyer fine-tuning (optional), on text partly the teacher's (optional)
     if opts.sparsify.steps:
+        sp = opts.sparsify
+        train_ids = text.sparsify
+        if sp.generated:
+            engine = engine_for(device)
+
+            def run_teacher_text(part: Path) -> dict:
+                model = build_model(source, device=device).eval() if engine == "transformers" else None
+                ids = teacher_text(text.sparsify, sp.generated, sp.generated_prompt, opts.seed, part, engine=engine,
+                                   model=model, model_dir=gguf_stage.dir if gguf_stage is not None else src,
+                                   eos=eos_ids(source))
+                del model
+                save_file({"ids": ids}, str(part / "text.safetensors"))
+                for chunk in part.glob("chunk_*.safetensors"):
+                    chunk.unlink()
+                generated = int((ids != text.sparsify).any(dim=1).sum())
+                return {"engine": engine, "sequences": ids.shape[0], "generated": round(sp.generated * ids.shape[0]),
+                        "changed": generated, "prompt": sp.generated_prompt}
+
+            gen_stage = Stage(work, "teacher_text", fingerprint(fp, sp.stage_key(), opts.seed, text.corpus, engine))
+            timed(gen_stage, run_teacher_text)
+            train_ids = load_file(str(gen_stage.dir / "text.safetensors"))["ids"]
+
         def run_sparsify(part: Path) -> dict:
             model = build_model(dense, device=device)
             teacher = build_model(source, device=device).requires_grad_(False).eval() if opts.sparsify.distill else None
             relufy_(model)
-            log = finetune(model, text.sparsify, opts.sparsify, part / "train_state.pt", teacher)
+            log = finetune(model, train_ids, opts.sparsify, part / "train_state.pt", teacher)
             del teacher
             save_dense(dense.config, state_dict_for_export(model), dense, part)
             plot_log(log["log"], part / "sparsify.png")
@@ -322,7 +358,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
             return {"steps": opts.sparsify.steps, "final_task_loss": last["task_loss"], "final_hoyer": last["hoyer"],
                     "final_zero_fraction": last["zero_fraction"], "log": log["log"]}
 
-        stage = Stage(work, "sparsify", fingerprint(fp, asdict(opts.sparsify), opts.seed, text.corpus))
+        stage = Stage(work, "sparsify", fingerprint(fp, sp.stage_key(), opts.seed, text.corpus))
         timed(stage, run_sparsify)
         fp = stage.fingerprint
         dense = load_dense(stage.dir)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +40,14 @@ class SparsifyOptions:
     save_every: int = 50
     distill: float = 0.0          # weight of KL to the original model's next-token distribution, in [0, 1]
     passes: int = 1               # times the training text may be reused when steps ask for more than it holds
+    generated: float = 0.0        # share of the sequences continued by the original model (teacher_text.py)
+    generated_prompt: int = 32    # tokens of real text such a sequence keeps before the teacher's continuation
+
+    def stage_key(self) -> dict:
+        """What the sparsify stage's fingerprint holds: every field, less the teacher-text ones when no
+        text is generated (work dirs from before they existed keep their stage)."""
+        fields = asdict(self)
+        return fields if self.generated else {k: v for k, v in fields.items() if not k.startswith("generated")}
 
 
 def square_hoyer(a: torch.Tensor) -> torch.Tensor:

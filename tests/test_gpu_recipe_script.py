@@ -51,6 +51,7 @@ def test_refuses_a_run_without_a_finished_sparsify_stage(tmp_path):
     (["--expert-size", "32"], "holds a run with expert_size 64, not 32"),
     (["--sparsify-steps", "1920"], "holds a run with sparsify_steps 480, not 1920"),
     (["--sparsify-steps", "0"], "--sparsify-steps 0: give at least 1"),
+    (["--generated", "0.5"], "holds a run with generated 0.0, not 0.5"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     work = tmp_path / "work"
@@ -113,3 +114,8 @@ def test_smoke_keeps_its_own_sparsify_stage(monkeypatch):
     monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
     recipe.configure(False, 32, None)
     assert recipe.RECIPE["sparsify"] == original["sparsify"] and recipe.RECIPE["expert_size"] == 32
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, 960, 0.5)   # teacher text: the options d2dmoe-convert's sparsify stage takes
+    assert recipe.RECIPE["sparsify"] == {**recipe.sparsify_recipe(original["sparsify"], 960), "generated": 0.5}
+    from d2dmoe_converter.sparsify import SparsifyOptions
+    assert SparsifyOptions(**recipe.RECIPE["sparsify"]).generated == 0.5

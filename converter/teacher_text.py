@@ -1,0 +1,151 @@
+"""Distillation text sampled from the original model: continuations of the training text's openings.
+
+More sparsify steps over the same corpus narrow the student toward that text (session 40, docs/converter.md
+"Training longer: measured": train KL -42%, held-out gap unchanged, other corpora worse): the limit is
+distinct text, and the teacher supplies it without bound. A share ``generated`` of the sparsify stage's
+sequences keeps its first ``prompt`` tokens and the rest is sampled from the original model (temperature
+1, no top-k / top-p: the teacher's own distribution; end-of-text suppressed so every sequence keeps its
+length). A training sequence read again (passes > 1) gets another continuation, so the steps see distinct text.
+
+Engines: vLLM when it is installed and the stage runs on a GPU (batched sampling; in a subprocess, so its
+GPU memory is free again before training), else transformers' ``generate`` (CPU, tests). Continuations
+are saved in chunks as they finish: an interrupted stage resumes.
+
+    python -m d2dmoe_converter.teacher_text MODEL_DIR JOBS.safetensors OUT_DIR --new-tokens N
+runs the vLLM engine over the pending chunks (what ``sample_vllm`` starts: one engine for them all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+CHUNK = 4096  # sequences per saved chunk
+
+
+def generated_rows(n: int, share: float, seed: int) -> torch.Tensor:
+    """The ``round(share * n)`` of ``n`` sequences to continue with teacher text, spread over the
+    run by a seeded permutation, in order."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"--sparsify-generated is a share of the sequences in [0, 1], got {share}")
+    count = round(share * n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+
+
+def engine_for(device: torch.device) -> str:
+    """vLLM on a GPU where it is installed, else transformers."""
+    if device.type != "cuda":
+        return "transformers"
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "transformers"
+    return "vllm"
+
+
+def sample_transformers(model, prompts: torch.Tensor, new_tokens: int, seed: int, eos: list[int],
+                        batch: int = 64) -> torch.Tensor:
+    """[n, new_tokens] tokens sampled from ``model`` after each row of ``prompts`` (transformers'
+    ``generate``; ``eos`` never sampled)."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    cfg = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=eos[0])
+    out = []
+    for i in range(0, prompts.shape[0], batch):
+        torch.manual_seed(seed + i)
+        ids = prompts[i : i + batch].to(device)
+        with torch.no_grad():
+            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+        out.append(seq[:, ids.shape[1]:].cpu())
+    return torch.cat(out)
+
+
+def sample_vllm(model_dir: Path, jobs: dict[str, tuple[torch.Tensor, int]], new_tokens: int, part: Path) -> None:
+    """``sample_transformers`` through vLLM for every pending chunk (``jobs``: file name -> prompts, seed),
+    one engine in a subprocess (``main`` below) that writes each chunk's file into ``part`` as it finishes."""
+    src = part / "pending.safetensors"
+    save_file({name: prompts.contiguous() for name, (prompts, _) in jobs.items()}, str(src),
+              metadata={"seeds": json.dumps({name: seed for name, (_, seed) in jobs.items()})})
+    cmd = [sys.executable, "-m", "d2dmoe_converter.teacher_text", str(model_dir), str(src), str(part),
+           "--new-tokens", str(new_tokens)]
+    if not torch.cuda.is_available():  # vLLM's CPU backend (tests): fp32, no compilation
+        cmd += ["--dtype", "float32", "--enforce-eager"]
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise RuntimeError(f"teacher text: the vLLM sampler failed (exit {done.returncode}; its log is above). "
+                           f"Fix: resolve that error, or run the stage without vLLM installed (transformers' generate)")
+    src.unlink()
+
+
+def teacher_text(seqs: torch.Tensor, share: float, prompt: int, seed: int, part: Path, *, engine: str,
+                 model=None, model_dir: Path | None = None, eos: list[int] | None = None) -> torch.Tensor:
+    """``seqs`` with the rows ``generated_rows`` picks continued by the teacher after their first ``prompt``
+    tokens; finished chunks are kept in ``part`` (resume). transformers needs ``model`` and ``eos``, vLLM
+    ``model_dir`` (the original model as a Hugging Face directory)."""
+    n, length = seqs.shape
+    if not 0 < prompt < length:
+        raise ValueError(f"--sparsify-generated-prompt must be in [1, {length - 1}] (the sequence length is "
+                         f"{length}), got {prompt}")
+    rows = generated_rows(n, share, seed)
+    chunks = {f"chunk_{c:04d}": (rows[start : start + CHUNK], seed + start)
+              for c, start in enumerate(range(0, len(rows), CHUNK))}
+    pending = {name: (seqs[r, :prompt], s) for name, (r, s) in chunks.items()
+               if not (part / f"{name}.safetensors").is_file()}
+    if pending and engine == "vllm":
+        sample_vllm(model_dir, pending, length - prompt, part)
+    elif pending:
+        for name, (prompts, s) in tqdm(pending.items(), desc="teacher text (transformers)"):
+            cont = sample_transformers(model, prompts, length - prompt, s, eos)
+            save_file({"continuations": cont.contiguous()}, str(part / f"{name}.safetensors"))
+    out = seqs.clone()
+    for name, (r, _) in chunks.items():
+        out[r, prompt:] = load_file(str(part / f"{name}.safetensors"))["continuations"].to(out.dtype)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Sample continuations of token prompts from a model with vLLM "
+                                 "(the teacher-text stage's GPU engine)")
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("jobs", type=Path, help="safetensors: one [n, p] tensor of prompt ids per chunk, its seed in "
+                    "the metadata's 'seeds' (JSON: name -> seed; row i samples with seed + i)")
+    ap.add_argument("out_dir", type=Path, help="where each chunk's 'continuations' [n, new_tokens] is written, "
+                    "as NAME.safetensors")
+    ap.add_argument("--new-tokens", type=int, required=True)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (tests on the CPU)")
+    args = ap.parse_args(argv)
+    from safetensors import safe_open
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    jobs = load_file(str(args.jobs))
+    with safe_open(str(args.jobs), "pt") as f:
+        seeds = json.loads(f.metadata()["seeds"])
+    length = next(iter(jobs.values())).shape[1] + args.new_tokens
+    llm = LLM(model=str(args.model_dir), dtype=args.dtype, seed=0, generation_config="vllm", max_model_len=length,
+              gpu_memory_utilization=0.6, enable_prefix_caching=False, enforce_eager=args.enforce_eager)
+    for name, prompts in sorted(jobs.items()):
+        # min_tokens = max_tokens: end-of-text is never sampled (as transformers' min_new_tokens); a seed per row
+        params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.new_tokens, min_tokens=args.new_tokens,
+                                 ignore_eos=True, seed=seeds[name] + i) for i in range(prompts.shape[0])]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params)
+        cont = torch.tensor([list(o.outputs[0].token_ids) for o in outs], dtype=torch.long)
+        if cont.shape != (prompts.shape[0], args.new_tokens):
+            raise RuntimeError(f"vLLM returned continuations of shape {tuple(cont.shape)}, "
+                               f"not {(prompts.shape[0], args.new_tokens)}")
+        save_file({"continuations": cont}, str(args.out_dir / f"{name}.safetensors"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
