@@ -18,7 +18,6 @@ runs the vLLM engine over the pending chunks (what ``sample_vllm`` starts: one e
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -69,14 +68,15 @@ def sample_transformers(model, prompts: torch.Tensor, new_tokens: int, seed: int
     return torch.cat(out)
 
 
-def sample_vllm(model_dir: Path, jobs: dict[str, tuple[torch.Tensor, int]], new_tokens: int, part: Path) -> None:
-    """``sample_transformers`` through vLLM for every pending chunk (``jobs``: file name -> prompts, seed),
-    one engine in a subprocess (``main`` below) that writes each chunk's file into ``part`` as it finishes."""
+def sample_vllm(model_dir: Path, jobs: dict[str, torch.Tensor], new_tokens: int, seed: int, part: Path) -> None:
+    """``sample_transformers`` through vLLM for every pending chunk (``jobs``: file name -> prompts), one
+    engine in a subprocess (``main`` below) that writes each chunk's file into ``part`` as it finishes.
+    The engine is seeded, its rows are not (a seed per request makes vLLM draw row by row), so a
+    resumed stage's new chunks are not those an uninterrupted run would have drawn."""
     src = part / "pending.safetensors"
-    save_file({name: prompts.contiguous() for name, (prompts, _) in jobs.items()}, str(src),
-              metadata={"seeds": json.dumps({name: seed for name, (_, seed) in jobs.items()})})
+    save_file({name: prompts.contiguous() for name, prompts in jobs.items()}, str(src))
     cmd = [sys.executable, "-m", "d2dmoe_converter.teacher_text", str(model_dir), str(src), str(part),
-           "--new-tokens", str(new_tokens)]
+           "--new-tokens", str(new_tokens), "--seed", str(seed)]
     if not torch.cuda.is_available():  # vLLM's CPU backend (tests): fp32, no compilation
         cmd += ["--dtype", "float32", "--enforce-eager"]
     done = subprocess.run(cmd)
@@ -101,7 +101,7 @@ def teacher_text(seqs: torch.Tensor, share: float, prompt: int, seed: int, part:
     pending = {name: (seqs[r, :prompt], s) for name, (r, s) in chunks.items()
                if not (part / f"{name}.safetensors").is_file()}
     if pending and engine == "vllm":
-        sample_vllm(model_dir, pending, length - prompt, part)
+        sample_vllm(model_dir, {name: p for name, (p, _) in pending.items()}, length - prompt, seed, part)
     elif pending:
         for name, (prompts, s) in tqdm(pending.items(), desc="teacher text (transformers)"):
             cont = sample_transformers(model, prompts, length - prompt, s, eos)
@@ -116,28 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Sample continuations of token prompts from a model with vLLM "
                                  "(the teacher-text stage's GPU engine)")
     ap.add_argument("model_dir", type=Path)
-    ap.add_argument("jobs", type=Path, help="safetensors: one [n, p] tensor of prompt ids per chunk, its seed in "
-                    "the metadata's 'seeds' (JSON: name -> seed; row i samples with seed + i)")
+    ap.add_argument("jobs", type=Path, help="safetensors: one [n, p] tensor of prompt ids per chunk")
     ap.add_argument("out_dir", type=Path, help="where each chunk's 'continuations' [n, new_tokens] is written, "
                     "as NAME.safetensors")
     ap.add_argument("--new-tokens", type=int, required=True)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (tests on the CPU)")
     args = ap.parse_args(argv)
-    from safetensors import safe_open
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     jobs = load_file(str(args.jobs))
-    with safe_open(str(args.jobs), "pt") as f:
-        seeds = json.loads(f.metadata()["seeds"])
     length = next(iter(jobs.values())).shape[1] + args.new_tokens
-    llm = LLM(model=str(args.model_dir), dtype=args.dtype, seed=0, generation_config="vllm", max_model_len=length,
+    llm = LLM(model=str(args.model_dir), dtype=args.dtype, seed=args.seed, generation_config="vllm", max_model_len=length,
               gpu_memory_utilization=0.6, enable_prefix_caching=False, enforce_eager=args.enforce_eager)
     for name, prompts in sorted(jobs.items()):
-        # min_tokens = max_tokens: end-of-text is never sampled (as transformers' min_new_tokens); a seed per row
-        params = [SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.new_tokens, min_tokens=args.new_tokens,
-                                 ignore_eos=True, seed=seeds[name] + i) for i in range(prompts.shape[0])]
+        # min_tokens = max_tokens: end-of-text is never sampled (as transformers' min_new_tokens)
+        params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.new_tokens, min_tokens=args.new_tokens,
+                                ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params)
         cont = torch.tensor([list(o.outputs[0].token_ids) for o in outs], dtype=torch.long)
         if cont.shape != (prompts.shape[0], args.new_tokens):
