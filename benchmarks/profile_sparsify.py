@@ -11,7 +11,10 @@ The authors trained ~250 times more tokens. This script times ``finetune`` itsel
 with random weights (a step's cost does not depend on the values, so no GGUF is needed) and random token
 ids, with the recipe's options, in variants:
 
-- ``base``: the code as it is (eager attention, as ``build_model`` builds it; one host sync per step);
+- ``base``: the code as it is (eager attention, as ``build_model`` builds it; one host sync per step; the
+  distillation KL in one Triton pass pair over the logits, ``d2dmoe_converter.distill_kl``, since session 40);
+- ``torch-kl``: the KL as the torch reference computes it (chunks of 1024 positions in fp32: the step
+  session 40 profiled at 337 ms on an H100);
 - ``per-layer-sync``: the host sync in every layer's ReLU that the step had before session 39, added back (the
   old step's other syncs, one per loss term and the grad norm, are not);
 - ``sdpa``: student and teacher with PyTorch's scaled-dot-product attention instead of eager;
@@ -43,7 +46,7 @@ GEMMA3_270M = dict(model_type="gemma3_text", hidden_size=640, intermediate_size=
 TINY = dict(GEMMA3_270M, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
             head_dim=32, vocab_size=512, sliding_window=16, query_pre_attn_scalar=32)
 RECIPE = {k: v for k, v in gpu_convert_recipe.RECIPE["sparsify"].items() if k not in ("steps", "save_every")}
-VARIANTS = ("base", "per-layer-sync", "sdpa", "frozen-embedding")
+VARIANTS = ("base", "torch-kl", "per-layer-sync", "sdpa", "frozen-embedding")
 
 
 def build(config: dict, attention: str, device: str) -> torch.nn.Module:
@@ -74,6 +77,19 @@ def per_layer_sync():
         sparsify.HoyerReLU.forward = forward
 
 
+@contextlib.contextmanager
+def torch_kl():
+    """The distillation KL by the torch reference (chunked, fp32) instead of the Triton kernel."""
+    from d2dmoe_converter import distill_kl
+
+    kernel = distill_kl.kl_rows_triton
+    distill_kl.kl_rows_triton = lambda student, teacher: distill_kl.kl_rows_torch(student, teacher)
+    try:
+        yield
+    finally:
+        distill_kl.kl_rows_triton = kernel
+
+
 def run_variant(name: str, config: dict, steps: int, device: str, work: Path, profile: bool = False) -> dict:
     from d2dmoe_converter.sparsify import SparsifyOptions, finetune, relufy_
 
@@ -88,9 +104,10 @@ def run_variant(name: str, config: dict, steps: int, device: str, work: Path, pr
         opts = dataclasses.replace(opts, batch=2, seq_len=32)
     seqs = torch.randint(0, config["vocab_size"], (steps * opts.batch, opts.seq_len), generator=torch.Generator().manual_seed(1))
     state = work / f"{name}-{'profile' if profile else 'time'}.pt"
-    guard = per_layer_sync() if name == "per-layer-sync" else contextlib.nullcontext()
+    guard = {"per-layer-sync": per_layer_sync, "torch-kl": torch_kl}.get(name, contextlib.nullcontext)()
     result = {"attention": model.config._attn_implementation, "trained_parameters":
-              sum(p.numel() for p in model.parameters() if p.requires_grad)}
+              sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "kl": "triton" if device == "cuda" and name != "torch-kl" else "torch"}
     with guard:
         if profile:  # the steps after the first (its optimizer-state creation and library warm-up left out)
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])

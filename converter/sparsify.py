@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from d2dmoe_converter.distill_kl import distill_loss
 from d2dmoe_converter.hf_model import activation_attr, decoder_layers
 
 EPS = 1e-6
@@ -72,41 +73,6 @@ class HoyerReLU(nn.Module):
             self.hoyer = square_hoyer(a)
             self.zero_fraction = (a.detach() == 0).float().mean()
         return a
-
-
-class _DistillKL(torch.autograd.Function):
-    """KL(teacher || student) per token, averaged, with its gradient (softmax(s) - softmax(t)) / N
-    computed in the forward pass, ``chunk`` rows at a time: fp32 work stays at chunk x vocab and only
-    the gradient (student logits' dtype) is kept, instead of several fp32 copies of the whole
-    [tokens, vocab] logits that autograd would save (a 262k vocabulary at 8k tokens: ~9 GB each)."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, chunk):
-        vocab = student.shape[-1]
-        s2, t2 = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
-        n = s2.shape[0]
-        grad = torch.empty_like(s2)
-        loss = torch.zeros((), dtype=torch.float32, device=student.device)
-        for i in range(0, n, chunk):
-            log_s = torch.log_softmax(s2[i : i + chunk].float(), dim=-1)
-            log_t = torch.log_softmax(t2[i : i + chunk].float(), dim=-1)
-            p_t = log_t.exp()
-            loss += (p_t * (log_t - log_s)).sum()
-            grad[i : i + chunk] = ((log_s.exp() - p_t) / n).to(grad.dtype)
-        ctx.save_for_backward(grad)
-        ctx.shape = student.shape
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_out).reshape(ctx.shape), None, None
-
-
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) of the next-token distributions (fp32 math,
-    ``chunk`` tokens at a time; differentiable in the student logits)."""
-    return _DistillKL.apply(student_logits, teacher_logits.detach(), chunk)
 
 
 def relufy_(model: nn.Module) -> list[HoyerReLU]:
@@ -162,7 +128,7 @@ def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_
                 if opts.distill > 0:
                     with torch.no_grad():
                         teacher_logits = teacher(input_ids=ids).logits
-                    kl = distill_loss(out.logits[:, :-1], teacher_logits[:, :-1])
+                    kl = distill_loss(out.logits, teacher_logits)   # every position but the last
                     task = (1 - opts.distill) * task + opts.distill * kl
             hoyer = torch.stack([a.hoyer for a in acts]).mean()
             ((task + opts.alpha * hoyer) / opts.accum).backward()

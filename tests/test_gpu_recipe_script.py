@@ -72,13 +72,14 @@ def test_profile_sparsify_smoke(tmp_path):
     proc = subprocess.run(cmd + ["--smoke"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads((tmp_path / "profile-sparsify-cpu-smoke.json").read_text())
-    assert set(doc["variants"]) == {"base", "per-layer-sync", "sdpa", "frozen-embedding"}
+    assert set(doc["variants"]) == {"base", "torch-kl", "per-layer-sync", "sdpa", "frozen-embedding"}
     v = doc["variants"]
     for r in v.values():
         assert len(r["step_seconds"]) == 4 and all(s > 0 for s in r["step_seconds"])
         assert r["median_step_s"] == pytest.approx(sorted(r["step_seconds"][1:])[1])
     # the variants are what they say: other attention, fewer trained parameters (the tied embedding out)
     assert v["sdpa"]["attention"] == "sdpa" and v["base"]["attention"] == "eager"
+    assert v["torch-kl"]["kl"] == "torch" and v["base"]["kl"] == ("triton" if torch.cuda.is_available() else "torch")
     vocab, d = 512, 64  # profile_sparsify.TINY
     assert v["base"]["trained_parameters"] - v["frozen-embedding"]["trained_parameters"] == vocab * d
     names = [row["name"] for row in doc["profile_base"]["top"]]

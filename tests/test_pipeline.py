@@ -25,7 +25,8 @@ from d2dmoe_converter.hf_model import build_model
 from d2dmoe_converter.moe_model import attach_experts, ffn_fraction, run_base, set_selection
 from d2dmoe_converter.routers import RouterOptions, train_layer_router
 from d2dmoe_converter.corpus import CorpusError, token_sequences
-from d2dmoe_converter.sparsify import HoyerReLU, SparsifyOptions, distill_loss, finetune, relufy_, square_hoyer
+from d2dmoe_converter.distill_kl import distill_loss
+from d2dmoe_converter.sparsify import HoyerReLU, SparsifyOptions, finetune, relufy_, square_hoyer
 
 FAST = ["--router-tokens", "4096", "--router-steps", "200", "--calib-tokens", "1024", "--eval-tokens", "1024",
         "--seq-len", "128", "--expert-size", "32"]
@@ -41,22 +42,26 @@ def test_square_hoyer_matches_hand_computation():
 
 
 def test_distill_loss_is_kl_of_teacher_to_student():
-    t = torch.tensor([[[0.0, 1.0, 2.0]]])
+    """Over every position but the last (which predicts past the sequence: its logits do not count)."""
+    t = torch.tensor([[[0.0, 1.0, 2.0], [5.0, 0.0, 0.0]]])
     assert distill_loss(t, t).item() == pytest.approx(0.0, abs=1e-7)
-    s = torch.tensor([[[2.0, 1.0, 0.0]]])
+    s = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 0.0, 9.0]]])
     p, q = torch.softmax(t[0, 0], -1), torch.softmax(s[0, 0], -1)
     assert distill_loss(s, t).item() == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-5)
 
 
 def test_chunked_distill_loss_and_gradient_match_autograd():
-    """The chunked KL (gradient computed in the forward pass) against plain autograd, chunk sizes
-    that do and do not divide the token count, logits in bf16 (as under autocast) and fp32."""
+    """The chunked KL (gradient computed in the forward pass) against plain autograd on the positions
+    but the last (whose gradient is zero), chunk sizes that do and do not divide the count, logits in
+    bf16 (as under autocast) and fp32."""
     g = torch.Generator().manual_seed(0)
     s0, t = torch.randn(3, 7, 50, generator=g) * 3, torch.randn(3, 7, 50, generator=g) * 3
     ref_s = s0.clone().requires_grad_(True)
-    ref = torch.nn.functional.kl_div(torch.log_softmax(ref_s.reshape(-1, 50), -1),
-                                     torch.log_softmax(t.reshape(-1, 50), -1), log_target=True, reduction="batchmean")
+    ref = torch.nn.functional.kl_div(torch.log_softmax(ref_s[:, :-1].reshape(-1, 50), -1),
+                                     torch.log_softmax(t[:, :-1].reshape(-1, 50), -1), log_target=True,
+                                     reduction="batchmean")
     ref.backward()
+    assert (ref_s.grad[:, -1] == 0).all()
     for chunk in (1, 4, 21, 1000):
         s = s0.clone().requires_grad_(True)
         loss = distill_loss(s, t, chunk=chunk)
