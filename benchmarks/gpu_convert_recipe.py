@@ -123,6 +123,8 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generat
         if sparsify_steps < 1:
             raise SystemExit(f"[recipe] --sparsify-steps {sparsify_steps}: give at least 1")
         RECIPE["sparsify"] = sparsify_recipe(RECIPE["sparsify"], sparsify_steps)
+    if not 0 <= generated <= 1:
+        raise SystemExit(f"[recipe] --generated {generated}: a share of the sparsify sequences, in [0, 1]")
     if generated:
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "generated": generated}
 

@@ -78,6 +78,27 @@ def per_layer_sync():
 
 
 @contextlib.contextmanager
+def counted_kl():
+    """Counts the calls of each KL implementation (what ran, not what was meant to)."""
+    from d2dmoe_converter import distill_kl
+
+    calls = {"triton": 0, "torch": 0}
+    saved = distill_kl.kl_rows_triton, distill_kl.kl_rows_torch
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    distill_kl.kl_rows_triton, distill_kl.kl_rows_torch = counting("triton", saved[0]), counting("torch", saved[1])
+    try:
+        yield calls
+    finally:
+        distill_kl.kl_rows_triton, distill_kl.kl_rows_torch = saved
+
+
+@contextlib.contextmanager
 def torch_kl():
     """The distillation KL by the torch reference (chunked, fp32) instead of the Triton kernel."""
     from d2dmoe_converter import distill_kl
@@ -106,9 +127,8 @@ def run_variant(name: str, config: dict, steps: int, device: str, work: Path, pr
     state = work / f"{name}-{'profile' if profile else 'time'}.pt"
     guard = {"per-layer-sync": per_layer_sync, "torch-kl": torch_kl}.get(name, contextlib.nullcontext)()
     result = {"attention": model.config._attn_implementation, "trained_parameters":
-              sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "kl": "triton" if device == "cuda" and name != "torch-kl" else "torch"}
-    with guard:
+              sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    with counted_kl() as kl_calls, guard:
         if profile:  # the steps after the first (its optimizer-state creation and library warm-up left out)
             acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
             schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps - 1, repeat=1)
@@ -122,6 +142,7 @@ def run_variant(name: str, config: dict, steps: int, device: str, work: Path, pr
         else:
             log = finetune(model, seqs, opts, state, teacher)["log"]
             result["step_seconds"] = [r["seconds"] for r in log]
+    result["kl_calls"] = dict(kl_calls)   # which KL implementation the steps ran: {"triton": n, "torch": n}
     del model, teacher
     if device == "cuda":
         result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30

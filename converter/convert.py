@@ -324,41 +324,44 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
     # 1. sparsify: ReLU-fication + square-Hoyer fine-tuning (optional), on text partly the teacher's (optional)
     if opts.sparsify.steps:
         sp = opts.sparsify
-        train_ids = text.sparsify
-        if sp.generated:
+        key = [fp, sp.stage_key(), opts.seed, text.corpus]
+        if sp.generated:  # the teacher's text is sampled once, for what decides it: not for lr or alpha
             engine = engine_for(device)
+            gen_stage = Stage(work, "teacher_text", fingerprint(fp, sp.text_key(), opts.seed, text.corpus, engine))
+            key.append(gen_stage.fingerprint)
+        stage = Stage(work, "sparsify", fingerprint(*key))
 
-            def run_teacher_text(part: Path) -> dict:
-                model = build_model(source, device=device).eval() if engine == "transformers" else None
-                ids = teacher_text(text.sparsify, sp.generated, sp.generated_prompt, opts.seed, part, engine=engine,
-                                   model=model, model_dir=gguf_stage.dir if gguf_stage is not None else src,
-                                   eos=eos_ids(source))
-                del model
-                save_file({"ids": ids}, str(part / "text.safetensors"))
-                for chunk in part.glob("chunk_*.safetensors"):
-                    chunk.unlink()
-                generated = int((ids != text.sparsify).any(dim=1).sum())
-                return {"engine": engine, "sequences": ids.shape[0], "generated": round(sp.generated * ids.shape[0]),
-                        "changed": generated, "prompt": sp.generated_prompt}
+        def run_teacher_text(part: Path) -> dict:
+            model = build_model(source, device=device).eval() if engine == "transformers" else None
+            ids = teacher_text(text.sparsify, sp.generated, sp.generated_prompt, opts.seed, part, engine=engine,
+                               model=model, model_dir=gguf_stage.dir if gguf_stage is not None else src,
+                               eos=eos_ids(source), device=device)
+            del model
+            save_file({"ids": ids}, str(part / "text.safetensors"))
+            for chunk in part.glob("chunk_*.safetensors"):
+                chunk.unlink()
+            changed = int((ids != text.sparsify).any(dim=1).sum())
+            return {"engine": engine, "sequences": ids.shape[0], "generated": round(sp.generated * ids.shape[0]),
+                    "changed": changed, "prompt": sp.generated_prompt}
 
-            gen_stage = Stage(work, "teacher_text", fingerprint(fp, sp.stage_key(), opts.seed, text.corpus, engine))
+        train_ids = text.sparsify
+        if sp.generated and not stage.done:  # a finished sparsify stage needs no text
             timed(gen_stage, run_teacher_text)
             train_ids = load_file(str(gen_stage.dir / "text.safetensors"))["ids"]
 
         def run_sparsify(part: Path) -> dict:
             model = build_model(dense, device=device)
-            teacher = build_model(source, device=device).requires_grad_(False).eval() if opts.sparsify.distill else None
+            teacher = build_model(source, device=device).requires_grad_(False).eval() if sp.distill else None
             relufy_(model)
-            log = finetune(model, train_ids, opts.sparsify, part / "train_state.pt", teacher)
+            log = finetune(model, train_ids, sp, part / "train_state.pt", teacher)
             del teacher
             save_dense(dense.config, state_dict_for_export(model), dense, part)
             plot_log(log["log"], part / "sparsify.png")
             (part / "train_state.pt").unlink(missing_ok=True)
             last = log["log"][-1]
-            return {"steps": opts.sparsify.steps, "final_task_loss": last["task_loss"], "final_hoyer": last["hoyer"],
+            return {"steps": sp.steps, "final_task_loss": last["task_loss"], "final_hoyer": last["hoyer"],
                     "final_zero_fraction": last["zero_fraction"], "log": log["log"]}
 
-        stage = Stage(work, "sparsify", fingerprint(fp, sp.stage_key(), opts.seed, text.corpus))
         timed(stage, run_sparsify)
         fp = stage.fingerprint
         dense = load_dense(stage.dir)

@@ -50,6 +50,11 @@ class SparsifyOptions:
         fields = asdict(self)
         return fields if self.generated else {k: v for k, v in fields.items() if not k.startswith("generated")}
 
+    def text_key(self) -> dict:
+        """What decides the teacher text: which sequences, how long, how many (not lr, alpha, ...)."""
+        return {k: getattr(self, k) for k in ("steps", "batch", "accum", "seq_len", "passes", "generated",
+                                             "generated_prompt")}
+
 
 def square_hoyer(a: torch.Tensor) -> torch.Tensor:
     """mean over tokens of ||a||_1^2 / ||a||_2^2 (last dim = neurons); between 1 and the width."""

@@ -18,6 +18,7 @@ runs the vLLM engine over the pending chunks (what ``sample_vllm`` starts: one e
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,13 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 CHUNK = 4096  # sequences per saved chunk
+
+
+def save_chunk(cont: torch.Tensor, path: Path) -> None:
+    """Written whole or not at all (a call cut at its time limit must not leave half a chunk behind)."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"continuations": cont.contiguous()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def generated_rows(n: int, share: float, seed: int) -> torch.Tensor:
@@ -68,7 +76,8 @@ def sample_transformers(model, prompts: torch.Tensor, new_tokens: int, seed: int
     return torch.cat(out)
 
 
-def sample_vllm(model_dir: Path, jobs: dict[str, torch.Tensor], new_tokens: int, seed: int, part: Path) -> None:
+def sample_vllm(model_dir: Path, jobs: dict[str, torch.Tensor], new_tokens: int, seed: int, part: Path,
+                eos: list[int], device: torch.device | None = None) -> None:
     """``sample_transformers`` through vLLM for every pending chunk (``jobs``: file name -> prompts), one
     engine in a subprocess (``main`` below) that writes each chunk's file into ``part`` as it finishes.
     The engine is seeded, its rows are not (a seed per request makes vLLM draw row by row), so a
@@ -76,10 +85,13 @@ def sample_vllm(model_dir: Path, jobs: dict[str, torch.Tensor], new_tokens: int,
     src = part / "pending.safetensors"
     save_file({name: prompts.contiguous() for name, prompts in jobs.items()}, str(src))
     cmd = [sys.executable, "-m", "d2dmoe_converter.teacher_text", str(model_dir), str(src), str(part),
-           "--new-tokens", str(new_tokens), "--seed", str(seed)]
+           "--new-tokens", str(new_tokens), "--seed", str(seed), "--eos", ",".join(map(str, eos))]
     if not torch.cuda.is_available():  # vLLM's CPU backend (tests): fp32, no compilation
         cmd += ["--dtype", "float32", "--enforce-eager"]
-    done = subprocess.run(cmd)
+    env = dict(os.environ)
+    if device is not None and device.type == "cuda" and device.index is not None:  # --device cuda:N
+        env["CUDA_VISIBLE_DEVICES"] = str(device.index)
+    done = subprocess.run(cmd, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"teacher text: the vLLM sampler failed (exit {done.returncode}; its log is above). "
                            f"Fix: resolve that error, or run the stage without vLLM installed (transformers' generate)")
@@ -87,10 +99,11 @@ def sample_vllm(model_dir: Path, jobs: dict[str, torch.Tensor], new_tokens: int,
 
 
 def teacher_text(seqs: torch.Tensor, share: float, prompt: int, seed: int, part: Path, *, engine: str,
-                 model=None, model_dir: Path | None = None, eos: list[int] | None = None) -> torch.Tensor:
+                 eos: list[int], model=None, model_dir: Path | None = None,
+                 device: torch.device | None = None) -> torch.Tensor:
     """``seqs`` with the rows ``generated_rows`` picks continued by the teacher after their first ``prompt``
-    tokens; finished chunks are kept in ``part`` (resume). transformers needs ``model`` and ``eos``, vLLM
-    ``model_dir`` (the original model as a Hugging Face directory)."""
+    tokens, ``eos`` never sampled; finished chunks are kept in ``part`` (resume). transformers needs
+    ``model``, vLLM ``model_dir`` (the original model as a Hugging Face directory; ``device`` its GPU)."""
     n, length = seqs.shape
     if not 0 < prompt < length:
         raise ValueError(f"--sparsify-generated-prompt must be in [1, {length - 1}] (the sequence length is "
@@ -101,11 +114,10 @@ def teacher_text(seqs: torch.Tensor, share: float, prompt: int, seed: int, part:
     pending = {name: (seqs[r, :prompt], s) for name, (r, s) in chunks.items()
                if not (part / f"{name}.safetensors").is_file()}
     if pending and engine == "vllm":
-        sample_vllm(model_dir, {name: p for name, (p, _) in pending.items()}, length - prompt, seed, part)
+        sample_vllm(model_dir, {name: p for name, (p, _) in pending.items()}, length - prompt, seed, part, eos, device)
     elif pending:
         for name, (prompts, s) in tqdm(pending.items(), desc="teacher text (transformers)"):
-            cont = sample_transformers(model, prompts, length - prompt, s, eos)
-            save_file({"continuations": cont.contiguous()}, str(part / f"{name}.safetensors"))
+            save_chunk(sample_transformers(model, prompts, length - prompt, s, eos), part / f"{name}.safetensors")
     out = seqs.clone()
     for name, (r, _) in chunks.items():
         out[r, prompt:] = load_file(str(part / f"{name}.safetensors"))["continuations"].to(out.dtype)
@@ -121,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                     "as NAME.safetensors")
     ap.add_argument("--new-tokens", type=int, required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eos", default="", help="comma-separated token ids never to sample (end-of-text)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (tests on the CPU)")
     args = ap.parse_args(argv)
@@ -132,15 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(model=str(args.model_dir), dtype=args.dtype, seed=args.seed, generation_config="vllm", max_model_len=length,
               gpu_memory_utilization=0.6, enable_prefix_caching=False, enforce_eager=args.enforce_eager)
     for name, prompts in sorted(jobs.items()):
-        # min_tokens = max_tokens: end-of-text is never sampled (as transformers' min_new_tokens)
+        # min_tokens = max_tokens: the tokenizer's end-of-text and --eos (the stop ids) are never sampled, as
+        # transformers' min_new_tokens does for the same ids
         params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.new_tokens, min_tokens=args.new_tokens,
-                                ignore_eos=True)
+                                ignore_eos=True, stop_token_ids=[int(i) for i in args.eos.split(",") if i],
+                                detokenize=False)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params)
         cont = torch.tensor([list(o.outputs[0].token_ids) for o in outs], dtype=torch.long)
         if cont.shape != (prompts.shape[0], args.new_tokens):
             raise RuntimeError(f"vLLM returned continuations of shape {tuple(cont.shape)}, "
                                f"not {(prompts.shape[0], args.new_tokens)}")
-        save_file({"continuations": cont}, str(args.out_dir / f"{name}.safetensors"))
+        save_chunk(cont, args.out_dir / f"{name}.safetensors")
     return 0
 
 

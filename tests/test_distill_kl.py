@@ -1,7 +1,6 @@
 """The sparsify stage's distillation KL: the Triton kernel (TRITON_INTERPRET=1 here) against the torch
 reference, which is itself checked against autograd in test_pipeline.py."""
 
-import importlib
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is built (see test_kernels_triton.py)
@@ -10,10 +9,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-import d2dmoe_converter.distill_kl as dk  # noqa: E402
+from d2dmoe_converter import distill_kl as dk  # noqa: E402
+from d2dmoe_converter.distill_kl_kernel import _kl_rows_kernel  # noqa: E402
 
-if not isinstance(dk._kl_rows_kernel, InterpretedFunction):  # imported (compiled) by an earlier test module
-    dk = importlib.reload(dk)
+assert isinstance(_kl_rows_kernel, InterpretedFunction), "the kernel module was imported before TRITON_INTERPRET was set"
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,6 +2,7 @@
 resumable, and wired into d2dmoe-convert with its own stage."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -40,47 +41,63 @@ def test_engine_is_transformers_off_the_gpu():
 PROMPT = [EOS, 464, 3290, 318, 257]
 
 
-def check_teachers_distribution(teacher, first: torch.Tensor) -> None:
-    """``first``: first tokens sampled after PROMPT. At temperature 1 with no top-k / top-p their mean
-    log-probability under the teacher is its entropy's negative (within 4 standard errors; a top-k of 50,
-    transformers' default, or a temperature of 0.7 fails this), and end-of-text is never sampled."""
-    n = first.shape[0]
-    prompt = torch.tensor([PROMPT])
+@pytest.fixture(scope="module")
+def first_token_logp(teacher):
     with torch.no_grad():
-        logp = torch.log_softmax(teacher(input_ids=prompt).logits[0, -1].float(), -1)
-    p = logp.exp()
-    p_no_eos = p.clone()
-    p_no_eos[EOS] = 0
-    logq = torch.log(p_no_eos / p_no_eos.sum())
-    entropy = -(p_no_eos / p_no_eos.sum() * logq.clamp_min(-1e4)).sum()
+        return torch.log_softmax(teacher(input_ids=torch.tensor([PROMPT])).logits[0, -1].float(), -1)
+
+
+@pytest.fixture(scope="module")
+def banned(first_token_logp):
+    """End-of-text ids to never sample: EOS and the teacher's 499 likeliest first tokens (a tenth of its
+    mass here), so a ban that did not reach the sampler shows in hundreds of samples."""
+    top = first_token_logp.topk(500).indices.tolist()
+    ids = [EOS] + [i for i in top if i != EOS][:499]
+    assert first_token_logp.exp()[ids].sum() > 0.1                      # ~70 of 600 samples were it not banned
+    return ids
+
+
+def check_teachers_distribution(first_token_logp, first: torch.Tensor, banned: list[int]) -> None:
+    """``first``: first tokens sampled after PROMPT with ``banned`` never to be sampled. At temperature 1
+    with no top-k / top-p their mean log-probability under the teacher (renormalised without the banned
+    ids) is its entropy's negative (within 4 standard errors; a top-k of 50, transformers' default, or a
+    temperature of 0.7 fails this), and no banned id is sampled."""
+    n = first.shape[0]
+    p = first_token_logp.exp().clone()
+    p[banned] = 0
+    logq = torch.log(p / p.sum())
+    entropy = -(p / p.sum() * logq.clamp_min(-1e4)).sum()
     picked = logq[first]
-    assert torch.isfinite(picked).all() and (first != EOS).all()
+    assert torch.isfinite(picked).all() and not set(first.tolist()) & set(banned)
     se = picked.std() / n ** 0.5
     assert abs(picked.mean() + entropy) < 4 * se, (picked.mean().item(), -entropy.item(), se.item())
     assert len(set(first.tolist())) > 50                                    # not a top-50 truncation
 
 
-def test_samples_follow_the_teachers_distribution(teacher):
+def test_samples_follow_the_teachers_distribution(teacher, first_token_logp, banned):
     """transformers' engine samples the teacher's distribution; a seed repeats its samples."""
     prompt = torch.tensor([PROMPT]).repeat(600, 1)
-    check_teachers_distribution(teacher, tt.sample_transformers(teacher, prompt, 1, seed=3, eos=[EOS], batch=200)[:, 0])
+    first = tt.sample_transformers(teacher, prompt, 1, seed=3, eos=banned, batch=200)[:, 0]
+    check_teachers_distribution(first_token_logp, first, banned)
     again = tt.sample_transformers(teacher, prompt[:8], 6, seed=3, eos=[EOS], batch=4)
     assert again.shape == (8, 6) and (again != EOS).all()
     assert torch.equal(again, tt.sample_transformers(teacher, prompt[:8], 6, seed=3, eos=[EOS], batch=4))
     assert not torch.equal(again, tt.sample_transformers(teacher, prompt[:8], 6, seed=4, eos=[EOS], batch=4))
 
 
-def test_vllm_engine_samples_the_teacher(teacher, dense_dir, tmp_path, monkeypatch):
+def test_vllm_engine_samples_the_teacher(first_token_logp, banned, dense_dir, tmp_path, monkeypatch):
     """The GPU engine, run here on vLLM's CPU backend: every pending chunk sampled by one engine in a
     subprocess, from the model's own distribution (no generation-config defaults), fixed-length
     continuations without end-of-text after the kept prompt."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the kernel tests' switch: not for the engine
     monkeypatch.setattr(tt, "CHUNK", 400)
     seqs = torch.cat([torch.tensor([PROMPT]).repeat(600, 1), torch.zeros(600, 4, dtype=torch.long)], dim=1)
-    out = tt.teacher_text(seqs, 1.0, len(PROMPT), 3, tmp_path, engine="vllm", model_dir=dense_dir("gemma3_text"))
+    out = tt.teacher_text(seqs, 1.0, len(PROMPT), 3, tmp_path, engine="vllm", model_dir=dense_dir("gemma3_text"),
+                          eos=banned)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk_0000.safetensors", "chunk_0001.safetensors"]
-    assert torch.equal(out[:, :len(PROMPT)], seqs[:, :len(PROMPT)]) and (out[:, len(PROMPT):] != EOS).all()
-    check_teachers_distribution(teacher, out[:, len(PROMPT)])
+    assert torch.equal(out[:, :len(PROMPT)], seqs[:, :len(PROMPT)])
+    assert not set(out[:, len(PROMPT):].reshape(-1).tolist()) & set(banned)
+    check_teachers_distribution(first_token_logp, out[:, len(PROMPT)], banned)
 
 
 def test_teacher_text_continues_only_the_picked_rows_and_resumes(teacher, tmp_path, monkeypatch):
@@ -98,6 +115,7 @@ def test_teacher_text_continues_only_the_picked_rows_and_resumes(teacher, tmp_pa
     assert (out[rows, 4:] != seqs[rows, 4:]).any(dim=1).all() and (out[rows, 4:] != EOS).all()
     # interrupted after two chunks: the third is sampled again, the others are read back
     (tmp_path / "chunk_0002.safetensors").unlink()
+    (tmp_path / "chunk_0002.safetensors.tmp").write_bytes(b"cut short")    # a write cut at a time limit
     calls.clear()
     assert torch.equal(tt.teacher_text(seqs, 0.5, 4, 0, tmp_path, engine="transformers", model=teacher, eos=[EOS]), out)
     assert calls == [1]
@@ -106,9 +124,15 @@ def test_teacher_text_continues_only_the_picked_rows_and_resumes(teacher, tmp_pa
 
 
 def test_no_teacher_text_keeps_the_sparsify_fingerprint_of_before():
-    before = {"steps", "batch", "accum", "seq_len", "lr", "warmup", "alpha", "clip", "save_every", "distill", "passes"}
-    assert set(SparsifyOptions(steps=6).stage_key()) == before
-    assert set(SparsifyOptions(steps=6, generated=0.5).stage_key()) == before | {"generated", "generated_prompt"}
+    """The sparsify stage's key without teacher text is what it was before the option existed (its
+    fingerprint, from 710f4c7's ``asdict(SparsifyOptions(steps=6))``, pinned); with it, the text's key
+    holds only what decides the text."""
+    from d2dmoe_converter.workdir import fingerprint
+
+    assert fingerprint("fp", SparsifyOptions(steps=6).stage_key(), 0, "sotu") == "330997fe72d1bd6d"
+    assert set(SparsifyOptions(steps=6, generated=0.5).stage_key()) >= {"generated", "generated_prompt", "lr"}
+    assert set(SparsifyOptions(steps=6, generated=0.5).text_key()) == {
+        "steps", "batch", "accum", "seq_len", "passes", "generated", "generated_prompt"}
 
 
 def test_convert_with_teacher_text(dense_dir, tmp_path, capsys):
@@ -123,9 +147,14 @@ def test_convert_with_teacher_text(dense_dir, tmp_path, capsys):
     report = json.loads((out / "d2dmoe_report.json").read_text())
     assert report["seconds"]["teacher_text"] >= 0 and report["ppl_converted"] > 1
     capsys.readouterr()
-    assert convert_cli([*args, "--overwrite"]) == 0                         # a rerun reuses both stages
+    # another learning rate: the same text (sampled once), sparsify trained again
+    assert convert_cli([*args, "--overwrite", "--sparsify-lr", "2e-4"]) == 0
     printed = capsys.readouterr().out
-    assert "[teacher_text] done earlier" in printed and "[sparsify] done earlier" in printed
+    assert "[teacher_text] done earlier" in printed and "[sparsify] done earlier" not in printed
+    # sparsify finished: its text is not even looked at (nor sampled again when it is gone)
+    shutil.rmtree(work / "teacher_text")
+    assert convert_cli([*args, "--overwrite", "--sparsify-lr", "2e-4"]) == 0
+    assert "[sparsify] done earlier" in capsys.readouterr().out and not (work / "teacher_text").exists()
 
 
 @pytest.mark.parametrize("extra,message", [
