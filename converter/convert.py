@@ -33,7 +33,7 @@ from d2dmoe_converter.moe_model import attach_experts, perplexity
 from d2dmoe_converter.routers import METHODS, RouterOptions, capture_ffn_inputs, load_routers, train_routers
 from d2dmoe_converter.sparsify import SparsifyOptions, finetune, plot_log, relufy_
 from d2dmoe_converter.split import contiguous_order, dense_ffn, dense_ffn_names, split_ffn
-from d2dmoe_converter.teacher_text import engine_for, teacher_text
+from d2dmoe_converter.teacher_text import check_prompt, check_share, engine_for, teacher_text
 from d2dmoe_converter.workdir import Stage, fingerprint, write_json
 from d2dmoe_vllm.checkpoint import layer_prefix, validate_checkpoint
 from d2dmoe_vllm.config import ARCHITECTURES, FORMAT_VERSION, CheckpointError, D2DMoEConfig, check_tau
@@ -123,11 +123,9 @@ def check_options(opts: ConvertOptions) -> None:
     for name, value in (("--sparsify-steps", opts.sparsify.steps), ("--router-steps", opts.routers.steps)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    if not 0 <= opts.sparsify.generated <= 1:
-        raise ValueError(f"--sparsify-generated is a share of the sequences in [0, 1], got {opts.sparsify.generated}")
-    if opts.sparsify.generated and not 0 < opts.sparsify.generated_prompt < opts.sparsify.seq_len:
-        raise ValueError(f"--sparsify-generated-prompt must be in [1, {opts.sparsify.seq_len - 1}] (below --seq-len "
-                         f"{opts.sparsify.seq_len}), got {opts.sparsify.generated_prompt}")
+    check_share(opts.sparsify.generated)
+    if opts.sparsify.generated:
+        check_prompt(opts.sparsify.generated_prompt, opts.sparsify.seq_len)
     if not 0 <= opts.sparsify.distill <= 1:
         raise ValueError(f"--sparsify-distill is a weight in [0, 1], got {opts.sparsify.distill}")
     for name, value in (("--sparsify-passes", opts.sparsify.passes), ("--sparsify-batch", opts.sparsify.batch),

@@ -37,11 +37,21 @@ def save_chunk(cont: torch.Tensor, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def check_share(share: float) -> None:
+    if not 0 <= share <= 1:
+        raise ValueError(f"--sparsify-generated is a share of the sequences in [0, 1], got {share}")
+
+
+def check_prompt(prompt: int, seq_len: int) -> None:
+    if not 0 < prompt < seq_len:
+        raise ValueError(f"--sparsify-generated-prompt must be in [1, {seq_len - 1}] (below --seq-len {seq_len}), "
+                         f"got {prompt}")
+
+
 def generated_rows(n: int, share: float, seed: int) -> torch.Tensor:
     """The ``round(share * n)`` of ``n`` sequences to continue with teacher text, spread over the
     run by a seeded permutation, in order."""
-    if not 0 <= share <= 1:
-        raise ValueError(f"--sparsify-generated is a share of the sequences in [0, 1], got {share}")
+    check_share(share)
     count = round(share * n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
 
@@ -105,9 +115,7 @@ def teacher_text(seqs: torch.Tensor, share: float, prompt: int, seed: int, part:
     tokens, ``eos`` never sampled; finished chunks are kept in ``part`` (resume). transformers needs
     ``model``, vLLM ``model_dir`` (the original model as a Hugging Face directory; ``device`` its GPU)."""
     n, length = seqs.shape
-    if not 0 < prompt < length:
-        raise ValueError(f"--sparsify-generated-prompt must be in [1, {length - 1}] (the sequence length is "
-                         f"{length}), got {prompt}")
+    check_prompt(prompt, length)
     rows = generated_rows(n, share, seed)
     chunks = {f"chunk_{c:04d}": (rows[start : start + CHUNK], seed + start)
               for c, start in enumerate(range(0, len(rows), CHUNK))}
