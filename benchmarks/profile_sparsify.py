@@ -18,7 +18,9 @@ ids, with the recipe's options, in variants:
 - ``per-layer-sync``: the host sync in every layer's ReLU that the step had before session 39, added back (the
   old step's other syncs, one per loss term and the grad norm, are not);
 - ``sdpa``: student and teacher with PyTorch's scaled-dot-product attention instead of eager;
-- ``frozen-embedding``: the tied embedding / LM head left out of training (170M of the 270M parameters).
+- ``frozen-embedding``: the tied embedding / LM head left out of training (170M of the 270M parameters);
+- ``compile``: student and teacher through ``torch.compile`` (default mode; the compile falls in the warm-up
+  steps): what fusing the step's element-wise passes (norms, casts, the ReLU's Hoyer terms) buys.
 
 Per variant: median wall seconds per step after ``--warmup`` steps (``finetune`` logs each step's time),
 tokens per second; then ``torch.profiler`` over two ``base`` steps (after a first one): the kernels with the most device time,
@@ -46,7 +48,7 @@ GEMMA3_270M = dict(model_type="gemma3_text", hidden_size=640, intermediate_size=
 TINY = dict(GEMMA3_270M, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
             head_dim=32, vocab_size=512, sliding_window=16, query_pre_attn_scalar=32)
 RECIPE = {k: v for k, v in gpu_convert_recipe.RECIPE["sparsify"].items() if k not in ("steps", "save_every")}
-VARIANTS = ("base", "torch-kl", "per-layer-sync", "sdpa", "frozen-embedding")
+VARIANTS = ("base", "torch-kl", "per-layer-sync", "sdpa", "frozen-embedding", "compile")
 
 
 def build(config: dict, attention: str, device: str) -> torch.nn.Module:
@@ -120,6 +122,8 @@ def run_variant(name: str, config: dict, steps: int, device: str, work: Path, pr
     relufy_(model)
     if name == "frozen-embedding":
         model.get_input_embeddings().weight.requires_grad_(False)
+    if name == "compile":  # after relufy_: the compiled module wraps the ReLU-fied one (attributes pass through)
+        model, teacher = torch.compile(model), torch.compile(teacher)
     opts = SparsifyOptions(steps=steps, save_every=10 ** 9, **RECIPE)
     if device == "cpu":
         opts = dataclasses.replace(opts, batch=2, seq_len=32)
@@ -142,6 +146,8 @@ def run_variant(name: str, config: dict, steps: int, device: str, work: Path, pr
         else:
             log = finetune(model, seqs, opts, state, teacher)["log"]
             result["step_seconds"] = [r["seconds"] for r in log]
+            result["losses"] = [[r["task_loss"], r["hoyer"]] for r in log]   # the variants must agree on these
+    result["compiled"] = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
     result["kl_calls"] = dict(kl_calls)   # which KL implementation the steps ran: {"triton": n, "torch": n}
     del model, teacher
     if device == "cuda":

@@ -5,6 +5,8 @@ logits in place twice, an online log-sum-exp of both with the KL sum, then the g
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -66,7 +68,9 @@ def kl_rows(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor,
     grad = torch.empty((B, T, V), dtype=student.dtype, device=student.device)
     grad[:, -1].zero_()
     kl = torch.empty(n, dtype=torch.float32, device=student.device)
-    _kl_rows_kernel[(n,)](student, teacher, grad, kl, T, V, student.stride(0), student.stride(1),
-                          teacher.stride(0), teacher.stride(1), grad.stride(0), grad.stride(1), 1.0 / n,
-                          BLOCK=BLOCK, num_warps=NUM_WARPS)
+    # Triton launches on the current device, not the tensors' (the interpreter's are on the CPU)
+    with torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext():
+        _kl_rows_kernel[(n,)](student, teacher, grad, kl, T, V, student.stride(0), student.stride(1),
+                              teacher.stride(0), teacher.stride(1), grad.stride(0), grad.stride(1), 1.0 / n,
+                              BLOCK=BLOCK, num_warps=NUM_WARPS)
     return kl, grad

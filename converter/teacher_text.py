@@ -18,6 +18,7 @@ runs the vLLM engine over the pending chunks (what ``sample_vllm`` starts: one e
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-CHUNK = 4096  # sequences per saved chunk
+CHUNK = 1024  # sequences per saved chunk: a call cut at its time limit loses at most one chunk's sampling
 
 
 def save_chunk(cont: torch.Tensor, path: Path) -> None:
@@ -58,11 +59,9 @@ def generated_rows(n: int, share: float, seed: int) -> torch.Tensor:
 
 def engine_for(device: torch.device) -> str:
     """vLLM on a GPU where it is installed, else transformers."""
-    if device.type != "cuda":
-        return "transformers"
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
+    # found, not imported: importing vLLM rewrites this process's environment (its env overrides), and the
+    # training that follows runs here; the subprocess imports it
+    if device.type != "cuda" or importlib.util.find_spec("vllm") is None:
         return "transformers"
     return "vllm"
 
@@ -86,6 +85,17 @@ def sample_transformers(model, prompts: torch.Tensor, new_tokens: int, seed: int
     return torch.cat(out)
 
 
+def visible_device(index: int, visible: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for the child that sees only this process's ``cuda:index``: the index-th of
+    the devices this process sees (a mask it was started with maps its indices onto other GPUs)."""
+    if not visible:
+        return str(index)
+    devices = [d.strip() for d in visible.split(",") if d.strip()]
+    if index >= len(devices):
+        raise ValueError(f"--device cuda:{index}: CUDA_VISIBLE_DEVICES={visible} shows {len(devices)} GPU(s)")
+    return devices[index]
+
+
 def sample_vllm(model_dir: Path, jobs: dict[str, torch.Tensor], new_tokens: int, seed: int, part: Path,
                 eos: list[int], device: torch.device | None = None) -> None:
     """``sample_transformers`` through vLLM for every pending chunk (``jobs``: file name -> prompts), one
@@ -96,11 +106,11 @@ def sample_vllm(model_dir: Path, jobs: dict[str, torch.Tensor], new_tokens: int,
     save_file({name: prompts.contiguous() for name, prompts in jobs.items()}, str(src))
     cmd = [sys.executable, "-m", "d2dmoe_converter.teacher_text", str(model_dir), str(src), str(part),
            "--new-tokens", str(new_tokens), "--seed", str(seed), "--eos", ",".join(map(str, eos))]
-    if not torch.cuda.is_available():  # vLLM's CPU backend (tests): fp32, no compilation
-        cmd += ["--dtype", "float32", "--enforce-eager"]
+    if not torch.cuda.is_available():  # vLLM's CPU backend (tests): fp32
+        cmd += ["--dtype", "float32"]
     env = dict(os.environ)
     if device is not None and device.type == "cuda" and device.index is not None:  # --device cuda:N
-        env["CUDA_VISIBLE_DEVICES"] = str(device.index)
+        env["CUDA_VISIBLE_DEVICES"] = visible_device(device.index, os.environ.get("CUDA_VISIBLE_DEVICES"))
     done = subprocess.run(cmd, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"teacher text: the vLLM sampler failed (exit {done.returncode}; its log is above). "
@@ -143,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eos", default="", help="comma-separated token ids never to sample (end-of-text)")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (tests on the CPU)")
     args = ap.parse_args(argv)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -151,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs = load_file(str(args.jobs))
     length = next(iter(jobs.values())).shape[1] + args.new_tokens
     llm = LLM(model=str(args.model_dir), dtype=args.dtype, seed=args.seed, generation_config="vllm", max_model_len=length,
-              gpu_memory_utilization=0.6, enable_prefix_caching=False, enforce_eager=args.enforce_eager)
+              gpu_memory_utilization=0.6, enable_prefix_caching=False,
+              # eager: the batches (a chunk's 1024 sequences) are above the graphs vLLM captures (<= 512), and
+              # compiling + capturing would cost a minute of a device call for no gain
+              enforce_eager=True)
     for name, prompts in sorted(jobs.items()):
         # min_tokens = max_tokens: the tokenizer's end-of-text and --eos (the stop ids) are never sampled, as
         # transformers' min_new_tokens does for the same ids

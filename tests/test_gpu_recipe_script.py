@@ -73,13 +73,17 @@ def test_profile_sparsify_smoke(tmp_path):
     proc = subprocess.run(cmd + ["--smoke"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads((tmp_path / "profile-sparsify-cpu-smoke.json").read_text())
-    assert set(doc["variants"]) == {"base", "torch-kl", "per-layer-sync", "sdpa", "frozen-embedding"}
+    assert set(doc["variants"]) == {"base", "torch-kl", "per-layer-sync", "sdpa", "frozen-embedding", "compile"}
     v = doc["variants"]
     for r in v.values():
         assert len(r["step_seconds"]) == 4 and all(s > 0 for s in r["step_seconds"])
         assert r["median_step_s"] == pytest.approx(sorted(r["step_seconds"][1:])[1])
     # the variants are what they say: other attention, fewer trained parameters (the tied embedding out)
     assert v["sdpa"]["attention"] == "sdpa" and v["base"]["attention"] == "eager"
+    # compiled, the same training: task loss and Hoyer term step by step as eager (same weights, same text)
+    assert v["compile"]["compiled"] and not v["base"]["compiled"]
+    flat = {k: [x for step in v[k]["losses"] for x in step] for k in ("base", "compile")}
+    assert len(flat["base"]) == 8 and flat["compile"] == pytest.approx(flat["base"], rel=1e-3)
     assert v["torch-kl"]["kl_calls"]["triton"] == 0 and v["torch-kl"]["kl_calls"]["torch"] > 0
     assert v["base"]["kl_calls"]["torch" if torch.cuda.is_available() else "triton"] == 0   # the kernel on a GPU
     vocab, d = 512, 64  # profile_sparsify.TINY

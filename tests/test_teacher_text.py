@@ -1,8 +1,11 @@
 """Teacher text for the sparsify stage: which rows, sampled from the teacher's own distribution,
 resumable, and wired into d2dmoe-convert with its own stage."""
 
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,6 +39,25 @@ def test_generated_rows_pick_a_seeded_share():
 
 def test_engine_is_transformers_off_the_gpu():
     assert tt.engine_for(torch.device("cpu")) == "transformers"
+
+
+def test_engine_on_the_gpu_is_vllm_where_installed_and_not_imported(monkeypatch):
+    """The training runs in the process that picks the engine: vLLM is looked up there, not imported (its
+    import rewrites the process's environment)."""
+    code = ("import sys, torch; from d2dmoe_converter import teacher_text as tt; "
+            "print(tt.engine_for(torch.device('cuda')), 'vllm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["vllm", "False"], out.stderr[-2000:]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert tt.engine_for(torch.device("cuda")) == "transformers"
+
+
+def test_visible_device_maps_through_the_parents_mask():
+    assert tt.visible_device(1, None) == "1" and tt.visible_device(0, "") == "0"
+    assert tt.visible_device(1, "2,3") == "3" and tt.visible_device(0, "GPU-abc, GPU-def") == "GPU-abc"
+    with pytest.raises(ValueError, match="shows 2 GPU"):
+        tt.visible_device(2, "2,3")
 
 
 PROMPT = [EOS, 464, 3290, 318, 257]
