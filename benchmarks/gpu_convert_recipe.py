@@ -25,10 +25,11 @@ Longer sparsity training (the authors' ~1B tokens against the recipe's ~4M): ``-
 --work of its own; the state is saved about 12 times a run, so the same command in the next call of the lease
 goes on where the last stopped (session 40: 1600 steps in two calls; docs/converter.md, "Training longer").
 
-Other expert sizes on the same sparsified model (the lever "finer experts"): ``--expert-size 32 --work
-/root/recipe-e32 --sparsified-from /root/recipe --methods d2dmoe`` converts from that run's GGUF and
-copies its finished dense and sparsify stages (their fingerprints name the source file and do not depend
-on the split), so only split, routers and calibration run.
+Other expert sizes or splits on the same sparsified model (the levers "finer experts", "neurons that fire
+together"): ``--expert-size 32 --work /root/recipe-e32 --sparsified-from /root/recipe --methods d2dmoe`` (or
+``--split coactivation --work /root/recipe-co ...``) converts from that run's GGUF and copies its finished
+dense and sparsify stages (their fingerprints name the source file and do not depend on the split), so only
+split, routers and calibration run.
 """
 
 import argparse
@@ -72,7 +73,8 @@ def options(method: str, work: Path, corpus: str | None = None):
     from d2dmoe_converter.sparsify import SparsifyOptions
 
     per_layer = method == "d2dmoe-per-layer"
-    return ConvertOptions(expert_size=RECIPE["expert_size"], method="d2dmoe" if per_layer else method,
+    return ConvertOptions(expert_size=RECIPE["expert_size"], split=RECIPE.get("split", "kmeans"),
+                          method="d2dmoe" if per_layer else method,
                           dtype="bfloat16", overwrite=True, work_dir=str(work / "stages"), corpus=corpus,
                           sparsify=SparsifyOptions(**RECIPE["sparsify"]), routers=RouterOptions(**RECIPE["routers"]),
                           calibrate=CalibrateOptions(**RECIPE["calibrate"], per_layer=per_layer))
@@ -112,13 +114,16 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
     return original, points
 
 
-def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generated: float = 0.0) -> None:
-    """This run's RECIPE: the smoke settings (--smoke), the expert size, a sparsify stage of
+def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generated: float = 0.0,
+              split: str = "kmeans") -> None:
+    """This run's RECIPE: the smoke settings (--smoke), the expert size and split, a sparsify stage of
     ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's), and the share of its
     sequences continued by the original model (``generated``, teacher_text.py)."""
     if smoke:
         RECIPE.update(SMOKE)
     RECIPE["expert_size"] = expert_size
+    if split != "kmeans":   # recipe.json of the runs before --split keeps its form
+        RECIPE["split"] = split
     if sparsify_steps is not None:
         if sparsify_steps < 1:
             raise SystemExit(f"[recipe] --sparsify-steps {sparsify_steps}: give at least 1")
@@ -195,6 +200,9 @@ def main():
     ap.add_argument("--generated", type=float, default=0.0, metavar="SHARE",
                     help="share of the sparsify sequences continued by the original model after their first 32 "
                          "tokens (d2dmoe-convert --sparsify-generated: distinct text for long runs; vLLM samples it)")
+    ap.add_argument("--split", choices=("kmeans", "coactivation"), default="kmeans",
+                    help="how neurons are grouped into experts (d2dmoe-convert --split; default the paper's k-means "
+                         "on the gate rows; coactivation: on the sparsified model's activations)")
     ap.add_argument("--sparsified-from", type=Path, metavar="WORK",
                     help="another recipe --work whose finished dense + sparsify stages this run starts from")
     ap.add_argument("--methods", default="d2dmoe,moefication",
@@ -205,7 +213,7 @@ def main():
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.out)
-    configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated)
+    configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated, args.split)
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or set(methods) - set(METHODS):
         raise SystemExit(f"[recipe] --methods {args.methods!r}: expected some of {', '.join(METHODS)}, comma-separated")
@@ -218,9 +226,11 @@ def main():
         {"provenance": provenance(), "recipe": {**RECIPE, "corpus": corpus}}
     held = {"corpus": results["recipe"].get("corpus", "sotu"), "expert_size": results["recipe"]["expert_size"],
             "sparsify_steps": results["recipe"]["sparsify"]["steps"],
-            "generated": results["recipe"]["sparsify"].get("generated", 0.0)}
+            "generated": results["recipe"]["sparsify"].get("generated", 0.0),
+            "split": results["recipe"].get("split", "kmeans")}
     for key, value in (("corpus", corpus), ("expert_size", RECIPE["expert_size"]),
-                       ("sparsify_steps", RECIPE["sparsify"]["steps"]), ("generated", RECIPE["sparsify"].get("generated", 0.0))):
+                       ("sparsify_steps", RECIPE["sparsify"]["steps"]), ("generated", RECIPE["sparsify"].get("generated", 0.0)),
+                       ("split", RECIPE.get("split", "kmeans"))):
         if held[key] != value:  # its finished reports would be taken as this run's
             raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "
                              f"Fix: pass another --work (or the same --{key.replace('_', '-')} to resume)")

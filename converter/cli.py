@@ -31,8 +31,12 @@ def parser() -> argparse.ArgumentParser:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--expert-size", type=int, help="neurons per expert (must divide d_ff; default d_ff/32)")
     g.add_argument("--num-experts", type=int, help="experts per FFN layer (must divide d_ff)")
-    ap.add_argument("--split", choices=SPLITS, default="kmeans",
-                    help="how neurons are grouped into experts (default: balanced k-means)")
+    ap.add_argument("--split", choices=SPLITS, default=ConvertOptions.split,
+                    help="how neurons are grouped into experts: balanced k-means on the neurons' activations over "
+                    "--split-tokens training tokens (coactivation, the default: neurons that fire together share an "
+                    "expert), on the first layer's weights (kmeans, the paper's), or in stored order")
+    ap.add_argument("--split-tokens", type=int, default=ConvertOptions.split_tokens,
+                    help="training tokens whose activations group the neurons with --split coactivation")
     ap.add_argument("--relu", action="store_true", help="ReLU-fy the FFN (GPT-2) / gate (Gemma) activation "
                     "(implied by --sparsify-steps)")
     ap.add_argument("--corpus", help="training text: a .txt file or directory of .txt files "
@@ -102,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
 
 def options(args: argparse.Namespace) -> ConvertOptions:
     return ConvertOptions(
-        expert_size=args.expert_size, num_experts=args.num_experts, relufy=args.relu, split=args.split,
+        expert_size=args.expert_size, num_experts=args.num_experts, relufy=args.relu, split=args.split, split_tokens=args.split_tokens,
         method=args.method, tau=args.tau, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
         work_dir=args.work_dir, corpus=args.corpus, heldout=args.heldout, device=args.device,
         sparsify=SparsifyOptions(steps=args.sparsify_steps, batch=args.sparsify_batch, accum=args.sparsify_accum,

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -32,13 +33,14 @@ from d2dmoe_converter.kmeans import balanced_kmeans_order
 from d2dmoe_converter.moe_model import attach_experts, perplexity
 from d2dmoe_converter.routers import METHODS, RouterOptions, capture_ffn_inputs, load_routers, train_routers
 from d2dmoe_converter.sparsify import SparsifyOptions, finetune, plot_log, relufy_
-from d2dmoe_converter.split import contiguous_order, dense_ffn, dense_ffn_names, split_ffn
+from d2dmoe_converter.split import coactivation_order, contiguous_order, dense_ffn, dense_ffn_names, dense_hidden, split_ffn
 from d2dmoe_converter.teacher_text import check_prompt, check_share, engine_for, teacher_text
 from d2dmoe_converter.workdir import Stage, fingerprint, write_json
 from d2dmoe_vllm.checkpoint import layer_prefix, validate_checkpoint
 from d2dmoe_vllm.config import ARCHITECTURES, FORMAT_VERSION, CheckpointError, D2DMoEConfig, check_tau
 
-SPLITS = ("kmeans", "contiguous")
+SPLITS = ("kmeans", "coactivation", "contiguous")
+SPLIT_SEQ_LEN = 256
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                    "gelu_fast": "gelu_tanh"}
@@ -49,7 +51,9 @@ class ConvertOptions:
     expert_size: int | None = None   # neurons per expert; default: d_ff / 32 experts
     num_experts: int | None = None
     relufy: bool = False             # ReLU for the FFN activation (GPT-2) / gate (Gemma); implied by sparsify
-    split: str = "kmeans"            # "kmeans" (balanced, on normalised first-layer rows) or "contiguous"
+    split: str = "coactivation"      # balanced k-means on activation profiles over split_tokens ("coactivation"),
+                                     # on normalised first-layer rows ("kmeans", the paper's), or "contiguous"
+    split_tokens: int = 8192         # training tokens whose activations group the neurons (coactivation)
     method: str = "d2dmoe"           # "d2dmoe" (regression routers, dynamic k) or "moefication" (top-k)
     tau: float = 0.0                 # kept when no budget is given
     dtype: str = "auto"
@@ -132,7 +136,7 @@ def check_options(opts: ConvertOptions) -> None:
                         ("--sparsify-accum", opts.sparsify.accum), ("--seq-len", opts.sparsify.seq_len), ("--router-tokens", opts.routers.tokens),
                         ("--router-batch", opts.routers.batch), ("--calib-tokens", opts.calibrate.tokens),
                         ("--eval-tokens", opts.calibrate.eval_tokens),
-                        ("--sensitivity-tokens", opts.calibrate.sensitivity_tokens)):
+                        ("--sensitivity-tokens", opts.calibrate.sensitivity_tokens), ("--split-tokens", opts.split_tokens)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     at = opts.attention
@@ -248,6 +252,7 @@ class TextData:
     calib: torch.Tensor | None = None
     heldout: torch.Tensor | None = None
     attention: torch.Tensor | None = None
+    split: torch.Tensor | None = None
     corpus: str = ""
 
 
@@ -255,7 +260,8 @@ def prepare_text(dense: DenseModel, opts: ConvertOptions, measure: bool) -> Text
     """Token sequences for every stage that needs text, cut up front so a corpus too small for
     what was asked is refused before any stage runs."""
     sp, ro, ca, at = opts.sparsify, opts.routers, opts.calibrate, opts.attention
-    if not (sp.steps or ro.steps or measure or at.projections):
+    coactivation = opts.split == "coactivation"
+    if not (sp.steps or ro.steps or measure or at.projections or coactivation):
         return TextData()
     corpus = load_corpus(opts.corpus, opts.heldout)
     tok = load_tokenizer(dense)
@@ -271,6 +277,9 @@ def prepare_text(dense: DenseModel, opts: ConvertOptions, measure: bool) -> Text
     if at.projections:
         data.attention = token_sequences(tok, corpus.train, -(-at.tokens // at.seq_len), at.seq_len, bos=bos,
                                          shuffle_seed=opts.seed + 2, what=f"attention experts ({at.tokens} tokens)")
+    if coactivation:
+        data.split = token_sequences(tok, corpus.train, -(-opts.split_tokens // SPLIT_SEQ_LEN), SPLIT_SEQ_LEN, bos=bos,
+                                     shuffle_seed=opts.seed + 3, what=f"split by co-activation ({opts.split_tokens} tokens)")
     if measure:
         n_cal, n_eval = -(-ca.tokens // ca.seq_len), -(-ca.eval_tokens // ca.seq_len)
         held = token_sequences(tok, corpus.heldout, n_cal + n_eval, ca.seq_len, bos=bos,
@@ -367,17 +376,33 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
     L, E = dense.num_layers, cfg.num_experts[0]
     fp_dense = fp
 
-    # 2. split: balanced k-means (or contiguous) neuron orders
+    # 2. split: balanced k-means on the first layer's rows or on activation profiles (or contiguous) neuron orders
     def run_split(part: Path) -> dict:
         orders = {}
-        for i in tqdm(range(L), desc="split: balanced k-means" if opts.split == "kmeans" else "split"):
-            w_in = dense_ffn(dense, i)["w_in"].float()
-            orders[f"layer_{i}"] = (balanced_kmeans_order(w_in, E, seed=opts.seed + i) if opts.split == "kmeans"
-                                    else contiguous_order(dense.d_ff))
+        if opts.split == "coactivation":   # each FFN's input on the split's tokens, from the model as trained
+            acts_dir = part / "acts"
+            acts_dir.mkdir(exist_ok=True)
+            model = build_model(dense, device=device)
+            inputs = capture_ffn_inputs(model, text.split, acts_dir, desc="split: capture FFN inputs")
+            del model
+        for i in tqdm(range(L), desc=f"split: {opts.split}"):
+            ffn = {k: None if v is None else v.float() for k, v in dense_ffn(dense, i).items()}
+            if opts.split == "kmeans":
+                order = balanced_kmeans_order(ffn["w_in"], E, seed=opts.seed + i)
+            elif opts.split == "coactivation":
+                h = dense_hidden(torch.from_numpy(np.load(inputs[i])), ffn, cfg.activation)
+                order = coactivation_order(h, E, seed=opts.seed + i)
+            else:
+                order = contiguous_order(dense.d_ff)
+            orders[f"layer_{i}"] = order
+        if opts.split == "coactivation":
+            shutil.rmtree(part / "acts")
         save_file(orders, str(part / "orders.safetensors"))
-        return {"split": opts.split, "num_experts": E, "expert_size": cfg.expert_size[0]}
+        return {"split": opts.split, "num_experts": E, "expert_size": cfg.expert_size[0],
+                **({"tokens": int(text.split.numel())} if opts.split == "coactivation" else {})}
 
-    stage = Stage(work, "split", fingerprint(fp, opts.split, E, opts.seed))
+    split_key = [opts.split_tokens, text.corpus] if opts.split == "coactivation" else []  # kmeans dirs keep their stage
+    stage = Stage(work, "split", fingerprint(fp, opts.split, E, opts.seed, *split_key))
     timed(stage, run_split)
     fp = stage.fingerprint
     experts = layer_experts(dense, cfg, load_file(str(stage.dir / "orders.safetensors")))

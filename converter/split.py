@@ -10,11 +10,21 @@ from __future__ import annotations
 import torch
 
 from d2dmoe_converter.dense import DenseModel
+from d2dmoe_converter.kmeans import balanced_kmeans_order
+from d2dmoe_converter.routers import expert_hidden
 from d2dmoe_vllm.checkpoint import layer_prefix
 
 
 def contiguous_order(d_ff: int) -> torch.Tensor:
     return torch.arange(d_ff)
+
+
+def coactivation_order(h: torch.Tensor, num_experts: int, seed: int = 0) -> torch.Tensor:
+    """Neurons that are large on the same tokens go together: balanced k-means on each neuron's profile
+    |h_j| over sampled tokens (``h`` [tokens, d_ff], what the second layer reads), whose cosine is how
+    often and how strongly two neurons fire together. Then a token's few large activations fall in few
+    experts, and dropping the others loses less than with a split by weights (benchmarks/split_study.py)."""
+    return balanced_kmeans_order(h.abs().t(), num_experts, seed=seed)
 
 
 def dense_ffn(dense: DenseModel, layer: int) -> dict[str, torch.Tensor | None]:
@@ -26,6 +36,12 @@ def dense_ffn(dense: DenseModel, layer: int) -> dict[str, torch.Tensor | None]:
                 "b_in": s[p + "c_fc.bias"], "b_out": s[p + "c_proj.bias"]}
     return {"w_in": s[p + "gate_proj.weight"], "w_up": s[p + "up_proj.weight"], "w_out": s[p + "down_proj.weight"].t(),
             "b_in": None, "b_out": None}
+
+
+def dense_hidden(x: torch.Tensor, ffn: dict[str, torch.Tensor | None], activation: str) -> torch.Tensor:
+    """[tokens, d_ff]: the FFN's hidden activations (after act, and the gate's product for Gemma)."""
+    one = {f"experts.{k}": None if ffn[k] is None else ffn[k][None] for k in ("w_in", "w_up", "b_in")}
+    return expert_hidden(x, one, activation)[:, 0]
 
 
 def dense_ffn_names(dense: DenseModel, layer: int) -> list[str]:

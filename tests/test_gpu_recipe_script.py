@@ -53,6 +53,7 @@ def test_refuses_a_run_without_a_finished_sparsify_stage(tmp_path):
     (["--sparsify-steps", "0"], "--sparsify-steps 0: give at least 1"),
     (["--generated", "0.5"], "holds a run with generated 0.0, not 0.5"),
     (["--generated", "2"], "--generated 2.0: a share of the sparsify sequences, in [0, 1]"),
+    (["--split", "coactivation"], "holds a run with split kmeans, not coactivation"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     work = tmp_path / "work"
@@ -126,3 +127,9 @@ def test_smoke_keeps_its_own_sparsify_stage(monkeypatch):
     assert recipe.RECIPE["sparsify"] == {**recipe.sparsify_recipe(original["sparsify"], 960), "generated": 0.5}
     from d2dmoe_converter.sparsify import SparsifyOptions
     assert SparsifyOptions(**recipe.RECIPE["sparsify"]).generated == 0.5
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None, split="coactivation")   # the converter's split option, in every method's run
+    assert recipe.options("d2dmoe", Path("/w")).split == recipe.options("moefication", Path("/w")).split == "coactivation"
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None)
+    assert "split" not in recipe.RECIPE and recipe.options("d2dmoe", Path("/w")).split == "kmeans"

@@ -1,0 +1,80 @@
+"""Split by co-activation: neurons that fire together share an expert; the converter's option keeps the
+FFN exact at tau = 0, resumes, and leaves the weights' k-means stage as it was."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+
+from d2dmoe_converter.cli import main as convert_cli
+from d2dmoe_converter.kmeans import balanced_kmeans_order
+from d2dmoe_converter.split import coactivation_order
+from d2dmoe_kernels import dynamic_k_experts_reference
+from test_convert import expert_tensors
+from test_pipeline import FAST
+
+
+def test_coactivation_order_groups_neurons_that_fire_together():
+    """Planted: 4 groups of 16 neurons, each large only on its own tokens (and a signed small noise
+    elsewhere); the neurons shuffled. Each expert must be one group. The weights' k-means, on rows that
+    do not carry the grouping, must not find it."""
+    g = torch.Generator().manual_seed(0)
+    E, size, T = 4, 16, 400
+    group = torch.arange(E).repeat_interleave(size)
+    token_group = torch.randint(0, E, (T,), generator=g)
+    h = 0.05 * torch.randn(T, E * size, generator=g)
+    own = token_group[:, None] == group[None, :]
+    h = torch.where(own, h.sign() * (1 + torch.rand(T, E * size, generator=g)), h)   # signs mixed: |h| groups
+    perm = torch.randperm(E * size, generator=g)
+    order = coactivation_order(h[:, perm], E, seed=1)
+    assert sorted(order.tolist()) == list(range(E * size))
+    assert all(len(set(gr.tolist())) == 1 for gr in group[perm][order].reshape(E, size))
+    weights = torch.randn(E * size, 8, generator=g)
+    by_weights = group[perm][balanced_kmeans_order(weights[perm], E, seed=1)].reshape(E, size)
+    assert not all(len(set(gr.tolist())) == 1 for gr in by_weights)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])
+def test_convert_with_coactivation_split(family, dense_dir, tmp_path, capsys):
+    src = dense_dir(family)
+    args = [str(src), str(tmp_path / "co"), "--split", "coactivation", "--split-tokens", "1000", "--budget", "0.5",
+            "--work-dir", str(tmp_path / "work"), *FAST]
+    assert convert_cli(args) == 0
+    info = json.loads((tmp_path / "work" / "split" / "stage.json").read_text())
+    assert info["split"] == "coactivation" and info["tokens"] == 1024          # 4 sequences of 256
+    assert not (tmp_path / "work" / "split" / "acts").exists()                 # captured inputs cleaned up
+    report = json.loads((tmp_path / "co" / "d2dmoe_report.json").read_text())
+    assert report["split"] == "coactivation" and 0 < report["tau"] < 1
+    # every neuron in one expert, and all experts together are the dense FFN
+    dense = tf.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    layers = dense.transformer.h if family == "gpt2" else dense.model.layers
+    cfg = json.loads((tmp_path / "co" / "config.json").read_text())["d2dmoe"]
+    x = torch.randn(9, dense.config.hidden_size)
+    orders = load_file(str(tmp_path / "work" / "split" / "orders.safetensors"))
+    for i, layer in enumerate(layers):
+        w = expert_tensors(tmp_path / "co", family, i)
+        E = w["w_in"].shape[0]
+        with torch.no_grad():
+            want = layer.mlp(x)
+        got = dynamic_k_experts_reference(x, torch.ones(9, E, dtype=torch.bool), **w, activation=cfg["activation"])
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+        assert sorted(orders[f"layer_{i}"].tolist()) == list(range(E * w["w_in"].shape[1]))
+    # a rerun skips the stage; the weights' k-means is another stage (its fingerprint holds no split tokens)
+    capsys.readouterr()
+    assert convert_cli(args + ["--overwrite"]) == 0
+    assert "[split] done earlier" in capsys.readouterr().out
+    kmeans = [a if a != "coactivation" else "kmeans" for a in args]
+    kmeans[1] = str(tmp_path / "km")
+    assert convert_cli(kmeans) == 0
+    assert "[split] done earlier" not in capsys.readouterr().out
+    km = load_file(str(tmp_path / "work" / "split" / "orders.safetensors"))
+    assert any(not torch.equal(km[k], orders[k]) for k in km)
+
+
+def test_bad_split_tokens_write_nothing(dense_dir, tmp_path, capsys):
+    assert convert_cli([str(dense_dir("gpt2")), str(tmp_path / "out"), "--split", "coactivation",
+                        "--split-tokens", "0"]) == 2
+    assert "--split-tokens must be positive" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
