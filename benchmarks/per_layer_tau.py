@@ -63,7 +63,7 @@ def main():
     doc = {**provenance(), "model": "Gemma 3 270M (Q4_K_M GGUF, dequantised)", "budget": args.budget,
            "expert_size": args.expert_size, "sensitivity_tokens": args.sensitivity_tokens}
     for key, per_layer in (("one_tau", False), ("per_layer", True)):
-        opts = ConvertOptions(expert_size=args.expert_size, dtype="bfloat16", overwrite=True,
+        opts = ConvertOptions(expert_size=args.expert_size, split="kmeans", dtype="bfloat16", overwrite=True,  # as measured
                               work_dir=str(args.work / "stages"),
                               calibrate=CalibrateOptions(budget=args.budget, per_layer=per_layer,
                                                          sensitivity_tokens=args.sensitivity_tokens))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from d2dmoe_converter.attention import (AttentionOptions, convert_attention, dense_projection_names,
                                         load_projection_state, projection_specs, resolve_projections)
 from d2dmoe_converter.calibrate import CalibrateOptions, calibrate, check_budget
-from d2dmoe_converter.corpus import load_corpus, token_sequences
+from d2dmoe_converter.corpus import CorpusError, load_corpus, token_sequences
 from d2dmoe_converter.dense import DenseModel, load_dense, load_tokenizer
 from d2dmoe_converter.hf_model import build_model, relu_config, state_dict_for_export
 from d2dmoe_converter.kmeans import balanced_kmeans_order
@@ -278,8 +278,13 @@ def prepare_text(dense: DenseModel, opts: ConvertOptions, measure: bool) -> Text
         data.attention = token_sequences(tok, corpus.train, -(-at.tokens // at.seq_len), at.seq_len, bos=bos,
                                          shuffle_seed=opts.seed + 2, what=f"attention experts ({at.tokens} tokens)")
     if coactivation:
-        data.split = token_sequences(tok, corpus.train, -(-opts.split_tokens // SPLIT_SEQ_LEN), SPLIT_SEQ_LEN, bos=bos,
-                                     shuffle_seed=opts.seed + 3, what=f"split by co-activation ({opts.split_tokens} tokens)")
+        try:
+            data.split = token_sequences(tok, corpus.train, -(-opts.split_tokens // SPLIT_SEQ_LEN), SPLIT_SEQ_LEN,
+                                         bos=bos, shuffle_seed=opts.seed + 3,
+                                         what=f"split by co-activation ({opts.split_tokens} tokens)")
+        except CorpusError as err:
+            raise CorpusError(f"{str(err).split(' Fix:')[0]} Fix: lower --split-tokens, pass a larger corpus, or "
+                              f"split by the weights (--split kmeans), which reads no text") from err
     if measure:
         n_cal, n_eval = -(-ca.tokens // ca.seq_len), -(-ca.eval_tokens // ca.seq_len)
         held = token_sequences(tok, corpus.heldout, n_cal + n_eval, ca.seq_len, bos=bos,
@@ -381,17 +386,21 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         orders = {}
         if opts.split == "coactivation":   # each FFN's input on the split's tokens, from the model as trained
             acts_dir = part / "acts"
-            acts_dir.mkdir(exist_ok=True)
-            model = build_model(dense, device=device)
-            inputs = capture_ffn_inputs(model, text.split, acts_dir, desc="split: capture FFN inputs")
-            del model
+            inputs = [acts_dir / f"layer_{i:02d}.npy" for i in range(L)]
+            if not (acts_dir / "complete").is_file():   # kept by an interrupted run
+                acts_dir.mkdir(exist_ok=True)
+                model = build_model(dense, device=device)
+                capture_ffn_inputs(model, text.split, acts_dir, desc="split: capture FFN inputs")
+                del model
+                (acts_dir / "complete").write_text("")
         for i in tqdm(range(L), desc=f"split: {opts.split}"):
             ffn = {k: None if v is None else v.float() for k, v in dense_ffn(dense, i).items()}
             if opts.split == "kmeans":
                 order = balanced_kmeans_order(ffn["w_in"], E, seed=opts.seed + i)
-            elif opts.split == "coactivation":
-                h = dense_hidden(torch.from_numpy(np.load(inputs[i])), ffn, cfg.activation)
-                order = coactivation_order(h, E, seed=opts.seed + i)
+            elif opts.split == "coactivation":   # h on the device (Gemma-2B: ~1 TFLOP a layer), k-means on the CPU
+                x = torch.from_numpy(np.load(inputs[i])).to(device)
+                h = dense_hidden(x, {k: None if v is None else v.to(device) for k, v in ffn.items()}, cfg.activation)
+                order = coactivation_order(h.cpu(), E, seed=opts.seed + i)
             else:
                 order = contiguous_order(dense.d_ff)
             orders[f"layer_{i}"] = order
