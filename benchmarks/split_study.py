@@ -28,49 +28,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from d2dmoe_converter.convert import dense_activation
 from d2dmoe_converter.corpus import load_corpus, token_sequences
-from d2dmoe_converter.dense import load_dense, load_tokenizer
-from d2dmoe_converter.hf_model import build_model, decoder_layers
+from d2dmoe_converter.dense import DenseModel, load_dense, load_tokenizer
+from d2dmoe_converter.hf_model import build_model, relu_config
 from d2dmoe_converter.kmeans import balanced_kmeans_order
-from d2dmoe_converter.split import coactivation_order, contiguous_order
+from d2dmoe_converter.routers import capture_ffn_inputs
+from d2dmoe_converter.split import coactivation_order, contiguous_order, dense_ffn, dense_hidden
 from d2dmoe_vllm.demo import default_model_gguf
 from provenance import provenance
 
 SPLITS = ("kmeans", "coactivation", "contiguous")
 
 
-def ffn_inputs(model, seqs: torch.Tensor) -> list[torch.Tensor]:
-    """Each FFN's input x [tokens, d] for ``seqs`` (one forward pass per sequence, hooks on the MLPs)."""
-    layers = decoder_layers(model)
-    got: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: got[i].append(a[0].reshape(-1, a[0].shape[-1])))
-             for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for s in tqdm(seqs, desc="forward", leave=False):
-                model(input_ids=s[None])
-    finally:
-        for h in hooks:
-            h.remove()
-    return [torch.cat(g) for g in got]
+def ffn_inputs(dense: DenseModel, seqs: torch.Tensor, out_dir: Path) -> list[torch.Tensor]:
+    """Each FFN's input x [tokens, d] for ``seqs`` (the converter's capture, through .npy files)."""
+    out_dir.mkdir(parents=True)
+    return [torch.from_numpy(np.load(p)) for p in capture_ffn_inputs(build_model(dense), seqs, out_dir, desc="forward")]
 
 
-def hidden(mlp, x: torch.Tensor) -> torch.Tensor:
-    """h = act(gate x) * up x: what the down projection reads (the module's own activation)."""
-    return mlp.act_fn(x @ mlp.gate_proj.weight.t()) * (x @ mlp.up_proj.weight.t())
-
-
-def expert_norms_and_outputs(h: torch.Tensor, w_down: torch.Tensor, order: torch.Tensor, E: int):
-    """Per token and expert: the expert's output [T, E, d] and its norm [T, E]."""
+def expert_norms_and_outputs(h: torch.Tensor, w_out: torch.Tensor, order: torch.Tensor, E: int):
+    """Per token and expert (``w_out`` [d_ff, d], as ``dense_ffn`` gives it): the expert's output [T, E, d]
+    and its norm [T, E]."""
     T, size = h.shape[0], h.shape[1] // E
     hs = h[:, order].view(T, E, size)
-    ws = w_down.t()[order].view(E, size, -1)                      # [E, size, d]
+    ws = w_out[order].view(E, size, -1)                          # [E, size, d]
     y = torch.einsum("tes,esd->ted", hs, ws)
     return y, y.norm(dim=-1)
 
@@ -97,19 +87,20 @@ def topk_keep(norms: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(norms, dtype=torch.bool).scatter_(1, norms.topk(k, dim=1).indices, True)
 
 
-def study(model, fit: torch.Tensor, test: torch.Tensor, E: int, seed: int) -> dict:
-    xs_fit, xs_test = ffn_inputs(model, fit), ffn_inputs(model, test)
+def study(dense: DenseModel, fit: torch.Tensor, test: torch.Tensor, E: int, seed: int, work: Path) -> dict:
+    xs_fit, xs_test = ffn_inputs(dense, fit, work / "fit"), ffn_inputs(dense, test, work / "test")
+    activation = dense_activation(dense)
     rows = []
-    for i, layer in enumerate(tqdm(decoder_layers(model), desc="layers")):
-        mlp = layer.mlp
+    for i in tqdm(range(dense.num_layers), desc="layers"):
+        ffn = {k: None if v is None else v.float() for k, v in dense_ffn(dense, i).items()}
         with torch.no_grad():
-            h_fit, h_test = hidden(mlp, xs_fit[i]), hidden(mlp, xs_test[i])
-            orders = {"kmeans": balanced_kmeans_order(mlp.gate_proj.weight.float(), E, seed=seed + i),
+            h_fit, h_test = dense_hidden(xs_fit[i], ffn, activation), dense_hidden(xs_test[i], ffn, activation)
+            orders = {"kmeans": balanced_kmeans_order(ffn["w_in"], E, seed=seed + i),
                       "coactivation": coactivation_order(h_fit, E, seed=seed + i),
                       "contiguous": contiguous_order(h_fit.shape[1])}
             row = {"layer": i, "zero_fraction": float((h_test == 0).float().mean())}
             for name, order in orders.items():
-                y, norms = expert_norms_and_outputs(h_test, mlp.down_proj.weight.float(), order, E)
+                y, norms = expert_norms_and_outputs(h_test, ffn["w_out"], order, E)
                 row[name] = {"top50": kept_error(y, topk_keep(norms, E // 2)),
                              "top25": kept_error(y, topk_keep(norms, E // 4)),
                              "tau50": kept_error(y, tau_keep(norms, 0.5))}
@@ -155,10 +146,10 @@ def main() -> int:
     fit = token_sequences(tok, corpus.train, args.fit_seqs, 256, bos=bos, shuffle_seed=args.seed, what="fit")
     test = token_sequences(tok, corpus.heldout, args.test_seqs, 256, bos=bos, what="test")
     results = {}
-    for name, relu in (("original (GELU-tanh gate)", False), ("gate ReLU-fied, not fine-tuned", True)):
-        model = build_model(dense, relu=relu).eval()
-        results[name] = study(model, fit, test, args.experts, args.seed)
-        del model
+    relu = DenseModel(relu_config(dense.config), dense.state, dense.source, dense.tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, model) in enumerate((("original (GELU-tanh gate)", dense), ("gate ReLU-fied, not fine-tuned", relu))):
+            results[name] = study(model, fit, test, args.experts, args.seed, Path(tmp) / str(i))
     print(f"\nrelative FFN output error (oracle selection), mean over layers; {args.experts} experts")
     print(f"{'model':32s} {'split':13s} {'top-50%':>9s} {'top-25%':>9s} {'tau@50%':>9s}")
     for model_name, r in results.items():

@@ -26,12 +26,13 @@ from tqdm import tqdm
 from d2dmoe_converter.attention import (AttentionOptions, convert_attention, dense_projection_names,
                                         load_projection_state, projection_specs, resolve_projections)
 from d2dmoe_converter.calibrate import CalibrateOptions, calibrate, check_budget
-from d2dmoe_converter.corpus import CorpusError, load_corpus, token_sequences
+from d2dmoe_converter.corpus import load_corpus, token_sequences
 from d2dmoe_converter.dense import DenseModel, load_dense, load_tokenizer
 from d2dmoe_converter.hf_model import build_model, relu_config, state_dict_for_export
 from d2dmoe_converter.kmeans import balanced_kmeans_order
 from d2dmoe_converter.moe_model import attach_experts, perplexity
-from d2dmoe_converter.routers import METHODS, RouterOptions, capture_ffn_inputs, load_routers, train_routers
+from d2dmoe_converter.routers import (METHODS, RouterOptions, capture_ffn_inputs, ffn_input_paths, load_routers,
+                                      train_routers)
 from d2dmoe_converter.sparsify import SparsifyOptions, finetune, plot_log, relufy_
 from d2dmoe_converter.split import coactivation_order, contiguous_order, dense_ffn, dense_ffn_names, dense_hidden, split_ffn
 from d2dmoe_converter.teacher_text import check_prompt, check_share, engine_for, teacher_text
@@ -278,13 +279,10 @@ def prepare_text(dense: DenseModel, opts: ConvertOptions, measure: bool) -> Text
         data.attention = token_sequences(tok, corpus.train, -(-at.tokens // at.seq_len), at.seq_len, bos=bos,
                                          shuffle_seed=opts.seed + 2, what=f"attention experts ({at.tokens} tokens)")
     if coactivation:
-        try:
-            data.split = token_sequences(tok, corpus.train, -(-opts.split_tokens // SPLIT_SEQ_LEN), SPLIT_SEQ_LEN,
-                                         bos=bos, shuffle_seed=opts.seed + 3,
-                                         what=f"split by co-activation ({opts.split_tokens} tokens)")
-        except CorpusError as err:
-            raise CorpusError(f"{str(err).split(' Fix:')[0]} Fix: lower --split-tokens, pass a larger corpus, or "
-                              f"split by the weights (--split kmeans), which reads no text") from err
+        data.split = token_sequences(tok, corpus.train, -(-opts.split_tokens // SPLIT_SEQ_LEN), SPLIT_SEQ_LEN, bos=bos,
+                                     shuffle_seed=opts.seed + 3, what=f"split by co-activation ({opts.split_tokens} tokens)",
+                                     fix="lower --split-tokens, pass a larger corpus, or split by the weights "
+                                         "(--split kmeans), which reads no text")
     if measure:
         n_cal, n_eval = -(-ca.tokens // ca.seq_len), -(-ca.eval_tokens // ca.seq_len)
         held = token_sequences(tok, corpus.heldout, n_cal + n_eval, ca.seq_len, bos=bos,
@@ -381,34 +379,36 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
     L, E = dense.num_layers, cfg.num_experts[0]
     fp_dense = fp
 
+    def ffn_inputs(seqs: torch.Tensor, acts_dir: Path, desc: str) -> list[Path]:
+        """Every FFN's input on ``seqs`` from the model as trained, captured once into ``acts_dir`` (kept
+        across an interrupted stage by its ``complete`` marker)."""
+        if not (acts_dir / "complete").is_file():
+            acts_dir.mkdir(exist_ok=True)
+            capture_ffn_inputs(build_model(dense, device=device), seqs, acts_dir, desc=desc)
+            (acts_dir / "complete").write_text("")
+        return ffn_input_paths(acts_dir, L)
+
     # 2. split: balanced k-means on the first layer's rows or on activation profiles (or contiguous) neuron orders
     def run_split(part: Path) -> dict:
+        coactivation = opts.split == "coactivation"
+        inputs = ffn_inputs(text.split, part / "acts", "split: capture FFN inputs") if coactivation else None
         orders = {}
-        if opts.split == "coactivation":   # each FFN's input on the split's tokens, from the model as trained
-            acts_dir = part / "acts"
-            inputs = [acts_dir / f"layer_{i:02d}.npy" for i in range(L)]
-            if not (acts_dir / "complete").is_file():   # kept by an interrupted run
-                acts_dir.mkdir(exist_ok=True)
-                model = build_model(dense, device=device)
-                capture_ffn_inputs(model, text.split, acts_dir, desc="split: capture FFN inputs")
-                del model
-                (acts_dir / "complete").write_text("")
         for i in tqdm(range(L), desc=f"split: {opts.split}"):
             ffn = {k: None if v is None else v.float() for k, v in dense_ffn(dense, i).items()}
             if opts.split == "kmeans":
                 order = balanced_kmeans_order(ffn["w_in"], E, seed=opts.seed + i)
-            elif opts.split == "coactivation":   # h on the device (Gemma-2B: ~1 TFLOP a layer), k-means on the CPU
+            elif coactivation:   # h on the device (Gemma-2B: ~1 TFLOP a layer), k-means on the CPU
                 x = torch.from_numpy(np.load(inputs[i])).to(device)
                 h = dense_hidden(x, {k: None if v is None else v.to(device) for k, v in ffn.items()}, cfg.activation)
                 order = coactivation_order(h.cpu(), E, seed=opts.seed + i)
             else:
                 order = contiguous_order(dense.d_ff)
             orders[f"layer_{i}"] = order
-        if opts.split == "coactivation":
-            shutil.rmtree(part / "acts")
         save_file(orders, str(part / "orders.safetensors"))
+        if coactivation:
+            shutil.rmtree(part / "acts")  # bulky and no longer needed
         return {"split": opts.split, "num_experts": E, "expert_size": cfg.expert_size[0],
-                **({"tokens": int(text.split.numel())} if opts.split == "coactivation" else {})}
+                **({"tokens": int(text.split.numel())} if coactivation else {})}
 
     split_key = [opts.split_tokens, text.corpus] if opts.split == "coactivation" else []  # kmeans dirs keep their stage
     stage = Stage(work, "split", fingerprint(fp, opts.split, E, opts.seed, *split_key))
@@ -424,13 +424,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
                 save_file(init_router(dense.hidden_size, cfg.router_width, E, gen), str(part / f"router_{i:02d}.safetensors"))
             return {"trained": False}
         acts_dir = part / "acts"
-        acts = [acts_dir / f"layer_{i:02d}.npy" for i in range(L)]
-        if not (acts_dir / "complete").is_file():
-            acts_dir.mkdir(exist_ok=True)
-            model = build_model(dense, device=device)
-            capture_ffn_inputs(model, text.routers, acts_dir)
-            del model
-            (acts_dir / "complete").write_text("")
+        acts = ffn_inputs(text.routers, acts_dir, "routers: capture FFN inputs")
         metrics = train_routers(acts, [{k: v.float() for k, v in ex.items()} for ex in experts], cfg.activation,
                                 opts.method, opts.routers, opts.seed, part, device)
         shutil.rmtree(acts_dir)  # bulky and no longer needed

@@ -191,12 +191,14 @@ def load_corpus(corpus: str | None = None, heldout: str | None = None) -> Corpus
 
 
 def token_sequences(tokenizer, docs: tuple[str, ...], num_seqs: int, seq_len: int, *, bos: int | None,
-                    shuffle_seed: int | None = None, what: str = "this stage", passes: int = 1) -> torch.Tensor:
+                    shuffle_seed: int | None = None, what: str = "this stage", passes: int = 1,
+                    fix: str = "ask for fewer steps/tokens, allow more passes over the text (--sparsify-passes), "
+                               "or pass a larger corpus") -> torch.Tensor:
     """[num_seqs, seq_len] token ids: the documents (in seeded random order if ``shuffle_seed``)
     joined by EOS, cut into sequences; each starts with ``bos`` unless it is None (Gemma needs
     BOS: ``DenseModel.bos_token_id``). With ``passes`` > 1 the text may be read up to that many
     times (each later pass in its own order) when one pass is too short.
-    Raises CorpusError naming the shortfall when the text runs out."""
+    Raises CorpusError naming the shortfall and ``fix`` when the text runs out."""
     eos = tokenizer.eos_token_id
     body = seq_len - (bos is not None)
     need = num_seqs * body
@@ -216,8 +218,7 @@ def token_sequences(tokenizer, docs: tuple[str, ...], num_seqs: int, seq_len: in
                 stream.append(eos)
     if len(stream) < need:
         raise CorpusError(f"the corpus gives {len(stream):,} tokens in {passes} pass(es) but {what} asks for "
-                          f"{need:,} ({num_seqs} sequences of {seq_len}). Fix: ask for fewer steps/tokens, allow more "
-                          "passes over the text (--sparsify-passes), or pass a larger corpus")
+                          f"{need:,} ({num_seqs} sequences of {seq_len}). Fix: {fix}")
     ids = torch.tensor(stream[:need], dtype=torch.long).reshape(num_seqs, body)
     if bos is not None:
         ids = torch.cat([torch.full((num_seqs, 1), bos, dtype=torch.long), ids], dim=1)

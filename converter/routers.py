@@ -65,11 +65,15 @@ def capture_inputs(model, seqs: torch.Tensor, targets: dict[Path, tuple[nn.Modul
             mm.flush()
 
 
+def ffn_input_paths(out_dir: Path, num_layers: int) -> list[Path]:
+    return [out_dir / f"layer_{i:02d}.npy" for i in range(num_layers)]
+
+
 def capture_ffn_inputs(model, seqs: torch.Tensor, out_dir: Path, batch: int = 8,
                        desc: str = "routers: capture FFN inputs") -> list[Path]:
     """The input of every layer's FFN goes to ``layer_XX.npy`` [tokens, d]."""
     layers = decoder_layers(model)
-    paths = [out_dir / f"layer_{i:02d}.npy" for i in range(len(layers))]
+    paths = ffn_input_paths(out_dir, len(layers))
     capture_inputs(model, seqs, {p: (layer.mlp, model.config.hidden_size) for p, layer in zip(paths, layers)},
                    desc, batch)
     return paths
