@@ -27,9 +27,11 @@ goes on where the last stopped (session 40: 1600 steps in two calls; docs/conver
 
 Other expert sizes or splits on the same sparsified model (the levers "finer experts", "neurons that fire
 together"): ``--expert-size 32 --work /root/recipe-e32 --sparsified-from /root/recipe --methods d2dmoe`` (or
-``--split coactivation --work /root/recipe-co ...``) converts from that run's GGUF and copies its finished
-dense and sparsify stages (their fingerprints name the source file and do not depend on the split), so only
-split, routers and calibration run.
+``--split kmeans --work /root/recipe-km ...``: the paper's split, the default before session 42) converts from
+that run's GGUF and copies its finished dense and sparsify stages (their fingerprints name the source file and do
+not depend on the split), so only split, routers and calibration run. ``--no-sweep`` stops after the
+conversions: their reports' perplexity at the calibrated tau is the comparison (session 42 measured three levers
+that way in one lease; docs/converter.md, "Three levers on the GPU").
 """
 
 import argparse
@@ -41,8 +43,11 @@ from pathlib import Path
 
 from provenance import provenance
 
+SPLIT = "coactivation"     # d2dmoe-convert's default since session 41; measured on this recipe in session 42
+LEGACY_SPLIT = "kmeans"    # the split of a recipe.json written before --split (it has no "split" key)
 RECIPE = dict(
     expert_size=64,
+    split=SPLIT,
     sparsify=dict(steps=480, batch=16, accum=1, seq_len=512, lr=1e-4, warmup=24, alpha=1e-3, clip=1.0, save_every=40,
                   distill=1.0, passes=3),
     routers=dict(width=256, tokens=204800, seq_len=512, steps=2000, batch=1024, lr=2e-3),
@@ -73,7 +78,7 @@ def options(method: str, work: Path, corpus: str | None = None):
     from d2dmoe_converter.sparsify import SparsifyOptions
 
     per_layer = method == "d2dmoe-per-layer"
-    return ConvertOptions(expert_size=RECIPE["expert_size"], split=RECIPE.get("split", "kmeans"),
+    return ConvertOptions(expert_size=RECIPE["expert_size"], split=RECIPE["split"],
                           method="d2dmoe" if per_layer else method,
                           dtype="bfloat16", overwrite=True, work_dir=str(work / "stages"), corpus=corpus,
                           sparsify=SparsifyOptions(**RECIPE["sparsify"]), routers=RouterOptions(**RECIPE["routers"]),
@@ -115,15 +120,14 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
 
 
 def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generated: float = 0.0,
-              split: str = "kmeans") -> None:
+              split: str = SPLIT) -> None:
     """This run's RECIPE: the smoke settings (--smoke), the expert size and split, a sparsify stage of
     ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's), and the share of its
     sequences continued by the original model (``generated``, teacher_text.py)."""
     if smoke:
         RECIPE.update(SMOKE)
     RECIPE["expert_size"] = expert_size
-    if split != "kmeans":   # recipe.json of the runs before --split keeps its form
-        RECIPE["split"] = split
+    RECIPE["split"] = split
     if sparsify_steps is not None:
         if sparsify_steps < 1:
             raise SystemExit(f"[recipe] --sparsify-steps {sparsify_steps}: give at least 1")
@@ -200,14 +204,17 @@ def main():
     ap.add_argument("--generated", type=float, default=0.0, metavar="SHARE",
                     help="share of the sparsify sequences continued by the original model after their first 32 "
                          "tokens (d2dmoe-convert --sparsify-generated: distinct text for long runs; vLLM samples it)")
-    ap.add_argument("--split", choices=("kmeans", "coactivation"), default="kmeans",
-                    help="how neurons are grouped into experts (d2dmoe-convert --split; default the paper's k-means "
-                         "on the gate rows; coactivation: on the sparsified model's activations)")
+    ap.add_argument("--split", choices=("kmeans", "coactivation"), default=SPLIT,
+                    help=f"how neurons are grouped into experts (d2dmoe-convert --split; default {SPLIT}: k-means on "
+                         f"the sparsified model's activations; kmeans: the paper's, on the gate rows)")
     ap.add_argument("--sparsified-from", type=Path, metavar="WORK",
                     help="another recipe --work whose finished dense + sparsify stages this run starts from")
     ap.add_argument("--methods", default="d2dmoe,moefication",
                     help="conversions to run and sweep (default d2dmoe,moefication; d2dmoe-per-layer: d2dmoe with a "
                          "tau per FFN layer, sharing d2dmoe's stages up to calibration)")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="conversions only: each report's perplexity at the calibrated tau on held-out tokens is the "
+                         "measure (a lever's comparison in a few device minutes; the sweep takes several more)")
     ap.add_argument("--merge", type=Path, metavar="FETCHED",
                     help="here, after the device run: merge the fetched --out folder into --out's quality JSON")
     args = ap.parse_args()
@@ -227,10 +234,10 @@ def main():
     held = {"corpus": results["recipe"].get("corpus", "sotu"), "expert_size": results["recipe"]["expert_size"],
             "sparsify_steps": results["recipe"]["sparsify"]["steps"],
             "generated": results["recipe"]["sparsify"].get("generated", 0.0),
-            "split": results["recipe"].get("split", "kmeans")}
+            "split": results["recipe"].get("split", LEGACY_SPLIT)}
     for key, value in (("corpus", corpus), ("expert_size", RECIPE["expert_size"]),
                        ("sparsify_steps", RECIPE["sparsify"]["steps"]), ("generated", RECIPE["sparsify"].get("generated", 0.0)),
-                       ("split", RECIPE.get("split", "kmeans"))):
+                       ("split", RECIPE["split"])):
         if held[key] != value:  # its finished reports would be taken as this run's
             raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "
                              f"Fix: pass another --work (or the same --{key.replace('_', '-')} to resume)")
@@ -269,6 +276,9 @@ def main():
     results["routers"] = json.loads((stages / "routers" / "stage.json").read_text())
     shutil.copy(stages / "sparsify" / "sparsify.png", args.out / "convert-recipe-gemma3-270m-sparsify.png")
     save()
+    if args.no_sweep:
+        print(json.dumps({m: results[f"report_{m}"] for m in methods}, indent=1)[:3000])
+        return
 
     kept = [("recipe-sweep.json", "convert-recipe-gemma3-270m-sweep.json"),
             ("recipe-original.json", "convert-recipe-gemma3-270m-original.json")]

@@ -53,7 +53,7 @@ def test_refuses_a_run_without_a_finished_sparsify_stage(tmp_path):
     (["--sparsify-steps", "0"], "--sparsify-steps 0: give at least 1"),
     (["--generated", "0.5"], "holds a run with generated 0.0, not 0.5"),
     (["--generated", "2"], "--generated 2.0: a share of the sparsify sequences, in [0, 1]"),
-    (["--split", "coactivation"], "holds a run with split kmeans, not coactivation"),
+    (["--split", "kmeans"], "holds a run with split coactivation, not kmeans"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     work = tmp_path / "work"
@@ -131,5 +131,81 @@ def test_smoke_keeps_its_own_sparsify_stage(monkeypatch):
     recipe.configure(False, 64, None, split="coactivation")   # the converter's split option, in every method's run
     assert recipe.options("d2dmoe", Path("/w")).split == recipe.options("moefication", Path("/w")).split == "coactivation"
     monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
-    recipe.configure(False, 64, None)
-    assert "split" not in recipe.RECIPE and recipe.options("d2dmoe", Path("/w")).split == "kmeans"
+    recipe.configure(False, 64, None)   # the default: co-activation (measured better on this recipe, session 42)
+    assert recipe.options("d2dmoe", Path("/w")).split == "coactivation"
+
+
+def test_a_run_from_before_split_is_held_as_kmeans(tmp_path):
+    """A recipe.json written before --split (no "split" key) was a k-means run: the co-activation default
+    does not take its reports as its own."""
+    work = tmp_path / "work"
+    work.mkdir()
+    legacy = {k: v for k, v in recipe.RECIPE.items() if k != "split"}
+    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": {**legacy, "corpus": "sotu"}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_convert_recipe.py"), "--work", str(work),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "holds a run with split kmeans, not coactivation" in proc.stderr, proc.stderr
+    assert "--split" in proc.stderr
+
+
+def test_no_sweep_stops_after_the_conversions(tmp_path, monkeypatch):
+    """--no-sweep: the finished conversions' reports (and the sparsify / routers stage records) are written to
+    --out, and the sweep never starts."""
+    import copy
+
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(recipe.RECIPE))
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "stages" / "sparsify").mkdir(parents=True)
+    (work / "stages" / "routers").mkdir(parents=True)
+    (work / recipe.GGUF).write_bytes(b"GGUF")
+    (work / "stages" / "sparsify" / "stage.json").write_text(json.dumps({"stage": "sparsify", "steps": 480}))
+    (work / "stages" / "routers" / "stage.json").write_text(json.dumps({"stage": "routers"}))
+    (work / "stages" / "sparsify" / "sparsify.png").write_bytes(b"png")
+    report = {"ffn_fraction": 0.5, "ppl_converted": 25.0}
+    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": {**recipe.RECIPE, "corpus": "sotu"},
+                                                  "report_d2dmoe": report}))
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("the sweep ran under --no-sweep")
+
+    monkeypatch.setattr(recipe, "sweep", no_sweep)
+    monkeypatch.setattr(sys, "argv", ["gpu_convert_recipe.py", "--work", str(work), "--out", str(out),
+                                      "--methods", "d2dmoe", "--no-sweep"])
+    recipe.main()
+    written = json.loads((out / "convert-recipe-gemma3-270m.json").read_text())
+    assert written["report_d2dmoe"] == report and written["sparsify"]["steps"] == 480 and "sweep" not in written
+    assert (out / "convert-recipe-gemma3-270m-sparsify.png").read_bytes() == b"png"
+
+
+def test_recipe_levers_tabulates_each_conversion_against_its_sparsified_model(tmp_path):
+    """``recipe_levers.py``: a row per finished conversion of each run, its ratios computed from that run's own
+    sparsified and original perplexities; a run with no finished conversion is refused by name."""
+    def run(split, ppl, sparsified, per_layer=None):
+        doc = {"provenance": {"device": "NVIDIA H100", "date": "2026-12-05"},
+               "recipe": {**recipe.RECIPE, "split": split}, "sparsify": {"final_hoyer": 130.0},
+               "report_d2dmoe": {"tau_summary": "tau = 0.07", "ffn_fraction": 0.5, "ppl_converted": ppl,
+                                 "ppl_dense": sparsified, "ppl_original": 20.0, "heldout_tokens": 32768}}
+        if per_layer:
+            doc["report_d2dmoe-per-layer"] = {**doc["report_d2dmoe"], "ppl_converted": per_layer}
+        return doc
+
+    paths = {}
+    for name, doc in {"km": run("kmeans", 30.0, 24.0), "co": run("coactivation", 27.0, 24.0, 26.0)}.items():
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(doc))
+    out = tmp_path / "levers.json"
+    script = [sys.executable, str(ROOT / "benchmarks" / "recipe_levers.py"), "--out", str(out)]
+    proc = subprocess.run(script + [f"k-means={paths['km']}", f"co-act={paths['co']}"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["run"], r["method"], r["split"]) for r in rows] == [
+        ("k-means", "d2dmoe", "kmeans"), ("co-act", "d2dmoe", "coactivation"), ("co-act", "d2dmoe-per-layer", "coactivation")]
+    assert [round(r["vs_original"], 6) for r in rows] == [0.5, 0.35, 0.3]
+    assert [round(r["vs_sparsified"], 6) for r in rows] == [0.25, 0.125, round(26 / 24 - 1, 6)]
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+    unfinished = tmp_path / "unfinished.json"
+    unfinished.write_text(json.dumps({k: v for k, v in run("kmeans", 1, 1).items() if k != "report_d2dmoe"}))
+    proc = subprocess.run(script + [f"cut={unfinished}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "cut: no finished conversion" in proc.stderr and "Fix:" in proc.stderr

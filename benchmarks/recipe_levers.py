@@ -1,0 +1,108 @@
+"""One table and one plot from several GPU-recipe runs: what each lever bought at the calibrated budget.
+
+    python benchmarks/recipe_levers.py --out benchmarks/results/levers-gemma3-270m-h100.json \\
+        "480 steps, kmeans=benchmarks/results/attempts/42-levers-h100/recipe-480-kmeans.json" ...
+
+Each LABEL=PATH is a ``gpu_convert_recipe.py`` JSON (``convert-recipe-gemma3-270m.json``, with or without
+``--no-sweep``). A row per conversion it holds: the split, sparsify steps and teacher-text share it was made
+with, executed FFN compute and held-out perplexity at the calibrated tau (the converter's report: SOTU
+2016-2021, the calibration's eval tokens), the sparsified model's perplexity on the same tokens, and the
+original's. Writes the JSON (rows + each run's provenance) and a bar chart beside it (``.png``): per run, the
+sparsified model and each conversion, against the original and the issue's +5% target.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from provenance import provenance
+
+TARGET = 1.05   # issue 5: within +5% of the original's held-out perplexity at 50% of FFN compute
+
+
+def rows_of(label: str, run: dict) -> list[dict]:
+    recipe, sparsify = run["recipe"], run.get("sparsify", {})
+    common = {"run": label, "split": recipe.get("split", "kmeans"), "expert_size": recipe["expert_size"],
+              "sparsify_steps": recipe["sparsify"]["steps"], "generated": recipe["sparsify"].get("generated", 0.0),
+              "final_hoyer": sparsify.get("final_hoyer"), "final_zero_fraction": sparsify.get("final_zero_fraction"),
+              "final_task_loss": sparsify.get("final_task_loss"), "device": run["provenance"]["device"],
+              "date": run["provenance"]["date"]}
+    out = []
+    for key, report in run.items():
+        if not key.startswith("report_"):
+            continue
+        out.append({**common, "method": key.removeprefix("report_"), "tau": report["tau_summary"],
+                    "ffn_compute": report["ffn_fraction"], "ppl": report["ppl_converted"],
+                    "ppl_sparsified": report["ppl_dense"], "ppl_original": report["ppl_original"],
+                    "vs_original": report["ppl_converted"] / report["ppl_original"] - 1,
+                    "vs_sparsified": report["ppl_converted"] / report["ppl_dense"] - 1,
+                    "heldout_tokens": report["heldout_tokens"]})
+    if not out:
+        raise SystemExit(f"[levers] {label}: no finished conversion (report_*) in that JSON. "
+                         f"Fix: pass a gpu_convert_recipe.py JSON from a run that finished its conversions")
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    bars = ["sparsified (100%)"] + methods
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(2.2 * len(runs) + 4.5, 4.8))
+    for b, name in enumerate(bars):
+        for i, run in enumerate(runs):
+            mine = [r for r in rows if r["run"] == run]
+            if b == 0:
+                value, text = mine[0]["ppl_sparsified"], ""
+            else:
+                hit = [r for r in mine if r["method"] == name]
+                if not hit:
+                    continue
+                value, text = hit[0]["ppl"], f"{hit[0]['ffn_compute']:.1%}"
+            x = i + (b - (len(bars) - 1) / 2) * width
+            ax.bar(x, value, width, color=f"C{b}", label=name if i == 0 or name not in ax.get_legend_handles_labels()[1] else None)
+            ax.text(x, value, f"{value:.1f}\n{text}", ha="center", va="bottom", fontsize=7)
+    original = rows[0]["ppl_original"]
+    ax.axhline(original, color="k", lw=1, label=f"original {original:.2f}")
+    ax.axhline(original * TARGET, color="k", ls="--", lw=1, label=f"target +5% ({original * TARGET:.2f})")
+    ax.set_xticks(range(len(runs)), runs, fontsize=8)
+    ax.set_ylabel("held-out perplexity (SOTU 2016-2021)")
+    ax.set_ylim(0, max(r["ppl"] for r in rows) * 1.18)
+    ax.set_title("Gemma 3 270M, GPU recipe: perplexity at the calibrated 50% FFN budget, by lever")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", metavar="LABEL=PATH")
+    ap.add_argument("--out", type=Path, required=True, help="the JSON to write (the plot goes beside it, .png)")
+    args = ap.parse_args()
+    rows, sources = [], {}
+    for item in args.runs:
+        label, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            raise SystemExit(f"[levers] {item!r}: expected LABEL=PATH of an existing recipe JSON")
+        run = json.loads(Path(path).read_text())
+        rows += rows_of(label, run)
+        sources[label] = {"file": path, "provenance": run["provenance"]}
+    doc = {**provenance(), "target": f"ppl within +{TARGET - 1:.0%} of the original at 50% of FFN compute",
+           "runs": sources, "rows": rows}
+    args.out.write_text(json.dumps(doc, indent=1))
+    plot(rows, args.out.with_suffix(".png"))
+    print(f"{'run':34} {'method':17} {'FFN':>6} {'ppl':>7} {'vs orig':>8} {'sparsified':>10} {'vs sp.':>7}")
+    for r in rows:
+        print(f"{r['run']:34} {r['method']:17} {r['ffn_compute']:6.1%} {r['ppl']:7.2f} {r['vs_original']:+8.1%} "
+              f"{r['ppl_sparsified']:10.2f} {r['vs_sparsified']:+7.1%}")
+    print(f"[levers] wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
