@@ -120,7 +120,7 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
 
 
 def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generated: float = 0.0,
-              split: str = SPLIT) -> None:
+              split: str = SPLIT, teacher_engine: str = "auto") -> None:
     """This run's RECIPE: the smoke settings (--smoke), the expert size and split, a sparsify stage of
     ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's), and the share of its
     sequences continued by the original model (``generated``, teacher_text.py)."""
@@ -136,6 +136,8 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generat
         raise SystemExit(f"[recipe] --generated {generated}: a share of the sparsify sequences, in [0, 1]")
     if generated:
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "generated": generated}
+        if teacher_engine != "auto":   # recipe.json of the runs before --teacher-engine keeps its form
+            RECIPE["sparsify"]["generated_engine"] = teacher_engine
 
 
 def sparsify_recipe(base: dict, steps: int) -> dict:
@@ -204,6 +206,9 @@ def main():
     ap.add_argument("--generated", type=float, default=0.0, metavar="SHARE",
                     help="share of the sparsify sequences continued by the original model after their first 32 "
                          "tokens (d2dmoe-convert --sparsify-generated: distinct text for long runs; vLLM samples it)")
+    ap.add_argument("--teacher-engine", choices=("auto", "vllm", "transformers"), default="auto",
+                    help="who samples --generated's text (d2dmoe-convert --sparsify-generated-engine; default auto: "
+                         "vLLM where installed)")
     ap.add_argument("--split", choices=("kmeans", "coactivation"), default=SPLIT,
                     help=f"how neurons are grouped into experts (d2dmoe-convert --split; default {SPLIT}: k-means on "
                          f"the sparsified model's activations; kmeans: the paper's, on the gate rows)")
@@ -220,7 +225,7 @@ def main():
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.out)
-    configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated, args.split)
+    configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated, args.split, args.teacher_engine)
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or set(methods) - set(METHODS):
         raise SystemExit(f"[recipe] --methods {args.methods!r}: expected some of {', '.join(METHODS)}, comma-separated")
@@ -234,9 +239,11 @@ def main():
     held = {"corpus": results["recipe"].get("corpus", "sotu"), "expert_size": results["recipe"]["expert_size"],
             "sparsify_steps": results["recipe"]["sparsify"]["steps"],
             "generated": results["recipe"]["sparsify"].get("generated", 0.0),
+            "teacher_engine": results["recipe"]["sparsify"].get("generated_engine", "auto"),
             "split": results["recipe"].get("split", LEGACY_SPLIT)}
     for key, value in (("corpus", corpus), ("expert_size", RECIPE["expert_size"]),
                        ("sparsify_steps", RECIPE["sparsify"]["steps"]), ("generated", RECIPE["sparsify"].get("generated", 0.0)),
+                       ("teacher_engine", RECIPE["sparsify"].get("generated_engine", "auto")),
                        ("split", RECIPE["split"])):
         if held[key] != value:  # its finished reports would be taken as this run's
             raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "

@@ -11,6 +11,7 @@ from d2dmoe_converter.convert import DTYPES, SPLITS, ConvertOptions, convert, fo
 from d2dmoe_converter.corpus import CorpusError
 from d2dmoe_converter.routers import METHODS, RouterOptions
 from d2dmoe_converter.sparsify import SparsifyOptions
+from d2dmoe_converter.teacher_text import ENGINES
 from d2dmoe_vllm.config import CheckpointError
 
 
@@ -68,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
                         f"runs; vLLM on a GPU where installed, else transformers; default {d.generated})")
     s.add_argument("--sparsify-generated-prompt", type=int, default=d.generated_prompt, metavar="N",
                    help=f"tokens of real text a generated sequence starts from (default {d.generated_prompt})")
+    s.add_argument("--sparsify-generated-engine", choices=ENGINES, default=d.generated_engine,
+                   help="who samples the generated text: auto (vLLM on a GPU where installed, else transformers' "
+                        f"generate), vllm or transformers (default {d.generated_engine})")
     s.add_argument("--save-every", type=int, default=d.save_every, help="steps between resumable training states")
     r = RouterOptions()
     rg = ap.add_argument_group("routers")
@@ -113,7 +117,8 @@ def options(args: argparse.Namespace) -> ConvertOptions:
                                  seq_len=args.seq_len, lr=args.sparsify_lr, warmup=args.warmup, alpha=args.hoyer_alpha,
                                  save_every=args.save_every, distill=args.sparsify_distill,
                                  passes=args.sparsify_passes, generated=args.sparsify_generated,
-                                 generated_prompt=args.sparsify_generated_prompt),
+                                 generated_prompt=args.sparsify_generated_prompt,
+                                 generated_engine=args.sparsify_generated_engine),
         routers=RouterOptions(width=args.router_width, tokens=args.router_tokens, seq_len=args.seq_len,
                               steps=args.router_steps, batch=args.router_batch, lr=args.router_lr),
         calibrate=CalibrateOptions(budget=args.budget, tokens=args.calib_tokens, eval_tokens=args.eval_tokens,

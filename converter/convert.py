@@ -131,6 +131,7 @@ def check_options(opts: ConvertOptions) -> None:
     check_share(opts.sparsify.generated)
     if opts.sparsify.generated:
         check_prompt(opts.sparsify.generated_prompt, opts.sparsify.seq_len)
+        engine_for(torch.device("cpu"), opts.sparsify.generated_engine)  # a bad or missing engine, before any work
     if not 0 <= opts.sparsify.distill <= 1:
         raise ValueError(f"--sparsify-distill is a weight in [0, 1], got {opts.sparsify.distill}")
     for name, value in (("--sparsify-passes", opts.sparsify.passes), ("--sparsify-batch", opts.sparsify.batch),
@@ -336,7 +337,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         sp = opts.sparsify
         key = [fp, sp.stage_key(), opts.seed, text.corpus]
         if sp.generated:  # the teacher's text is sampled once, for what decides it: not for lr or alpha
-            engine = engine_for(device)
+            engine = engine_for(device, sp.generated_engine)
             gen_stage = Stage(work, "teacher_text", fingerprint(fp, sp.text_key(), opts.seed, text.corpus, engine))
             key.append(gen_stage.fingerprint)
         stage = Stage(work, "sparsify", fingerprint(*key))

@@ -43,11 +43,13 @@ class SparsifyOptions:
     passes: int = 1               # times the training text may be reused when steps ask for more than it holds
     generated: float = 0.0        # share of the sequences continued by the original model (teacher_text.py)
     generated_prompt: int = 32    # tokens of real text such a sequence keeps before the teacher's continuation
+    generated_engine: str = "auto"  # who samples it: auto (vLLM on a GPU where installed), vllm, transformers
 
     def stage_key(self) -> dict:
         """What the sparsify stage's fingerprint holds: every field, less the teacher-text ones when no
         text is generated (work dirs from before they existed keep their stage)."""
         fields = asdict(self)
+        del fields["generated_engine"]  # the engine that sampled it is in the teacher text's own fingerprint
         return fields if self.generated else {k: v for k, v in fields.items() if not k.startswith("generated")}
 
     def text_key(self) -> dict:

@@ -7,9 +7,11 @@ sequences keeps its first ``prompt`` tokens and the rest is sampled from the ori
 1, no top-k / top-p: the teacher's own distribution; end-of-text suppressed so every sequence keeps its
 length). A training sequence read again (passes > 1) gets another continuation, so the steps see distinct text.
 
-Engines: vLLM when it is installed and the stage runs on a GPU (batched sampling; in a subprocess, so its
-GPU memory is free again before training), else transformers' ``generate`` (CPU, tests). Continuations
-are saved in chunks as they finish: an interrupted stage resumes.
+Engines (``--sparsify-generated-engine``, default auto): vLLM when it is installed and the stage runs on a
+GPU (batched sampling; in a subprocess, so its GPU memory is free again before training), else transformers'
+``generate`` (CPU, tests). Continuations are saved in chunks as they finish: an interrupted stage resumes.
+Which engine is faster on the GPU is open: vLLM sampled 10k tokens/s after a 140 s start in session 42
+(``benchmarks/profile_teacher_text.py`` times both).
 
     python -m d2dmoe_converter.teacher_text MODEL_DIR JOBS.safetensors OUT_DIR --new-tokens N
 runs the vLLM engine over the pending chunks (what ``sample_vllm`` starts: one engine for them all).
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -57,13 +61,22 @@ def generated_rows(n: int, share: float, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
 
 
-def engine_for(device: torch.device) -> str:
-    """vLLM on a GPU where it is installed, else transformers."""
+ENGINES = ("auto", "vllm", "transformers")
+
+
+def engine_for(device: torch.device, want: str = "auto") -> str:
+    """``want``, or for "auto": vLLM on a GPU where it is installed, else transformers."""
+    if want not in ENGINES:
+        raise ValueError(f"teacher-text engine {want!r}: expected one of {', '.join(ENGINES)}")
     # found, not imported: importing vLLM rewrites this process's environment (its env overrides), and the
     # training that follows runs here; the subprocess imports it
-    if device.type != "cuda" or importlib.util.find_spec("vllm") is None:
-        return "transformers"
-    return "vllm"
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    if want == "vllm" and not have_vllm:
+        raise ValueError("teacher-text engine vllm: vLLM is not installed. Fix: install it (pip install vllm; "
+                         "on the CPU, vLLM's CPU build), or choose the transformers engine")
+    if want != "auto":
+        return want
+    return "vllm" if device.type == "cuda" and have_vllm else "transformers"
 
 
 def sample_transformers(model, prompts: torch.Tensor, new_tokens: int, seed: int, eos: list[int],
@@ -153,17 +166,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eos", default="", help="comma-separated token ids never to sample (end-of-text)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="sequences the engine decodes at once (default vLLM's)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="compile and capture CUDA graphs up to --max-num-seqs sequences (default eager: a "
+                         "chunk's 1,024 sequences are above the graphs vLLM captures by default, <= 512)")
     args = ap.parse_args(argv)
+    t0 = time.perf_counter()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     jobs = load_file(str(args.jobs))
     length = next(iter(jobs.values())).shape[1] + args.new_tokens
+    engine = {}
+    if args.max_num_seqs:
+        engine["max_num_seqs"] = args.max_num_seqs
+    if args.graphs:
+        top = args.max_num_seqs or CHUNK
+        engine["compilation_config"] = {"cudagraph_capture_sizes": sorted({1, 2, 4, 8, *range(16, top + 1, 16)})}
+    # token ids in and out (TokensPrompt, detokenize=False): no tokenizer needed, so none is loaded
     llm = LLM(model=str(args.model_dir), dtype=args.dtype, seed=args.seed, generation_config="vllm", max_model_len=length,
-              gpu_memory_utilization=0.6, enable_prefix_caching=False,
-              # eager: the batches (a chunk's 1024 sequences) are above the graphs vLLM captures (<= 512), and
-              # compiling + capturing would cost a minute of a device call for no gain
-              enforce_eager=True)
+              gpu_memory_utilization=0.6, enable_prefix_caching=False, skip_tokenizer_init=True,
+              enforce_eager=not args.graphs, **engine)
+    started, tokens = time.perf_counter(), 0
     for name, prompts in sorted(jobs.items()):
         # min_tokens = max_tokens: the tokenizer's end-of-text and --eos (the stop ids) are never sampled, as
         # transformers' min_new_tokens does for the same ids
@@ -176,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"vLLM returned continuations of shape {tuple(cont.shape)}, "
                                f"not {(prompts.shape[0], args.new_tokens)}")
         save_chunk(cont, args.out_dir / f"{name}.safetensors")
+        tokens += cont.numel()
+    done = time.perf_counter()
+    # one line the profile (benchmarks/profile_teacher_text.py) reads: where the engine's time went
+    print("[teacher-text] " + json.dumps({"start_s": round(started - t0, 2), "sample_s": round(done - started, 2),
+                                          "tokens": tokens, "tokens_per_s": round(tokens / (done - started), 1)}),
+          flush=True)
     return 0
 
 

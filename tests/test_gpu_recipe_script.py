@@ -209,3 +209,19 @@ def test_recipe_levers_tabulates_each_conversion_against_its_sparsified_model(tm
     unfinished.write_text(json.dumps({k: v for k, v in run("kmeans", 1, 1).items() if k != "report_d2dmoe"}))
     proc = subprocess.run(script + [f"cut={unfinished}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "cut: no finished conversion" in proc.stderr and "Fix:" in proc.stderr
+
+
+def test_teacher_engine_reaches_the_converter(monkeypatch):
+    """--teacher-engine: the converter's --sparsify-generated-engine for --generated's text; left out of the
+    recipe where it is auto (recipe.json of the runs before it keeps its form) or where nothing is generated."""
+    import copy
+
+    original = copy.deepcopy(recipe.RECIPE)
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None, 0.5, teacher_engine="transformers")
+    assert recipe.options("d2dmoe", Path("/w")).sparsify.generated_engine == "transformers"
+    for generated, engine in ((0.5, "auto"), (0.0, "transformers")):
+        monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+        recipe.configure(False, 64, None, generated, teacher_engine=engine)
+        assert "generated_engine" not in recipe.RECIPE["sparsify"]
+        assert recipe.options("d2dmoe", Path("/w")).sparsify.generated_engine == "auto"

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from d2dmoe_converter.hf_model import build_model
 from d2dmoe_converter.sparsify import SparsifyOptions
 from test_pipeline import FAST
 
+ROOT = Path(__file__).resolve().parents[1]
 EOS = 50256  # the tiny models' (GPT-2 tokenizer)
 
 
@@ -51,6 +53,17 @@ def test_engine_on_the_gpu_is_vllm_where_installed_and_not_imported(monkeypatch)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     assert tt.engine_for(torch.device("cuda")) == "transformers"
+
+
+def test_engine_can_be_chosen_and_a_missing_or_unknown_one_is_named(monkeypatch):
+    assert tt.engine_for(torch.device("cuda"), "transformers") == "transformers"
+    assert tt.engine_for(torch.device("cpu"), "vllm") == "vllm"      # vLLM's CPU backend, where installed
+    with pytest.raises(ValueError, match="engine 'sglang': expected one of auto, vllm, transformers"):
+        tt.engine_for(torch.device("cpu"), "sglang")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ValueError, match="vLLM is not installed. Fix:"):
+        tt.engine_for(torch.device("cuda"), "vllm")
 
 
 def test_visible_device_maps_through_the_parents_mask():
@@ -188,3 +201,57 @@ def test_bad_teacher_text_options_write_nothing(dense_dir, tmp_path, capsys, ext
     assert convert_cli([str(dense_dir("gpt2")), str(out), "--sparsify-steps", "2", "--seq-len", "128", *extra]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chosen_engine_reaches_the_stage_and_its_fingerprint(dense_dir, tmp_path, monkeypatch):
+    """--sparsify-generated-engine: the engine the stage samples with (recorded in its stage.json), part of the
+    teacher text's fingerprint (another engine samples again), not of the sparsify options' own key."""
+    from d2dmoe_converter import convert as convert_mod
+
+    used = []
+
+    def fake_teacher_text(seqs, share, prompt, seed, part, *, engine, **kwargs):
+        used.append(engine)
+        return seqs.flip(1)   # every row changed
+
+    monkeypatch.setattr(convert_mod, "teacher_text", fake_teacher_text)
+    out = tmp_path / "moe"
+    args = [str(dense_dir("gpt2")), str(out), "--sparsify-steps", "2", "--sparsify-batch", "2", "--warmup", "1",
+            "--sparsify-generated", "1.0", "--sparsify-generated-prompt", "16", "--budget", "0.5", *FAST]
+    assert convert_cli([*args, "--sparsify-generated-engine", "vllm"]) == 0
+    work = tmp_path / "moe.work"
+    first = json.loads((work / "teacher_text" / "stage.json").read_text())
+    assert used == ["vllm"] and first["engine"] == "vllm"
+    assert convert_cli([*args, "--overwrite", "--sparsify-generated-engine", "transformers"]) == 0
+    second = json.loads((work / "teacher_text" / "stage.json").read_text())
+    assert used == ["vllm", "transformers"] and second["engine"] == "transformers"
+    assert second["fingerprint"] != first["fingerprint"]
+    assert "generated_engine" not in SparsifyOptions(steps=2, generated=1.0, generated_engine="vllm").stage_key()
+
+
+def test_unavailable_engine_is_refused_before_any_work(dense_dir, tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    out = tmp_path / "out"
+    assert convert_cli([str(dense_dir("gpt2")), str(out), "--sparsify-steps", "2", "--sparsify-generated", "0.5",
+                        "--sparsify-generated-engine", "vllm"]) == 2
+    assert "vLLM is not installed. Fix:" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_teacher_text_smoke(tmp_path, monkeypatch):
+    """``profile_teacher_text.py --smoke``: the GPU profile's code path on the CPU (vLLM's CPU backend and
+    transformers on a tiny Gemma 3): every variant samples every token it was asked for; without a GPU and
+    without --smoke it is refused."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    script = [sys.executable, str(ROOT / "benchmarks" / "profile_teacher_text.py"), "--out", str(tmp_path)]
+    proc = subprocess.run(script + ["--smoke", "--variants", "vllm-eager,transformers-64"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "profile-teacher-text-cpu-smoke.json").read_text())
+    assert [r["variant"] for r in doc["rows"]] == ["vllm-eager", "transformers-64"]
+    for row in doc["rows"]:
+        assert "error" not in row, row
+        assert row["tokens"] == doc["sequences"] * doc["new_tokens"] and row["tokens_per_s"] > 0
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no GPU here" in proc.stderr
