@@ -36,8 +36,9 @@ def parser() -> argparse.ArgumentParser:
                     help="how neurons are grouped into experts: balanced k-means on the neurons' activations over "
                     "--split-tokens training tokens (coactivation, the default: neurons that fire together share an "
                     "expert), on the first layer's weights (kmeans, the paper's), or in stored order")
-    ap.add_argument("--split-tokens", type=int, default=ConvertOptions.split_tokens,
-                    help="training tokens whose activations group the neurons with --split coactivation")
+    ap.add_argument("--split-tokens", type=int, default=None,
+                    help="training tokens whose activations group the neurons with --split coactivation "
+                         f"(default {ConvertOptions.split_tokens})")
     ap.add_argument("--relu", action="store_true", help="ReLU-fy the FFN (GPT-2) / gate (Gemma) activation "
                     "(implied by --sparsify-steps)")
     ap.add_argument("--corpus", help="training text: a .txt file or directory of .txt files "
@@ -109,8 +110,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def options(args: argparse.Namespace) -> ConvertOptions:
+    if args.split_tokens is not None and args.split != "coactivation":
+        raise ValueError(f"--split-tokens groups neurons by their activations: it has no effect with --split "
+                         f"{args.split}. Fix: drop --split-tokens, or pass --split coactivation")
+    split_tokens = ConvertOptions.split_tokens if args.split_tokens is None else args.split_tokens
     return ConvertOptions(
-        expert_size=args.expert_size, num_experts=args.num_experts, relufy=args.relu, split=args.split, split_tokens=args.split_tokens,
+        expert_size=args.expert_size, num_experts=args.num_experts, relufy=args.relu, split=args.split, split_tokens=split_tokens,
         method=args.method, tau=args.tau, dtype=args.dtype, seed=args.seed, overwrite=args.overwrite,
         work_dir=args.work_dir, corpus=args.corpus, heldout=args.heldout, device=args.device,
         sparsify=SparsifyOptions(steps=args.sparsify_steps, batch=args.sparsify_batch, accum=args.sparsify_accum,

@@ -116,3 +116,10 @@ def test_bad_split_tokens_write_nothing(dense_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "split by co-activation (10000000 tokens)" in err and "--split kmeans" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]
+    # --split-tokens where the split reads no text: refused, not silently ignored
+    for split in ("kmeans", "contiguous"):
+        assert convert_cli([str(dense_dir("gpt2")), str(tmp_path / "out"), "--split", split,
+                            "--split-tokens", "4096"]) == 2
+        err = capsys.readouterr().err
+        assert f"no effect with --split {split}. Fix: drop --split-tokens" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]
