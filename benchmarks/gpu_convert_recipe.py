@@ -134,6 +134,9 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generat
         RECIPE["sparsify"] = sparsify_recipe(RECIPE["sparsify"], sparsify_steps)
     if not 0 <= generated <= 1:
         raise SystemExit(f"[recipe] --generated {generated}: a share of the sparsify sequences, in [0, 1]")
+    if teacher_engine != "auto" and not generated:
+        raise SystemExit(f"[recipe] --teacher-engine {teacher_engine}: it samples --generated's text, and no share "
+                         f"is generated. Fix: pass --generated SHARE, or drop --teacher-engine")
     if generated:
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "generated": generated}
         if teacher_engine != "auto":   # recipe.json of the runs before --teacher-engine keeps its form
@@ -176,6 +179,10 @@ def merge(fetched: Path, quality: Path) -> None:
     conversion), with its plots beside it as ``quality-gemma3-270m-gpu-recipe-*.png``."""
     from d2dmoe_converter.evaluate import plot_all
 
+    if not (fetched / "convert-recipe-gemma3-270m-sweep.json").is_file():
+        raise SystemExit(f"[recipe] --merge {fetched}: no convert-recipe-gemma3-270m-sweep.json there (a --no-sweep "
+                         f"run, or one cut before its sweep). Fix: rerun the device command without --no-sweep and "
+                         f"fetch its --out folder")
     sweep_result = json.loads((fetched / "convert-recipe-gemma3-270m-sweep.json").read_text())
     sweep_result["original"] = json.loads((fetched / "convert-recipe-gemma3-270m-original.json").read_text())["dense"]
     run = json.loads((fetched / "convert-recipe-gemma3-270m.json").read_text())

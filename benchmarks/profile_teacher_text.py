@@ -1,6 +1,7 @@
 """How fast the teacher text is sampled on the GPU, by engine, before anyone asks it for 12M tokens.
 
-    python benchmarks/profile_teacher_text.py --out $OUT                  # a few minutes on an H100
+    python benchmarks/profile_teacher_text.py --out $OUT --variants vllm-eager,transformers-1024   # ~4 min, H100
+    python benchmarks/profile_teacher_text.py --out $OUT --variants vllm-graphs                   # ~4 min
     python benchmarks/profile_teacher_text.py --smoke --out /tmp/prof     # the same code path on the CPU, tiny model
 
 Session 42's first GPU run of the sparsify stage's teacher text (3,840 continuations of 480 tokens from Gemma 3
@@ -13,19 +14,24 @@ sampling is over the whole 262k vocabulary either way), saved as a Hugging Face 
 variant in its own process (fresh GPU memory; vLLM's environment kept out of the others):
 
 - ``vllm-eager``: the converter's engine as it is (``python -m d2dmoe_converter.teacher_text``: eager,
-  vLLM's default number of sequences at once);
-- ``vllm-eager-1024``: the same with ``--max-num-seqs 1024`` (a whole chunk decoded at once);
+  vLLM's default number of sequences at once, 1,024 on an H100 / H200: a whole chunk);
+- ``vllm-eager-256``: the same with ``--max-num-seqs 256`` (4 waves a chunk: is the step's host work per
+  sequence?);
 - ``vllm-graphs``: compiled, with CUDA graphs up to 1,024 sequences (``--graphs --max-num-seqs 1024``);
-- ``transformers-64`` / ``transformers-1024``: ``generate`` (the converter's other engine) with 64 (its
-  default) or 1,024 sequences a batch.
+- ``transformers-1024`` / ``transformers-64``: ``generate`` (the converter's other engine) with 1,024
+  sequences a batch or 64 (its present default; ~7.7k decode steps a chunk, so not in the default list).
 
 Per variant: seconds to start (engine or model load) and to sample, tokens per second. Prints a table and
-writes ``profile-teacher-text-<device>.json``.
+writes ``profile-teacher-text-<device>.json`` after every variant (a call cut at its time limit keeps the
+finished ones); the default list (all but transformers-64) takes longer than one 10-minute device call, so
+run it in two, as above.
 """
 
 import argparse
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,11 +45,12 @@ from provenance import provenance
 
 VARIANTS = {  # name -> (engine, its options)
     "vllm-eager": ("vllm", []),
-    "vllm-eager-1024": ("vllm", ["--max-num-seqs", "1024"]),
+    "vllm-eager-256": ("vllm", ["--max-num-seqs", "256"]),
     "vllm-graphs": ("vllm", ["--graphs", "--max-num-seqs", "1024"]),
-    "transformers-64": ("transformers", ["64"]),
     "transformers-1024": ("transformers", ["1024"]),
+    "transformers-64": ("transformers", ["64"]),
 }
+DEFAULT = ("vllm-eager", "vllm-eager-256", "vllm-graphs", "transformers-1024")
 LINE = re.compile(r"^\[teacher-text\] (\{.*\})$", re.M)
 
 
@@ -96,14 +103,18 @@ def run_variant(name: str, model_dir: Path, jobs: Path, new_tokens: int, dtype: 
         else:
             cmd = [sys.executable, __file__, "--worker", str(model_dir), str(jobs), str(new_tokens), extra[0], dtype]
         t0 = time.perf_counter()
+        # its own process group: a timed-out variant goes with its children (vLLM's engine core holds the GPU)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             return {"variant": name, "error": f"timed out after {timeout:.0f} s"}
         wall = round(time.perf_counter() - t0, 1)
-    found = LINE.findall(proc.stdout)
+    found = LINE.findall(stdout)
     if proc.returncode != 0 or not found:
-        return {"variant": name, "wall_s": wall, "error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
+        return {"variant": name, "wall_s": wall, "error": f"exit {proc.returncode}: {stderr[-1500:]}"}
     return {"variant": name, "wall_s": wall, **json.loads(found[-1])}
 
 
@@ -115,8 +126,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny model and counts: the code path on the CPU")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    ap.add_argument("--sequences", type=int, default=2048, help="continuations sampled (default 2048: two chunks)")
+    ap.add_argument("--variants", default=",".join(DEFAULT),
+                    help=f"comma-separated, of {', '.join(VARIANTS)} (default {','.join(DEFAULT)})")
+    ap.add_argument("--sequences", type=int, default=1024, help="continuations sampled (default 1024: one chunk)")
     ap.add_argument("--new-tokens", type=int, default=480, help="tokens each (default 480, the recipe's)")
     ap.add_argument("--timeout", type=float, default=420, help="seconds a variant may take (default 420)")
     args = ap.parse_args()
@@ -128,20 +140,20 @@ def main() -> int:
     config, dtype = (TINY, "float32") if args.smoke else (GEMMA3_270M, "bfloat16")
     sequences, new_tokens, chunk = (8, 8, 4) if args.smoke else (args.sequences, args.new_tokens, 1024)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    device = provenance()["device"]
+    path = args.out / f"profile-teacher-text-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}" \
+                      f"{'-smoke' if args.smoke else ''}.json"
+    doc = {**provenance(), "model": "Gemma 3 270M shape, random weights" if not args.smoke else "tiny Gemma 3",
+           "sequences": sequences, "prompt": 32, "new_tokens": new_tokens, "chunk": chunk, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, jobs = Path(tmp) / "model", Path(tmp) / "jobs.safetensors"
         save_model(config, model_dir)
         save_jobs(jobs, sequences, chunk, 32, config["vocab_size"])
         for name in variants:
-            rows.append(run_variant(name, model_dir, jobs, new_tokens, dtype, args.timeout))
-            print(f"[profile] {json.dumps(rows[-1])[:400]}", flush=True)
-    device = provenance()["device"]
-    doc = {**provenance(), "model": "Gemma 3 270M shape, random weights" if not args.smoke else "tiny Gemma 3",
-           "sequences": sequences, "prompt": 32, "new_tokens": new_tokens, "chunk": chunk, "rows": rows}
-    path = args.out / f"profile-teacher-text-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}" \
-                      f"{'-smoke' if args.smoke else ''}.json"
-    path.write_text(json.dumps(doc, indent=1))
+            doc["rows"].append(run_variant(name, model_dir, jobs, new_tokens, dtype, args.timeout))
+            path.write_text(json.dumps(doc, indent=1))   # after every variant: a cut call keeps the finished ones
+            print(f"[profile] {json.dumps(doc['rows'][-1])[:400]}", flush=True)
+    rows = doc["rows"]
     print(f"{'variant':20} {'start s':>8} {'sample s':>9} {'tokens/s':>10} {'wall s':>7}")
     for r in rows:
         if "error" in r:

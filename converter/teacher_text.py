@@ -127,7 +127,8 @@ def sample_vllm(model_dir: Path, jobs: dict[str, torch.Tensor], new_tokens: int,
     done = subprocess.run(cmd, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"teacher text: the vLLM sampler failed (exit {done.returncode}; its log is above). "
-                           f"Fix: resolve that error, or run the stage without vLLM installed (transformers' generate)")
+                           f"Fix: resolve that error, or sample with transformers' generate instead "
+                           f"(d2dmoe-convert --sparsify-generated-engine transformers)")
     src.unlink()
 
 
@@ -155,6 +156,20 @@ def teacher_text(seqs: torch.Tensor, share: float, prompt: int, seed: int, part:
     return out
 
 
+def engine_options(dtype: str, seed: int, length: int, max_num_seqs: int | None = None, graphs: bool = False) -> dict:
+    """vLLM ``LLM`` keywords of the sampling engine: the model's own distribution (no generation-config
+    defaults), token ids in and out (no tokenizer loaded), eager unless ``graphs``, then CUDA graphs for every
+    batch up to ``max_num_seqs`` (or a chunk)."""
+    opts = dict(dtype=dtype, seed=seed, generation_config="vllm", max_model_len=length, gpu_memory_utilization=0.6,
+                enable_prefix_caching=False, skip_tokenizer_init=True, enforce_eager=not graphs)
+    if max_num_seqs:
+        opts["max_num_seqs"] = max_num_seqs
+    if graphs:
+        top = max_num_seqs or CHUNK
+        opts["compilation_config"] = {"cudagraph_capture_sizes": sorted({1, 2, 4, 8, *range(16, top + 1, 16)})}
+    return opts
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Sample continuations of token prompts from a model with vLLM "
                                  "(the teacher-text stage's GPU engine)")
@@ -167,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eos", default="", help="comma-separated token ids never to sample (end-of-text)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-num-seqs", type=int, default=None,
-                    help="sequences the engine decodes at once (default vLLM's)")
+                    help="sequences the engine decodes at once (default vLLM's: 1,024 on an H100 / H200)")
     ap.add_argument("--graphs", action="store_true",
-                    help="compile and capture CUDA graphs up to --max-num-seqs sequences (default eager: a "
-                         "chunk's 1,024 sequences are above the graphs vLLM captures by default, <= 512)")
+                    help="compile and capture CUDA graphs up to --max-num-seqs (or a chunk's 1,024) sequences "
+                         "(default eager: vLLM's default graphs stop at 512 sequences, below a chunk)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     from vllm import LLM, SamplingParams
@@ -178,20 +193,11 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = load_file(str(args.jobs))
     length = next(iter(jobs.values())).shape[1] + args.new_tokens
-    engine = {}
-    if args.max_num_seqs:
-        engine["max_num_seqs"] = args.max_num_seqs
-    if args.graphs:
-        top = args.max_num_seqs or CHUNK
-        engine["compilation_config"] = {"cudagraph_capture_sizes": sorted({1, 2, 4, 8, *range(16, top + 1, 16)})}
-    # token ids in and out (TokensPrompt, detokenize=False): no tokenizer needed, so none is loaded
-    llm = LLM(model=str(args.model_dir), dtype=args.dtype, seed=args.seed, generation_config="vllm", max_model_len=length,
-              gpu_memory_utilization=0.6, enable_prefix_caching=False, skip_tokenizer_init=True,
-              enforce_eager=not args.graphs, **engine)
+    llm = LLM(str(args.model_dir), **engine_options(args.dtype, args.seed, length, args.max_num_seqs, args.graphs))
     started, tokens = time.perf_counter(), 0
     for name, prompts in sorted(jobs.items()):
-        # min_tokens = max_tokens: the tokenizer's end-of-text and --eos (the stop ids) are never sampled, as
-        # transformers' min_new_tokens does for the same ids
+        # min_tokens = max_tokens: --eos (the stop ids: the model config's end-of-text ids) are never sampled,
+        # as transformers' min_new_tokens does for the same ids; ignore_eos for any other the engine knows
         params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.new_tokens, min_tokens=args.new_tokens,
                                 ignore_eos=True, stop_token_ids=[int(i) for i in args.eos.split(",") if i],
                                 detokenize=False)

@@ -54,6 +54,7 @@ def test_refuses_a_run_without_a_finished_sparsify_stage(tmp_path):
     (["--generated", "0.5"], "holds a run with generated 0.0, not 0.5"),
     (["--generated", "2"], "--generated 2.0: a share of the sparsify sequences, in [0, 1]"),
     (["--split", "kmeans"], "holds a run with split coactivation, not kmeans"),
+    (["--teacher-engine", "vllm"], "--teacher-engine vllm: it samples --generated's text, and no share is generated"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     work = tmp_path / "work"
@@ -213,15 +214,28 @@ def test_recipe_levers_tabulates_each_conversion_against_its_sparsified_model(tm
 
 def test_teacher_engine_reaches_the_converter(monkeypatch):
     """--teacher-engine: the converter's --sparsify-generated-engine for --generated's text; left out of the
-    recipe where it is auto (recipe.json of the runs before it keeps its form) or where nothing is generated."""
+    recipe where it is auto (recipe.json of the runs before it keeps its form); refused where nothing is
+    generated."""
     import copy
 
     original = copy.deepcopy(recipe.RECIPE)
     monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
     recipe.configure(False, 64, None, 0.5, teacher_engine="transformers")
     assert recipe.options("d2dmoe", Path("/w")).sparsify.generated_engine == "transformers"
-    for generated, engine in ((0.5, "auto"), (0.0, "transformers")):
-        monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
-        recipe.configure(False, 64, None, generated, teacher_engine=engine)
-        assert "generated_engine" not in recipe.RECIPE["sparsify"]
-        assert recipe.options("d2dmoe", Path("/w")).sparsify.generated_engine == "auto"
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None, 0.5, teacher_engine="auto")
+    assert "generated_engine" not in recipe.RECIPE["sparsify"]
+    assert recipe.options("d2dmoe", Path("/w")).sparsify.generated_engine == "auto"
+    with pytest.raises(SystemExit, match="no share is generated. Fix: pass --generated SHARE"):
+        recipe.configure(False, 64, None, 0.0, teacher_engine="transformers")
+
+
+def test_merge_of_a_run_without_a_sweep_names_the_fix(tmp_path):
+    (tmp_path / "fetched").mkdir()
+    (tmp_path / "fetched" / "convert-recipe-gemma3-270m.json").write_text("{}")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_convert_recipe.py"), "--merge",
+                           str(tmp_path / "fetched"), "--out", str(tmp_path / "quality.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no convert-recipe-gemma3-270m-sweep.json there" in proc.stderr
+    assert "Fix: rerun the device command without --no-sweep" in proc.stderr
+    assert not (tmp_path / "quality.json").exists()
