@@ -10,8 +10,9 @@ length). A training sequence read again (passes > 1) gets another continuation, 
 Engines (``--sparsify-generated-engine``, default auto): vLLM when it is installed and the stage runs on a
 GPU (batched sampling; in a subprocess, so its GPU memory is free again before training), else transformers'
 ``generate`` (CPU, tests). Continuations are saved in chunks as they finish: an interrupted stage resumes.
-Which engine is faster on the GPU is open: vLLM sampled 10k tokens/s after a 140 s start in session 42
-(``benchmarks/profile_teacher_text.py`` times both).
+Which engine is faster on the GPU is open: vLLM sampled 10k tokens/s after a 140 s start in session 42,
+most of the start FlashInfer's sampler being JIT-compiled, now switched off (``benchmarks/profile_teacher_text.py``
+times both engines).
 
     python -m d2dmoe_converter.teacher_text MODEL_DIR JOBS.safetensors OUT_DIR --new-tokens N
 runs the vLLM engine over the pending chunks (what ``sample_vllm`` starts: one engine for them all).
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(default eager: vLLM's default graphs stop at 512 sequences, below a chunk)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    # FlashInfer's sampler is JIT-compiled at the engine's first start on a bare machine: ~2 min (ENVIRONMENT.md:
+    # engine init 124 s with it, 36 s without; session 42's first run: 140 s); plain sampling needs none of it
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -3,6 +3,7 @@ resumable, and wired into d2dmoe-convert with its own stage."""
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -277,3 +278,21 @@ def test_vllm_engine_options():
     assert sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 1024 and sizes == sorted(set(sizes))
     assert tt.engine_options("bfloat16", 3, 512, graphs=True)["compilation_config"]["cudagraph_capture_sizes"][-1] \
         == tt.CHUNK
+
+
+@pytest.mark.parametrize("caller, seen", [(None, "0"), ("1", "1")])
+def test_sampler_engine_starts_without_flashinfers_sampler_unless_asked(tmp_path, caller, seen):
+    """FlashInfer's sampler JIT-compiles for minutes at a bare machine's first engine start: the sampler
+    process switches it off before vLLM is imported, unless its caller chose (a stand-in vLLM reports what
+    it saw at import)."""
+    fake = tmp_path / "site" / "vllm"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import os, sys\nprint('SEEN', os.environ.get('VLLM_USE_FLASHINFER_SAMPLER'))\n"
+                                      "sys.stdout.flush()\nos._exit(7)\n")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_USE_FLASHINFER_SAMPLER"}
+    env["PYTHONPATH"] = f"{tmp_path / 'site'}:{env.get('PYTHONPATH', '')}"
+    if caller is not None:
+        env["VLLM_USE_FLASHINFER_SAMPLER"] = caller
+    proc = subprocess.run([sys.executable, "-m", "d2dmoe_converter.teacher_text", str(tmp_path), str(tmp_path / "j"),
+                           str(tmp_path), "--new-tokens", "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 7 and f"SEEN {seen}" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
