@@ -196,6 +196,10 @@ def merge(fetched: Path, quality: Path) -> None:
     print(f"[recipe] merged into {quality}; plots {', '.join(str(p) for p in paths.values())}")
 
 
+def print_reports(results: dict, methods: tuple[str, ...]) -> None:
+    print(json.dumps({m: results[f"report_{m}"] for m in methods}, indent=1)[:3000])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/root/recipe"))
@@ -213,7 +217,9 @@ def main():
     ap.add_argument("--generated", type=float, default=0.0, metavar="SHARE",
                     help="share of the sparsify sequences continued by the original model after their first 32 "
                          "tokens (d2dmoe-convert --sparsify-generated: distinct text for long runs; vLLM samples it)")
-    ap.add_argument("--teacher-engine", choices=("auto", "vllm", "transformers"), default="auto",
+    from d2dmoe_converter.teacher_text import ENGINES
+
+    ap.add_argument("--teacher-engine", choices=ENGINES, default="auto",
                     help="who samples --generated's text (d2dmoe-convert --sparsify-generated-engine; default auto: "
                          "vLLM where installed)")
     ap.add_argument("--split", choices=("kmeans", "coactivation"), default=SPLIT,
@@ -291,8 +297,7 @@ def main():
     shutil.copy(stages / "sparsify" / "sparsify.png", args.out / "convert-recipe-gemma3-270m-sparsify.png")
     save()
     if args.no_sweep:
-        print(json.dumps({m: results[f"report_{m}"] for m in methods}, indent=1)[:3000])
-        return
+        return print_reports(results, methods)
 
     kept = [("recipe-sweep.json", "convert-recipe-gemma3-270m-sweep.json"),
             ("recipe-original.json", "convert-recipe-gemma3-270m-original.json")]
@@ -315,7 +320,7 @@ def main():
     save()
     if not result["complete"]:
         print("[recipe] time is up for this call: rerun to continue the sweep")
-    print(json.dumps({m: results[f"report_{m}"] for m in methods}, indent=1)[:3000])
+    print_reports(results, methods)
 
 
 if __name__ == "__main__":

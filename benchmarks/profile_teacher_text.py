@@ -74,11 +74,11 @@ def save_jobs(path: Path, sequences: int, chunk: int, prompt: int, vocab: int) -
 
 
 def worker_transformers(model_dir: Path, jobs: Path, new_tokens: int, batch: int, dtype: str) -> None:
-    """The transformers engine over the same chunks (``--worker``), printing the vLLM engine's timing line."""
+    """The transformers engine over the same chunks (``--worker``), printing the same timing line as vLLM's."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from d2dmoe_converter.teacher_text import sample_transformers
+    from d2dmoe_converter.teacher_text import print_timing, sample_transformers
 
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,10 +88,7 @@ def worker_transformers(model_dir: Path, jobs: Path, new_tokens: int, batch: int
         tokens += sample_transformers(model, prompts, new_tokens, seed=0, eos=[1], batch=batch).numel()
     if device == "cuda":
         torch.cuda.synchronize()
-    done = time.perf_counter()
-    print("[teacher-text] " + json.dumps({"start_s": round(started - t0, 2), "sample_s": round(done - started, 2),
-                                          "tokens": tokens, "tokens_per_s": round(tokens / (done - started), 1)}),
-          flush=True)
+    print_timing(t0, started, tokens)
 
 
 def run_variant(name: str, model_dir: Path, jobs: Path, new_tokens: int, dtype: str, timeout: float) -> dict:

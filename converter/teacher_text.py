@@ -171,6 +171,15 @@ def engine_options(dtype: str, seed: int, length: int, max_num_seqs: int | None 
     return opts
 
 
+def print_timing(t0: float, started: float, tokens: int) -> None:
+    """The line the profile (benchmarks/profile_teacher_text.py) reads from an engine's process: seconds to
+    start (from ``t0`` to ``started``) and to sample ``tokens`` (from ``started`` to now)."""
+    done = time.perf_counter()
+    print("[teacher-text] " + json.dumps({"start_s": round(started - t0, 2), "sample_s": round(done - started, 2),
+                                          "tokens": tokens, "tokens_per_s": round(tokens / (done - started), 1)}),
+          flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Sample continuations of token prompts from a model with vLLM "
                                  "(the teacher-text stage's GPU engine)")
@@ -212,11 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"not {(prompts.shape[0], args.new_tokens)}")
         save_chunk(cont, args.out_dir / f"{name}.safetensors")
         tokens += cont.numel()
-    done = time.perf_counter()
-    # one line the profile (benchmarks/profile_teacher_text.py) reads: where the engine's time went
-    print("[teacher-text] " + json.dumps({"start_s": round(started - t0, 2), "sample_s": round(done - started, 2),
-                                          "tokens": tokens, "tokens_per_s": round(tokens / (done - started), 1)}),
-          flush=True)
+    print_timing(t0, started, tokens)
     return 0
 
 
