@@ -120,10 +120,11 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
 
 
 def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generated: float = 0.0,
-              split: str = SPLIT, teacher_engine: str = "auto") -> None:
+              split: str = SPLIT, teacher_engine: str = "auto", activation: str = "relu") -> None:
     """This run's RECIPE: the smoke settings (--smoke), the expert size and split, a sparsify stage of
-    ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's), and the share of its
-    sequences continued by the original model (``generated``, teacher_text.py)."""
+    ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's), the share of its
+    sequences continued by the original model (``generated``, teacher_text.py), and whether it ReLU-fies
+    the gate or keeps GELU-tanh (``activation``)."""
     if smoke:
         RECIPE.update(SMOKE)
     RECIPE["expert_size"] = expert_size
@@ -137,6 +138,8 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generat
     if teacher_engine != "auto" and not generated:
         raise SystemExit(f"[recipe] --teacher-engine {teacher_engine}: it samples --generated's text, and no share "
                          f"is generated. Fix: pass --generated SHARE, or drop --teacher-engine")
+    if activation != "relu":   # recipe.json of the runs before --sparsify-activation keeps its form
+        RECIPE["sparsify"] = {**RECIPE["sparsify"], "activation": activation}
     if generated:
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "generated": generated}
         if teacher_engine != "auto":   # recipe.json of the runs before --teacher-engine keeps its form
@@ -222,6 +225,11 @@ def main():
     ap.add_argument("--teacher-engine", choices=ENGINES, default="auto",
                     help="who samples --generated's text (d2dmoe-convert --sparsify-generated-engine; default auto: "
                          "vLLM where installed)")
+    from d2dmoe_converter.sparsify import ACTIVATIONS
+
+    ap.add_argument("--sparsify-activation", choices=ACTIVATIONS, default="relu",
+                    help="relu: the gate ReLU-fied (the paper); keep: GELU-tanh kept, the Hoyer term on its output "
+                         "(d2dmoe-convert --sparsify-activation)")
     ap.add_argument("--split", choices=("kmeans", "coactivation"), default=SPLIT,
                     help=f"how neurons are grouped into experts (d2dmoe-convert --split; default {SPLIT}: k-means on "
                          f"the sparsified model's activations; kmeans: the paper's, on the gate rows)")
@@ -238,7 +246,8 @@ def main():
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.out)
-    configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated, args.split, args.teacher_engine)
+    configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated, args.split, args.teacher_engine,
+              args.sparsify_activation)
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or set(methods) - set(METHODS):
         raise SystemExit(f"[recipe] --methods {args.methods!r}: expected some of {', '.join(METHODS)}, comma-separated")
@@ -253,10 +262,12 @@ def main():
             "sparsify_steps": results["recipe"]["sparsify"]["steps"],
             "generated": results["recipe"]["sparsify"].get("generated", 0.0),
             "teacher_engine": results["recipe"]["sparsify"].get("generated_engine", "auto"),
+            "sparsify_activation": results["recipe"]["sparsify"].get("activation", "relu"),
             "split": results["recipe"].get("split", LEGACY_SPLIT)}
     for key, value in (("corpus", corpus), ("expert_size", RECIPE["expert_size"]),
                        ("sparsify_steps", RECIPE["sparsify"]["steps"]), ("generated", RECIPE["sparsify"].get("generated", 0.0)),
                        ("teacher_engine", RECIPE["sparsify"].get("generated_engine", "auto")),
+                       ("sparsify_activation", RECIPE["sparsify"].get("activation", "relu")),
                        ("split", RECIPE["split"])):
         if held[key] != value:  # its finished reports would be taken as this run's
             raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "

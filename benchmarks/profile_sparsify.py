@@ -61,10 +61,10 @@ def build(config: dict, attention: str, device: str) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def per_layer_sync():
-    """The pre-session-39 HoyerReLU: its zero fraction read to the host in every layer's forward."""
+    """The pre-session-39 HoyerReLU (now HoyerActivation): its zero fraction read to the host in every layer's forward."""
     from d2dmoe_converter import sparsify
 
-    forward = sparsify.HoyerReLU.forward
+    forward = sparsify.HoyerActivation.forward
 
     def syncing(self, x):
         a = forward(self, x)
@@ -72,11 +72,11 @@ def per_layer_sync():
             float(self.zero_fraction)
         return a
 
-    sparsify.HoyerReLU.forward = syncing
+    sparsify.HoyerActivation.forward = syncing
     try:
         yield
     finally:
-        sparsify.HoyerReLU.forward = forward
+        sparsify.HoyerActivation.forward = forward
 
 
 @contextlib.contextmanager
@@ -114,15 +114,15 @@ def torch_kl():
 
 
 def run_variant(name: str, config: dict, steps: int, device: str, work: Path, profile: bool = False) -> dict:
-    from d2dmoe_converter.sparsify import SparsifyOptions, finetune, relufy_
+    from d2dmoe_converter.sparsify import SparsifyOptions, finetune, hoyer_activations_
 
     attention = "sdpa" if name == "sdpa" else "eager"
     model = build(config, attention, device)
     teacher = build(config, attention, device).requires_grad_(False)
-    relufy_(model)
+    hoyer_activations_(model)
     if name == "frozen-embedding":
         model.get_input_embeddings().weight.requires_grad_(False)
-    if name == "compile":  # after relufy_: the compiled module wraps the ReLU-fied one (attributes pass through)
+    if name == "compile":  # after hoyer_activations_: the compiled module wraps the ReLU-fied one (attributes pass through)
         model, teacher = torch.compile(model), torch.compile(teacher)
     opts = SparsifyOptions(steps=steps, save_every=10 ** 9, **RECIPE)
     if device == "cpu":

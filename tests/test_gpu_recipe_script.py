@@ -239,3 +239,25 @@ def test_merge_of_a_run_without_a_sweep_names_the_fix(tmp_path):
     assert proc.returncode != 0 and "no convert-recipe-gemma3-270m-sweep.json there" in proc.stderr
     assert "Fix: rerun the device command without --no-sweep" in proc.stderr
     assert not (tmp_path / "quality.json").exists()
+
+
+def test_sparsify_activation_reaches_the_converter_and_holds_the_run(tmp_path, monkeypatch):
+    """--sparsify-activation keep: the converter's option in every method's run; left out of the recipe for
+    relu (recipe.json of the runs before it keeps its form); a relu run's work dir is not taken as a keep run."""
+    import copy
+
+    original = copy.deepcopy(recipe.RECIPE)
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None, activation="keep")
+    assert recipe.options("d2dmoe", Path("/w")).sparsify.activation == "keep"
+    assert recipe.options("moefication", Path("/w")).sparsify.activation == "keep"
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None)
+    assert "activation" not in recipe.RECIPE["sparsify"] and recipe.options("d2dmoe", Path("/w")).sparsify.relu
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": {**original, "corpus": "sotu"}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_convert_recipe.py"), "--work", str(work),
+                           "--out", str(tmp_path / "out"), "--sparsify-activation", "keep"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "holds a run with sparsify_activation relu, not keep" in proc.stderr, proc.stderr

@@ -26,7 +26,7 @@ from d2dmoe_converter.moe_model import attach_experts, ffn_fraction, run_base, s
 from d2dmoe_converter.routers import RouterOptions, train_layer_router
 from d2dmoe_converter.corpus import CorpusError, token_sequences
 from d2dmoe_converter.distill_kl import distill_loss
-from d2dmoe_converter.sparsify import HoyerReLU, SparsifyOptions, finetune, relufy_, square_hoyer
+from d2dmoe_converter.sparsify import HoyerActivation, SparsifyOptions, finetune, hoyer_activations_, square_hoyer
 
 FAST = ["--router-tokens", "4096", "--router-steps", "200", "--calib-tokens", "1024", "--eval-tokens", "1024",
         "--seq-len", "128", "--expert-size", "32"]
@@ -36,9 +36,40 @@ def test_square_hoyer_matches_hand_computation():
     a = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     # token 1: (1+2)^2 / (1+4) = 1.8; token 2: 9/9 = 1; token 3: 16/4 = 4; mean 6.8/3
     assert square_hoyer(a).item() == pytest.approx(6.8 / 3, rel=1e-6)
-    act = HoyerReLU().train()
+    act = HoyerActivation().train()
     act(torch.tensor([[-1.0, 2.0, 2.0]]))
     assert act.hoyer.item() == pytest.approx(16 / 8, rel=1e-6) and act.zero_fraction.item() == pytest.approx(1 / 3)
+
+
+def test_kept_activation_is_measured_not_replaced():
+    """``keep`` wraps the model's own activation: the same outputs (negative GELU values stay), the square
+    Hoyer of those outputs, near-zero (|a| < 0.01) counted as zero; ``relu`` replaces it."""
+    gelu = torch.nn.GELU(approximate="tanh")
+    act = HoyerActivation(gelu).train()
+    x = torch.tensor([[-6.0, -1.0, 0.001, 2.0]])
+    a = act(x)
+    assert torch.equal(a, gelu(x)) and a[0, 1] < -0.1
+    assert act.hoyer.item() == pytest.approx(float(a.abs().sum() ** 2 / a.pow(2).sum()), rel=1e-5)
+    assert act.zero_fraction.item() == pytest.approx(2 / 4)             # -6 -> ~0 and 0.001 -> ~0.0005
+    act.eval()
+    act(torch.ones(1, 4))
+    assert act.hoyer.item() == pytest.approx(float(a.abs().sum() ** 2 / a.pow(2).sum()), rel=1e-5)  # kept from training
+
+
+@pytest.mark.parametrize("activation", ["relu", "keep"])
+def test_hoyer_activations_wrap_every_gemma_gate(dense_dir, activation):
+    dense = load_dense(dense_dir("gemma3_text"))
+    model = build_model(dense)
+    x = torch.randint(0, dense.config["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    acts = hoyer_activations_(model, activation)
+    assert len(acts) == dense.num_layers
+    with torch.no_grad():
+        after = model(input_ids=x).logits
+    assert torch.equal(before, after) == (activation == "keep")        # keep changes nothing until trained
+    with pytest.raises(ValueError, match="keep"):
+        hoyer_activations_(build_model(dense), "gelu")
 
 
 def test_distill_loss_is_kl_of_teacher_to_student():
@@ -82,7 +113,7 @@ def test_distillation_pulls_relufied_model_toward_original(dense_dir, tmp_path):
     dense = DenseModel({**dense.config, **no_dropout}, dense.state, dense.source, dense.tokenizer)
     teacher = build_model(dense).requires_grad_(False).eval()
     student = build_model(dense).eval()
-    relufy_(student)
+    hoyer_activations_(student)
     g = torch.Generator().manual_seed(0)
     vocab = dense.config["vocab_size"]
     seqs, held = torch.randint(0, vocab, (32, 32), generator=g), torch.randint(0, vocab, (8, 32), generator=g)
@@ -100,7 +131,7 @@ def test_distillation_pulls_relufied_model_toward_original(dense_dir, tmp_path):
     assert all(r["task_loss"] == r["task_loss"] for r in log)                 # no NaN
     # a mix: (1 - w) cross-entropy + w KL, both terms finite and the step taken
     mixed = build_model(dense).eval()
-    relufy_(mixed)
+    hoyer_activations_(mixed)
     log = finetune(mixed, seqs, dataclasses.replace(opts, steps=2, distill=0.5), tmp_path / "mixed.pt", teacher)["log"]
     assert len(log) == 2 and all(math.isfinite(r["task_loss"]) and r["task_loss"] > 0 for r in log)
 
@@ -318,7 +349,34 @@ def test_moefication_exports_and_serves(dense_dir, tmp_path):
     check_against_reference(result, dense_dir("gpt2", "relu"), out, 0.0)
 
 
+def test_sparsify_keeping_the_activation(dense_dir, tmp_path):
+    """``--sparsify-activation keep`` on a Gemma: fine-tuned with the GELU-tanh gate kept (the exported config
+    and the expert layers say gelu_tanh, not relu), the Hoyer term falls, and the original model is measured
+    beside the fine-tuned one (they differ though neither is ReLU-fied)."""
+    out = tmp_path / "moe"
+    args = [str(dense_dir("gemma3_text")), str(out), "--sparsify-steps", "6", "--sparsify-batch", "4", "--warmup", "2",
+            "--sparsify-lr", "1e-3", "--hoyer-alpha", "0.05", "--save-every", "3", "--budget", "0.5",
+            "--sparsify-activation", "keep", *FAST]
+    assert convert_cli(args) == 0
+    log = json.loads((tmp_path / "moe.work" / "sparsify" / "stage.json").read_text())["log"]
+    assert len(log) == 6 and log[-1]["hoyer"] < log[0]["hoyer"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["hidden_activation"] != "relu" and cfg["d2dmoe"]["activation"] == "gelu_tanh"
+    report = json.loads((out / "d2dmoe_report.json").read_text())
+    assert report["activation"] == "gelu_tanh" and report["ppl_original"] != report["ppl_dense"]
+    assert 0.35 < report["ffn_fraction"] <= 0.5 + 1e-6
+
+
+def test_sparsify_activation_keys_the_stage():
+    """The paper's ReLU leaves the sparsify fingerprint as it was (pinned in test_teacher_text); keep changes it."""
+    relu, keep = SparsifyOptions(steps=6).stage_key(), SparsifyOptions(steps=6, activation="keep").stage_key()
+    assert "activation" not in relu and keep == {**relu, "activation": "keep"}
+    assert SparsifyOptions(steps=6).relu and not SparsifyOptions(steps=6, activation="keep").relu
+    assert not SparsifyOptions(steps=0).relu
+
+
 @pytest.mark.parametrize("extra,message", [
+    (["--relu", "--sparsify-steps", "2", "--sparsify-activation", "keep"], "--relu with --sparsify-activation keep"),
     (["--budget", "1.5"], "--budget 1.5 is out of range"),
     (["--budget", "0"], "--budget 0.0 is out of range"),
     (["--method", "moefication"], "--method moefication needs --budget"),
