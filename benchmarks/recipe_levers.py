@@ -24,6 +24,7 @@ def rows_of(label: str, run: dict) -> list[dict]:
     recipe, sparsify = run["recipe"], run.get("sparsify", {})
     common = {"run": label, "split": recipe.get("split", "kmeans"), "expert_size": recipe["expert_size"],
               "sparsify_steps": recipe["sparsify"]["steps"], "generated": recipe["sparsify"].get("generated", 0.0),
+              "activation": recipe["sparsify"].get("activation", "relu"),
               "final_hoyer": sparsify.get("final_hoyer"), "final_zero_fraction": sparsify.get("final_zero_fraction"),
               "final_task_loss": sparsify.get("final_task_loss"), "device": run["provenance"]["device"],
               "date": run["provenance"]["date"]}

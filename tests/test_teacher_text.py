@@ -296,3 +296,20 @@ def test_sampler_engine_starts_without_flashinfers_sampler_unless_asked(tmp_path
     proc = subprocess.run([sys.executable, "-m", "d2dmoe_converter.teacher_text", str(tmp_path), str(tmp_path / "j"),
                            str(tmp_path), "--new-tokens", "1"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 7 and f"SEEN {seen}" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_converter_samples_with_cuda_graphs_on_the_gpu(tmp_path, monkeypatch, cuda):
+    """The converter's sampler command: CUDA graphs on a GPU (1.76x eager's tokens/s on an H100, session 43);
+    eager in fp32 on vLLM's CPU backend."""
+    seen = {}
+
+    def run(cmd, env):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(tt.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(tt.subprocess, "run", run)
+    tt.sample_vllm(tmp_path, {"chunk_0": torch.zeros(2, 4, dtype=torch.long)}, 8, 0, tmp_path, [1])
+    assert ("--graphs" in seen["cmd"]) == cuda and ("float32" in seen["cmd"]) == (not cuda)
+    assert not (tmp_path / "pending.safetensors").exists()
