@@ -228,7 +228,8 @@ def main():
     from d2dmoe_converter.sparsify import ACTIVATIONS
 
     ap.add_argument("--sparsify-activation", choices=ACTIVATIONS, default="relu",
-                    help="relu: the gate ReLU-fied (the paper); keep: GELU-tanh kept, the Hoyer term on its output "
+                    help="relu: the gate ReLU-fied (the paper); keep: GELU-tanh kept, the Hoyer term on its output; "
+                         "anneal: GELU-tanh blended into ReLU over the first half of the steps "
                          "(d2dmoe-convert --sparsify-activation)")
     ap.add_argument("--split", choices=("kmeans", "coactivation"), default=SPLIT,
                     help=f"how neurons are grouped into experts (d2dmoe-convert --split; default {SPLIT}: k-means on "

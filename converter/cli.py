@@ -76,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsify-activation", choices=ACTIVATIONS, default=d.activation,
                    help="relu: ReLU for the FFN activation / Gemma's gate, the Hoyer term on it (the paper); keep: the "
                         "model's own activation (GELU-tanh), the Hoyer term on its output -- no ReLU-fication shock, "
-                        f"small instead of zero outputs (default {d.activation})")
+                        "small instead of zero outputs; anneal: the own activation blended into ReLU over the first half "
+                        f"of the steps, a ReLU model at the end (default {d.activation})")
     s.add_argument("--save-every", type=int, default=d.save_every, help="steps between resumable training states")
     r = RouterOptions()
     rg = ap.add_argument_group("routers")

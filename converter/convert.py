@@ -366,7 +366,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
             train_ids = load_file(str(gen_stage.dir / "text.safetensors"))["ids"]
 
         def run_sparsify(part: Path) -> dict:
-            model = build_model(dense, device=device)
+            model = build_model(dense if sp.activation == "relu" else source, device=device)  # keep / anneal: own act
             teacher = build_model(source, device=device).requires_grad_(False).eval() if sp.distill else None
             hoyer_activations_(model, sp.activation)
             log = finetune(model, train_ids, sp, part / "train_state.pt", teacher)

@@ -5,7 +5,10 @@ GPT-2: ``c_proj(ReLU(c_fc x))``; Gemma: ``down(ReLU(gate x) * up x)``, the Hoyer
 With ``activation="keep"`` the model's own activation stays (Gemma's GELU-tanh gate) and the Hoyer term is
 taken on its output: no exact zeros, but no ReLU-fication shock either (ReLU alone takes Gemma 3 270M's
 held-out perplexity from 18 to 1087, and the fine-tuning's first job is to undo that); the routers then
-drop experts whose outputs the penalty made small rather than zero.
+drop experts whose outputs the penalty made small rather than zero. ``activation="anneal"`` starts from the
+model's own activation and blends it into ReLU over the first ANNEAL_SHARE of the steps,
+``a = relu(x) + (1 - blend) * (act(x) - relu(x))`` with blend rising linearly to 1: the kept activation's
+gentle start, the ReLU's exact zeros at the end (the exported model is ReLU-fied).
 L_task is next-token cross-entropy on the training text, or with ``distill`` = w > 0
 (1 - w) * cross-entropy + w * KL(original || ReLU-fied) on the next-token distributions: the original
 model (its own activation, frozen) is the teacher, which recovers more of its quality from the few
@@ -48,7 +51,8 @@ class SparsifyOptions:
     generated: float = 0.0        # share of the sequences continued by the original model (teacher_text.py)
     generated_prompt: int = 32    # tokens of real text such a sequence keeps before the teacher's continuation
     generated_engine: str = "auto"  # who samples it: auto (vLLM on a GPU where installed), vllm, transformers
-    activation: str = "relu"      # relu: ReLU-fication (the paper); keep: the model's own activation, Hoyer on it
+    activation: str = "relu"      # relu: ReLU-fication (the paper); keep: the model's own activation, Hoyer on it;
+                                  # anneal: the model's own activation blended into ReLU over the first steps
 
     def stage_key(self) -> dict:
         """What the sparsify stage's fingerprint holds: every field, less the teacher-text ones when no
@@ -62,8 +66,8 @@ class SparsifyOptions:
 
     @property
     def relu(self) -> bool:
-        """Whether this stage ReLU-fies the model (it runs, and does not keep the activation)."""
-        return self.steps > 0 and self.activation == "relu"
+        """Whether this stage's model comes out ReLU-fied (it runs, and does not keep the activation)."""
+        return self.steps > 0 and self.activation != "keep"
 
     def text_key(self) -> dict:
         """What decides the teacher text: which sequences, how long, how many (not lr, alpha, ...)."""
@@ -77,43 +81,59 @@ def square_hoyer(a: torch.Tensor) -> torch.Tensor:
     return (a.abs().sum(-1) ** 2 / (a.pow(2).sum(-1) + EPS)).mean()
 
 
-ACTIVATIONS = ("relu", "keep")
+ACTIVATIONS = ("relu", "keep", "anneal")
 NEAR_ZERO = 1e-2   # a kept (GELU) activation counts as zero below this magnitude: GELU(-3) is -0.004
+ANNEAL_SHARE = 0.5  # anneal: the share of the steps over which the own activation becomes ReLU
 
 
 class HoyerActivation(nn.Module):
-    """An FFN activation (ReLU, or the model's own ``fn``) that keeps the square Hoyer of its last output
-    (for the loss) and its zero fraction (exact zeros for ReLU, ``|a| < NEAR_ZERO`` for a kept activation),
-    both as tensors on the activation's device: reading them is the caller's one host sync per step, not
-    one per layer in the middle of the forward pass."""
+    """An FFN activation (ReLU, the model's own ``fn``, or ``fn`` blended into ReLU by ``blend``) that keeps
+    the square Hoyer of its last output (for the loss) and its zero fraction (exact zeros where ReLU is in it,
+    ``|a| < NEAR_ZERO`` for a kept activation), both as tensors on the activation's device: reading them is
+    the caller's one host sync per step, not one per layer in the middle of the forward pass."""
 
-    def __init__(self, fn: nn.Module | None = None):
+    def __init__(self, fn: nn.Module | None = None, anneal: bool = False):
         super().__init__()
         self.fn = fn   # None: ReLU
+        self.anneal = anneal
+        self.blend = 0.0   # anneal: 0 = fn, 1 = ReLU (set per step by finetune)
         self.hoyer: torch.Tensor | None = None
         self.zero_fraction: torch.Tensor | None = None
 
     def forward(self, x):
-        a = torch.relu(x) if self.fn is None else self.fn(x)
+        if self.fn is None or (self.anneal and self.blend >= 1):
+            a = torch.relu(x)
+        elif self.anneal:
+            r = torch.relu(x)
+            a = r + (1 - self.blend) * (self.fn(x) - r)
+        else:
+            a = self.fn(x)
         if self.training:
             self.hoyer = square_hoyer(a)
-            small = a.detach() == 0 if self.fn is None else a.detach().abs() < NEAR_ZERO
+            small = a.detach().abs() < NEAR_ZERO if self.fn is not None and not self.anneal else a.detach() == 0
             self.zero_fraction = small.float().mean()
         return a
 
 
 def hoyer_activations_(model: nn.Module, activation: str = "relu") -> list[HoyerActivation]:
     """Wrap every FFN activation (the gate's, for Gemma) in a HoyerActivation, in place: a ReLU in its
-    place (``relu``), or the model's own activation measured (``keep``)."""
+    place (``relu``), the model's own activation measured (``keep``), or blended into ReLU (``anneal``:
+    ``model`` is built with its own activation, not ReLU-fied)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"sparsify activation {activation!r}: use one of {', '.join(ACTIVATIONS)}")
     acts = []
     for layer in decoder_layers(model):
         name = activation_attr(layer.mlp)
-        act = HoyerActivation(None if activation == "relu" else getattr(layer.mlp, name))
+        act = HoyerActivation(None if activation == "relu" else getattr(layer.mlp, name), anneal=activation == "anneal")
         setattr(layer.mlp, name, act)
         acts.append(act)
     return acts
+
+
+def relu_blend(step: int, opts: SparsifyOptions) -> float:
+    """anneal: how far step ``step`` (0-based) has blended the own activation into ReLU; 1 from
+    ANNEAL_SHARE of the steps on (so the last steps train the exported, ReLU-fied model)."""
+    return min(1.0, (step + 1) / max(1.0, ANNEAL_SHARE * opts.steps))
 
 
 def lr_at(step: int, opts: SparsifyOptions) -> float:
@@ -149,6 +169,9 @@ def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_
         t_step = time.time()
         for group in optim.param_groups:
             group["lr"] = lr_at(step, opts)
+        blend = relu_blend(step, opts)
+        for act in acts:
+            act.blend = blend
         task_sum = hoyer_sum = 0.0  # become device tensors: no host sync until the step's log line
         for micro in range(opts.accum):
             i = (step * opts.accum + micro) * opts.batch
@@ -173,7 +196,8 @@ def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_
         task_sum, hoyer_sum, zeros, grad_norm = torch.stack(   # the step's one host sync
             [t.to(zeros.device, torch.float32) for t in (task_sum, hoyer_sum, zeros, grad_norm)]).tolist()
         log.append({"step": step + 1, "task_loss": task_sum, "hoyer": hoyer_sum, "zero_fraction": zeros,
-                    "grad_norm": grad_norm, "lr": lr_at(step, opts), "seconds": time.time() - t_step})
+                    "grad_norm": grad_norm, "lr": lr_at(step, opts), "seconds": time.time() - t_step,
+                    **({"relu_blend": blend} if opts.activation == "anneal" else {})})
         bar.set_postfix(loss=f"{task_sum:.3f}", hoyer=f"{hoyer_sum:.1f}", zeros=f"{zeros:.2f}")
         if (step + 1) % opts.save_every == 0 and step + 1 < opts.steps:
             tmp = state_file.with_name(state_file.name + ".tmp")

@@ -26,7 +26,8 @@ from d2dmoe_converter.moe_model import attach_experts, ffn_fraction, run_base, s
 from d2dmoe_converter.routers import RouterOptions, train_layer_router
 from d2dmoe_converter.corpus import CorpusError, token_sequences
 from d2dmoe_converter.distill_kl import distill_loss
-from d2dmoe_converter.sparsify import HoyerActivation, SparsifyOptions, finetune, hoyer_activations_, square_hoyer
+from d2dmoe_converter.sparsify import (HoyerActivation, SparsifyOptions, finetune, hoyer_activations_, relu_blend,
+                                       square_hoyer)
 
 FAST = ["--router-tokens", "4096", "--router-steps", "200", "--calib-tokens", "1024", "--eval-tokens", "1024",
         "--seq-len", "128", "--expert-size", "32"]
@@ -56,7 +57,23 @@ def test_kept_activation_is_measured_not_replaced():
     assert act.hoyer.item() == pytest.approx(float(a.abs().sum() ** 2 / a.pow(2).sum()), rel=1e-5)  # kept from training
 
 
-@pytest.mark.parametrize("activation", ["relu", "keep"])
+def test_annealed_activation_goes_from_the_own_to_relu():
+    """``anneal``: blend 0 is the own activation, 1 is ReLU exactly (exact zeros counted), in between the
+    straight mix; the schedule reaches 1 at half the steps and stays there."""
+    gelu = torch.nn.GELU(approximate="tanh")
+    act = HoyerActivation(gelu, anneal=True).train()
+    x = torch.tensor([[-6.0, -1.0, 0.5, 2.0]])
+    assert torch.equal(act(x), gelu(x))
+    act.blend = 0.25
+    assert torch.allclose(act(x), 0.25 * torch.relu(x) + 0.75 * gelu(x))
+    act.blend = 1.0
+    assert torch.equal(act(x), torch.relu(x)) and act.zero_fraction.item() == pytest.approx(0.5)
+    opts = SparsifyOptions(steps=10, activation="anneal")
+    blends = [relu_blend(i, opts) for i in range(10)]
+    assert blends[0] == pytest.approx(0.2) and blends[4:] == [1.0] * 6 and blends == sorted(blends)
+
+
+@pytest.mark.parametrize("activation", ["relu", "keep", "anneal"])
 def test_hoyer_activations_wrap_every_gemma_gate(dense_dir, activation):
     dense = load_dense(dense_dir("gemma3_text"))
     model = build_model(dense)
@@ -67,7 +84,7 @@ def test_hoyer_activations_wrap_every_gemma_gate(dense_dir, activation):
     assert len(acts) == dense.num_layers
     with torch.no_grad():
         after = model(input_ids=x).logits
-    assert torch.equal(before, after) == (activation == "keep")        # keep changes nothing until trained
+    assert torch.equal(before, after) == (activation != "relu")        # keep / anneal start as the model was
     with pytest.raises(ValueError, match="keep"):
         hoyer_activations_(build_model(dense), "gelu")
 
@@ -349,21 +366,26 @@ def test_moefication_exports_and_serves(dense_dir, tmp_path):
     check_against_reference(result, dense_dir("gpt2", "relu"), out, 0.0)
 
 
-def test_sparsify_keeping_the_activation(dense_dir, tmp_path):
+@pytest.mark.parametrize("activation", ["keep", "anneal"])
+def test_sparsify_from_the_own_activation(dense_dir, tmp_path, activation):
     """``--sparsify-activation keep`` on a Gemma: fine-tuned with the GELU-tanh gate kept (the exported config
-    and the expert layers say gelu_tanh, not relu), the Hoyer term falls, and the original model is measured
-    beside the fine-tuned one (they differ though neither is ReLU-fied)."""
+    and the expert layers say gelu_tanh, not relu); ``anneal``: blended into ReLU by half the steps, exported
+    ReLU-fied. Either way the Hoyer term falls, and the original model is measured beside the fine-tuned one."""
     out = tmp_path / "moe"
     args = [str(dense_dir("gemma3_text")), str(out), "--sparsify-steps", "6", "--sparsify-batch", "4", "--warmup", "2",
             "--sparsify-lr", "1e-3", "--hoyer-alpha", "0.05", "--save-every", "3", "--budget", "0.5",
-            "--sparsify-activation", "keep", *FAST]
+            "--sparsify-activation", activation, *FAST]
     assert convert_cli(args) == 0
     log = json.loads((tmp_path / "moe.work" / "sparsify" / "stage.json").read_text())["log"]
     assert len(log) == 6 and log[-1]["hoyer"] < log[0]["hoyer"]
+    want = "gelu_tanh" if activation == "keep" else "relu"
+    if activation == "anneal":
+        assert [r["relu_blend"] for r in log] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1])
+        assert log[-1]["zero_fraction"] > 0.3                                # exact zeros: ReLU by the end
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["hidden_activation"] != "relu" and cfg["d2dmoe"]["activation"] == "gelu_tanh"
+    assert (cfg["hidden_activation"] == "relu") == (activation == "anneal") and cfg["d2dmoe"]["activation"] == want
     report = json.loads((out / "d2dmoe_report.json").read_text())
-    assert report["activation"] == "gelu_tanh" and report["ppl_original"] != report["ppl_dense"]
+    assert report["activation"] == want and report["ppl_original"] != report["ppl_dense"]
     assert 0.35 < report["ffn_fraction"] <= 0.5 + 1e-6
 
 
@@ -372,6 +394,8 @@ def test_sparsify_activation_keys_the_stage():
     relu, keep = SparsifyOptions(steps=6).stage_key(), SparsifyOptions(steps=6, activation="keep").stage_key()
     assert "activation" not in relu and keep == {**relu, "activation": "keep"}
     assert SparsifyOptions(steps=6).relu and not SparsifyOptions(steps=6, activation="keep").relu
+    assert SparsifyOptions(steps=6, activation="anneal").relu              # ends ReLU-fied
+    assert SparsifyOptions(steps=6, activation="anneal").stage_key()["activation"] == "anneal"
     assert not SparsifyOptions(steps=0).relu
 
 
