@@ -265,6 +265,7 @@ def test_tau_per_layer_calibration(pipeline, dense_dir, tmp_path, capsys):
     assert all(t in per["grid"] for t in per["grid_choice"])
     assert [c["blend"] for c in per["candidates"]] == [0.25, 0.5, 0.75, 1.0]    # every blend found a scale
     assert all(c["fraction"] <= 0.5 and all(0 <= t <= 1 for t in c["layer_tau"]) for c in per["candidates"])
+    assert all(c["fraction"] > 0.5 - 0.005 for c in per["candidates"]), per["candidates"]   # spent, not left over
     best = min(per["candidates"], key=lambda c: c["calib_nll"])
     kept = best["calib_nll"] < per["one_tau_calib_nll"]
     assert per["best"] == best and per["layer_tau"] == (best["layer_tau"] if kept else None)
