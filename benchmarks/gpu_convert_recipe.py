@@ -32,6 +32,10 @@ that run's GGUF and copies its finished dense and sparsify stages (their fingerp
 not depend on the split), so only split, routers and calibration run. ``--no-sweep`` stops after the
 conversions: their reports' perplexity at the calibrated tau is the comparison (session 42 measured three levers
 that way in one lease; docs/converter.md, "Three levers on the GPU").
+
+The sparsify stage's activation and weight: ``--sparsify-activation keep`` (GELU-tanh kept, the Hoyer term on its
+output; session 43: the best sparsified model, a worse 50% point) or ``anneal`` (GELU-tanh blended into ReLU over
+the first half of the steps), and ``--hoyer-alpha`` (the recipe's 1e-3 otherwise); each needs a --work of its own.
 """
 
 import argparse
@@ -120,11 +124,12 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
 
 
 def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generated: float = 0.0,
-              split: str = SPLIT, teacher_engine: str = "auto", activation: str = "relu") -> None:
+              split: str = SPLIT, teacher_engine: str = "auto", activation: str = "relu",
+              alpha: float | None = None) -> None:
     """This run's RECIPE: the smoke settings (--smoke), the expert size and split, a sparsify stage of
     ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's), the share of its
-    sequences continued by the original model (``generated``, teacher_text.py), and whether it ReLU-fies
-    the gate or keeps GELU-tanh (``activation``)."""
+    sequences continued by the original model (``generated``, teacher_text.py), whether it ReLU-fies
+    the gate or keeps GELU-tanh (``activation``), and the square-Hoyer weight where given (``alpha``)."""
     if smoke:
         RECIPE.update(SMOKE)
     RECIPE["expert_size"] = expert_size
@@ -138,6 +143,10 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generat
     if teacher_engine != "auto" and not generated:
         raise SystemExit(f"[recipe] --teacher-engine {teacher_engine}: it samples --generated's text, and no share "
                          f"is generated. Fix: pass --generated SHARE, or drop --teacher-engine")
+    if alpha is not None:
+        if alpha < 0:
+            raise SystemExit(f"[recipe] --hoyer-alpha {alpha}: a weight, >= 0")
+        RECIPE["sparsify"] = {**RECIPE["sparsify"], "alpha": alpha}
     if activation != "relu":   # recipe.json of the runs before --sparsify-activation keeps its form
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "activation": activation}
     if generated:
@@ -231,6 +240,9 @@ def main():
                     help="relu: the gate ReLU-fied (the paper); keep: GELU-tanh kept, the Hoyer term on its output; "
                          "anneal: GELU-tanh blended into ReLU over the first half of the steps "
                          "(d2dmoe-convert --sparsify-activation)")
+    ap.add_argument("--hoyer-alpha", type=float, default=None,
+                    help=f"square-Hoyer weight of the sparsify stage (default {RECIPE['sparsify']['alpha']:g}; "
+                         f"d2dmoe-convert --hoyer-alpha)")
     ap.add_argument("--split", choices=("kmeans", "coactivation"), default=SPLIT,
                     help=f"how neurons are grouped into experts (d2dmoe-convert --split; default {SPLIT}: k-means on "
                          f"the sparsified model's activations; kmeans: the paper's, on the gate rows)")
@@ -248,7 +260,7 @@ def main():
     if args.merge:
         return merge(args.merge, args.out)
     configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated, args.split, args.teacher_engine,
-              args.sparsify_activation)
+              args.sparsify_activation, args.hoyer_alpha)
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or set(methods) - set(METHODS):
         raise SystemExit(f"[recipe] --methods {args.methods!r}: expected some of {', '.join(METHODS)}, comma-separated")
@@ -264,11 +276,13 @@ def main():
             "generated": results["recipe"]["sparsify"].get("generated", 0.0),
             "teacher_engine": results["recipe"]["sparsify"].get("generated_engine", "auto"),
             "sparsify_activation": results["recipe"]["sparsify"].get("activation", "relu"),
+            "hoyer_alpha": results["recipe"]["sparsify"]["alpha"],
             "split": results["recipe"].get("split", LEGACY_SPLIT)}
     for key, value in (("corpus", corpus), ("expert_size", RECIPE["expert_size"]),
                        ("sparsify_steps", RECIPE["sparsify"]["steps"]), ("generated", RECIPE["sparsify"].get("generated", 0.0)),
                        ("teacher_engine", RECIPE["sparsify"].get("generated_engine", "auto")),
                        ("sparsify_activation", RECIPE["sparsify"].get("activation", "relu")),
+                       ("hoyer_alpha", RECIPE["sparsify"]["alpha"]),
                        ("split", RECIPE["split"])):
         if held[key] != value:  # its finished reports would be taken as this run's
             raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "

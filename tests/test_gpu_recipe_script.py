@@ -261,3 +261,23 @@ def test_sparsify_activation_reaches_the_converter_and_holds_the_run(tmp_path, m
                            "--out", str(tmp_path / "out"), "--sparsify-activation", "keep"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "holds a run with sparsify_activation relu, not keep" in proc.stderr, proc.stderr
+
+
+def test_hoyer_alpha_reaches_the_converter_and_holds_the_run(tmp_path, monkeypatch):
+    """--hoyer-alpha: the sparsify stage's weight in every method's run; a run of another weight is not
+    resumed as this one; a negative weight is refused."""
+    import copy
+
+    original = copy.deepcopy(recipe.RECIPE)
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None, activation="keep", alpha=3e-3)
+    assert recipe.options("d2dmoe", Path("/w")).sparsify.alpha == recipe.options("moefication", Path("/w")).sparsify.alpha == 3e-3
+    with pytest.raises(SystemExit, match="--hoyer-alpha -1.0: a weight"):
+        recipe.configure(False, 64, None, alpha=-1.0)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": {**original, "corpus": "sotu"}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_convert_recipe.py"), "--work", str(work),
+                           "--out", str(tmp_path / "out"), "--hoyer-alpha", "0.003"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "holds a run with hoyer_alpha 0.001, not 0.003" in proc.stderr, proc.stderr
