@@ -13,11 +13,13 @@ engines on a model of that shape with random weights (a step's cost does not dep
 sampling is over the whole 262k vocabulary either way), saved as a Hugging Face directory both load, each
 variant in its own process (fresh GPU memory; vLLM's environment kept out of the others):
 
-- ``vllm-eager``: the converter's engine as it is (``python -m d2dmoe_converter.teacher_text``: eager,
-  vLLM's default number of sequences at once, 1,024 on an H100 / H200: a whole chunk);
+- ``vllm-eager``: the converter's engine as it was until session 43 (``python -m d2dmoe_converter.teacher_text``:
+  eager, vLLM's default number of sequences at once, 1,024 on an H100 / H200: a whole chunk);
 - ``vllm-eager-256``: the same with ``--max-num-seqs 256`` (4 waves a chunk: is the step's host work per
   sequence?);
-- ``vllm-graphs``: compiled, with CUDA graphs up to 1,024 sequences (``--graphs --max-num-seqs 1024``);
+- ``vllm-graphs``: compiled, with CUDA graphs up to 1,024 sequences (``--graphs --max-num-seqs 1024``; the
+  converter's engine on the GPU since session 43, which measured it at 1.76x eager's tokens/s on an H100:
+  ``benchmarks/results/profile-teacher-text-nvidia-h100-80gb-hbm3.json``, docs/converter.md);
 - ``transformers-1024`` / ``transformers-64``: ``generate`` (the converter's other engine) with 1,024
   sequences a batch or 64 (its present default; ~7.7k decode steps a chunk, so not in the default list).
 
