@@ -125,7 +125,7 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
 
 def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generated: float = 0.0,
               split: str = SPLIT, teacher_engine: str = "auto", activation: str = "relu",
-              alpha: float | None = None) -> None:
+              alpha: float | None = None, teacher_engines: int = 1) -> None:
     """This run's RECIPE: the smoke settings (--smoke), the expert size and split, a sparsify stage of
     ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's), the share of its
     sequences continued by the original model (``generated``, teacher_text.py), whether it ReLU-fies
@@ -149,8 +149,13 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generat
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "alpha": alpha}
     if activation != "relu":   # recipe.json of the runs before --sparsify-activation keeps its form
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "activation": activation}
+    if teacher_engines != 1 and not generated:
+        raise SystemExit(f"[recipe] --teacher-engines {teacher_engines}: they sample --generated's text, and no share "
+                         f"is generated. Fix: pass --generated SHARE, or drop --teacher-engines")
     if generated:
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "generated": generated}
+        if teacher_engines != 1:   # how many engines sample it: not held (the text is the same either way)
+            RECIPE["sparsify"]["generated_engines"] = teacher_engines
         if teacher_engine != "auto":   # recipe.json of the runs before --teacher-engine keeps its form
             RECIPE["sparsify"]["generated_engine"] = teacher_engine
 
@@ -168,6 +173,7 @@ def copy_sparsified(src: Path, work: Path) -> Path:
     source to convert from (the stage fingerprints name the source file: a copy would not match). The
     converter's fingerprints then decide whether the stages are reused (same ReLU and sparsify options)."""
     gguf = src / GGUF
+    check_same_sparsify(src)
     for name in (GGUF, "stages/dense/stage.json", "stages/sparsify/stage.json"):
         if not (src / name).is_file():
             raise SystemExit(f"[recipe] --sparsified-from {src}: no finished {name.removesuffix('/stage.json')} "
@@ -179,6 +185,28 @@ def copy_sparsified(src: Path, work: Path) -> Path:
             shutil.copytree(have, want)
             print(f"[recipe] {name} copied from {src}")
     return gguf
+
+
+def check_same_sparsify(src: Path) -> None:
+    """Refuse, before any copy or training, a --sparsified-from run whose sparsify options differ from this
+    run's (as the converter keys its stage): its stage would not be reused but trained again."""
+    from d2dmoe_converter.sparsify import SparsifyOptions
+
+    if not (src / "recipe.json").is_file():
+        return   # a run without a recipe.json: the converter's fingerprint decides (and the warning after it)
+    theirs = SparsifyOptions(**json.loads((src / "recipe.json").read_text())["recipe"]["sparsify"]).stage_key()
+    mine = SparsifyOptions(**RECIPE["sparsify"]).stage_key()
+    differ = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+    default = SparsifyOptions()
+
+    def value(options: dict, key: str):
+        return options.get(key, getattr(default, key, None))   # a key left out of the stage key is its default
+
+    if differ:
+        raise SystemExit(f"[recipe] --sparsified-from {src}: its sparsify stage was trained with other options "
+                         f"({', '.join(f'{k} {value(theirs, k)} there, {value(mine, k)} here' for k in differ)}), so it "
+                         f"would be trained again. Fix: pass that run's options (--sparsify-steps, --generated, "
+                         f"--sparsify-activation, --hoyer-alpha), or drop --sparsified-from")
 
 
 def stage_fingerprint(work: Path, name: str = "sparsify") -> str:
@@ -199,7 +227,8 @@ def merge(fetched: Path, quality: Path) -> None:
     sweep_result["original"] = json.loads((fetched / "convert-recipe-gemma3-270m-original.json").read_text())["dense"]
     run = json.loads((fetched / "convert-recipe-gemma3-270m.json").read_text())
     sweep_result["provenance"], sweep_result["recipe"] = run["provenance"], run["recipe"]
-    sweep_result["note"] = ("dense = the ReLU-fied, sparsity-fine-tuned model the experts are cut from; original = "
+    sweep_result["note"] = (f"dense = the sparsity-fine-tuned model the experts are cut from (activation "
+                            f"{run['recipe']['sparsify'].get('activation', 'relu')}); original = "
                             "Gemma 3 270M as released (GELU-tanh gate), measured on the same tokens and items")
     doc = json.loads(quality.read_text())
     doc["gpu_recipe"] = sweep_result
@@ -234,6 +263,9 @@ def main():
     ap.add_argument("--teacher-engine", choices=ENGINES, default="auto",
                     help="who samples --generated's text (d2dmoe-convert --sparsify-generated-engine; default auto: "
                          "vLLM where installed)")
+    ap.add_argument("--teacher-engines", type=int, default=1, metavar="N",
+                    help="vLLM engines side by side sampling --generated's text (d2dmoe-convert "
+                         "--sparsify-generated-engines; default 1)")
     from d2dmoe_converter.sparsify import ACTIVATIONS
 
     ap.add_argument("--sparsify-activation", choices=ACTIVATIONS, default="relu",
@@ -260,7 +292,7 @@ def main():
     if args.merge:
         return merge(args.merge, args.out)
     configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated, args.split, args.teacher_engine,
-              args.sparsify_activation, args.hoyer_alpha)
+              args.sparsify_activation, args.hoyer_alpha, args.teacher_engines)
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or set(methods) - set(METHODS):
         raise SystemExit(f"[recipe] --methods {args.methods!r}: expected some of {', '.join(METHODS)}, comma-separated")

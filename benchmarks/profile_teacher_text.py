@@ -20,6 +20,10 @@ variant in its own process (fresh GPU memory; vLLM's environment kept out of the
 - ``vllm-graphs``: compiled, with CUDA graphs up to 1,024 sequences (``--graphs --max-num-seqs 1024``; the
   converter's engine on the GPU since session 43, which measured it at 1.76x eager's tokens/s on an H100:
   ``benchmarks/results/profile-teacher-text-nvidia-h100-80gb-hbm3.json``, docs/converter.md);
+- ``vllm-graphs-x2`` / ``vllm-graphs-x4``: 2 or 4 such engines side by side (``--engines N``, the converter's
+  ``--sparsify-generated-engines``), each on a chunk of 1,024 (so N x the sequences; x4 with 80% of the GPU's
+  memory in all). Session 43 measured a decode step at ~56 us a sequence whatever the batch: if that is each
+  engine's host work, N engines sample up to N times the tokens a second;
 - ``transformers-1024`` / ``transformers-64``: ``generate`` (the converter's other engine) with 1,024
   sequences a batch or 64 (its present default; ~7.7k decode steps a chunk, so not in the default list).
 
@@ -49,6 +53,9 @@ VARIANTS = {  # name -> (engine, its options)
     "vllm-eager": ("vllm", []),
     "vllm-eager-256": ("vllm", ["--max-num-seqs", "256"]),
     "vllm-graphs": ("vllm", ["--graphs", "--max-num-seqs", "1024"]),
+    "vllm-eager-x2": ("vllm", ["--engines", "2"]),   # the CPU smoke run's side-by-side engines
+    "vllm-graphs-x2": ("vllm", ["--graphs", "--max-num-seqs", "1024", "--engines", "2"]),
+    "vllm-graphs-x4": ("vllm", ["--graphs", "--max-num-seqs", "1024", "--engines", "4", "--gpu-memory-utilization", "0.8"]),
     "transformers-1024": ("transformers", ["1024"]),
     "transformers-64": ("transformers", ["64"]),
 }
@@ -91,6 +98,12 @@ def worker_transformers(model_dir: Path, jobs: Path, new_tokens: int, batch: int
     if device == "cuda":
         torch.cuda.synchronize()
     print_timing(t0, started, tokens)
+
+
+def engines_of(name: str) -> int:
+    """How many engines a variant runs side by side (each on a chunk of its own)."""
+    extra = VARIANTS[name][1]
+    return int(extra[extra.index("--engines") + 1]) if "--engines" in extra else 1
 
 
 def run_variant(name: str, model_dir: Path, jobs: Path, new_tokens: int, dtype: str, timeout: float) -> dict:
@@ -145,11 +158,14 @@ def main() -> int:
     doc = {**provenance(), "model": "Gemma 3 270M shape, random weights" if not args.smoke else "tiny Gemma 3",
            "sequences": sequences, "prompt": 32, "new_tokens": new_tokens, "chunk": chunk, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, jobs = Path(tmp) / "model", Path(tmp) / "jobs.safetensors"
+        model_dir = Path(tmp) / "model"
         save_model(config, model_dir)
-        save_jobs(jobs, sequences, chunk, 32, config["vocab_size"])
         for name in variants:
-            doc["rows"].append(run_variant(name, model_dir, jobs, new_tokens, dtype, args.timeout))
+            n = engines_of(name)   # N engines: N x the sequences, a chunk each, as the converter would hand them
+            jobs = Path(tmp) / f"jobs-x{n}.safetensors"
+            if not jobs.exists():
+                save_jobs(jobs, sequences * n, chunk, 32, config["vocab_size"])
+            doc["rows"].append({**run_variant(name, model_dir, jobs, new_tokens, dtype, args.timeout), "engines": n})
             path.write_text(json.dumps(doc, indent=1))   # after every variant: a cut call keeps the finished ones
             print(f"[profile] {json.dumps(doc['rows'][-1])[:400]}", flush=True)
     rows = doc["rows"]

@@ -14,8 +14,9 @@ share of FFN compute x fraction, and lambda is bisected until the *measured* fra
 together is within the budget. The losses do not add up (thinning early layers changes what the later
 ones see), so that allocation overshoots: the candidates are one tau moved 25/50/75/100% of the way
 toward it, each scaled to spend the budget, and the best calibration NLL is kept if it beats one
-tau's. Cost: layers x 5 perplexity passes over ``sensitivity_tokens``, ~3 x ``iterations`` passes over
-the calibration tokens without the LM head, and one perplexity pass per candidate.
+tau's. Cost: layers x 5 perplexity passes over ``sensitivity_tokens``, ~5 x ``iterations`` passes over
+the calibration tokens without the LM head (the price's bisection, then each candidate's scale), and one
+perplexity pass per candidate.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ class CalibrateOptions:
         """What the calibration stage's fingerprint holds: every field, less the per-layer ones when
         calibrating one tau (changing them must not redo it; work dirs from before keep their stage)."""
         fields = asdict(self)
-        return fields if self.per_layer else {k: v for k, v in fields.items() if k not in PER_LAYER_FIELDS}
+        if not self.per_layer:
+            return {k: v for k, v in fields.items() if k not in PER_LAYER_FIELDS}
+        # session 43: the candidates' scale takes ``iterations`` bisection steps (before, half: ~1% under budget)
+        return {**fields, "scale_steps": "iterations"}
 
 
 PER_LAYER_FIELDS = ("per_layer", "sensitivity_tokens", "tau_grid", "blends")

@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     d = SparsifyOptions()
-    s = ap.add_argument_group("sparsify (ReLU-fication + square-Hoyer fine-tuning; skipped unless --sparsify-steps > 0)")
+    s = ap.add_argument_group("sparsify (ReLU-fication, or the own activation kept or annealed into ReLU, + square-Hoyer "
+                              "fine-tuning; skipped unless --sparsify-steps > 0)")
     s.add_argument("--sparsify-steps", type=int, default=d.steps)
     s.add_argument("--sparsify-batch", type=int, default=d.batch, help=f"sequences per micro-batch (default {d.batch})")
     s.add_argument("--sparsify-accum", type=int, default=d.accum, help="gradient accumulation micro-batches per step")
@@ -73,6 +74,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsify-generated-engine", choices=ENGINES, default=d.generated_engine,
                    help="who samples the generated text: auto (vLLM on a GPU where installed, else transformers' "
                         f"generate), vllm or transformers (default {d.generated_engine})")
+    s.add_argument("--sparsify-generated-engines", type=int, default=d.generated_engines, metavar="N",
+                   help="vLLM engines side by side on the GPU, each sampling a share of the chunks: a vLLM decode step "
+                        "costs ~56 us of host work per sequence, which N processes share (not yet measured on a "
+                        f"GPU; default {d.generated_engines})")
     s.add_argument("--sparsify-activation", choices=ACTIVATIONS, default=d.activation,
                    help="relu: ReLU for the FFN activation / Gemma's gate, the Hoyer term on it (the paper); keep: the "
                         "model's own activation (GELU-tanh), the Hoyer term on its output -- no ReLU-fication shock, "
@@ -129,6 +134,7 @@ def options(args: argparse.Namespace) -> ConvertOptions:
                                  passes=args.sparsify_passes, generated=args.sparsify_generated,
                                  generated_prompt=args.sparsify_generated_prompt,
                                  generated_engine=args.sparsify_generated_engine,
+                                 generated_engines=args.sparsify_generated_engines,
                                  activation=args.sparsify_activation),
         routers=RouterOptions(width=args.router_width, tokens=args.router_tokens, seq_len=args.seq_len,
                               steps=args.router_steps, batch=args.router_batch, lr=args.router_lr),

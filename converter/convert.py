@@ -51,7 +51,7 @@ _HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gel
 class ConvertOptions:
     expert_size: int | None = None   # neurons per expert; default: d_ff / 32 experts
     num_experts: int | None = None
-    relufy: bool = False             # ReLU for the FFN activation (GPT-2) / gate (Gemma); implied by sparsify
+    relufy: bool = False             # ReLU for the FFN activation (GPT-2) / gate (Gemma); implied by sparsify (relu, anneal)
     split: str = "coactivation"      # balanced k-means on activation profiles over split_tokens ("coactivation"),
                                      # on normalised first-layer rows ("kmeans", the paper's), or "contiguous"
     split_tokens: int = 8192         # training tokens whose activations group the neurons (coactivation)
@@ -80,7 +80,8 @@ def dense_activation(dense: DenseModel) -> str:
         name = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
     if name not in _HF_ACTIVATIONS:
         raise CheckpointError(f"dense checkpoint: activation {name!r} is not supported. "
-                              f"Fix: use a model with one of {sorted(_HF_ACTIVATIONS)}, or convert with --relu")
+                              f"Fix: use a model with one of {sorted(_HF_ACTIVATIONS)}, or convert with --relu (or "
+                              f"--sparsify-steps N with --sparsify-activation relu or anneal)")
     return _HF_ACTIVATIONS[name]
 
 
@@ -134,6 +135,8 @@ def check_options(opts: ConvertOptions) -> None:
     if opts.relufy and opts.sparsify.steps and opts.sparsify.activation == "keep":
         raise ValueError("--relu with --sparsify-activation keep: the first replaces the activation the second keeps. "
                          "Fix: drop one of them")
+    if opts.sparsify.generated_engines < 1:
+        raise ValueError(f"--sparsify-generated-engines must be at least 1, got {opts.sparsify.generated_engines}")
     if opts.sparsify.generated:
         check_prompt(opts.sparsify.generated_prompt, opts.sparsify.seq_len)
         engine_for(torch.device("cpu"), opts.sparsify.generated_engine)  # a bad or missing engine, before any work
@@ -337,7 +340,8 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         seconds[stage.name] = report["seconds"]
         return stage.finish(report)
 
-    # 1. sparsify: ReLU-fication + square-Hoyer fine-tuning (optional), on text partly the teacher's (optional)
+    # 1. sparsify: ReLU-fication (or the own activation kept / annealed into ReLU) + square-Hoyer fine-tuning
+    # (optional), on text partly the teacher's (optional)
     if opts.sparsify.steps:
         sp = opts.sparsify
         key = [fp, sp.stage_key(), opts.seed, text.corpus]
@@ -351,7 +355,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
             model = build_model(source, device=device).eval() if engine == "transformers" else None
             ids = teacher_text(text.sparsify, sp.generated, sp.generated_prompt, opts.seed, part, engine=engine,
                                model=model, model_dir=gguf_stage.dir if gguf_stage is not None else src,
-                               eos=eos_ids(source), device=device)
+                               eos=eos_ids(source), device=device, engines=sp.generated_engines)
             del model
             save_file({"ids": ids}, str(part / "text.safetensors"))
             for chunk in part.glob("chunk_*.safetensors"):
@@ -372,7 +376,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
             log = finetune(model, train_ids, sp, part / "train_state.pt", teacher)
             del teacher
             save_dense(dense.config, state_dict_for_export(model), dense, part)
-            plot_log(log["log"], part / "sparsify.png")
+            plot_log(log["log"], part / "sparsify.png", sp.activation)
             (part / "train_state.pt").unlink(missing_ok=True)
             last = log["log"][-1]
             return {"steps": sp.steps, "final_task_loss": last["task_loss"], "final_hoyer": last["hoyer"],
@@ -558,7 +562,8 @@ def format_report(report: dict) -> str:
         if "projection_fraction" in report:
             lines.append(f"  {'executed attn experts':22s} {report['projection_fraction']:.1%} of their compute")
         rel = report["ppl_converted"] / report["ppl_original"] - 1
-        relu = (f", sparsified dense {report['ppl_dense']:.2f}" if report["ppl_original"] != report["ppl_dense"] else "")
+        kind = "sparsified" if "sparsify" in report["seconds"] else "ReLU-fied"
+        relu = (f", {kind} dense {report['ppl_dense']:.2f}" if report["ppl_original"] != report["ppl_dense"] else "")
         lines.append(f"  {'held-out perplexity':22s} dense {report['ppl_original']:.2f}{relu} -> converted "
                      f"{report['ppl_converted']:.2f} ({rel:+.1%} vs dense)")
         if "per_layer" in report:

@@ -528,7 +528,7 @@ def plot_quality(result: dict, path: str | Path, x_key: str = "model_compute", t
             ax.axhline(_value(result["dense"], kind, name), color="gray", ls=":", lw=1.2, label="dense")
         if result.get("original") is not None:
             ax.axhline(_value(result["original"], kind, name), color="black", ls="--", lw=1,
-                       label="original (before ReLU-fication)")
+                       label="original (before sparsification)")
         if kind == "tasks":
             chance = result.get("data", {}).get("tasks", {}).get(name, {}).get("chance")
             if chance:

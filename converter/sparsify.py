@@ -51,6 +51,7 @@ class SparsifyOptions:
     generated: float = 0.0        # share of the sequences continued by the original model (teacher_text.py)
     generated_prompt: int = 32    # tokens of real text such a sequence keeps before the teacher's continuation
     generated_engine: str = "auto"  # who samples it: auto (vLLM on a GPU where installed), vllm, transformers
+    generated_engines: int = 1    # vLLM engines side by side on the GPU (teacher_text.coordinate)
     activation: str = "relu"      # relu: ReLU-fication (the paper); keep: the model's own activation, Hoyer on it;
                                   # anneal: the model's own activation blended into ReLU over the first steps
 
@@ -60,8 +61,11 @@ class SparsifyOptions:
         existed keep their stage)."""
         fields = asdict(self)
         del fields["generated_engine"]  # the engine that sampled it is in the teacher text's own fingerprint
+        del fields["generated_engines"]  # how many of them ran: not what the text is
         if self.activation == "relu":
             del fields["activation"]
+        elif self.activation == "anneal":
+            fields["anneal_share"] = ANNEAL_SHARE   # the schedule decides the model too
         return fields if self.generated else {k: v for k, v in fields.items() if not k.startswith("generated")}
 
     @property
@@ -207,7 +211,7 @@ def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_
     return {"log": log, "seconds_this_run": round(time.time() - t0, 1)}
 
 
-def plot_log(log: list[dict], path: Path) -> None:
+def plot_log(log: list[dict], path: Path, activation: str = "relu") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +220,8 @@ def plot_log(log: list[dict], path: Path) -> None:
     steps = [r["step"] for r in log]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, key, title in zip(axes, ("task_loss", "hoyer", "zero_fraction"),
-                              ("task loss", "square Hoyer (mean over layers)", "FFN activations that are 0")):
+                              ("task loss", "square Hoyer (mean over layers)",
+                               f"FFN activations {'below 0.01 in magnitude' if activation == 'keep' else 'that are 0'}")):
         ax.plot(steps, [r[key] for r in log])
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -10,12 +10,14 @@ length). A training sequence read again (passes > 1) gets another continuation, 
 Engines (``--sparsify-generated-engine``, default auto): vLLM when it is installed and the stage runs on a
 GPU (batched sampling; in a subprocess, so its GPU memory is free again before training), else transformers'
 ``generate`` (CPU, tests). Continuations are saved in chunks as they finish: an interrupted stage resumes.
-Which engine is faster on the GPU is open: vLLM sampled 10k tokens/s after a 140 s start in session 42,
-most of the start FlashInfer's sampler being JIT-compiled, now switched off (``benchmarks/profile_teacher_text.py``
-times both engines).
+On an H100 (session 43, ``benchmarks/profile_teacher_text.py``) vLLM with CUDA graphs samples 17.2k tokens/s
+after a ~100 s start, transformers 7.6k; a vLLM decode step costs ~56 us per sequence whatever the batch,
+most likely the engine's host work per request, so ``--engines N`` runs N engines side by side on the GPU,
+each on a share of the chunks (started one after another: vLLM's memory profiling must not see another
+engine start), to spread that host work over N processes. Not yet measured on a GPU.
 
-    python -m d2dmoe_converter.teacher_text MODEL_DIR JOBS.safetensors OUT_DIR --new-tokens N
-runs the vLLM engine over the pending chunks (what ``sample_vllm`` starts: one engine for them all).
+    python -m d2dmoe_converter.teacher_text MODEL_DIR JOBS.safetensors OUT_DIR --new-tokens N [--engines K]
+runs the vLLM engine(s) over the pending chunks (what ``sample_vllm`` starts).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -111,19 +115,22 @@ def visible_device(index: int, visible: str | None) -> str:
 
 
 def sample_vllm(model_dir: Path, jobs: dict[str, torch.Tensor], new_tokens: int, seed: int, part: Path,
-                eos: list[int], device: torch.device | None = None) -> None:
+                eos: list[int], device: torch.device | None = None, engines: int = 1) -> None:
     """``sample_transformers`` through vLLM for every pending chunk (``jobs``: file name -> prompts), one
-    engine in a subprocess (``main`` below) that writes each chunk's file into ``part`` as it finishes.
+    engine (or ``engines`` side by side) in a subprocess (``main`` below) that writes each chunk's file into
+    ``part`` as it finishes.
     The engine is seeded, its rows are not (a seed per request makes vLLM draw row by row), so a
     resumed stage's new chunks are not those an uninterrupted run would have drawn."""
     src = part / "pending.safetensors"
     save_file({name: prompts.contiguous() for name, prompts in jobs.items()}, str(src))
     cmd = [sys.executable, "-m", "d2dmoe_converter.teacher_text", str(model_dir), str(src), str(part),
            "--new-tokens", str(new_tokens), "--seed", str(seed), "--eos", ",".join(map(str, eos))]
-    # on the GPU, CUDA graphs for every batch up to a chunk: 17.2k against eager's 9.7k tokens/s on an H100, the
-    # engine's start 103 s against 92 (session 43, benchmarks/results/profile-teacher-text-*.json); on vLLM's CPU
-    # backend (tests), eager in fp32
-    cmd += ["--graphs"] if torch.cuda.is_available() else ["--dtype", "float32"]
+    # on the GPU, CUDA graphs for every batch up to a chunk decoded at once: 17.2k against eager's 9.7k tokens/s on
+    # an H100 (session 43, benchmarks/results/profile-teacher-text-*.json), for a start ~70 s longer (compiling
+    # and capturing); on vLLM's CPU backend (tests), eager in fp32
+    cmd += ["--graphs", "--max-num-seqs", str(CHUNK)] if torch.cuda.is_available() else ["--dtype", "float32"]
+    if engines > 1:
+        cmd += ["--engines", str(engines)]
     env = dict(os.environ)
     if device is not None and device.type == "cuda" and device.index is not None:  # --device cuda:N
         env["CUDA_VISIBLE_DEVICES"] = visible_device(device.index, os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -137,7 +144,7 @@ def sample_vllm(model_dir: Path, jobs: dict[str, torch.Tensor], new_tokens: int,
 
 def teacher_text(seqs: torch.Tensor, share: float, prompt: int, seed: int, part: Path, *, engine: str,
                  eos: list[int], model=None, model_dir: Path | None = None,
-                 device: torch.device | None = None) -> torch.Tensor:
+                 device: torch.device | None = None, engines: int = 1) -> torch.Tensor:
     """``seqs`` with the rows ``generated_rows`` picks continued by the teacher after their first ``prompt``
     tokens, ``eos`` never sampled; finished chunks are kept in ``part`` (resume). transformers needs
     ``model``, vLLM ``model_dir`` (the original model as a Hugging Face directory; ``device`` its GPU)."""
@@ -149,7 +156,8 @@ def teacher_text(seqs: torch.Tensor, share: float, prompt: int, seed: int, part:
     pending = {name: (seqs[r, :prompt], s) for name, (r, s) in chunks.items()
                if not (part / f"{name}.safetensors").is_file()}
     if pending and engine == "vllm":
-        sample_vllm(model_dir, {name: p for name, (p, _) in pending.items()}, length - prompt, seed, part, eos, device)
+        sample_vllm(model_dir, {name: p for name, (p, _) in pending.items()}, length - prompt, seed, part, eos, device,
+                    engines)
     elif pending:
         for name, (prompts, s) in tqdm(pending.items(), desc="teacher text (transformers)"):
             save_chunk(sample_transformers(model, prompts, length - prompt, s, eos), part / f"{name}.safetensors")
@@ -159,11 +167,15 @@ def teacher_text(seqs: torch.Tensor, share: float, prompt: int, seed: int, part:
     return out
 
 
-def engine_options(dtype: str, seed: int, length: int, max_num_seqs: int | None = None, graphs: bool = False) -> dict:
+MEMORY = 0.6   # the share of GPU memory the sampling engines take together
+
+
+def engine_options(dtype: str, seed: int, length: int, max_num_seqs: int | None = None, graphs: bool = False,
+                   memory: float = MEMORY) -> dict:
     """vLLM ``LLM`` keywords of the sampling engine: the model's own distribution (no generation-config
     defaults), token ids in and out (no tokenizer loaded), eager unless ``graphs``, then CUDA graphs for every
-    batch up to ``max_num_seqs`` (or a chunk)."""
-    opts = dict(dtype=dtype, seed=seed, generation_config="vllm", max_model_len=length, gpu_memory_utilization=0.6,
+    batch up to ``max_num_seqs`` (or a chunk); ``memory``: its share of the GPU's memory."""
+    opts = dict(dtype=dtype, seed=seed, generation_config="vllm", max_model_len=length, gpu_memory_utilization=memory,
                 enable_prefix_caching=False, skip_tokenizer_init=True, enforce_eager=not graphs)
     if max_num_seqs:
         opts["max_num_seqs"] = max_num_seqs
@@ -180,6 +192,73 @@ def print_timing(t0: float, started: float, tokens: int) -> None:
     print("[teacher-text] " + json.dumps({"start_s": round(started - t0, 2), "sample_s": round(done - started, 2),
                                           "tokens": tokens, "tokens_per_s": round(tokens / (done - started), 1)}),
           flush=True)
+
+
+def split_jobs(names: list[str], engines: int) -> list[list[str]]:
+    """The chunks round robin over ``engines`` engines (fewer where there are fewer chunks)."""
+    names = sorted(names)
+    return [names[k::engines] for k in range(min(engines, len(names)))]
+
+
+READY = "[teacher-text] ready"
+
+
+def coordinate(args: argparse.Namespace) -> int:
+    """``--engines K``: K copies of this command, each with its share of the chunks (``split_jobs``), seed + k
+    and 1/K of the memory, each started once the one before printed READY (its engine is up: vLLM's memory
+    profiling at start must not see another engine allocate), their output passed through; then the timing
+    line of them all (start: to the first engine's READY; sampling: from there to the last engine's end)."""
+    t0 = time.perf_counter()
+    jobs = load_file(str(args.jobs))
+    groups = split_jobs(list(jobs), args.engines)
+    procs, threads, first_ready = [], [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, names in enumerate(groups):
+            path = Path(tmp) / f"jobs_{k}.safetensors"
+            save_file({n: jobs[n] for n in names}, str(path))
+            cmd = [sys.executable, "-m", "d2dmoe_converter.teacher_text", *engine_args(args, k, len(groups), path)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            ready, up = threading.Event(), []
+
+            def relay(proc=proc, ready=ready, up=up, k=k):
+                for line in proc.stdout:
+                    sys.stdout.write(f"[engine {k}] {line}")
+                    if line.startswith(READY):
+                        up.append(True)
+                        ready.set()
+                ready.set()   # its output ended without READY: it did not come up
+
+            thread = threading.Thread(target=relay, daemon=True)
+            thread.start()
+            procs.append(proc)
+            threads.append(thread)
+            ready.wait()
+            if not up:
+                break    # this engine did not come up: start no more (its exit code is reported below)
+            if first_ready is None:
+                first_ready = time.perf_counter()
+        codes = [proc.wait() for proc in procs]
+        for thread in threads:
+            thread.join()
+    sys.stdout.flush()
+    failed = [k for k, c in enumerate(codes) if c != 0]
+    if failed:
+        print(f"[teacher-text] engine(s) {failed} failed (exit {[codes[k] for k in failed]})", file=sys.stderr)
+        return 1
+    tokens = sum(int(load_file(str(args.out_dir / f"{n}.safetensors"))["continuations"].numel())
+                 for names in groups for n in names)
+    print_timing(t0, first_ready, tokens)
+    return 0
+
+
+def engine_args(args: argparse.Namespace, k: int, n: int, jobs: Path) -> list[str]:
+    """Engine k of n's arguments: its jobs file, seed + k, 1/n of the memory, one engine."""
+    out = [str(args.model_dir), str(jobs), str(args.out_dir), "--new-tokens", str(args.new_tokens),
+           "--seed", str(args.seed + k), "--eos", args.eos, "--dtype", args.dtype,
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization / n)]
+    if args.max_num_seqs:
+        out += ["--max-num-seqs", str(args.max_num_seqs)]
+    return out + (["--graphs"] if args.graphs else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +278,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="compile and capture CUDA graphs up to --max-num-seqs (or a chunk's 1,024) sequences "
                          "(vLLM's default graphs stop at 512 sequences, below a chunk); the converter passes it on "
                          "the GPU. Default eager")
+    ap.add_argument("--engines", type=int, default=1,
+                    help="engines side by side on the GPU, each on a share of the chunks (default 1)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=MEMORY,
+                    help=f"share of the GPU's memory for the engine(s) together (default {MEMORY})")
     args = ap.parse_args(argv)
+    if args.engines < 1:
+        ap.error(f"--engines {args.engines}: give at least 1")
+    if args.engines > 1:
+        return coordinate(args)
     t0 = time.perf_counter()
     # FlashInfer's sampler is JIT-compiled at the engine's first start on a bare machine: ~2 min (ENVIRONMENT.md:
     # engine init 124 s with it, 36 s without; session 42's first run: 140 s); plain sampling needs none of it
@@ -209,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = load_file(str(args.jobs))
     length = next(iter(jobs.values())).shape[1] + args.new_tokens
-    llm = LLM(str(args.model_dir), **engine_options(args.dtype, args.seed, length, args.max_num_seqs, args.graphs))
+    llm = LLM(str(args.model_dir), **engine_options(args.dtype, args.seed, length, args.max_num_seqs, args.graphs,
+                                                     args.gpu_memory_utilization))
+    print(READY, flush=True)
     started, tokens = time.perf_counter(), 0
     for name, prompts in sorted(jobs.items()):
         # min_tokens = max_tokens: --eos (the stop ids: the model config's end-of-text ids) are never sampled,

@@ -281,3 +281,20 @@ def test_hoyer_alpha_reaches_the_converter_and_holds_the_run(tmp_path, monkeypat
                            "--out", str(tmp_path / "out"), "--hoyer-alpha", "0.003"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "holds a run with hoyer_alpha 0.001, not 0.003" in proc.stderr, proc.stderr
+
+
+def test_sparsified_from_a_run_of_other_sparsify_options_is_refused_before_any_copy(tmp_path, monkeypatch):
+    """--sparsified-from a ReLU run into a keep (or another alpha's) run: refused up front, naming what differs,
+    instead of training the stage again after copying it; the same options (or a legacy recipe.json whose
+    missing keys are the defaults) pass."""
+    import copy
+
+    src, work = finished_run(tmp_path / "relu"), tmp_path / "keep"
+    legacy = {k: v for k, v in recipe.RECIPE["sparsify"].items()}
+    (src / "recipe.json").write_text(json.dumps({"recipe": {**recipe.RECIPE, "sparsify": legacy}}))
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(recipe.RECIPE))
+    recipe.copy_sparsified(src, tmp_path / "same")          # same options: copied
+    recipe.configure(False, 64, None, activation="keep", alpha=3e-3)
+    with pytest.raises(SystemExit, match=r"activation relu there, keep here.*alpha 0.001 there, 0.003 here.*Fix:"):
+        recipe.copy_sparsified(src, work)
+    assert not work.exists()

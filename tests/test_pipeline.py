@@ -57,6 +57,41 @@ def test_kept_activation_is_measured_not_replaced():
     assert act.hoyer.item() == pytest.approx(float(a.abs().sum() ** 2 / a.pow(2).sum()), rel=1e-5)  # kept from training
 
 
+def test_interrupted_anneal_resumes_where_it_stopped(dense_dir, tmp_path, monkeypatch):
+    """An anneal run cut after its save at step 2 and run again from the saved state ends where an uncut run
+    ends: the same weights and the same blend per step (the blend follows the step, not the process)."""
+    from d2dmoe_converter import sparsify as sparsify_mod
+
+    dense = load_dense(dense_dir("gemma3_text"))
+    seqs = torch.randint(0, dense.config["vocab_size"], (12, 16), generator=torch.Generator().manual_seed(0))
+    opts = SparsifyOptions(steps=6, batch=2, seq_len=16, lr=1e-3, warmup=1, alpha=0.05, save_every=2,
+                           activation="anneal")
+
+    def run(state):
+        torch.manual_seed(0)
+        model = build_model(dense)
+        hoyer_activations_(model, "anneal")
+        return model, finetune(model, seqs, opts, state)["log"]
+
+    whole, whole_log = run(tmp_path / "whole.pt")
+    real = sparsify_mod.lr_at
+
+    def cut(step, o):
+        if step == 3:
+            raise KeyboardInterrupt("cut")
+        return real(step, o)
+
+    monkeypatch.setattr(sparsify_mod, "lr_at", cut)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut.pt")
+    monkeypatch.setattr(sparsify_mod, "lr_at", real)
+    resumed, resumed_log = run(tmp_path / "cut.pt")
+    assert [r["relu_blend"] for r in resumed_log] == [r["relu_blend"] for r in whole_log]
+    assert [r["step"] for r in resumed_log] == list(range(1, 7))
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
 def test_annealed_activation_goes_from_the_own_to_relu():
     """``anneal``: blend 0 is the own activation, 1 is ReLU exactly (exact zeros counted), in between the
     straight mix; the schedule reaches 1 at half the steps and stays there."""
@@ -371,11 +406,12 @@ def test_moefication_exports_and_serves(dense_dir, tmp_path):
 def test_sparsify_from_the_own_activation(dense_dir, tmp_path, activation):
     """``--sparsify-activation keep`` on a Gemma: fine-tuned with the GELU-tanh gate kept (the exported config
     and the expert layers say gelu_tanh, not relu); ``anneal``: blended into ReLU by half the steps, exported
-    ReLU-fied. Either way the Hoyer term falls, and the original model is measured beside the fine-tuned one."""
+    ReLU-fied. Either way (distilled from the original, as the GPU recipe does) the Hoyer term falls, and the
+    original model is measured beside the fine-tuned one."""
     out = tmp_path / "moe"
     args = [str(dense_dir("gemma3_text")), str(out), "--sparsify-steps", "6", "--sparsify-batch", "4", "--warmup", "2",
             "--sparsify-lr", "1e-3", "--hoyer-alpha", "0.05", "--save-every", "3", "--budget", "0.5",
-            "--sparsify-activation", activation, *FAST]
+            "--sparsify-activation", activation, "--sparsify-distill", "0.5", *FAST]   # the recipe distils
     assert convert_cli(args) == 0
     log = json.loads((tmp_path / "moe.work" / "sparsify" / "stage.json").read_text())["log"]
     assert len(log) == 6 and log[-1]["hoyer"] < log[0]["hoyer"]
@@ -397,6 +433,10 @@ def test_sparsify_activation_keys_the_stage():
     assert SparsifyOptions(steps=6).relu and not SparsifyOptions(steps=6, activation="keep").relu
     assert SparsifyOptions(steps=6, activation="anneal").relu              # ends ReLU-fied
     assert SparsifyOptions(steps=6, activation="anneal").stage_key()["activation"] == "anneal"
+    assert SparsifyOptions(steps=6, activation="anneal").stage_key()["anneal_share"] == 0.5
+    # the teacher's text does not depend on what the student's activation is
+    assert SparsifyOptions(steps=6, generated=0.5, activation="keep").text_key() == \
+        SparsifyOptions(steps=6, generated=0.5).text_key()
     assert not SparsifyOptions(steps=0).relu
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from d2dmoe_converter import teacher_text as tt
 from d2dmoe_converter.cli import main as convert_cli
@@ -199,6 +200,7 @@ def test_convert_with_teacher_text(dense_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
+    (["--sparsify-generated", "0.5", "--sparsify-generated-engines", "0"], "--sparsify-generated-engines must be at least 1"),
     (["--sparsify-generated", "1.5"], "--sparsify-generated is a share of the sequences in [0, 1]"),
     (["--sparsify-generated", "0.5", "--sparsify-generated-prompt", "128"], "--sparsify-generated-prompt must be in"),
 ])
@@ -215,10 +217,11 @@ def test_chosen_engine_reaches_the_stage_and_its_fingerprint(dense_dir, tmp_path
     teacher text's fingerprint (another engine samples again), not of the sparsify options' own key."""
     from d2dmoe_converter import convert as convert_mod
 
-    used = []
+    used, engines = [], []
 
     def fake_teacher_text(seqs, share, prompt, seed, part, *, engine, **kwargs):
         used.append(engine)
+        engines.append(kwargs["engines"])
         return seqs.flip(1)   # every row changed
 
     monkeypatch.setattr(convert_mod, "teacher_text", fake_teacher_text)
@@ -234,6 +237,13 @@ def test_chosen_engine_reaches_the_stage_and_its_fingerprint(dense_dir, tmp_path
     assert used == ["vllm", "transformers"] and second["engine"] == "transformers"
     assert second["fingerprint"] != first["fingerprint"]
     assert "generated_engine" not in SparsifyOptions(steps=2, generated=1.0, generated_engine="vllm").stage_key()
+    # how many engines sample it: handed to the sampler, in neither fingerprint (the text is the same either way)
+    shutil.rmtree(work)
+    assert convert_cli([*args, "--overwrite", "--sparsify-generated-engine", "vllm",
+                        "--sparsify-generated-engines", "3"]) == 0
+    assert engines == [1, 1, 3]
+    assert json.loads((work / "teacher_text" / "stage.json").read_text())["fingerprint"] == first["fingerprint"]
+    assert "generated_engines" not in SparsifyOptions(steps=2, generated=1.0, generated_engines=3).stage_key()
 
 
 def test_unavailable_engine_is_refused_before_any_work(dense_dir, tmp_path, capsys, monkeypatch):
@@ -253,14 +263,15 @@ def test_profile_teacher_text_smoke(tmp_path, monkeypatch):
     without --smoke it is refused."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     script = [sys.executable, str(ROOT / "benchmarks" / "profile_teacher_text.py"), "--out", str(tmp_path)]
-    proc = subprocess.run(script + ["--smoke", "--variants", "vllm-eager,transformers-64"], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(script + ["--smoke", "--variants", "vllm-eager,vllm-eager-x2,transformers-64"],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "profile-teacher-text-cpu-smoke.json").read_text())
-    assert [r["variant"] for r in doc["rows"]] == ["vllm-eager", "transformers-64"]
+    assert [(r["variant"], r["engines"]) for r in doc["rows"]] == [("vllm-eager", 1), ("vllm-eager-x2", 2),
+                                                                  ("transformers-64", 1)]
     for row in doc["rows"]:
         assert "error" not in row, row
-        assert row["tokens"] == doc["sequences"] * doc["new_tokens"] and row["tokens_per_s"] > 0
+        assert row["tokens"] == doc["sequences"] * row["engines"] * doc["new_tokens"] and row["tokens_per_s"] > 0
     if not torch.cuda.is_available():   # with a GPU it would start the real profile
         proc = subprocess.run(script, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and "no GPU here" in proc.stderr
@@ -312,4 +323,87 @@ def test_converter_samples_with_cuda_graphs_on_the_gpu(tmp_path, monkeypatch, cu
     monkeypatch.setattr(tt.subprocess, "run", run)
     tt.sample_vllm(tmp_path, {"chunk_0": torch.zeros(2, 4, dtype=torch.long)}, 8, 0, tmp_path, [1])
     assert ("--graphs" in seen["cmd"]) == cuda and ("float32" in seen["cmd"]) == (not cuda)
+    if cuda:   # the variant profiled: graphs for every batch up to a chunk, a chunk decoded at once
+        assert seen["cmd"][seen["cmd"].index("--max-num-seqs") + 1] == str(tt.CHUNK)
     assert not (tmp_path / "pending.safetensors").exists()
+
+
+FAKE_VLLM = """
+import json, os, time
+from types import SimpleNamespace
+
+
+class SamplingParams:
+    def __init__(self, **kw):
+        self.kw = kw
+
+
+class LLM:
+    def __init__(self, model, **kw):
+        self.seed = kw["seed"]
+        with open(os.environ["FAKE_VLLM_LOG"], "a") as f:
+            f.write(json.dumps({"seed": self.seed, "memory": kw["gpu_memory_utilization"], "t": time.time()}) + "\\n")
+        if str(self.seed) == os.environ.get("FAKE_VLLM_FAIL_SEED"):
+            raise RuntimeError("stand-in engine failing at start")
+        time.sleep(0.5)
+
+    def generate(self, prompts, params):
+        n = params.kw["max_tokens"]
+        return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[self.seed * 100 + p["prompt_token_ids"][0]] * n)])
+                for p in prompts]
+"""
+
+
+@pytest.fixture
+def fake_vllm(tmp_path):
+    """A stand-in vLLM (``LLM`` logs its seed, memory share and start time; its tokens encode its seed and
+    each prompt's first id) and the environment that finds it."""
+    site = tmp_path / "site"
+    (site / "vllm").mkdir(parents=True)
+    (site / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    (site / "vllm" / "inputs.py").write_text("class TokensPrompt(dict):\n    pass\n")
+    env = {**os.environ, "PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}",
+           "FAKE_VLLM_LOG": str(tmp_path / "engines.log")}
+    return env
+
+
+def run_engines(tmp_path, env, engines, chunks=3):
+    jobs, out = tmp_path / "jobs.safetensors", tmp_path / "out"
+    out.mkdir()
+    save_file({f"chunk_{c:04d}": torch.full((2, 4), 10 + c) for c in range(chunks)}, str(jobs))
+    cmd = [sys.executable, "-m", "d2dmoe_converter.teacher_text", str(tmp_path), str(jobs), str(out),
+           "--new-tokens", "3", "--seed", "5", "--engines", str(engines)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120), out
+
+
+def test_engines_side_by_side_share_the_chunks_and_start_one_after_another(tmp_path, fake_vllm):
+    """--engines 2: the chunks round robin (engine k: seed + k, half the memory), the second engine started
+    only once the first is up, every chunk written, one timing line for them all."""
+    proc, out = run_engines(tmp_path, fake_vllm, 2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    seeds = {}
+    for c in range(3):
+        cont = load_file(str(out / f"chunk_{c:04d}.safetensors"))["continuations"]
+        assert cont.shape == (2, 3)
+        seeds[c] = int(cont[0, 0]) // 100
+        assert (cont == seeds[c] * 100 + 10 + c).all()
+    assert seeds == {0: 5, 1: 6, 2: 5}
+    log = [json.loads(line) for line in (tmp_path / "engines.log").read_text().splitlines()]
+    assert [e["seed"] for e in log] == [5, 6] and all(e["memory"] == pytest.approx(0.3) for e in log)
+    assert log[1]["t"] - log[0]["t"] >= 0.5                               # after the first one's READY
+    timing = [line for line in proc.stdout.splitlines() if line.startswith("[teacher-text] {")]
+    assert len(timing) == 1 and json.loads(timing[0].split(" ", 1)[1])["tokens"] == 3 * 2 * 3
+    assert tt.split_jobs(["b", "a"], 4) == [["a"], ["b"]]                   # never more engines than chunks
+
+
+def test_an_engine_that_does_not_come_up_stops_the_rest(tmp_path, fake_vllm):
+    """The second engine fails: the run fails naming it, and the first engine's chunks are kept (the stage
+    resumes from them); the first fails: no other engine is started."""
+    proc, out = run_engines(tmp_path, {**fake_vllm, "FAKE_VLLM_FAIL_SEED": "6"}, 2)
+    assert proc.returncode == 1 and "engine(s) [1] failed" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["chunk_0000.safetensors", "chunk_0002.safetensors"]
+    first = tmp_path / "first"
+    first.mkdir()
+    proc, _ = run_engines(first, {**fake_vllm, "FAKE_VLLM_FAIL_SEED": "5", "FAKE_VLLM_LOG": str(first / "log")}, 3)
+    assert proc.returncode == 1 and "engine(s) [0] failed" in proc.stderr
+    assert len((first / "log").read_text().splitlines()) == 1
