@@ -61,6 +61,7 @@ VARIANTS = {  # name -> (engine, its options)
 }
 DEFAULT = ("vllm-eager", "vllm-eager-256", "vllm-graphs", "transformers-1024")
 LINE = re.compile(r"^\[teacher-text\] (\{.*\})$", re.M)
+ENGINE_LINE = re.compile(r"^\[engine (\d+)\] \[teacher-text\] (\{.*\})$", re.M)   # side-by-side engines' own
 
 
 def save_model(config: dict, path: Path) -> None:
@@ -127,7 +128,11 @@ def run_variant(name: str, model_dir: Path, jobs: Path, new_tokens: int, dtype: 
     found = LINE.findall(stdout)
     if proc.returncode != 0 or not found:
         return {"variant": name, "wall_s": wall, "error": f"exit {proc.returncode}: {stderr[-1500:]}"}
-    return {"variant": name, "wall_s": wall, **json.loads(found[-1])}
+    row = {"variant": name, "wall_s": wall, **json.loads(found[-1])}
+    each = ENGINE_LINE.findall(stdout)
+    if each:   # each engine's own start and sampling (its sampling overlaps the others' starts and sampling)
+        row["per_engine"] = [{"engine": int(k), **json.loads(line)} for k, line in each]
+    return row
 
 
 def main() -> int:

@@ -185,12 +185,13 @@ def engine_options(dtype: str, seed: int, length: int, max_num_seqs: int | None 
     return opts
 
 
-def print_timing(t0: float, started: float, tokens: int) -> None:
+def print_timing(t0: float, started: float, tokens: int, **extra) -> None:
     """The line the profile (benchmarks/profile_teacher_text.py) reads from an engine's process: seconds to
-    start (from ``t0`` to ``started``) and to sample ``tokens`` (from ``started`` to now)."""
+    start (from ``t0`` to ``started``) and to sample ``tokens`` (from ``started`` to now), and ``extra``."""
     done = time.perf_counter()
     print("[teacher-text] " + json.dumps({"start_s": round(started - t0, 2), "sample_s": round(done - started, 2),
-                                          "tokens": tokens, "tokens_per_s": round(tokens / (done - started), 1)}),
+                                          "tokens": tokens, "tokens_per_s": round(tokens / (done - started), 1),
+                                          **extra}),
           flush=True)
 
 
@@ -211,7 +212,7 @@ def coordinate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     jobs = load_file(str(args.jobs))
     groups = split_jobs(list(jobs), args.engines)
-    procs, threads, first_ready = [], [], None
+    procs, threads, first_ready, readies = [], [], None, []
     with tempfile.TemporaryDirectory() as tmp:
         for k, names in enumerate(groups):
             path = Path(tmp) / f"jobs_{k}.safetensors"
@@ -235,6 +236,7 @@ def coordinate(args: argparse.Namespace) -> int:
             ready.wait()
             if not up:
                 break    # this engine did not come up: start no more (its exit code is reported below)
+            readies.append(round(time.perf_counter() - t0, 2))
             if first_ready is None:
                 first_ready = time.perf_counter()
         codes = [proc.wait() for proc in procs]
@@ -247,7 +249,7 @@ def coordinate(args: argparse.Namespace) -> int:
         return 1
     tokens = sum(int(load_file(str(args.out_dir / f"{n}.safetensors"))["continuations"].numel())
                  for names in groups for n in names)
-    print_timing(t0, first_ready, tokens)
+    print_timing(t0, first_ready, tokens, engines_ready_s=readies)   # when each engine was up, from t0
     return 0
 
 

@@ -272,6 +272,9 @@ def test_profile_teacher_text_smoke(tmp_path, monkeypatch):
     for row in doc["rows"]:
         assert "error" not in row, row
         assert row["tokens"] == doc["sequences"] * row["engines"] * doc["new_tokens"] and row["tokens_per_s"] > 0
+    side = doc["rows"][1]   # each engine's own line kept: one chunk's tokens each
+    assert [e["engine"] for e in side["per_engine"]] == [0, 1] and len(side["engines_ready_s"]) == 2
+    assert all(e["tokens"] == doc["sequences"] * doc["new_tokens"] for e in side["per_engine"])
     if not torch.cuda.is_available():   # with a GPU it would start the real profile
         proc = subprocess.run(script, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and "no GPU here" in proc.stderr
@@ -392,7 +395,10 @@ def test_engines_side_by_side_share_the_chunks_and_start_one_after_another(tmp_p
     assert [e["seed"] for e in log] == [5, 6] and all(e["memory"] == pytest.approx(0.3) for e in log)
     assert log[1]["t"] - log[0]["t"] >= 0.5                               # after the first one's READY
     timing = [line for line in proc.stdout.splitlines() if line.startswith("[teacher-text] {")]
-    assert len(timing) == 1 and json.loads(timing[0].split(" ", 1)[1])["tokens"] == 3 * 2 * 3
+    assert len(timing) == 1
+    overall = json.loads(timing[0].split(" ", 1)[1])
+    assert overall["tokens"] == 3 * 2 * 3 and len(overall["engines_ready_s"]) == 2
+    assert overall["engines_ready_s"][1] - overall["engines_ready_s"][0] >= 0.5
     assert tt.split_jobs(["b", "a"], 4) == [["a"], ["b"]]                   # never more engines than chunks
 
 
