@@ -140,18 +140,16 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generat
         RECIPE["sparsify"] = sparsify_recipe(RECIPE["sparsify"], sparsify_steps)
     if not 0 <= generated <= 1:
         raise SystemExit(f"[recipe] --generated {generated}: a share of the sparsify sequences, in [0, 1]")
-    if teacher_engine != "auto" and not generated:
-        raise SystemExit(f"[recipe] --teacher-engine {teacher_engine}: it samples --generated's text, and no share "
-                         f"is generated. Fix: pass --generated SHARE, or drop --teacher-engine")
+    for flag, value, default in (("--teacher-engine", teacher_engine, "auto"), ("--teacher-engines", teacher_engines, 1)):
+        if value != default and not generated:
+            raise SystemExit(f"[recipe] {flag} {value}: it samples --generated's text, and no share is generated. "
+                             f"Fix: pass --generated SHARE, or drop {flag}")
     if alpha is not None:
         if alpha < 0:
             raise SystemExit(f"[recipe] --hoyer-alpha {alpha}: a weight, >= 0")
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "alpha": alpha}
     if activation != "relu":   # recipe.json of the runs before --sparsify-activation keeps its form
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "activation": activation}
-    if teacher_engines != 1 and not generated:
-        raise SystemExit(f"[recipe] --teacher-engines {teacher_engines}: they sample --generated's text, and no share "
-                         f"is generated. Fix: pass --generated SHARE, or drop --teacher-engines")
     if generated:
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "generated": generated}
         if teacher_engines != 1:   # how many engines sample it: not held (the text is the same either way)

@@ -212,7 +212,7 @@ def coordinate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     jobs = load_file(str(args.jobs))
     groups = split_jobs(list(jobs), args.engines)
-    procs, threads, first_ready, readies = [], [], None, []
+    procs, threads, ready_at = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for k, names in enumerate(groups):
             path = Path(tmp) / f"jobs_{k}.safetensors"
@@ -236,9 +236,7 @@ def coordinate(args: argparse.Namespace) -> int:
             ready.wait()
             if not up:
                 break    # this engine did not come up: start no more (its exit code is reported below)
-            readies.append(round(time.perf_counter() - t0, 2))
-            if first_ready is None:
-                first_ready = time.perf_counter()
+            ready_at.append(time.perf_counter())
         codes = [proc.wait() for proc in procs]
         for thread in threads:
             thread.join()
@@ -247,9 +245,8 @@ def coordinate(args: argparse.Namespace) -> int:
     if failed:
         print(f"[teacher-text] engine(s) {failed} failed (exit {[codes[k] for k in failed]})", file=sys.stderr)
         return 1
-    tokens = sum(int(load_file(str(args.out_dir / f"{n}.safetensors"))["continuations"].numel())
-                 for names in groups for n in names)
-    print_timing(t0, first_ready, tokens, engines_ready_s=readies)   # when each engine was up, from t0
+    tokens = sum(jobs[n].shape[0] for names in groups for n in names) * args.new_tokens   # each engine checks its shapes
+    print_timing(t0, ready_at[0], tokens, engines_ready_s=[round(t - t0, 2) for t in ready_at])   # each one's READY
     return 0
 
 

@@ -55,6 +55,9 @@ def test_refuses_a_run_without_a_finished_sparsify_stage(tmp_path):
     (["--generated", "2"], "--generated 2.0: a share of the sparsify sequences, in [0, 1]"),
     (["--split", "kmeans"], "holds a run with split coactivation, not kmeans"),
     (["--teacher-engine", "vllm"], "--teacher-engine vllm: it samples --generated's text, and no share is generated"),
+    (["--teacher-engines", "2"], "--teacher-engines 2: it samples --generated's text, and no share is generated"),
+    (["--sparsify-activation", "keep"], "holds a run with sparsify_activation relu, not keep"),
+    (["--hoyer-alpha", "0.003"], "holds a run with hoyer_alpha 0.001, not 0.003"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     work = tmp_path / "work"
@@ -241,9 +244,10 @@ def test_merge_of_a_run_without_a_sweep_names_the_fix(tmp_path):
     assert not (tmp_path / "quality.json").exists()
 
 
-def test_sparsify_activation_reaches_the_converter_and_holds_the_run(tmp_path, monkeypatch):
+def test_sparsify_activation_reaches_the_converter(monkeypatch):
     """--sparsify-activation keep: the converter's option in every method's run; left out of the recipe for
-    relu (recipe.json of the runs before it keeps its form); a relu run's work dir is not taken as a keep run."""
+    relu (recipe.json of the runs before it keeps its form). A relu run's work dir is not taken as a keep run:
+    test_bad_arguments_are_refused_before_any_work."""
     import copy
 
     original = copy.deepcopy(recipe.RECIPE)
@@ -254,18 +258,11 @@ def test_sparsify_activation_reaches_the_converter_and_holds_the_run(tmp_path, m
     monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
     recipe.configure(False, 64, None)
     assert "activation" not in recipe.RECIPE["sparsify"] and recipe.options("d2dmoe", Path("/w")).sparsify.relu
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": {**original, "corpus": "sotu"}}))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_convert_recipe.py"), "--work", str(work),
-                           "--out", str(tmp_path / "out"), "--sparsify-activation", "keep"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "holds a run with sparsify_activation relu, not keep" in proc.stderr, proc.stderr
 
 
-def test_hoyer_alpha_reaches_the_converter_and_holds_the_run(tmp_path, monkeypatch):
-    """--hoyer-alpha: the sparsify stage's weight in every method's run; a run of another weight is not
-    resumed as this one; a negative weight is refused."""
+def test_hoyer_alpha_reaches_the_converter(monkeypatch):
+    """--hoyer-alpha: the sparsify stage's weight in every method's run; a negative weight is refused. A run of
+    another weight is not resumed as this one: test_bad_arguments_are_refused_before_any_work."""
     import copy
 
     original = copy.deepcopy(recipe.RECIPE)
@@ -274,13 +271,6 @@ def test_hoyer_alpha_reaches_the_converter_and_holds_the_run(tmp_path, monkeypat
     assert recipe.options("d2dmoe", Path("/w")).sparsify.alpha == recipe.options("moefication", Path("/w")).sparsify.alpha == 3e-3
     with pytest.raises(SystemExit, match="--hoyer-alpha -1.0: a weight"):
         recipe.configure(False, 64, None, alpha=-1.0)
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": {**original, "corpus": "sotu"}}))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_convert_recipe.py"), "--work", str(work),
-                           "--out", str(tmp_path / "out"), "--hoyer-alpha", "0.003"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "holds a run with hoyer_alpha 0.001, not 0.003" in proc.stderr, proc.stderr
 
 
 def test_sparsified_from_a_run_of_other_sparsify_options_is_refused_before_any_copy(tmp_path, monkeypatch):
