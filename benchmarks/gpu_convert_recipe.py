@@ -76,6 +76,7 @@ METHODS = ("d2dmoe", "moefication", "d2dmoe-per-layer")   # the last: d2dmoe wit
 
 
 def options(method: str, work: Path, corpus: str | None = None):
+    from d2dmoe_converter.adapt import AdaptOptions
     from d2dmoe_converter.calibrate import CalibrateOptions
     from d2dmoe_converter.convert import ConvertOptions
     from d2dmoe_converter.routers import RouterOptions
@@ -86,7 +87,8 @@ def options(method: str, work: Path, corpus: str | None = None):
                           method="d2dmoe" if per_layer else method,
                           dtype="bfloat16", overwrite=True, work_dir=str(work / "stages"), corpus=corpus,
                           sparsify=SparsifyOptions(**RECIPE["sparsify"]), routers=RouterOptions(**RECIPE["routers"]),
-                          calibrate=CalibrateOptions(**RECIPE["calibrate"], per_layer=per_layer))
+                          calibrate=CalibrateOptions(**RECIPE["calibrate"], per_layer=per_layer),
+                          adapt=AdaptOptions(**RECIPE.get("adapt", {})))
 
 
 def sweep(work: Path, out: Path, deadline: float, smoke: bool,
@@ -125,11 +127,12 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
 
 def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generated: float = 0.0,
               split: str = SPLIT, teacher_engine: str = "auto", activation: str = "relu",
-              alpha: float | None = None, teacher_engines: int = 1) -> None:
+              alpha: float | None = None, teacher_engines: int = 1, adapt_steps: int = 0) -> None:
     """This run's RECIPE: the smoke settings (--smoke), the expert size and split, a sparsify stage of
     ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's), the share of its
     sequences continued by the original model (``generated``, teacher_text.py), whether it ReLU-fies
-    the gate or keeps GELU-tanh (``activation``), and the square-Hoyer weight where given (``alpha``)."""
+    the gate or keeps GELU-tanh (``activation``), the square-Hoyer weight where given (``alpha``), and an adapt
+    stage of ``adapt_steps`` steps (``adapt_recipe``) where > 0."""
     if smoke:
         RECIPE.update(SMOKE)
     RECIPE["expert_size"] = expert_size
@@ -150,6 +153,10 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generat
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "alpha": alpha}
     if activation != "relu":   # recipe.json of the runs before --sparsify-activation keeps its form
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "activation": activation}
+    if adapt_steps < 0:
+        raise SystemExit(f"[recipe] --adapt-steps {adapt_steps}: give 0 (no adapt stage) or more")
+    if adapt_steps:   # recipe.json of the runs before --adapt-steps keeps its form
+        RECIPE["adapt"] = adapt_recipe(RECIPE["sparsify"], adapt_steps)
     if generated:
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "generated": generated}
         if teacher_engines != 1:   # how many engines sample it: not held (the text is the same either way)
@@ -164,6 +171,18 @@ def sparsify_recipe(base: dict, steps: int) -> dict:
     the 3.3 GB training state is saved about 12 times a run (every 40 steps at most), not every 40 steps."""
     return {**base, "steps": steps, "passes": max(base["passes"], math.ceil(base["passes"] * steps / base["steps"])),
             "save_every": max(base["save_every"], steps // 12)}
+
+
+def adapt_recipe(sparsify: dict, steps: int) -> dict:
+    """The adapt stage's options for ``steps`` steps: sparsify's batch, sequence length, saving and distillation
+    (the original model as teacher), half its peak learning rate (it starts from a trained model), and passes
+    over the training text in proportion to the tokens it reads."""
+    tokens, per_pass = steps * sparsify["batch"] * sparsify["seq_len"], \
+        sparsify["steps"] * sparsify["batch"] * sparsify["seq_len"] / sparsify["passes"]
+    return dict(steps=steps, batch=sparsify["batch"], accum=sparsify["accum"], seq_len=sparsify["seq_len"],
+                lr=sparsify["lr"] / 2, warmup=min(sparsify["warmup"], max(1, steps // 10)),
+                save_every=min(sparsify["save_every"], max(1, steps // 4)), distill=1.0,
+                passes=max(1, math.ceil(tokens / per_pass)))
 
 
 def copy_sparsified(src: Path, work: Path) -> Path:
@@ -273,6 +292,9 @@ def main():
     ap.add_argument("--hoyer-alpha", type=float, default=None,
                     help=f"square-Hoyer weight of the sparsify stage (default {RECIPE['sparsify']['alpha']:g}; "
                          f"d2dmoe-convert --hoyer-alpha)")
+    ap.add_argument("--adapt-steps", type=int, default=0,
+                    help="fine-tune each conversion under its routers' selection at the calibrated tau for this many "
+                         "steps, distilled from the original (d2dmoe-convert --adapt-steps; default 0: no adapt stage)")
     ap.add_argument("--split", choices=("kmeans", "coactivation"), default=SPLIT,
                     help=f"how neurons are grouped into experts (d2dmoe-convert --split; default {SPLIT}: k-means on "
                          f"the sparsified model's activations; kmeans: the paper's, on the gate rows)")
@@ -290,7 +312,7 @@ def main():
     if args.merge:
         return merge(args.merge, args.out)
     configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated, args.split, args.teacher_engine,
-              args.sparsify_activation, args.hoyer_alpha, args.teacher_engines)
+              args.sparsify_activation, args.hoyer_alpha, args.teacher_engines, args.adapt_steps)
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or set(methods) - set(METHODS):
         raise SystemExit(f"[recipe] --methods {args.methods!r}: expected some of {', '.join(METHODS)}, comma-separated")
@@ -307,12 +329,14 @@ def main():
             "teacher_engine": results["recipe"]["sparsify"].get("generated_engine", "auto"),
             "sparsify_activation": results["recipe"]["sparsify"].get("activation", "relu"),
             "hoyer_alpha": results["recipe"]["sparsify"]["alpha"],
+            "adapt_steps": results["recipe"].get("adapt", {}).get("steps", 0),
             "split": results["recipe"].get("split", LEGACY_SPLIT)}
     for key, value in (("corpus", corpus), ("expert_size", RECIPE["expert_size"]),
                        ("sparsify_steps", RECIPE["sparsify"]["steps"]), ("generated", RECIPE["sparsify"].get("generated", 0.0)),
                        ("teacher_engine", RECIPE["sparsify"].get("generated_engine", "auto")),
                        ("sparsify_activation", RECIPE["sparsify"].get("activation", "relu")),
                        ("hoyer_alpha", RECIPE["sparsify"]["alpha"]),
+                       ("adapt_steps", RECIPE.get("adapt", {}).get("steps", 0)),
                        ("split", RECIPE["split"])):
         if held[key] != value:  # its finished reports would be taken as this run's
             raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "

@@ -1,6 +1,6 @@
 """One table and one plot from several GPU-recipe runs: what each lever bought at the calibrated budget.
 
-    python benchmarks/recipe_levers.py --out benchmarks/results/levers-gemma3-270m-h100.json \\
+    python benchmarks/recipe_levers.py --out benchmarks/results/levers-gemma3-270m.json \\
         "480 steps, kmeans=benchmarks/results/attempts/42-levers-h100/recipe-480-kmeans.json" ...
 
 Each LABEL=PATH is a ``gpu_convert_recipe.py`` JSON (``convert-recipe-gemma3-270m.json``, with or without
@@ -13,6 +13,7 @@ sparsified model and each conversion, against the original and the issue's +5% t
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 from provenance import provenance
@@ -24,7 +25,8 @@ def rows_of(label: str, run: dict) -> list[dict]:
     recipe, sparsify = run["recipe"], run.get("sparsify", {})
     common = {"run": label, "split": recipe.get("split", "kmeans"), "expert_size": recipe["expert_size"],
               "sparsify_steps": recipe["sparsify"]["steps"], "generated": recipe["sparsify"].get("generated", 0.0),
-              "activation": recipe["sparsify"].get("activation", "relu"),
+              "activation": recipe["sparsify"].get("activation", "relu"), "hoyer_alpha": recipe["sparsify"]["alpha"],
+              "adapt_steps": recipe.get("adapt", {}).get("steps", 0),
               "final_hoyer": sparsify.get("final_hoyer"), "final_zero_fraction": sparsify.get("final_zero_fraction"),
               "final_task_loss": sparsify.get("final_task_loss"), "device": run["provenance"]["device"],
               "date": run["provenance"]["date"]}
@@ -54,7 +56,7 @@ def plot(rows: list[dict], path: Path) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     bars = ["sparsified (100%)"] + methods
     width = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(2.2 * len(runs) + 4.5, 4.8))
+    fig, ax = plt.subplots(figsize=(1.5 * len(runs) + 4.5, 5.2))
     for b, name in enumerate(bars):
         for i, run in enumerate(runs):
             mine = [r for r in rows if r["run"] == run]
@@ -71,7 +73,7 @@ def plot(rows: list[dict], path: Path) -> None:
     original = rows[0]["ppl_original"]
     ax.axhline(original, color="k", lw=1, label=f"original {original:.2f}")
     ax.axhline(original * TARGET, color="k", ls="--", lw=1, label=f"target +5% ({original * TARGET:.2f})")
-    ax.set_xticks(range(len(runs)), runs, fontsize=8)
+    ax.set_xticks(range(len(runs)), [textwrap.fill(run, 16, break_on_hyphens=False) for run in runs], fontsize=8)
     ax.set_ylabel("held-out perplexity (SOTU 2016-2021)")
     ax.set_ylim(0, max(r["ppl"] for r in rows) * 1.18)
     ax.set_title("Gemma 3 270M, GPU recipe: perplexity at the calibrated 50% FFN budget, by lever")
@@ -98,10 +100,13 @@ def main() -> None:
            "runs": sources, "rows": rows}
     args.out.write_text(json.dumps(doc, indent=1))
     plot(rows, args.out.with_suffix(".png"))
-    print(f"{'run':34} {'method':17} {'FFN':>6} {'ppl':>7} {'vs orig':>8} {'sparsified':>10} {'vs sp.':>7}")
+    print(f"{'run':34} {'method':17} {'FFN':>6} {'ppl':>7} {'vs orig':>8} {'sparsified':>10} {'vs sp.':>7} "
+          f"{'zeros':>6}  device")
     for r in rows:
+        zeros = "" if r["final_zero_fraction"] is None else f"{r['final_zero_fraction']:.1%}"
         print(f"{r['run']:34} {r['method']:17} {r['ffn_compute']:6.1%} {r['ppl']:7.2f} {r['vs_original']:+8.1%} "
-              f"{r['ppl_sparsified']:10.2f} {r['vs_sparsified']:+7.1%}")
+              f"{r['ppl_sparsified']:10.2f} {r['vs_sparsified']:+7.1%} {zeros:>6}  "
+              f"{r['device'].removeprefix('NVIDIA ')}")
     print(f"[levers] wrote {args.out} and {args.out.with_suffix('.png')}")
 
 

@@ -99,6 +99,27 @@ def bisect_tau(model, seqs: torch.Tensor, budget: float, iterations: int) -> tup
     return tau, f, sorted(trace + steps)
 
 
+def scale_to_budget(model, calib: torch.Tensor, budget: float, tau: float, layer_tau=(), iterations: int = 12,
+                    desc: str = "calibrate: scale") -> tuple[float, list[float], float] | None:
+    """The selection scaled by one factor to spend ``budget`` on ``calib``: (tau, layer_tau, fraction), each
+    tau capped at 1; with ``layer_tau`` the FFN taus are scaled (``tau``, for attention experts, is kept),
+    without it ``tau``. None if no factor in [0, 2] gets within the budget."""
+    def scaled(x: float) -> tuple[float, list[float]]:
+        return (tau if layer_tau else min(1.0, x * tau)), [min(1.0, x * t) for t in layer_tau]
+
+    def fraction(x: float) -> float:
+        t, lt = scaled(x)
+        set_selection(model, t, layer_tau=lt)
+        run_base(model, calib)
+        return ffn_fraction(model)
+
+    # as many steps as one tau's bisection: with half (the scale's step 2/64), the GPU recipe's per-layer
+    # points landed 0.8-1.1% of FFN compute under the budget on the calibration tokens (sessions 42-43),
+    # so they were not compared with one tau at equal compute
+    x, f, _ = bisect_within(fraction, 0.0, 2.0, budget, iterations, desc)
+    return None if f is None else (*scaled(x), f)
+
+
 def mean_nll(model, seqs: torch.Tensor) -> float:
     return math.log(perplexity(model, seqs))
 
@@ -154,15 +175,8 @@ def per_layer_taus(model, calib: torch.Tensor, budget: float, tau: float, opts: 
     # allocation overshoots: try one tau moved part of the way toward it, each scaled to spend the budget
     # (the grid is coarse), and keep the best calibration NLL, if it beats one tau's.
     def scaled_to_budget(alloc: list[float]) -> tuple[list[float], float] | None:
-        def scaled(x: float) -> list[float]:
-            return [min(1.0, x * t) for t in alloc]
-
-        # as many steps as one tau's bisection: with half (the scale's step 2/64), the GPU recipe's per-layer
-        # points landed 0.8-1.1% of FFN compute under the budget on the calibration tokens (sessions 42-43),
-        # so they were not compared with one tau at equal compute
-        x, f, _ = bisect_within(lambda x: joint_fraction(scaled(x)), 0.0, 2.0, budget, opts.iterations,
-                                "calibrate: per-layer candidate, scale")
-        return None if f is None else (scaled(x), f)
+        found = scale_to_budget(model, calib, budget, tau, alloc, opts.iterations, "calibrate: per-layer candidate, scale")
+        return None if found is None else (found[1], found[2])
 
     candidates = []
     for blend in tqdm(opts.blends, desc="calibrate: per-layer candidates"):
@@ -199,12 +213,20 @@ def calibrate(model, calib: torch.Tensor, heldout: torch.Tensor, method: str, bu
                                    + ("every expert" if tau == 0.0 else "only the top expert")}
     else:
         result.update(top_k=0, tau=tau, calib_fraction=measure_fraction(model, calib, tau))
+    result.update(measure_quality(model, heldout, result["tau"], result["top_k"], result.get("layer_tau") or ()))
+    result["calib_tokens"] = int(calib.numel())
+    return result
+
+
+def measure_quality(model, heldout: torch.Tensor, tau: float, top_k: int = 0, layer_tau=(), stage: str = "calibrate") -> dict:
+    """Held-out perplexity with every expert running (the dense model exactly) and at the selection
+    (``tau`` / ``top_k`` / ``layer_tau``), with the executed fractions and experts per token there."""
     set_selection(model, 0.0, 0)  # every expert: the (ReLU-fied) dense model exactly
-    result["ppl_dense"] = perplexity(model, heldout, desc="calibrate: perplexity, all experts")
-    set_selection(model, result["tau"], result["top_k"], layer_tau=result.get("layer_tau") or ())
+    result = {"ppl_dense": perplexity(model, heldout, desc=f"{stage}: perplexity, all experts")}
+    set_selection(model, tau, top_k, layer_tau=layer_tau)
     for m in expert_layers(model):
         m.record, m.per_token = True, []
-    result["ppl_converted"] = perplexity(model, heldout, desc="calibrate: perplexity, converted")
+    result["ppl_converted"] = perplexity(model, heldout, desc=f"{stage}: perplexity, converted")
     result["ffn_fraction"] = ffn_fraction(model)
     if projection_fraction(model) is not None:  # attention projections as experts run at the same tau
         result["projection_fraction"] = projection_fraction(model)
@@ -213,5 +235,4 @@ def calibrate(model, calib: torch.Tensor, heldout: torch.Tensor, method: str, bu
     for m in expert_layers(model):
         m.record, m.per_token = False, []
     result["heldout_tokens"] = int(heldout.numel())
-    result["calib_tokens"] = int(calib.numel())
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from d2dmoe_converter.adapt import AdaptOptions
 from d2dmoe_converter.attention import AttentionOptions
 from d2dmoe_converter.calibrate import CalibrateOptions
 from d2dmoe_converter.convert import DTYPES, SPLITS, ConvertOptions, convert, format_report
@@ -19,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="d2dmoe-convert",
         description="Convert a dense GPT-2/Gemma checkpoint (Hugging Face safetensors dir or .gguf file) into a "
-                    "D2DMoE checkpoint for vLLM: [sparsify] -> split -> routers -> calibrate -> export. Stages "
+                    "D2DMoE checkpoint for vLLM: [sparsify] -> split -> routers -> calibrate -> [adapt] -> export. Stages "
                     "are kept in a work directory; rerunning the same command resumes where it stopped.")
     ap.add_argument("input", help="dense model directory (config.json + *.safetensors) or .gguf file")
     ap.add_argument("output", help="directory to write the D2DMoE checkpoint to")
@@ -103,6 +104,19 @@ def parser() -> argparse.ArgumentParser:
                          "calibration text (layers x 5 extra perplexity passes)")
     cg.add_argument("--sensitivity-tokens", type=int, default=c.sensitivity_tokens,
                     help=f"calibration tokens per per-layer sensitivity pass (default {c.sensitivity_tokens})")
+    t = AdaptOptions()
+    tg = ap.add_argument_group("adapt (optional, not in the paper): fine-tune the model under the routers' selection at "
+                               "the calibrated tau, distilled from the original, so it learns to do without the "
+                               "experts it will not run; routers, split and tau are kept (skipped unless --adapt-steps > 0)")
+    tg.add_argument("--adapt-steps", type=int, default=t.steps)
+    tg.add_argument("--adapt-batch", type=int, default=t.batch, help=f"sequences per micro-batch (default {t.batch})")
+    tg.add_argument("--adapt-accum", type=int, default=t.accum, help="gradient accumulation micro-batches per step")
+    tg.add_argument("--adapt-lr", type=float, default=t.lr, help=f"peak learning rate (default {t.lr})")
+    tg.add_argument("--adapt-warmup", type=int, default=t.warmup, help=f"warm-up steps (default {t.warmup})")
+    tg.add_argument("--adapt-distill", type=float, default=t.distill,
+                    help=f"weight in [0, 1] of KL to the original model (default {t.distill})")
+    tg.add_argument("--adapt-passes", type=int, default=t.passes,
+                    help=f"times the training text may be reused (default {t.passes})")
     a = AttentionOptions()
     ag = ap.add_argument_group("attention-projection experts (optional; D2DMoE method only; served at tp = 1)")
     ag.add_argument("--attention-experts", default="",
@@ -141,6 +155,9 @@ def options(args: argparse.Namespace) -> ConvertOptions:
         calibrate=CalibrateOptions(budget=args.budget, tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
                                    seq_len=args.seq_len, per_layer=args.tau_per_layer,
                                    sensitivity_tokens=args.sensitivity_tokens),
+        adapt=AdaptOptions(steps=args.adapt_steps, batch=args.adapt_batch, accum=args.adapt_accum, seq_len=args.seq_len,
+                           lr=args.adapt_lr, warmup=args.adapt_warmup, save_every=args.save_every,
+                           distill=args.adapt_distill, passes=args.adapt_passes),
         attention=AttentionOptions(projections=tuple(n for n in args.attention_experts.split(",") if n),
                                    expert_size=args.attn_expert_size, cost=args.attn_cost, tokens=args.attn_tokens,
                                    seq_len=args.seq_len, steps=args.attn_steps, batch=args.attn_batch, lr=args.attn_lr),

@@ -1,6 +1,6 @@
 """Conversion driver: dense checkpoint -> D2DMoE checkpoint, in resumable stages.
 
-    sparsify (optional) -> split -> routers -> attention (optional) -> calibrate -> export
+    sparsify (optional) -> split -> routers -> attention (optional) -> calibrate -> adapt (optional) -> export
 
 Each stage is its own module; this file wires them: options, the work directory (see ``workdir``),
 the final report. Everything that can be refused (unknown architecture, unreadable file, budget out
@@ -23,9 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from d2dmoe_converter.adapt import AdaptOptions, select_experts_in_ffns_
 from d2dmoe_converter.attention import (AttentionOptions, convert_attention, dense_projection_names,
                                         load_projection_state, projection_specs, resolve_projections)
-from d2dmoe_converter.calibrate import CalibrateOptions, calibrate, check_budget
+from d2dmoe_converter.calibrate import CalibrateOptions, calibrate, check_budget, measure_quality, scale_to_budget
 from d2dmoe_converter.corpus import load_corpus, token_sequences
 from d2dmoe_converter.dense import DenseModel, load_dense, load_tokenizer
 from d2dmoe_converter.hf_model import build_model, relu_config, state_dict_for_export
@@ -41,6 +42,7 @@ from d2dmoe_vllm.checkpoint import layer_prefix, validate_checkpoint
 from d2dmoe_vllm.config import ARCHITECTURES, FORMAT_VERSION, CheckpointError, D2DMoEConfig, check_tau
 
 SPLITS = ("kmeans", "coactivation", "contiguous")
+ADAPT_MEASURES = ("ppl_dense", "ppl_converted", "ffn_fraction", "layer_fraction", "experts_per_token_mean")
 SPLIT_SEQ_LEN = 256
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -68,6 +70,7 @@ class ConvertOptions:
     routers: RouterOptions = field(default_factory=RouterOptions)
     calibrate: CalibrateOptions = field(default_factory=CalibrateOptions)
     attention: AttentionOptions = field(default_factory=AttentionOptions)
+    adapt: AdaptOptions = field(default_factory=AdaptOptions)
 
 
 def dense_activation(dense: DenseModel) -> str:
@@ -160,6 +163,23 @@ def check_options(opts: ConvertOptions) -> None:
                 raise ValueError(f"{name} must be positive, got {value}")
         if at.steps < 0:
             raise ValueError(f"--attn-steps must be >= 0, got {at.steps}")
+    ad = opts.adapt
+    if ad.steps < 0:
+        raise ValueError(f"--adapt-steps must be >= 0, got {ad.steps}")
+    if ad.steps:
+        if opts.routers.steps <= 0 and opts.calibrate.budget is None:
+            raise ValueError("--adapt-steps fine-tunes the model under its routers' selection at the calibrated tau: "
+                             "it needs trained routers (--router-steps > 0) or a --budget. Fix: pass them, or drop "
+                             "--adapt-steps")
+        if at.projections:
+            raise ValueError("--adapt-steps with --attention-experts: adapt trains the FFN experts only, with the "
+                             "attention projections dense. Fix: drop one of them")
+        if not 0 <= ad.distill <= 1:
+            raise ValueError(f"--adapt-distill is a weight in [0, 1], got {ad.distill}")
+        for name, value in (("--adapt-batch", ad.batch), ("--adapt-accum", ad.accum), ("--seq-len", ad.seq_len),
+                            ("--adapt-passes", ad.passes)):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
     if opts.device not in ("auto", "cpu", "cuda") and not opts.device.startswith("cuda:"):
         raise ValueError(f"--device {opts.device!r}: use auto, cpu or cuda[:N]")
 
@@ -263,15 +283,16 @@ class TextData:
     heldout: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     split: torch.Tensor | None = None
+    adapt: torch.Tensor | None = None
     corpus: str = ""
 
 
 def prepare_text(dense: DenseModel, opts: ConvertOptions, measure: bool) -> TextData:
     """Token sequences for every stage that needs text, cut up front so a corpus too small for
     what was asked is refused before any stage runs."""
-    sp, ro, ca, at = opts.sparsify, opts.routers, opts.calibrate, opts.attention
+    sp, ro, ca, at, ad = opts.sparsify, opts.routers, opts.calibrate, opts.attention, opts.adapt
     coactivation = opts.split == "coactivation"
-    if not (sp.steps or ro.steps or measure or at.projections or coactivation):
+    if not (sp.steps or ro.steps or measure or at.projections or coactivation or ad.steps):
         return TextData()
     corpus = load_corpus(opts.corpus, opts.heldout)
     tok = load_tokenizer(dense)
@@ -292,6 +313,10 @@ def prepare_text(dense: DenseModel, opts: ConvertOptions, measure: bool) -> Text
                                      shuffle_seed=opts.seed + 3, what=f"split by co-activation ({opts.split_tokens} tokens)",
                                      fix="lower --split-tokens, pass a larger corpus, or split by the weights "
                                          "(--split kmeans), which reads no text")
+    if ad.steps:
+        data.adapt = token_sequences(tok, corpus.train, ad.steps * ad.accum * ad.batch, ad.seq_len, bos=bos,
+                                     shuffle_seed=opts.seed + 4, what=f"adapt ({ad.steps} steps x {ad.accum} x {ad.batch})",
+                                     passes=ad.passes)
     if measure:
         n_cal, n_eval = -(-ca.tokens // ca.seq_len), -(-ca.eval_tokens // ca.seq_len)
         held = token_sequences(tok, corpus.heldout, n_cal + n_eval, ca.seq_len, bos=bos,
@@ -424,7 +449,8 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
     stage = Stage(work, "split", fingerprint(fp, opts.split, E, opts.seed, *split_key))
     timed(stage, run_split)
     fp = stage.fingerprint
-    experts = layer_experts(dense, cfg, load_file(str(stage.dir / "orders.safetensors")))
+    orders = load_file(str(stage.dir / "orders.safetensors"))
+    experts = layer_experts(dense, cfg, orders)
 
     # 3. routers: regression (D2DMoE) or classifier (MoEfication), trained on the frozen model
     def run_routers(part: Path) -> dict:
@@ -483,6 +509,47 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         calib = timed(stage, run_calibrate)
         tau, top_k, layer_tau = calib["tau"], calib["top_k"], tuple(calib.get("layer_tau") or ())
 
+        # 4b. adapt (optional): the model fine-tuned under that selection, re-split into the same experts
+        if opts.adapt.steps:
+            def run_adapt(part: Path) -> dict:
+                model = build_model(dense, device=device)
+                select_experts_in_ffns_(model, routers, [orders[f"layer_{i}"] for i in range(L)], E, tau, top_k,
+                                        layer_tau)
+                teacher = build_model(source, device=device).requires_grad_(False).eval() if opts.adapt.distill else None
+                log = finetune(model, text.adapt, opts.adapt.training(), part / "train_state.pt", teacher,
+                               desc="adapt (fine-tuning under the selection)")
+                del teacher
+                save_dense(dense.config, state_dict_for_export(model), dense, part)
+                plot_log(log["log"], part / "adapt.png", "relu" if relu else "keep")
+                (part / "train_state.pt").unlink(missing_ok=True)
+                del model
+                adapted = load_dense(part)
+                moe = build_model(adapted, device=device)
+                attach_experts(moe, expert_state(adapted, layer_experts(adapted, cfg, orders), routers),
+                               dense.model_type, cfg.activation)
+                # the adapted model runs its experts a little differently: the selection's taus scaled by one
+                # factor to spend the budget again (k of MoEfication is fixed)
+                found = None
+                if budget is not None and not top_k:
+                    found = scale_to_budget(moe, text.calib, budget, tau, layer_tau, opts.calibrate.iterations,
+                                            "adapt: taus back to the budget")
+                new_tau, new_layer_tau = (found[0], found[1]) if found else (tau, list(layer_tau))
+                after = measure_quality(moe, text.heldout, new_tau, top_k, new_layer_tau, stage="adapt")
+                before = {k: calib[k] for k in ADAPT_MEASURES + ("tau", "layer_tau") if k in calib}
+                return {"steps": opts.adapt.steps, "final_task_loss": log["log"][-1]["task_loss"], "before": before,
+                        "tau": new_tau, "layer_tau": new_layer_tau or None, **after, "log": log["log"]}
+
+            stage = Stage(work, "adapt" + name.removeprefix("calibrate"),
+                          fingerprint(stage.fingerprint, opts.adapt.stage_key(), opts.seed, text.corpus))
+            adapt_info = timed(stage, run_adapt)
+            dense = load_dense(stage.dir)
+            experts = layer_experts(dense, cfg, orders)
+            tau, layer_tau = adapt_info["tau"], tuple(adapt_info["layer_tau"] or ())
+            calib = {**calib, "ppl_original": calib.get("ppl_original", calib["ppl_dense"]),   # before adapt's
+                     **{k: adapt_info[k] for k in ADAPT_MEASURES},
+                     "adapt": {"steps": adapt_info["steps"], "final_task_loss": adapt_info["final_task_loss"],
+                               "before": adapt_info["before"]}}
+
     # 5. export: the checkpoint, validated by the plugin's validator, renamed into place
     t0 = time.time()
     cfg = moe_config(dense, opts, tau=tau, top_k=top_k, layer_tau=layer_tau)
@@ -537,6 +604,8 @@ def build_report(dense, cfg, opts, state, router_info, calib, seconds, work, dst
         if "projection_fraction" in calib:
             report["projection_fraction"] = calib["projection_fraction"]
         report["ppl_original"] = calib.get("ppl_original", calib["ppl_dense"])
+        if "adapt" in calib:
+            report["adapt"] = calib["adapt"]
         if "per_layer" in calib:
             report["per_layer"] = {k: calib["per_layer"].get(k) for k in ("best", "one_tau_calib_nll", "skipped")}
             report["per_layer_blends"] = list(opts.calibrate.blends)
@@ -562,10 +631,15 @@ def format_report(report: dict) -> str:
         if "projection_fraction" in report:
             lines.append(f"  {'executed attn experts':22s} {report['projection_fraction']:.1%} of their compute")
         rel = report["ppl_converted"] / report["ppl_original"] - 1
-        kind = "sparsified" if "sparsify" in report["seconds"] else "ReLU-fied"
+        kind = "adapted" if "adapt" in report else "sparsified" if "sparsify" in report["seconds"] else "ReLU-fied"
         relu = (f", {kind} dense {report['ppl_dense']:.2f}" if report["ppl_original"] != report["ppl_dense"] else "")
         lines.append(f"  {'held-out perplexity':22s} dense {report['ppl_original']:.2f}{relu} -> converted "
                      f"{report['ppl_converted']:.2f} ({rel:+.1%} vs dense)")
+        if "adapt" in report:
+            b = report["adapt"]["before"]
+            lines.append(f"  {'adapt':22s} {report['adapt']['steps']} steps under the selection: converted "
+                         f"{b['ppl_converted']:.2f} at {b['ffn_fraction']:.1%} before, all experts "
+                         f"{b['ppl_dense']:.2f} -> {report['ppl_dense']:.2f}")
         if "per_layer" in report:
             p = report["per_layer"]
             if p.get("skipped"):

@@ -148,7 +148,7 @@ def lr_at(step: int, opts: SparsifyOptions) -> float:
 
 
 def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_file: Path,
-             teacher: nn.Module | None = None) -> dict:
+             teacher: nn.Module | None = None, desc: str = "sparsify (Hoyer fine-tuning)") -> dict:
     """Fine-tune ``model`` (its activations already wrapped by ``hoyer_activations_``) on ``seqs`` [steps*accum*batch, seq_len]; resumes
     from ``state_file`` if present. ``teacher`` (the original model, frozen) is needed when
     ``opts.distill`` > 0. Returns the training log."""
@@ -167,7 +167,7 @@ def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_
         start, log = saved["step"], saved["log"]
     model.train()
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(range(start, opts.steps), desc="sparsify (Hoyer fine-tuning)", initial=start, total=opts.steps)
+    bar = tqdm(range(start, opts.steps), desc=desc, initial=start, total=opts.steps)
     t0 = time.time()
     for step in bar:
         t_step = time.time()

@@ -58,6 +58,8 @@ def test_refuses_a_run_without_a_finished_sparsify_stage(tmp_path):
     (["--teacher-engines", "2"], "--teacher-engines 2: it samples --generated's text, and no share is generated"),
     (["--sparsify-activation", "keep"], "holds a run with sparsify_activation relu, not keep"),
     (["--hoyer-alpha", "0.003"], "holds a run with hoyer_alpha 0.001, not 0.003"),
+    (["--adapt-steps", "240"], "holds a run with adapt_steps 0, not 240"),
+    (["--adapt-steps", "-1"], "--adapt-steps -1: give 0 (no adapt stage) or more"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     work = tmp_path / "work"
@@ -206,6 +208,7 @@ def test_recipe_levers_tabulates_each_conversion_against_its_sparsified_model(tm
     assert [(r["run"], r["method"], r["split"]) for r in rows] == [
         ("k-means", "d2dmoe", "kmeans"), ("co-act", "d2dmoe", "coactivation"), ("co-act", "d2dmoe-per-layer", "coactivation")]
     assert [round(r["vs_original"], 6) for r in rows] == [0.5, 0.35, 0.3]
+    assert [r["hoyer_alpha"] for r in rows] == [recipe.RECIPE["sparsify"]["alpha"]] * 3
     assert [round(r["vs_sparsified"], 6) for r in rows] == [0.25, 0.125, round(26 / 24 - 1, 6)]
     assert out.with_suffix(".png").stat().st_size > 10_000
 
@@ -231,6 +234,23 @@ def test_teacher_engine_reaches_the_converter(monkeypatch):
     assert recipe.options("d2dmoe", Path("/w")).sparsify.generated_engine == "auto"
     with pytest.raises(SystemExit, match="no share is generated. Fix: pass --generated SHARE"):
         recipe.configure(False, 64, None, 0.0, teacher_engine="transformers")
+
+
+def test_adapt_steps_reach_the_converter(monkeypatch):
+    """--adapt-steps: an adapt stage with sparsify's batch and sequence length, half its learning rate,
+    distilled, the passes over the text in proportion; left out of the recipe (and off) without it."""
+    import copy
+
+    original = copy.deepcopy(recipe.RECIPE)
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None, adapt_steps=240)
+    a = recipe.options("d2dmoe-per-layer", Path("/w")).adapt
+    sp = original["sparsify"]
+    assert (a.steps, a.batch, a.seq_len, a.lr, a.distill) == (240, sp["batch"], sp["seq_len"], sp["lr"] / 2, 1.0)
+    assert a.passes == 2          # 240 x 16 x 512 tokens; one pass of the recipe's text is 480 x 16 x 512 / 3
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None)
+    assert "adapt" not in recipe.RECIPE and recipe.options("d2dmoe", Path("/w")).adapt.steps == 0
 
 
 def test_merge_of_a_run_without_a_sweep_names_the_fix(tmp_path):
