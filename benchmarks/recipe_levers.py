@@ -34,11 +34,13 @@ def rows_of(label: str, run: dict) -> list[dict]:
     for key, report in run.items():
         if not key.startswith("report_"):
             continue
+        # after an adapt stage the report's dense model is the adapted one: the sparsified model is its "before"
+        sparsified = report["adapt"]["before"]["ppl_dense"] if "adapt" in report else report["ppl_dense"]
         out.append({**common, "method": key.removeprefix("report_"), "tau": report["tau_summary"],
                     "ffn_compute": report["ffn_fraction"], "ppl": report["ppl_converted"],
-                    "ppl_sparsified": report["ppl_dense"], "ppl_original": report["ppl_original"],
+                    "ppl_sparsified": sparsified, "ppl_original": report["ppl_original"],
                     "vs_original": report["ppl_converted"] / report["ppl_original"] - 1,
-                    "vs_sparsified": report["ppl_converted"] / report["ppl_dense"] - 1,
+                    "vs_sparsified": report["ppl_converted"] / sparsified - 1,
                     "heldout_tokens": report["heldout_tokens"]})
     if not out:
         raise SystemExit(f"[levers] {label}: no finished conversion (report_*) in that JSON. "

@@ -45,7 +45,8 @@ class AdaptOptions:
                                distill=self.distill, passes=self.passes)
 
     def stage_key(self) -> dict:
-        return asdict(self)
+        """Every field but how often the training state is saved (it decides no weight)."""
+        return {k: v for k, v in asdict(self).items() if k != "save_every"}
 
 
 def expert_of_neuron(order: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -115,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     tg.add_argument("--adapt-warmup", type=int, default=t.warmup, help=f"warm-up steps (default {t.warmup})")
     tg.add_argument("--adapt-distill", type=float, default=t.distill,
                     help=f"weight in [0, 1] of KL to the original model (default {t.distill})")
+    tg.add_argument("--adapt-save-every", type=int, default=t.save_every,
+                    help=f"steps between resumable training states (default {t.save_every})")
     tg.add_argument("--adapt-passes", type=int, default=t.passes,
                     help=f"times the training text may be reused (default {t.passes})")
     a = AttentionOptions()
@@ -156,7 +158,7 @@ def options(args: argparse.Namespace) -> ConvertOptions:
                                    seq_len=args.seq_len, per_layer=args.tau_per_layer,
                                    sensitivity_tokens=args.sensitivity_tokens),
         adapt=AdaptOptions(steps=args.adapt_steps, batch=args.adapt_batch, accum=args.adapt_accum, seq_len=args.seq_len,
-                           lr=args.adapt_lr, warmup=args.adapt_warmup, save_every=args.save_every,
+                           lr=args.adapt_lr, warmup=args.adapt_warmup, save_every=args.adapt_save_every,
                            distill=args.adapt_distill, passes=args.adapt_passes),
         attention=AttentionOptions(projections=tuple(n for n in args.attention_experts.split(",") if n),
                                    expert_size=args.attn_expert_size, cost=args.attn_cost, tokens=args.attn_tokens,

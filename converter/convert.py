@@ -177,7 +177,7 @@ def check_options(opts: ConvertOptions) -> None:
         if not 0 <= ad.distill <= 1:
             raise ValueError(f"--adapt-distill is a weight in [0, 1], got {ad.distill}")
         for name, value in (("--adapt-batch", ad.batch), ("--adapt-accum", ad.accum), ("--seq-len", ad.seq_len),
-                            ("--adapt-passes", ad.passes)):
+                            ("--adapt-passes", ad.passes), ("--adapt-save-every", ad.save_every)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
     if opts.device not in ("auto", "cpu", "cuda") and not opts.device.startswith("cuda:"):
@@ -316,7 +316,8 @@ def prepare_text(dense: DenseModel, opts: ConvertOptions, measure: bool) -> Text
     if ad.steps:
         data.adapt = token_sequences(tok, corpus.train, ad.steps * ad.accum * ad.batch, ad.seq_len, bos=bos,
                                      shuffle_seed=opts.seed + 4, what=f"adapt ({ad.steps} steps x {ad.accum} x {ad.batch})",
-                                     passes=ad.passes)
+                                     passes=ad.passes, fix="ask for fewer adapt steps, allow more passes over the text "
+                                                           "(--adapt-passes), or pass a larger corpus")
     if measure:
         n_cal, n_eval = -(-ca.tokens // ca.seq_len), -(-ca.eval_tokens // ca.seq_len)
         held = token_sequences(tok, corpus.heldout, n_cal + n_eval, ca.seq_len, bos=bos,

@@ -170,7 +170,7 @@ def test_interrupted_adapt_resumes_where_it_stopped(dense_dir, tmp_path, monkeyp
     """A run cut after the adapt stage's first saved state resumes from it: the same weights as an uncut run."""
     import d2dmoe_converter.sparsify as sparsify
 
-    base = [str(dense_dir("gemma3_text", "relu")), "--budget", "0.5", "--save-every", "4", *FAST, *ADAPT]
+    base = [str(dense_dir("gemma3_text", "relu")), "--budget", "0.5", "--adapt-save-every", "4", *FAST, *ADAPT]
     assert convert_cli([base[0], str(tmp_path / "clean"), *base[1:], "--work-dir", str(tmp_path / "w1")]) == 0
     real = sparsify.lr_at
 
@@ -192,6 +192,8 @@ def test_interrupted_adapt_resumes_where_it_stopped(dense_dir, tmp_path, monkeyp
 def test_adapt_options_train_without_the_hoyer_term():
     opts = AdaptOptions(steps=10, lr=2e-5).training()
     assert opts.alpha == 0.0 and opts.steps == 10 and opts.lr == 2e-5 and opts.activation == "relu"
+    # how often the state is saved decides no weight: not in the stage's key
+    assert AdaptOptions(steps=10, save_every=3).stage_key() == AdaptOptions(steps=10, save_every=7).stage_key()
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -199,7 +201,8 @@ def test_adapt_options_train_without_the_hoyer_term():
     (["--adapt-steps", "2", "--budget", "0.5", "--attention-experts", "all"], "--adapt-steps with --attention-experts"),
     (["--adapt-steps", "2", "--budget", "0.5", "--adapt-distill", "2"], "--adapt-distill is a weight in [0, 1]"),
     (["--adapt-steps", "-1"], "--adapt-steps must be >= 0"),
-    (["--adapt-steps", "100000", "--adapt-batch", "64", "--budget", "0.5"], "the corpus gives"),
+    (["--adapt-steps", "100000", "--adapt-batch", "64", "--budget", "0.5"], "(--adapt-passes)"),
+    (["--adapt-steps", "2", "--budget", "0.5", "--adapt-save-every", "0"], "--adapt-save-every must be positive"),
 ])
 def test_bad_adapt_options_write_nothing(dense_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
