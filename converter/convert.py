@@ -513,17 +513,22 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         # 4b. adapt (optional): the model fine-tuned under that selection, re-split into the same experts
         if opts.adapt.steps:
             def run_adapt(part: Path) -> dict:
-                model = build_model(dense, device=device)
-                select_experts_in_ffns_(model, routers, [orders[f"layer_{i}"] for i in range(L)], E, tau, top_k,
-                                        layer_tau)
-                teacher = build_model(source, device=device).requires_grad_(False).eval() if opts.adapt.distill else None
-                log = finetune(model, text.adapt, opts.adapt.training(), part / "train_state.pt", teacher,
-                               desc="adapt (fine-tuning under the selection)")
-                del teacher
-                save_dense(dense.config, state_dict_for_export(model), dense, part)
-                plot_log(log["log"], part / "adapt.png", "relu" if relu else "keep")
-                (part / "train_state.pt").unlink(missing_ok=True)
-                del model
+                trained = part / "trained.json"   # the training finished (a cut during the measuring keeps it)
+                if not trained.is_file():
+                    model = build_model(dense, device=device)
+                    select_experts_in_ffns_(model, routers, [orders[f"layer_{i}"] for i in range(L)], E, tau, top_k,
+                                            layer_tau)
+                    teacher = (build_model(source, device=device).requires_grad_(False).eval()
+                               if opts.adapt.distill else None)
+                    log = finetune(model, text.adapt, opts.adapt.training(), part / "train_state.pt", teacher,
+                                   desc="adapt (fine-tuning under the selection)")
+                    del teacher
+                    save_dense(dense.config, state_dict_for_export(model), dense, part)
+                    plot_log(log["log"], part / "adapt.png", "relu" if relu else "keep")
+                    write_json(trained, log)
+                    (part / "train_state.pt").unlink(missing_ok=True)
+                    del model
+                log = json.loads(trained.read_text())
                 adapted = load_dense(part)
                 moe = build_model(adapted, device=device)
                 attach_experts(moe, expert_state(adapted, layer_experts(adapted, cfg, orders), routers),
@@ -651,7 +656,7 @@ def format_report(report: dict) -> str:
                 verdict = (f"{'kept' if report['layer_tau'] else 'not kept'}: calibration NLL "
                            f"{p['best']['calib_nll']:.4f} vs one tau's {p['one_tau_calib_nll']:.4f}"
                            f" (best of {', '.join(f'{b:.0%}' for b in report['per_layer_blends'])} toward the allocation)")
-            lines.append(f"  {'per-layer taus':22s} {verdict}")
+            lines.append(f"  {'per-layer taus':22s} {verdict}" + (" (before adapt)" if "adapt" in report else ""))
     elif not report["routers_trained"]:
         lines.append(f"  {'routers':22s} untrained (--router-steps 0): not measured")
     if "router_val_loss" in report:

@@ -101,6 +101,7 @@ class HoyerActivation(nn.Module):
         self.fn = fn   # None: ReLU
         self.anneal = anneal
         self.blend = 0.0   # anneal: 0 = fn, 1 = ReLU (set per step by finetune)
+        self.penalised = True   # whether the loss takes the Hoyer term (set by finetune: alpha > 0)
         self.hoyer: torch.Tensor | None = None
         self.zero_fraction: torch.Tensor | None = None
 
@@ -113,7 +114,9 @@ class HoyerActivation(nn.Module):
         else:
             a = self.fn(x)
         if self.training:
-            self.hoyer = square_hoyer(a)
+            # without a Hoyer term in the loss (adapt), measured only: no graph through it, no fp32 copy kept
+            with torch.set_grad_enabled(self.penalised and torch.is_grad_enabled()):
+                self.hoyer = square_hoyer(a)
             small = a.detach().abs() < NEAR_ZERO if self.fn is not None and not self.anneal else a.detach() == 0
             self.zero_fraction = small.float().mean()
         return a
@@ -156,6 +159,8 @@ def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_
         raise ValueError("distill > 0 needs the original model as teacher")
     device = next(model.parameters()).device
     acts = [getattr(layer.mlp, activation_attr(layer.mlp)) for layer in decoder_layers(model)]
+    for act in acts:
+        act.penalised = opts.alpha > 0
     # fused: one kernel for all 270M+ parameters' update instead of a few per tensor (CUDA only)
     optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.0, fused=device.type == "cuda")
     log: list[dict] = []
@@ -189,7 +194,7 @@ def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_
                     kl = distill_loss(out.logits, teacher_logits)   # every position but the last
                     task = (1 - opts.distill) * task + opts.distill * kl
             hoyer = torch.stack([a.hoyer for a in acts]).mean()
-            ((task + opts.alpha * hoyer) / opts.accum).backward()
+            ((task + opts.alpha * hoyer if opts.alpha > 0 else task) / opts.accum).backward()
             out = teacher_logits = None   # the logits (4.3 GB each at the recipe's size) go before the next forward
             task_sum = task_sum + task.detach().float() / opts.accum
             hoyer_sum = hoyer_sum + hoyer.detach().float() / opts.accum

@@ -189,6 +189,19 @@ def test_interrupted_adapt_resumes_where_it_stopped(dense_dir, tmp_path, monkeyp
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
 
 
+def test_hoyer_is_only_measured_when_not_in_the_loss():
+    """adapt's loss has no Hoyer term: the activation still logs it, without a graph through it."""
+    from d2dmoe_converter.sparsify import HoyerActivation, square_hoyer
+
+    act = HoyerActivation().train()
+    x = torch.randn(4, 8, requires_grad=True)
+    act(x)
+    assert act.hoyer.requires_grad
+    act.penalised = False
+    act(x)
+    assert not act.hoyer.requires_grad and act.hoyer.item() == pytest.approx(square_hoyer(torch.relu(x)).item())
+
+
 def test_adapt_options_train_without_the_hoyer_term():
     opts = AdaptOptions(steps=10, lr=2e-5).training()
     assert opts.alpha == 0.0 and opts.steps == 10 and opts.lr == 2e-5 and opts.activation == "relu"
@@ -209,3 +222,24 @@ def test_bad_adapt_options_write_nothing(dense_dir, tmp_path, capsys, extra, mes
     assert convert_cli([str(dense_dir("gemma3_text")), str(out), *extra]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cut_after_adapt_training_does_not_train_again(dense_dir, tmp_path, monkeypatch):
+    """Cut while the adapted model is measured: the rerun measures the saved model, it does not train again."""
+    import d2dmoe_converter.convert as convert
+
+    args = [str(dense_dir("gemma3_text", "relu")), str(tmp_path / "out"), "--budget", "0.5", *FAST, *ADAPT,
+            "--work-dir", str(tmp_path / "w")]
+    real = convert.measure_quality
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "measure_quality", cut)
+    with pytest.raises(KeyboardInterrupt):
+        convert_cli(args)
+    assert (tmp_path / "w" / "adapt.partial" / "trained.json").is_file()
+    monkeypatch.setattr(convert, "measure_quality", real)
+    monkeypatch.setattr(convert, "finetune", lambda *a, **k: pytest.fail("adapt trained again"))
+    assert convert_cli(args) == 0
+    assert len(json.loads((tmp_path / "w" / "adapt" / "stage.json").read_text())["log"]) == 8
