@@ -194,7 +194,7 @@ def finetune(model: nn.Module, seqs: torch.Tensor, opts: SparsifyOptions, state_
                     kl = distill_loss(out.logits, teacher_logits)   # every position but the last
                     task = (1 - opts.distill) * task + opts.distill * kl
             hoyer = torch.stack([a.hoyer for a in acts]).mean()
-            ((task + opts.alpha * hoyer if opts.alpha > 0 else task) / opts.accum).backward()
+            ((task + opts.alpha * hoyer) / opts.accum).backward()
             out = teacher_logits = None   # the logits (4.3 GB each at the recipe's size) go before the next forward
             task_sum = task_sum + task.detach().float() / opts.accum
             hoyer_sum = hoyer_sum + hoyer.detach().float() / opts.accum

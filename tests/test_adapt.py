@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from d2dmoe_converter.adapt import AdaptOptions, expert_of_neuron, select_experts_in_ffns_
 from d2dmoe_converter.cli import main as convert_cli
-from d2dmoe_converter.convert import ConvertOptions, expert_counts, init_router, layer_experts, moe_config
+from d2dmoe_converter.convert import (ConvertOptions, expert_counts, expert_state, init_router, layer_experts,
+                                      moe_config)
 from d2dmoe_converter.dense import load_dense
 from d2dmoe_converter.distill_kl import distill_loss
 from d2dmoe_converter.hf_model import build_model
@@ -50,12 +51,7 @@ def test_training_model_computes_what_the_checkpoint_serves(dense_dir, family, s
     elif selection == "top_k":
         tau, top_k = 0.0, 3
     moe = build_model(dense).eval()
-    state = {}
-    for i, (ex, router) in enumerate(zip(layer_experts(dense, cfg, orders), routers)):
-        from d2dmoe_vllm.checkpoint import layer_prefix
-
-        state.update({layer_prefix(dense.model_type, i) + "mlp." + k: v for k, v in {**ex, **router}.items()})
-    attach_experts(moe, state, dense.model_type, "relu")
+    attach_experts(moe, expert_state(dense, layer_experts(dense, cfg, orders), routers), dense.model_type, "relu")
     set_selection(moe, tau, top_k, layer_tau=layer_tau)
     masked = build_model(dense).eval()
     acts = select_experts_in_ffns_(masked, routers, [orders[f"layer_{i}"] for i in range(dense.num_layers)], E, tau,
@@ -131,8 +127,8 @@ def test_adapt_brings_the_converted_model_closer_to_the_original(adapted, dense_
     from d2dmoe_converter.dense import load_tokenizer
 
     dense = load_dense(dense_dir("gemma3_text"))
-    ids = token_sequences(load_tokenizer(dense), load_corpus(None, None).heldout, 4, 128, bos=dense.bos_token_id(
-        load_tokenizer(dense)))
+    tok = load_tokenizer(dense)
+    ids = token_sequences(tok, load_corpus(None, None).heldout, 4, 128, bos=dense.bos_token_id(tok))
     assert kl_to_original(dense_dir, root / "adapted", work / "adapt", ids) < \
         kl_to_original(dense_dir, root / "plain", work / "sparsify", ids)
 
