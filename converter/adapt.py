@@ -44,6 +44,12 @@ class AdaptOptions:
                                warmup=self.warmup, alpha=0.0, clip=self.clip, save_every=self.save_every,
                                distill=self.distill, passes=self.passes)
 
+    @classmethod
+    def few_minutes(cls, steps: int) -> AdaptOptions:
+        """``steps`` steps sized for a CPU (2 x 256 tokens each; a step ~6 s for Gemma 3 270M on 2 cores), with
+        warm-up and saving in proportion: what ``d2dmoe-demo --adapt-steps`` and ``benchmarks/adapt_cpu.py`` run."""
+        return cls(steps=steps, batch=2, seq_len=256, warmup=max(3, steps // 20), save_every=max(10, steps // 3))
+
     def stage_key(self) -> dict:
         """Every field but how often the training state is saved (it decides no weight)."""
         return {k: v for k, v in asdict(self).items() if k != "save_every"}

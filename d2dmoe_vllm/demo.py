@@ -42,19 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expert-size", type=int, default=64)
     ap.add_argument("--budget", type=float, default=0.75, help="fraction of FFN compute to execute (default 0.75)")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--adapt-steps", type=int, default=0,
+                    help="fine-tune the model under its routers' selection for this many steps of 2 x 256 tokens "
+                         "(~6 s each here; d2dmoe-convert --adapt-steps; default 0: none)")
     args = ap.parse_args(argv)
+    if args.adapt_steps < 0:
+        ap.error(f"--adapt-steps {args.adapt_steps}: give 0 (no adapt stage) or more")
 
-    from d2dmoe_converter.convert import ConvertOptions, convert, format_report as format_conversion
+    from d2dmoe_converter.adapt import AdaptOptions
     from d2dmoe_converter.calibrate import CalibrateOptions
+    from d2dmoe_converter.convert import ConvertOptions, convert, format_report as format_conversion
 
     work = Path(args.work_dir)
     src = Path(args.model) if args.model else default_model_gguf(work)
-    ckpt = work / f"{src.stem}-d2dmoe-e{args.expert_size}-b{args.budget}"
+    adapted = f"-adapt{args.adapt_steps}" if args.adapt_steps else ""
+    ckpt = work / f"{src.stem}-d2dmoe-e{args.expert_size}-b{args.budget}{adapted}"
     t0 = time.time()
     print(f"[1/2] converting {src} -> {ckpt} (stages kept in {work / 'stages'})")
     conversion = convert(src, ckpt, ConvertOptions(expert_size=args.expert_size, dtype="bfloat16", overwrite=True,
                                                    work_dir=str(work / "stages"),
-                                                   calibrate=CalibrateOptions(budget=args.budget)))
+                                                   calibrate=CalibrateOptions(budget=args.budget),
+                                                   adapt=AdaptOptions.few_minutes(args.adapt_steps)))
     t1 = time.time()
 
     print(f"[2/2] generating with vLLM (calibrated {conversion['tau_summary']})")

@@ -43,7 +43,7 @@ done
 tar -C "$E" -cJf "$P/evaldata.tar.xz" . && rm -rf "$E"
 fi
 TREE=$({ git ls-files -z; git ls-files -z -o --exclude-standard; } | du -cb --files0-from=- | tail -1 | cut -f1)  # what travels
-CHUNK=$(( 64 * 1024 * 1024 - TREE - 1000000 ))                       # 1 MB spare for edits before the run
+CHUNK=$(( 64 * 1024 * 1024 - TREE - 4000000 ))   # 4 MB spare: the tree grows between sessions (1 MB ran out)
 rm -rf .devcarry/p[0-9]*
 tar -cf - -C "$P" . | split -b "$CHUNK" -d -a 1 - "$C/chunk."
 SUM=$(cat "$C"/chunk.* | sha256sum | cut -d' ' -f1); COUNT=$(ls "$C"/chunk.* | wc -l)
