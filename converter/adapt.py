@@ -46,7 +46,7 @@ class AdaptOptions:
 
     @classmethod
     def few_minutes(cls, steps: int) -> AdaptOptions:
-        """``steps`` steps sized for a CPU (2 x 256 tokens each; a step ~6 s for Gemma 3 270M on 2 cores), with
+        """``steps`` steps sized for a CPU (2 x 256 tokens each; a step 7-8 s for Gemma 3 270M on 2 cores), with
         warm-up and saving in proportion: what ``d2dmoe-demo --adapt-steps`` and ``benchmarks/adapt_cpu.py`` run."""
         return cls(steps=steps, batch=2, seq_len=256, warmup=max(3, steps // 20), save_every=max(10, steps // 3))
 
