@@ -4,7 +4,8 @@
 # whose own file predates them? The layer under the H100 file ("device", first and last) against the whole
 # H200 file as an override ("H200"), against it without the H200's fused by_tokens tiers ("H200-notiers"), and with
 # the router's tail inside the fused kernel at d2048 ("H200-own": one launch fewer; attempt 10 chose the split tail
-# before PDL existed). Not run in session 45 (no machine could be started); ready for the next lease.
+# before PDL existed), and with the whole router inside the fused kernel at d768 ("H200-full768": attempt 11 measured
+# +0.7 us at GPT-2 T=1 before PDL hid the router launch it saves). Not run in session 45 (no machine could be started); ready for the next lease.
 cd "$(dirname "$0")/../../.."
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/45-pip.log" 2>&1
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$OUT/45-device.txt"
@@ -14,10 +15,12 @@ for k in ('fused@d2048e256', 'fused@d2048e512'): d[k].pop('by_tokens')
 print(json.dumps(d))")
 X=$(python3 -c "import json; d = json.load(open('kernels/configs/NVIDIA_H200.json')); d.pop('_comment')
 d['fused@d2048'] = {**d['fused@d2048'], 'own_router': True}; print(json.dumps(d))")
+Y=$(python3 -c "import json; d = json.load(open('kernels/configs/NVIDIA_H200.json')); d.pop('_comment')
+d['fused@d768'] = {**d['fused@d768'], 'own_router': True, 'full_router': True}; print(json.dumps(d))")
 cd benchmarks
 timeout ${T:-240} python3 compare_configs.py --out "$OUT" --name 45-probe-h200-keys-on-h100 \
     --case gemma-2b-ffn:256 --case gpt2-ffn:64 ${MORE---case gpt2-ffn:128 --case gemma3-270m-ffn:64} \
     --tokens ${TOKENS:-1,4} --fractions ${FRACTIONS:-0.3,1.0} --variant "H200=$V" --variant "H200-notiers=$W" \
-    --variant "H200-own=$X" > "$OUT/45-probe.log" 2>&1
+    --variant "H200-own=$X" --variant "H200-full768=$Y" > "$OUT/45-probe.log" 2>&1
 echo "probe rc=$?" >> "$OUT/45-probe.log"
 cat "$OUT/45-probe.log"
