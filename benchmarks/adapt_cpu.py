@@ -46,7 +46,7 @@ def run(demo: Path, work: Path, steps: int, batch: int, lr: float, budget: float
     report = convert(demo / GGUF, work / "out", opts)
     print(format_report(report))
     log = json.loads((stages / "adapt" / "stage.json").read_text())["log"]
-    return {"steps": steps, "batch": batch, "seq_len": 256, "lr": lr, "tau": report["tau"],
+    return {"steps": steps, "batch": opts.adapt.batch, "seq_len": opts.adapt.seq_len, "lr": lr, "tau": report["tau"],
             "ffn_fraction": report["ffn_fraction"], "ppl_converted": report["ppl_converted"],
             "ppl_dense_adapted": report["ppl_dense"], "ppl_original": report["ppl_original"],
             "before": report["adapt"]["before"], "heldout_tokens": report["heldout_tokens"],

@@ -46,23 +46,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="fine-tune the model under its routers' selection for this many steps of 2 x 256 tokens "
                          "(7-8 s each for Gemma 3 270M on 2 cores; d2dmoe-convert --adapt-steps; default 0: none)")
     args = ap.parse_args(argv)
-    if args.adapt_steps < 0:
-        ap.error(f"--adapt-steps {args.adapt_steps}: give 0 (no adapt stage) or more")
 
     from d2dmoe_converter.adapt import AdaptOptions
     from d2dmoe_converter.calibrate import CalibrateOptions
-    from d2dmoe_converter.convert import ConvertOptions, convert, format_report as format_conversion
+    from d2dmoe_converter.convert import ConvertOptions, check_options, convert, format_report as format_conversion
 
     work = Path(args.work_dir)
+    opts = ConvertOptions(expert_size=args.expert_size, dtype="bfloat16", overwrite=True, work_dir=str(work / "stages"),
+                          calibrate=CalibrateOptions(budget=args.budget),
+                          adapt=AdaptOptions.few_minutes(args.adapt_steps))
+    try:  # the converter's own checks, before the default model is assembled
+        check_options(opts)
+    except ValueError as err:
+        ap.error(str(err))
     src = Path(args.model) if args.model else default_model_gguf(work)
     adapted = f"-adapt{args.adapt_steps}" if args.adapt_steps else ""
     ckpt = work / f"{src.stem}-d2dmoe-e{args.expert_size}-b{args.budget}{adapted}"
     t0 = time.time()
     print(f"[1/2] converting {src} -> {ckpt} (stages kept in {work / 'stages'})")
-    conversion = convert(src, ckpt, ConvertOptions(expert_size=args.expert_size, dtype="bfloat16", overwrite=True,
-                                                   work_dir=str(work / "stages"),
-                                                   calibrate=CalibrateOptions(budget=args.budget),
-                                                   adapt=AdaptOptions.few_minutes(args.adapt_steps)))
+    conversion = convert(src, ckpt, opts)
     t1 = time.time()
 
     print(f"[2/2] generating with vLLM (calibrated {conversion['tau_summary']})")

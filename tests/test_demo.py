@@ -12,7 +12,7 @@ class Stop(Exception):
 
 
 @pytest.fixture
-def recorded(monkeypatch, tmp_path):
+def recorded(monkeypatch):
     calls = []
 
     def fake_convert(src, out, opts):
@@ -38,9 +38,12 @@ def test_adapt_steps_reach_the_conversion(recorded, tmp_path, steps):
     assert opts.calibrate.budget == 0.75
 
 
-def test_negative_adapt_steps_are_refused_before_any_work(recorded, tmp_path, capsys):
+@pytest.mark.parametrize("bad, message", [(["--adapt-steps", "-3"], "--adapt-steps must be >= 0, got -3"),
+                                          (["--budget", "1.5"], "--budget 1.5 is out of range")])
+def test_bad_options_are_refused_before_any_work(recorded, tmp_path, capsys, monkeypatch, bad, message):
+    monkeypatch.setattr(demo, "default_model_gguf", lambda cache: pytest.fail("the model was assembled"))
     with pytest.raises(SystemExit) as err:
-        demo.main(["--model", str(tmp_path / "m.gguf"), "--adapt-steps", "-3"])
+        demo.main(["--work-dir", str(tmp_path / "work")] + bad)
     assert err.value.code == 2
-    assert "--adapt-steps -3" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert recorded == []

@@ -9,18 +9,23 @@
 cd "$(dirname "$0")/../../.."
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/45-pip.log" 2>&1
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$OUT/45-device.txt"
-V=$(python3 -c "import json; d = json.load(open('kernels/configs/NVIDIA_H200.json')); d.pop('_comment'); print(json.dumps(d))")
-W=$(python3 -c "import json; d = json.load(open('kernels/configs/NVIDIA_H200.json')); d.pop('_comment')
-for k in ('fused@d2048e256', 'fused@d2048e512'): d[k].pop('by_tokens')
-print(json.dumps(d))")
-X=$(python3 -c "import json; d = json.load(open('kernels/configs/NVIDIA_H200.json')); d.pop('_comment')
-d['fused@d2048'] = {**d['fused@d2048'], 'own_router': True}; print(json.dumps(d))")
-Y=$(python3 -c "import json; d = json.load(open('kernels/configs/NVIDIA_H200.json')); d.pop('_comment')
-d['fused@d768'] = {**d['fused@d768'], 'own_router': True, 'full_router': True}; print(json.dumps(d))")
+# the four overrides, one per line: the H200 file, without its fused tiers, with the d2048 tail inside, with the d768 router inside
+mapfile -t VARIANTS < <(python3 - <<'PY'
+import copy, json
+h200 = json.load(open("kernels/configs/NVIDIA_H200.json"))
+h200.pop("_comment")
+notiers, own, full768 = copy.deepcopy(h200), copy.deepcopy(h200), copy.deepcopy(h200)
+for k in ("fused@d2048e256", "fused@d2048e512"):
+    notiers[k].pop("by_tokens")
+own["fused@d2048"]["own_router"] = True
+full768["fused@d768"].update(own_router=True, full_router=True)
+for label, cfg in (("H200", h200), ("H200-notiers", notiers), ("H200-own", own), ("H200-full768", full768)):
+    print(f"{label}={json.dumps(cfg)}")
+PY
+)
 cd benchmarks
 timeout ${T:-240} python3 compare_configs.py --out "$OUT" --name 45-probe-h200-keys-on-h100 \
     --case gemma-2b-ffn:256 --case gpt2-ffn:64 ${MORE---case gpt2-ffn:128 --case gemma3-270m-ffn:64} \
-    --tokens ${TOKENS:-1,4} --fractions ${FRACTIONS:-0.3,1.0} --variant "H200=$V" --variant "H200-notiers=$W" \
-    --variant "H200-own=$X" --variant "H200-full768=$Y" > "$OUT/45-probe.log" 2>&1
+    --tokens ${TOKENS:-1,4} --fractions ${FRACTIONS:-0.3,1.0} "${VARIANTS[@]/#/--variant=}" > "$OUT/45-probe.log" 2>&1
 echo "probe rc=$?" >> "$OUT/45-probe.log"
 cat "$OUT/45-probe.log"
