@@ -33,6 +33,10 @@ not depend on the split), so only split, routers and calibration run. ``--no-swe
 conversions: their reports' perplexity at the calibrated tau is the comparison (session 42 measured three levers
 that way in one lease; docs/converter.md, "Three levers on the GPU").
 
+Each conversion is then fine-tuned under its own routers' selection for 1000 steps (the adapt stage, ``ADAPT_STEPS``;
+session 47: the 50% point from 24.88 to 21.87 on the H100 in ~6 min; ``--adapt-steps 0`` for the recipe before it,
+docs/converter.md, "Adapt on the GPU recipe").
+
 The sparsify stage's activation and weight: ``--sparsify-activation keep`` (GELU-tanh kept, the Hoyer term on its
 output; session 43: the best sparsified model, a worse 50% point) or ``anneal`` (GELU-tanh blended into ReLU over
 the first half of the steps), and ``--hoyer-alpha`` (the recipe's 1e-3 otherwise); each needs a --work of its own.
@@ -64,6 +68,10 @@ SMOKE = dict(  # --smoke: the same code path in minutes on a CPU, to check the s
     routers=dict(width=64, tokens=2048, seq_len=128, steps=50, batch=256, lr=2e-3),
     calibrate=dict(budget=0.5, tokens=512, eval_tokens=512, seq_len=128, iterations=6),
 )
+# the adapt stage's steps unless --adapt-steps says otherwise (session 47, H100, same sparsified model, a tau per
+# layer, 50% of FFN compute: none 24.88, 240 steps 22.79, 600 22.25, 1000 21.87 against the original's 17.82;
+# 1000 steps take ~6 min there); the smoke run's few steps check the same code path
+ADAPT_STEPS, SMOKE_ADAPT_STEPS = 1000, 2
 TAUS = (0.0, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3)
 TOP_K_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 TASKS = ("boolq", "piqa", "arc_easy")
@@ -127,12 +135,13 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
 
 def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generated: float = 0.0,
               split: str = SPLIT, teacher_engine: str = "auto", activation: str = "relu",
-              alpha: float | None = None, teacher_engines: int = 1, adapt_steps: int = 0) -> None:
+              alpha: float | None = None, teacher_engines: int = 1, adapt_steps: int | None = None) -> None:
     """This run's RECIPE: the smoke settings (--smoke), the expert size and split, a sparsify stage of
     ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's), the share of its
     sequences continued by the original model (``generated``, teacher_text.py), whether it ReLU-fies
     the gate or keeps GELU-tanh (``activation``), the square-Hoyer weight where given (``alpha``), and an adapt
-    stage of ``adapt_steps`` steps (``adapt_recipe``) where > 0."""
+    stage of ``adapt_steps`` steps (``adapt_recipe``) where > 0 (None: the recipe's ``ADAPT_STEPS``, or the
+    smoke run's)."""
     if smoke:
         RECIPE.update(SMOKE)
     RECIPE["expert_size"] = expert_size
@@ -153,6 +162,8 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generat
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "alpha": alpha}
     if activation != "relu":   # recipe.json of the runs before --sparsify-activation keeps its form
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "activation": activation}
+    if adapt_steps is None:
+        adapt_steps = SMOKE_ADAPT_STEPS if smoke else ADAPT_STEPS
     if adapt_steps < 0:
         raise SystemExit(f"[recipe] --adapt-steps {adapt_steps}: give 0 (no adapt stage) or more")
     if adapt_steps:   # recipe.json of the runs before --adapt-steps keeps its form
@@ -292,9 +303,10 @@ def main():
     ap.add_argument("--hoyer-alpha", type=float, default=None,
                     help=f"square-Hoyer weight of the sparsify stage (default {RECIPE['sparsify']['alpha']:g}; "
                          f"d2dmoe-convert --hoyer-alpha)")
-    ap.add_argument("--adapt-steps", type=int, default=0,
+    ap.add_argument("--adapt-steps", type=int, default=None,
                     help="fine-tune each conversion under its routers' selection at the calibrated tau for this many "
-                         "steps, distilled from the original (d2dmoe-convert --adapt-steps; default 0: no adapt stage)")
+                         f"steps, distilled from the original (d2dmoe-convert --adapt-steps; default {ADAPT_STEPS}, "
+                         f"--smoke {SMOKE_ADAPT_STEPS}; 0: no adapt stage, the recipe before session 47)")
     ap.add_argument("--split", choices=("kmeans", "coactivation"), default=SPLIT,
                     help=f"how neurons are grouped into experts (d2dmoe-convert --split; default {SPLIT}: k-means on "
                          f"the sparsified model's activations; kmeans: the paper's, on the gate rows)")

@@ -16,6 +16,12 @@ import gpu_convert_recipe as recipe  # noqa: E402  (benchmarks/, on the path thr
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def default_run_recipe() -> dict:
+    """The "recipe" a run with the default arguments writes to its recipe.json: the recipe, its adapt stage."""
+    return {**recipe.RECIPE, "adapt": recipe.adapt_recipe(recipe.RECIPE["sparsify"], recipe.ADAPT_STEPS),
+            "corpus": "sotu"}
+
+
 def finished_run(root: Path) -> Path:
     (root / recipe.GGUF).parent.mkdir(parents=True)
     (root / recipe.GGUF).write_bytes(b"GGUF")
@@ -58,13 +64,14 @@ def test_refuses_a_run_without_a_finished_sparsify_stage(tmp_path):
     (["--teacher-engines", "2"], "--teacher-engines 2: it samples --generated's text, and no share is generated"),
     (["--sparsify-activation", "keep"], "holds a run with sparsify_activation relu, not keep"),
     (["--hoyer-alpha", "0.003"], "holds a run with hoyer_alpha 0.001, not 0.003"),
-    (["--adapt-steps", "240"], "holds a run with adapt_steps 0, not 240"),
+    (["--adapt-steps", "240"], f"holds a run with adapt_steps {recipe.ADAPT_STEPS}, not 240"),
+    (["--adapt-steps", "0"], f"holds a run with adapt_steps {recipe.ADAPT_STEPS}, not 0"),
     (["--adapt-steps", "-1"], "--adapt-steps -1: give 0 (no adapt stage) or more"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     work = tmp_path / "work"
     work.mkdir()
-    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": {**recipe.RECIPE, "corpus": "sotu"}}))
+    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": default_run_recipe()}))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_convert_recipe.py"), "--work", str(work),
                            "--out", str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
@@ -146,8 +153,8 @@ def test_a_run_from_before_split_is_held_as_kmeans(tmp_path):
     does not take its reports as its own."""
     work = tmp_path / "work"
     work.mkdir()
-    legacy = {k: v for k, v in recipe.RECIPE.items() if k != "split"}
-    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": {**legacy, "corpus": "sotu"}}))
+    legacy = {k: v for k, v in default_run_recipe().items() if k != "split"}
+    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": legacy}))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_convert_recipe.py"), "--work", str(work),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "holds a run with split kmeans, not coactivation" in proc.stderr, proc.stderr
@@ -168,7 +175,7 @@ def test_no_sweep_stops_after_the_conversions(tmp_path, monkeypatch):
     (work / "stages" / "routers" / "stage.json").write_text(json.dumps({"stage": "routers"}))
     (work / "stages" / "sparsify" / "sparsify.png").write_bytes(b"png")
     report = {"ffn_fraction": 0.5, "ppl_converted": 25.0}
-    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": {**recipe.RECIPE, "corpus": "sotu"},
+    (work / "recipe.json").write_text(json.dumps({"provenance": {}, "recipe": default_run_recipe(),
                                                   "report_d2dmoe": report}))
 
     def no_sweep(*args, **kwargs):
@@ -246,7 +253,8 @@ def test_teacher_engine_reaches_the_converter(monkeypatch):
 
 def test_adapt_steps_reach_the_converter(monkeypatch):
     """--adapt-steps: an adapt stage with sparsify's batch and sequence length, half its learning rate,
-    distilled, the passes over the text in proportion; left out of the recipe (and off) without it."""
+    distilled, the passes over the text in proportion; ADAPT_STEPS without it (the smoke run's few steps with
+    --smoke); left out of the recipe (and off) with 0."""
     import copy
 
     original = copy.deepcopy(recipe.RECIPE)
@@ -258,6 +266,12 @@ def test_adapt_steps_reach_the_converter(monkeypatch):
     assert a.passes == 2          # 240 x 16 x 512 tokens; one pass of the recipe's text is 480 x 16 x 512 / 3
     monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
     recipe.configure(False, 64, None)
+    assert recipe.options("d2dmoe", Path("/w")).adapt.steps == recipe.ADAPT_STEPS == 1000
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(True, 64, None)
+    assert recipe.RECIPE["adapt"] == recipe.adapt_recipe(recipe.SMOKE["sparsify"], recipe.SMOKE_ADAPT_STEPS)
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None, adapt_steps=0)
     assert "adapt" not in recipe.RECIPE and recipe.options("d2dmoe", Path("/w")).adapt.steps == 0
 
 

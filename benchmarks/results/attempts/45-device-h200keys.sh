@@ -5,7 +5,7 @@
 # H200 file as an override ("H200"), against it without the H200's fused by_tokens tiers ("H200-notiers"), and with
 # the router's tail inside the fused kernel at d2048 ("H200-own": one launch fewer; attempt 10 chose the split tail
 # before PDL existed), and with the whole router inside the fused kernel at d768 ("H200-full768": attempt 11 measured
-# +0.7 us at GPT-2 T=1 before PDL hid the router launch it saves). Not run in sessions 45 and 46 (no machine could be started); ready for the next lease.
+# +0.7 us at GPT-2 T=1 before PDL hid the router launch it saves). Not run in sessions 45 and 46 (no machine could be started); run in session 47 (H100): attempts/47-h100-keys/, docs/kernels.md attempt 39.
 cd "$(dirname "$0")/../../.."
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/45-pip.log" 2>&1
 nvidia-smi --query-gpu=name,driver_version --format=csv > "$OUT/45-device.txt"

@@ -1,3 +1,4 @@
+# Run in session 47 (H100): benchmarks/results/attempts/47-adapt-steps-h100/ (22.79 at 49.9% after 240 steps, 24.88 before).
 # The adapt stage's first GPU measurement in ONE device call, so a machine taken back afterwards loses nothing
 # (session 45 lost its run that way between calls): the recipe without teacher text (session 42's "480 steps,
 # co-activation": 25.04 at 50% with a tau per layer) + 240 adapt steps, tau per layer only. Estimated on an H200,
