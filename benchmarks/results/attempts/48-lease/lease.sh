@@ -1,0 +1,27 @@
+#!/bin/bash
+# The next lease's three measurements (session 47's plan), one device call each; STEP picks it, T caps it (seconds).
+#   STEP=kernels   bare machine OK (stage payload chunk 0 in the same call): the full kernel table on the H100 under
+#                  the file that got the H200's small-T keys in session 47 (docs/kernels.md attempt 39); ~3 min.
+#   STEP=teacher   after the payload's install (benchmarks/device/install_payload.sh), twice (it resumes): the
+#                  teacher-text recipe (--generated 0.5) with the recipe's default 1000 adapt steps, a tau per layer;
+#                  against session 47's 21.87 (no teacher text) and session 42's sparsified 21.12. ~16 min in all.
+#   STEP=adapt2000 after install: 2000 adapt steps on STEP=teacher's sparsified model (or on a new one, if that did
+#                  not finish its sparsify stage); is 1000 steps the knee? ~12 min, twice.
+# Logs and results land in $OUT; rerun = resume while the machine is held.
+cd "$(dirname "$0")/../../../.."
+export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+T=${T:-560}
+recipe() { mkdir -p /root/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m.gguf /root/$1/ 2>/dev/null
+           timeout $T python3 benchmarks/gpu_convert_recipe.py --methods d2dmoe-per-layer --no-sweep --minutes 30 \
+             --work /root/$1 --out /root/out/$1 "${@:2}" >> $OUT/$1.log 2>&1; echo "$1 rc $?" >> $OUT/$1.log
+           cp -r /root/out/$1 $OUT/ 2>/dev/null; grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
+case "${STEP:?give STEP=kernels, teacher or adapt2000}" in
+  kernels) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1
+           D2DMOE_GIT_SHA=$(git rev-parse --short HEAD 2>/dev/null || echo unknown) timeout $T \
+             python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
+           tail -40 "$OUT/kernels.log" ;;
+  teacher) recipe teacher --generated 0.5 ;;
+  adapt2000) if test -f /root/teacher/stages/sparsify/stage.json; then recipe ad2000 --generated 0.5 --adapt-steps 2000 \
+               --sparsified-from /root/teacher; else recipe ad2000 --adapt-steps 2000; fi ;;
+  *) echo "STEP=$STEP: give kernels, teacher or adapt2000" >&2; exit 2 ;;
+esac
