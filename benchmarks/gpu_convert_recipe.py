@@ -68,9 +68,8 @@ SMOKE = dict(  # --smoke: the same code path in minutes on a CPU, to check the s
     routers=dict(width=64, tokens=2048, seq_len=128, steps=50, batch=256, lr=2e-3),
     calibrate=dict(budget=0.5, tokens=512, eval_tokens=512, seq_len=128, iterations=6),
 )
-# the adapt stage's steps unless --adapt-steps says otherwise (session 47, H100, same sparsified model, a tau per
-# layer, 50% of FFN compute: none 24.88, 240 steps 22.79, 600 22.25, 1000 21.87 against the original's 17.82;
-# 1000 steps take ~6 min there); the smoke run's few steps check the same code path
+# the adapt stage's steps unless --adapt-steps says otherwise (measured in session 47: the module docstring,
+# docs/converter.md "Adapt on the GPU recipe"); the smoke run's few steps check the same code path
 ADAPT_STEPS, SMOKE_ADAPT_STEPS = 1000, 2
 TAUS = (0.0, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3)
 TOP_K_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
