@@ -17,7 +17,7 @@ recipe() { mkdir -p /root/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m
            cp -r /root/out/$1 $OUT/ 2>/dev/null; grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
 case "${STEP:?give STEP=kernels, teacher or adapt2000}" in
   kernels) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1
-           D2DMOE_GIT_SHA=$(git rev-parse --short HEAD 2>/dev/null || echo unknown) timeout $T \
+           D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
              python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
            tail -40 "$OUT/kernels.log" ;;
   teacher) recipe teacher --generated 0.5 ;;
