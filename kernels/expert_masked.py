@@ -31,11 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
+from d2dmoe_kernels.configs import for_element_size
 from d2dmoe_kernels.router_tail import tile
 from d2dmoe_kernels.triton_common import (ACT_CODES, await_producer, expert_hidden, fp32_dots, neuron_selected,
                                            pdl_launch, router_select, selected, use_pdl)
 
 MODES = {"scores": 0, "router": 1, "router+override": 2, "all": 3}
+# The up kernel's tile widths that shrink for 4-byte weights (``for_element_size``): x [BLOCK_T, BLOCK_K] and
+# w_in / w_up [BLOCK_J, BLOCK_K] per stage. The H100 file's d2048 tier for 17-64 tokens (64 x 32 x 256, 3 stages)
+# asked 256 KB of shared memory for fp32 weights against 227 KB (docs/kernels.md attempt 40).
+TILE_WIDTHS = ("BLOCK_K",)
 
 
 @triton.jit
@@ -106,6 +111,8 @@ def masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters
     T, D = x.shape
     E, ES, _ = w_in.shape
     DO = w_out.shape[2]
+    if x.is_cuda:  # fp32 weights: tiles of the bf16 config's bytes (the interpreter has no shared-memory limit)
+        cfg = for_element_size(cfg, w_in.element_size(), TILE_WIDTHS)
     m = MODES[mode]
     pairs = 1
     full = m in (1, 2) and hid is None

@@ -1,5 +1,7 @@
 """The selection rule, the CPU op (skips unselected experts) and the masked torch reference agree."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -173,3 +175,25 @@ def test_fp32_tiles_hold_the_bytes_of_the_tuned_ones():
     assert {k: v for k, v in fp32.items() if k not in ("BLOCK_K", "BLOCK_N")} == \
         {k: v for k, v in tier.items() if k not in ("BLOCK_K", "BLOCK_N")}
     assert for_element_size({"BLOCK_K": 16, "BLOCK_N": 32, "BLOCK_J": 64}, 4) == {"BLOCK_K": 16, "BLOCK_N": 16, "BLOCK_J": 64}
+
+
+def test_masked_tiles_fit_shared_memory_in_fp32():
+    """Every masked-path tile of every device file, compiled offline for sm_90 (no GPU), fits the 227 KB of
+    shared memory a block may have, for bf16 and, with the launcher's rule, fp32 weights. Without the rule the
+    H100 file's d2048 tier for 17-64 tokens asks 256 KB in fp32: an fp32 Gemma-2B-size model crashed there on an
+    H100 (OutOfResources, attempt 40), so the check must see it."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "check_shared_memory.py")]
+    fixed = subprocess.run(script, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "0 over the 232448 B limit" in fixed.stdout and "OVER" not in fixed.stdout
+    assert any(line.startswith("64 x 32 x 256, 4, 3") for line in fixed.stdout.splitlines()), fixed.stdout
+    before = subprocess.run(script + ["--no-rule", "--files", "NVIDIA_H100_80GB_HBM3"], capture_output=True, text=True,
+                            env=subprocess_env(), timeout=600)
+    assert before.returncode == 1, before.stdout + before.stderr
+    over = [line for line in before.stdout.splitlines() if line.endswith("OVER")]
+    assert len(over) == 1 and over[0].startswith("64 x 32 x 256, 4, 3") and " 262144 " in over[0], before.stdout
