@@ -7,6 +7,9 @@
 #                  against session 47's 21.87 (no teacher text) and session 42's sparsified 21.12. ~16 min in all.
 #   STEP=adapt2000 after install: 2000 adapt steps on STEP=teacher's sparsified model (or on a new one, if that did
 #                  not finish its sparsify stage); is 1000 steps the knee? ~12 min, twice.
+#   STEP=gputests  bare machine OK: the kernel GPU suite (tests/test_kernels_gpu.py), the fp32 tests first (attempt 40's
+#                  fix of the masked tiles, not yet run on a GPU), then the rest; T caps it (the whole file ~5 min).
+# Session 48 ran kernels and teacher (docs/kernels.md attempt 39-40, docs/converter.md); adapt2000 and gputests remain.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -15,13 +18,19 @@ recipe() { mkdir -p /root/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m
            timeout $T python3 benchmarks/gpu_convert_recipe.py --methods d2dmoe-per-layer --no-sweep --minutes 30 \
              --work /root/$1 --out /root/out/$1 "${@:2}" >> $OUT/$1.log 2>&1; echo "$1 rc $?" >> $OUT/$1.log
            cp -r /root/out/$1 $OUT/ 2>/dev/null; grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
-case "${STEP:?give STEP=kernels, teacher or adapt2000}" in
+case "${STEP:?give STEP=kernels, teacher, adapt2000 or gputests}" in
   kernels) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
              python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
            tail -40 "$OUT/kernels.log" ;;
   teacher) recipe teacher --generated 0.5 ;;
+  gputests) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1
+           S0=$(date +%s)
+           timeout $T python3 -m pytest -m gpu tests/test_kernels_gpu.py -k fp32 -q -rf -p no:cacheprovider > "$OUT/gpu-fp32.log" 2>&1
+           echo "fp32 rc $?" >> "$OUT/gpu-fp32.log"; tail -3 "$OUT/gpu-fp32.log"
+           timeout $(( T - $(date +%s) + S0 )) python3 -m pytest -m gpu tests/test_kernels_gpu.py -k "not fp32" -q -rf \
+             -p no:cacheprovider > "$OUT/gpu-rest.log" 2>&1; echo "rest rc $?" >> "$OUT/gpu-rest.log"; tail -3 "$OUT/gpu-rest.log" ;;
   adapt2000) if test -f /root/teacher/stages/sparsify/stage.json; then recipe ad2000 --generated 0.5 --adapt-steps 2000 \
                --sparsified-from /root/teacher; else recipe ad2000 --adapt-steps 2000; fi ;;
-  *) echo "STEP=$STEP: give kernels, teacher or adapt2000" >&2; exit 2 ;;
+  *) echo "STEP=$STEP: give kernels, teacher, adapt2000 or gputests" >&2; exit 2 ;;
 esac
