@@ -9,7 +9,9 @@
 #                  not finish its sparsify stage); is 1000 steps the knee? ~12 min, twice.
 #   STEP=gputests  bare machine OK: the kernel GPU suite (tests/test_kernels_gpu.py), the fp32 tests first (attempt 40's
 #                  fix of the masked tiles, not yet run on a GPU), then the rest; T caps it (the whole file ~5 min).
-# Session 48 ran kernels and teacher (docs/kernels.md attempt 39-40, docs/converter.md); adapt2000 and gputests remain.
+#   STEP=largekeys bare machine OK: the H200 file's large-T keys (gemm@ tiers, masked tiers; large-t-keys.json) against
+#                  the H100 file at T=256-16384 (compare_configs.py), before any goes into the H100 file; ~4 min.
+# Session 48 ran kernels and teacher (docs/kernels.md attempt 39-40, docs/converter.md); adapt2000, gputests and largekeys remain.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -18,7 +20,7 @@ recipe() { mkdir -p /root/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m
            timeout $T python3 benchmarks/gpu_convert_recipe.py --methods d2dmoe-per-layer --no-sweep --minutes 30 \
              --work /root/$1 --out /root/out/$1 "${@:2}" >> $OUT/$1.log 2>&1; echo "$1 rc $?" >> $OUT/$1.log
            cp -r /root/out/$1 $OUT/ 2>/dev/null; grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
-case "${STEP:?give STEP=kernels, teacher, adapt2000 or gputests}" in
+case "${STEP:?give STEP=kernels, teacher, adapt2000, gputests or largekeys}" in
   kernels) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
              python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
@@ -30,7 +32,13 @@ case "${STEP:?give STEP=kernels, teacher, adapt2000 or gputests}" in
            echo "fp32 rc $?" >> "$OUT/gpu-fp32.log"; tail -3 "$OUT/gpu-fp32.log"
            timeout $(( T - $(date +%s) + S0 )) python3 -m pytest -m gpu tests/test_kernels_gpu.py -k "not fp32" -q -rf \
              -p no:cacheprovider > "$OUT/gpu-rest.log" 2>&1; echo "rest rc $?" >> "$OUT/gpu-rest.log"; tail -3 "$OUT/gpu-rest.log" ;;
+  largekeys) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1
+           (cd benchmarks && timeout $T python3 compare_configs.py --out "$OUT" --name 48-probe-h100-large-t-keys \
+             --case gpt2-ffn:32,64,128 --case gemma3-270m-ffn:16,32,64 --case gemma-2b-ffn:128,256 \
+             --tokens 64,256,1024,4096,16384 --fractions 0.3 \
+             "--variant=H200-large-T-keys=$(cat results/attempts/48-lease/large-t-keys.json)" > "$OUT/largekeys.log" 2>&1)
+           echo "largekeys rc $?" >> "$OUT/largekeys.log"; tail -60 "$OUT/largekeys.log" ;;
   adapt2000) if test -f /root/teacher/stages/sparsify/stage.json; then recipe ad2000 --generated 0.5 --adapt-steps 2000 \
                --sparsified-from /root/teacher; else recipe ad2000 --adapt-steps 2000; fi ;;
-  *) echo "STEP=$STEP: give kernels, teacher, adapt2000 or gputests" >&2; exit 2 ;;
+  *) echo "STEP=$STEP: give kernels, teacher, adapt2000, gputests or largekeys" >&2; exit 2 ;;
 esac
