@@ -4,8 +4,8 @@ No GPU needed: the masked up kernel is compiled offline for sm_90 by the install
 an H100 / H200 would build) at each distinct tile of each device file's ``masked`` keys and token tiers, with
 the fp32 rule the launcher applies (``for_element_size`` over ``expert_masked.TILE_WIDTHS``), gated experts
 (the larger case: w_in and w_up tiles) and given scores (the dense fallback's tiles are the same). Prints one line per tile
-and exits 1 if any asks more than the device's 227 KB per block. Written after an fp32 Gemma-2B-size model
-crashed on an H100 at 17-64 tokens (docs/kernels.md attempt 40).
+and exits 1 if any asks more than the device's 227 KB per block. Written after the fp32 GPU test failed on
+an H100 at Gemma-2B size and 64 tokens (OutOfResources; docs/kernels.md attempt 40).
 
     python benchmarks/check_shared_memory.py [--files NVIDIA_H100_80GB_HBM3,...]
 """
