@@ -1,5 +1,5 @@
 #!/bin/bash
-# The next lease's three measurements (session 47's plan), one device call each; STEP picks it, T caps it (seconds).
+# The next leases' measurements (planned in sessions 47-48), one device call each; STEP picks it, T caps it (seconds).
 #   STEP=kernels   bare machine OK (stage payload chunk 0 in the same call): the full kernel table on the H100 under
 #                  the file that got the H200's small-T keys in session 47 (docs/kernels.md attempt 39); ~3 min.
 #   STEP=teacher   after the payload's install (benchmarks/device/install_payload.sh), twice (it resumes): the
@@ -11,7 +11,12 @@
 #                  fix of the masked tiles, not yet run on a GPU), then the rest; T caps it (the whole file ~5 min).
 #   STEP=largekeys bare machine OK: the H200 file's large-T keys (gemm@ tiers, masked tiers; large-t-keys.json) against
 #                  the H100 file at T=256-16384 (compare_configs.py), before any goes into the H100 file; ~4 min.
-# Session 48 ran kernels and teacher (docs/kernels.md attempt 39-40, docs/converter.md); adapt2000, gputests and largekeys remain.
+#   STEP=alpha3e-4 after install, twice (resumes): a lighter Hoyer weight (3e-4) with the default 1000 adapt steps.
+#                  alpha 3e-3 cost +14% sparsified (session 44) and adapt closes most of the gap to the sparsified model
+#                  (session 47), so a sparsified model nearer the original may now win at 50%. ~12 min.
+#   STEP=keep      after install, twice: GELU-tanh kept (--sparsify-activation keep; sparsified 20.51 against ReLU's 21.63,
+#                  but 26.14 at 50% before adapt, session 43) with 1000 adapt steps. ~12 min.
+# Session 48 ran kernels and teacher (docs/kernels.md attempt 39-40, docs/converter.md); the other steps remain.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -20,7 +25,7 @@ recipe() { mkdir -p /root/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m
            timeout $T python3 benchmarks/gpu_convert_recipe.py --methods d2dmoe-per-layer --no-sweep --minutes 30 \
              --work /root/$1 --out /root/out/$1 "${@:2}" >> $OUT/$1.log 2>&1; echo "$1 rc $?" >> $OUT/$1.log
            cp -r /root/out/$1 $OUT/ 2>/dev/null; grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
-case "${STEP:?give STEP=kernels, teacher, adapt2000, gputests or largekeys}" in
+case "${STEP:?give STEP=kernels, teacher, adapt2000, gputests, largekeys, alpha3e-4 or keep}" in
   kernels) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
              python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
@@ -38,7 +43,9 @@ case "${STEP:?give STEP=kernels, teacher, adapt2000, gputests or largekeys}" in
              --tokens 64,256,1024,4096,16384 --fractions 0.3 \
              "--variant=H200-large-T-keys=$(cat results/attempts/48-lease/large-t-keys.json)" > "$OUT/largekeys.log" 2>&1)
            echo "largekeys rc $?" >> "$OUT/largekeys.log"; tail -60 "$OUT/largekeys.log" ;;
+  alpha3e-4) recipe a3e4 --hoyer-alpha 3e-4 ;;
+  keep)    recipe keep --sparsify-activation keep ;;
   adapt2000) if test -f /root/teacher/stages/sparsify/stage.json; then recipe ad2000 --generated 0.5 --adapt-steps 2000 \
                --sparsified-from /root/teacher; else recipe ad2000 --adapt-steps 2000; fi ;;
-  *) echo "STEP=$STEP: give kernels, teacher, adapt2000, gputests or largekeys" >&2; exit 2 ;;
+  *) echo "STEP=$STEP: give kernels, teacher, adapt2000, gputests, largekeys, alpha3e-4 or keep" >&2; exit 2 ;;
 esac
