@@ -11,7 +11,6 @@ an H100 at Gemma-2B size and 64 tokens (OutOfResources; docs/kernels.md attempt 
 """
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -22,7 +21,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from d2dmoe_kernels.configs import CONFIG_DIR, for_element_size, kernel_config  # noqa: E402
+from d2dmoe_kernels.configs import CONFIG_DIR, for_element_size, kernel_config, path_config, token_tier  # noqa: E402
 from d2dmoe_kernels.expert_masked import TILE_WIDTHS, _masked_up_kernel  # noqa: E402
 
 SHARED_LIMIT = 232448  # bytes per block, opt-in maximum on sm_90 (H100, H200)
@@ -39,12 +38,12 @@ def masked_tiles(cfg: dict) -> set[tuple]:
     """Every distinct tile a ``masked`` key of ``cfg`` can launch with: the key's own blocks over the path's,
     and each token tier (``by_tokens``, ``fallback_by_tokens``) over those."""
     tiles = set()
-    for key, values in cfg.items():
-        if key.split("@")[0] != "masked" or not isinstance(values, dict):
+    for key in cfg:
+        shape = re.fullmatch(r"masked(?:@d(\d+)(?:e(\d+))?)?", key)  # "masked", "masked@d2048", "masked@d2048e256"
+        if not shape:
             continue
-        shape = re.fullmatch(r"masked@d(\d+)(?:e\d+)?", key)  # "masked@d2048e256": over "masked@d2048", "masked"
-        base = {**cfg["masked"], **(cfg.get(f"masked@d{shape[1]}", {}) if shape else {}), **values}
-        tiers = [base] + [{**base, **over} for k in ("by_tokens", "fallback_by_tokens") for _, over in base.get(k, ())]
+        base = path_config(cfg, "masked", int(shape[1] or 0), int(shape[2] or 0))
+        tiers = [base] + [token_tier(base, bound, k) for k in ("by_tokens", "fallback_by_tokens") for bound, _ in base.get(k, ())]
         tiles.update(tuple(t[k] for k in TILE_KEYS) for t in tiers)
     return tiles
 

@@ -21,23 +21,24 @@
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 T=${T:-560}
+install() { python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1; }   # this tree as the package (the kernel steps; the payload installs it too)
 recipe() { mkdir -p /root/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m.gguf /root/$1/ 2>/dev/null
            timeout $T python3 benchmarks/gpu_convert_recipe.py --methods d2dmoe-per-layer --no-sweep --minutes 30 \
              --work /root/$1 --out /root/out/$1 "${@:2}" >> $OUT/$1.log 2>&1; echo "$1 rc $?" >> $OUT/$1.log
            cp -r /root/out/$1 $OUT/ 2>/dev/null; grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
 case "${STEP:?give STEP=kernels, teacher, adapt2000, gputests, largekeys, alpha3e-4 or keep}" in
-  kernels) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1
+  kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
              python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
            tail -40 "$OUT/kernels.log" ;;
   teacher) recipe teacher --generated 0.5 ;;
-  gputests) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1
+  gputests) install
            S0=$(date +%s)
            timeout $T python3 -m pytest -m gpu tests/test_kernels_gpu.py -k fp32 -q -rf -p no:cacheprovider > "$OUT/gpu-fp32.log" 2>&1
            echo "fp32 rc $?" >> "$OUT/gpu-fp32.log"; tail -3 "$OUT/gpu-fp32.log"
            timeout $(( T - $(date +%s) + S0 )) python3 -m pytest -m gpu tests/test_kernels_gpu.py -k "not fp32" -q -rf \
              -p no:cacheprovider > "$OUT/gpu-rest.log" 2>&1; echo "rest rc $?" >> "$OUT/gpu-rest.log"; tail -3 "$OUT/gpu-rest.log" ;;
-  largekeys) python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1
+  largekeys) install
            (cd benchmarks && timeout $T python3 compare_configs.py --out "$OUT" --name 48-probe-h100-large-t-keys \
              --case gpt2-ffn:32,64,128 --case gemma3-270m-ffn:16,32,64 --case gemma-2b-ffn:128,256 \
              --tokens 64,256,1024,4096,16384 --fractions 0.3 \
