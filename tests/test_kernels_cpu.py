@@ -180,8 +180,9 @@ def test_fp32_tiles_hold_the_bytes_of_the_tuned_ones():
 def test_masked_tiles_fit_shared_memory_in_fp32():
     """Every masked-path tile of every device file, compiled offline for sm_90 (no GPU), fits the 227 KB of
     shared memory a block may have, for bf16 and, with the launcher's rule, fp32 weights. Without the rule the
-    H100 file's d2048 tier for 17-64 tokens asks 256 KB in fp32, where the fp32 GPU test failed on an H100
-    (OutOfResources, attempt 40), so the check must see it."""
+    H100 file's 64 x 32 x 256 tile (its d2048 tier for 17-64 tokens until session 49, still in its d640 / d768
+    tiers) asks 256 KB in fp32, where the fp32 GPU test failed on an H100 (OutOfResources, attempt 40), so the
+    check must see it."""
     import subprocess
     import sys
 

@@ -16,7 +16,9 @@
 #                  (session 47), so a sparsified model nearer the original may now win at 50%. ~12 min.
 #   STEP=keep      after install, twice: GELU-tanh kept (--sparsify-activation keep; sparsified 20.51 against ReLU's 21.63,
 #                  but 26.14 at 50% before adapt, session 43) with 1000 adapt steps. ~12 min.
-# Session 48 ran kernels and teacher (docs/kernels.md attempt 39-40, docs/converter.md); the other steps remain.
+# Session 48 ran kernels and teacher (docs/kernels.md attempt 39-40, docs/converter.md). Session 49 ran gputests,
+# keep, alpha3e-4 and largekeys (results in attempts/49-lease/; attempt 41 put the large-T keys into the H100 file):
+# next, gputests and kernels again under that file, then adapt2000.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
