@@ -14,11 +14,14 @@
 #   STEP=alpha3e-4 after install, twice (resumes): a lighter Hoyer weight (3e-4) with the default 1000 adapt steps.
 #                  alpha 3e-3 cost +14% sparsified (session 44) and adapt closes most of the gap to the sparsified model
 #                  (session 47), so a sparsified model nearer the original may now win at 50%. ~12 min.
+#   STEP=e16       after install, once or twice: 16-neuron experts (128 per layer, co-activation split) with the default
+#                  1000 adapt steps (-13% at 50% on the CPU model, docs/converter.md); reuses the sparsified model of
+#                  STEP=adapt2000 or teacher when this machine has one (same alpha 1e-3, ReLU). ~7-9 min.
 #   STEP=keep      after install, twice: GELU-tanh kept (--sparsify-activation keep; sparsified 20.51 against ReLU's 21.63,
 #                  but 26.14 at 50% before adapt, session 43) with 1000 adapt steps. ~12 min.
 # Session 48 ran kernels and teacher (docs/kernels.md attempt 39-40, docs/converter.md). Session 49 ran gputests,
 # keep, alpha3e-4 and largekeys (results in attempts/49-lease/; attempt 41 put the large-T keys into the H100 file):
-# next, gputests and kernels again under that file, then adapt2000.
+# next, gputests and kernels again under that file, then adapt2000 and e16.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -28,7 +31,7 @@ recipe() { mkdir -p /root/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m
            timeout $T python3 benchmarks/gpu_convert_recipe.py --methods d2dmoe-per-layer --no-sweep --minutes 30 \
              --work /root/$1 --out /root/out/$1 "${@:2}" >> $OUT/$1.log 2>&1; echo "$1 rc $?" >> $OUT/$1.log
            cp -r /root/out/$1 $OUT/ 2>/dev/null; grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
-case "${STEP:?give STEP=kernels, teacher, adapt2000, gputests, largekeys, alpha3e-4 or keep}" in
+case "${STEP:?give STEP=kernels, teacher, adapt2000, e16, gputests, largekeys, alpha3e-4 or keep}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
              python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
@@ -48,7 +51,9 @@ case "${STEP:?give STEP=kernels, teacher, adapt2000, gputests, largekeys, alpha3
            echo "largekeys rc $?" >> "$OUT/largekeys.log"; tail -60 "$OUT/largekeys.log" ;;
   alpha3e-4) recipe a3e4 --hoyer-alpha 3e-4 ;;
   keep)    recipe keep --sparsify-activation keep ;;
+  e16)     W=$(for w in /root/ad2000 /root/teacher; do test -f $w/stages/sparsify/stage.json && echo $w && break; done)
+           recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
   adapt2000) if test -f /root/teacher/stages/sparsify/stage.json; then recipe ad2000 --generated 0.5 --adapt-steps 2000 \
                --sparsified-from /root/teacher; else recipe ad2000 --adapt-steps 2000; fi ;;
-  *) echo "STEP=$STEP: give kernels, teacher, adapt2000, gputests, largekeys, alpha3e-4 or keep" >&2; exit 2 ;;
+  *) echo "STEP=$STEP: give kernels, teacher, adapt2000, e16, gputests, largekeys, alpha3e-4 or keep" >&2; exit 2 ;;
 esac
