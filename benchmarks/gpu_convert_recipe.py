@@ -134,13 +134,14 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
 
 def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generated: float = 0.0,
               split: str = SPLIT, teacher_engine: str = "auto", activation: str = "relu",
-              alpha: float | None = None, teacher_engines: int = 1, adapt_steps: int | None = None) -> None:
+              alpha: float | None = None, teacher_engines: int = 1, adapt_steps: int | None = None,
+              adapt_lr: float | None = None) -> None:
     """This run's RECIPE: the smoke settings (--smoke), the expert size and split, a sparsify stage of
     ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's), the share of its
     sequences continued by the original model (``generated``, teacher_text.py), whether it ReLU-fies
     the gate or keeps GELU-tanh (``activation``), the square-Hoyer weight where given (``alpha``), and an adapt
     stage of ``adapt_steps`` steps (``adapt_recipe``) where > 0 (None: the recipe's ``ADAPT_STEPS``, or the
-    smoke run's)."""
+    smoke run's), at peak learning rate ``adapt_lr`` where given (else half sparsify's)."""
     if smoke:
         RECIPE.update(SMOKE)
     RECIPE["expert_size"] = expert_size
@@ -167,6 +168,13 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generat
         raise SystemExit(f"[recipe] --adapt-steps {adapt_steps}: give 0 (no adapt stage) or more")
     if adapt_steps:   # recipe.json of the runs before --adapt-steps keeps its form
         RECIPE["adapt"] = adapt_recipe(RECIPE["sparsify"], adapt_steps)
+    if adapt_lr is not None:
+        if not adapt_steps:
+            raise SystemExit(f"[recipe] --adapt-lr {adapt_lr:g}: there is no adapt stage (--adapt-steps 0). "
+                             f"Fix: drop --adapt-lr, or give --adapt-steps N")
+        if not adapt_lr > 0:
+            raise SystemExit(f"[recipe] --adapt-lr {adapt_lr:g}: a learning rate, > 0")
+        RECIPE["adapt"] = {**RECIPE["adapt"], "lr": adapt_lr}
     if generated:
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "generated": generated}
         if teacher_engines != 1:   # how many engines sample it: not held (the text is the same either way)
@@ -306,6 +314,9 @@ def main():
                     help="fine-tune each conversion under its routers' selection at the calibrated tau for this many "
                          f"steps, distilled from the original (d2dmoe-convert --adapt-steps; default {ADAPT_STEPS}, "
                          f"--smoke {SMOKE_ADAPT_STEPS}; 0: no adapt stage, the recipe before session 47)")
+    ap.add_argument("--adapt-lr", type=float, default=None,
+                    help="the adapt stage's peak learning rate (d2dmoe-convert --adapt-lr; default half the sparsify "
+                         f"stage's, {RECIPE['sparsify']['lr'] / 2:g})")
     ap.add_argument("--split", choices=("kmeans", "coactivation"), default=SPLIT,
                     help=f"how neurons are grouped into experts (d2dmoe-convert --split; default {SPLIT}: k-means on "
                          f"the sparsified model's activations; kmeans: the paper's, on the gate rows)")
@@ -323,7 +334,7 @@ def main():
     if args.merge:
         return merge(args.merge, args.out)
     configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated, args.split, args.teacher_engine,
-              args.sparsify_activation, args.hoyer_alpha, args.teacher_engines, args.adapt_steps)
+              args.sparsify_activation, args.hoyer_alpha, args.teacher_engines, args.adapt_steps, args.adapt_lr)
     methods = tuple(m for m in args.methods.split(",") if m)
     if not methods or set(methods) - set(METHODS):
         raise SystemExit(f"[recipe] --methods {args.methods!r}: expected some of {', '.join(METHODS)}, comma-separated")

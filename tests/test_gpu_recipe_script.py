@@ -3,6 +3,7 @@ that run's GGUF as the source (the stage fingerprints name the file), copies onl
 refuses a run that has not finished them, or a --work that holds another expert size. (The whole script
 runs end to end with --smoke in minutes; too slow for the suite.)"""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -273,6 +274,27 @@ def test_adapt_steps_reach_the_converter(monkeypatch):
     monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
     recipe.configure(False, 64, None, adapt_steps=0)
     assert "adapt" not in recipe.RECIPE and recipe.options("d2dmoe", Path("/w")).adapt.steps == 0
+
+
+def test_adapt_lr_reaches_the_converter(monkeypatch):
+    """--adapt-lr: the adapt stage's peak learning rate, nothing else of it changed; refused without an adapt
+    stage (naming the fix) and when not positive."""
+    import copy
+
+    original = copy.deepcopy(recipe.RECIPE)
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None)
+    default = recipe.options("d2dmoe-per-layer", Path("/w")).adapt
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None, adapt_lr=2.5e-5)
+    a = recipe.options("d2dmoe-per-layer", Path("/w")).adapt
+    assert a.lr == 2.5e-5 != default.lr
+    assert dataclasses.replace(a, lr=default.lr) == default
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    with pytest.raises(SystemExit, match="no adapt stage.*Fix: drop --adapt-lr"):
+        recipe.configure(False, 64, None, adapt_steps=0, adapt_lr=2.5e-5)
+    with pytest.raises(SystemExit, match="a learning rate, > 0"):
+        recipe.configure(False, 64, None, adapt_lr=0.0)
 
 
 def test_merge_of_a_run_without_a_sweep_names_the_fix(tmp_path):

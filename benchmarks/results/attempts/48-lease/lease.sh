@@ -5,23 +5,27 @@
 #   STEP=teacher   after the payload's install (benchmarks/device/install_payload.sh), twice (it resumes): the
 #                  teacher-text recipe (--generated 0.5) with the recipe's default 1000 adapt steps, a tau per layer;
 #                  against session 47's 21.87 (no teacher text) and session 42's sparsified 21.12. ~16 min in all.
-#   STEP=adapt2000 after install: 2000 adapt steps on STEP=teacher's sparsified model (or on a new one, if that did
-#                  not finish its sparsify stage); is 1000 steps the knee? ~12 min, twice.
+#   STEP=adapt2000 after install, twice (resumes): the recipe (ReLU, alpha 1e-3, no teacher text) with 2000 adapt steps
+#                  in /root/ad2000; is 1000 steps the knee (240/600/1000: 22.79/22.25/21.87)? ~14 min. Run it first:
+#                  e16 and adaptlr start from its sparsified model.
 #   STEP=gputests  bare machine OK: the kernel GPU suite (tests/test_kernels_gpu.py), the fp32 tests first (attempt 40's
-#                  fix of the masked tiles, not yet run on a GPU), then the rest; T caps it (the whole file ~5 min).
+#                  fix of the masked tiles; all passed in session 49), then the rest; T caps it (~2.5 min warm).
 #   STEP=largekeys bare machine OK: the H200 file's large-T keys (gemm@ tiers, masked tiers; large-t-keys.json) against
 #                  the H100 file at T=256-16384 (compare_configs.py), before any goes into the H100 file; ~4 min.
 #   STEP=alpha3e-4 after install, twice (resumes): a lighter Hoyer weight (3e-4) with the default 1000 adapt steps.
 #                  alpha 3e-3 cost +14% sparsified (session 44) and adapt closes most of the gap to the sparsified model
 #                  (session 47), so a sparsified model nearer the original may now win at 50%. ~12 min.
 #   STEP=e16       after install, once or twice: 16-neuron experts (128 per layer, co-activation split) with the default
-#                  1000 adapt steps (-13% at 50% on the CPU model, docs/converter.md); reuses the sparsified model of
-#                  STEP=adapt2000 or teacher when this machine has one (same alpha 1e-3, ReLU). ~7-9 min.
+#                  1000 adapt steps (-13% at 50% on the CPU model, docs/converter.md); starts from STEP=adapt2000's
+#                  sparsified model when this machine has it (else sparsifies anew). ~7-9 min.
+#   STEP=adaptlr   after install, once or twice: adapt at half its learning rate (2.5e-5, gpu_convert_recipe.py
+#                  --adapt-lr; the best rate on the CPU model was at or below 2.5e-5), 1000 steps; reuses a sparsified
+#                  model the way e16 does. ~6-9 min.
 #   STEP=keep      after install, twice: GELU-tanh kept (--sparsify-activation keep; sparsified 20.51 against ReLU's 21.63,
 #                  but 26.14 at 50% before adapt, session 43) with 1000 adapt steps. ~12 min.
 # Session 48 ran kernels and teacher (docs/kernels.md attempt 39-40, docs/converter.md). Session 49 ran gputests,
 # keep, alpha3e-4 and largekeys (results in attempts/49-lease/; attempt 41 put the large-T keys into the H100 file):
-# next, gputests and kernels again under that file, then adapt2000 and e16.
+# next, gputests and kernels again under that file, then adapt2000, e16 and adaptlr.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -31,7 +35,9 @@ recipe() { mkdir -p /root/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m
            timeout $T python3 benchmarks/gpu_convert_recipe.py --methods d2dmoe-per-layer --no-sweep --minutes 30 \
              --work /root/$1 --out /root/out/$1 "${@:2}" >> $OUT/$1.log 2>&1; echo "$1 rc $?" >> $OUT/$1.log
            cp -r /root/out/$1 $OUT/ 2>/dev/null; grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
-case "${STEP:?give STEP=kernels, teacher, adapt2000, e16, gputests, largekeys, alpha3e-4 or keep}" in
+sparsified() { test -f /root/ad2000/stages/sparsify/stage.json && echo /root/ad2000; }   # STEP=adapt2000's sparsified
+                  # model (the recipe's sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it
+case "${STEP:?give STEP=kernels, teacher, adapt2000, e16, adaptlr, gputests, largekeys, alpha3e-4 or keep}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
              python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
@@ -51,9 +57,8 @@ case "${STEP:?give STEP=kernels, teacher, adapt2000, e16, gputests, largekeys, a
            echo "largekeys rc $?" >> "$OUT/largekeys.log"; tail -60 "$OUT/largekeys.log" ;;
   alpha3e-4) recipe a3e4 --hoyer-alpha 3e-4 ;;
   keep)    recipe keep --sparsify-activation keep ;;
-  e16)     W=$(for w in /root/ad2000 /root/teacher; do test -f $w/stages/sparsify/stage.json && echo $w && break; done)
-           recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
-  adapt2000) if test -f /root/teacher/stages/sparsify/stage.json; then recipe ad2000 --generated 0.5 --adapt-steps 2000 \
-               --sparsified-from /root/teacher; else recipe ad2000 --adapt-steps 2000; fi ;;
-  *) echo "STEP=$STEP: give kernels, teacher, adapt2000, e16, gputests, largekeys, alpha3e-4 or keep" >&2; exit 2 ;;
+  e16)     W=$(sparsified); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
+  adaptlr) W=$(sparsified); recipe alr --adapt-lr 2.5e-5 ${W:+--sparsified-from $W} ;;
+  adapt2000) recipe ad2000 --adapt-steps 2000 ;;
+  *) echo "STEP=$STEP: give kernels, teacher, adapt2000, e16, adaptlr, gputests, largekeys, alpha3e-4 or keep" >&2; exit 2 ;;
 esac
