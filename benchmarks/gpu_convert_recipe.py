@@ -265,6 +265,9 @@ def merge(fetched: Path, quality: Path) -> None:
     sweep_result["note"] = (f"dense = the sparsity-fine-tuned model the experts are cut from (activation "
                             f"{run['recipe']['sparsify'].get('activation', 'relu')}); original = "
                             "Gemma 3 270M as released (GELU-tanh gate), measured on the same tokens and items")
+    if run["recipe"].get("adapt", {}).get("steps"):
+        sweep_result["note"] += (f"; each conversion was then fine-tuned {run['recipe']['adapt']['steps']} steps under "
+                                 "its own selection at its calibrated budget (adapt), so its weights are not dense's")
     doc = json.loads(quality.read_text())
     doc["gpu_recipe"] = sweep_result
     quality.write_text(json.dumps(doc, indent=1))

@@ -297,6 +297,36 @@ def test_adapt_lr_reaches_the_converter(monkeypatch):
         recipe.configure(False, 64, None, adapt_lr=0.0)
 
 
+@pytest.mark.parametrize("adapt_steps", [0, 1000])
+def test_merge_puts_the_sweep_into_the_quality_json(tmp_path, adapt_steps):
+    """--merge: the fetched sweep, with the original model's measures, the run's provenance and recipe, becomes
+    the quality JSON's ``gpu_recipe`` (its other parts kept) and gets its plots; the note says whether the
+    conversions were adapted (their weights then are not the swept dense model's)."""
+    committed = json.loads((ROOT / "benchmarks" / "results" / "quality-gemma3-270m.json").read_text())
+    old = committed["gpu_recipe"]
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    sweep_result = {k: v for k, v in old.items() if k not in ("original", "provenance", "recipe", "note")}
+    (fetched / "convert-recipe-gemma3-270m-sweep.json").write_text(json.dumps(sweep_result))
+    (fetched / "convert-recipe-gemma3-270m-original.json").write_text(json.dumps({"dense": old["original"]}))
+    run_recipe = {k: v for k, v in old["recipe"].items() if k != "adapt"}
+    if adapt_steps:
+        run_recipe["adapt"] = {"steps": adapt_steps}
+    (fetched / "convert-recipe-gemma3-270m.json").write_text(json.dumps({"provenance": {"git_sha": "abc"},
+                                                                         "recipe": run_recipe}))
+    quality = tmp_path / "quality-gemma3-270m.json"
+    quality.write_text(json.dumps({**committed, "gpu_recipe": {}}))
+    recipe.merge(fetched, quality)
+    doc = json.loads(quality.read_text())
+    assert doc["points"] == committed["points"] and doc["dense"] == committed["dense"]
+    merged = doc["gpu_recipe"]
+    assert merged["points"] == old["points"] and merged["original"] == old["original"]
+    assert merged["provenance"] == {"git_sha": "abc"} and merged["recipe"] == run_recipe
+    assert ("fine-tuned 1000 steps under its own selection" in merged["note"]) == bool(adapt_steps)
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        f"quality-gemma3-270m-gpu-recipe-{k}.png" for k in ("quality", "quality-ffn", "usage")}
+
+
 def test_merge_of_a_run_without_a_sweep_names_the_fix(tmp_path):
     (tmp_path / "fetched").mkdir()
     (tmp_path / "fetched" / "convert-recipe-gemma3-270m.json").write_text("{}")

@@ -21,11 +21,16 @@
 #   STEP=adaptlr   after install, once or twice: adapt at half its learning rate (2.5e-5, gpu_convert_recipe.py
 #                  --adapt-lr; the best rate on the CPU model was at or below 2.5e-5), 1000 steps; reuses a sparsified
 #                  model the way e16 does. ~6-9 min.
+#   STEP=sweep     after install, three calls (resumes): the quality JSON's GPU recipe with adapt (D2DMoE and
+#                  MoEfication, 1000 adapt steps each, then the tau / k sweep: SOTU/Brown/BBC perplexity, BoolQ/PIQA/
+#                  ARC-Easy); from adapt2000's sparsified model where this machine has it. ~25 min. Then here:
+#                  python benchmarks/gpu_convert_recipe.py --merge FETCHED/sweep --out benchmarks/results/quality-gemma3-270m.json
 #   STEP=keep      after install, twice: GELU-tanh kept (--sparsify-activation keep; sparsified 20.51 against ReLU's 21.63,
 #                  but 26.14 at 50% before adapt, session 43) with 1000 adapt steps. ~12 min.
 # Session 48 ran kernels and teacher (docs/kernels.md attempt 39-40, docs/converter.md). Session 49 ran gputests,
 # keep, alpha3e-4 and largekeys (results in attempts/49-lease/; attempt 41 put the large-T keys into the H100 file):
-# next, gputests and kernels again under that file, then adapt2000, e16 and adaptlr.
+# next, gputests and kernels again under that file, then adapt2000, e16, adaptlr and sweep (one lease holds
+# about two of the four).
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -37,7 +42,7 @@ recipe() { mkdir -p /root/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m
            cp -r /root/out/$1 $OUT/ 2>/dev/null; grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
 sparsified() { test -f /root/ad2000/stages/sparsify/stage.json && echo /root/ad2000; }   # STEP=adapt2000's sparsified
                   # model (the recipe's sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it
-case "${STEP:?give STEP=kernels, teacher, adapt2000, e16, adaptlr, gputests, largekeys, alpha3e-4 or keep}" in
+case "${STEP:?give STEP=kernels, teacher, adapt2000, e16, adaptlr, sweep, gputests, largekeys, alpha3e-4 or keep}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
              python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
@@ -60,5 +65,9 @@ case "${STEP:?give STEP=kernels, teacher, adapt2000, e16, adaptlr, gputests, lar
   e16)     W=$(sparsified); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
   adaptlr) W=$(sparsified); recipe alr --adapt-lr 2.5e-5 ${W:+--sparsified-from $W} ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
-  *) echo "STEP=$STEP: give kernels, teacher, adapt2000, e16, adaptlr, gputests, largekeys, alpha3e-4 or keep" >&2; exit 2 ;;
+  sweep)   W=$(sparsified); mkdir -p /root/sweep && cp --update=none /root/recipe/gemma3-270m-q4_k_m.gguf /root/sweep/ 2>/dev/null
+           timeout $T python3 benchmarks/gpu_convert_recipe.py --methods d2dmoe,moefication --minutes $(( (T - 40) / 60 )) \
+             --work /root/sweep --out /root/out/sweep ${W:+--sparsified-from $W} >> $OUT/sweep.log 2>&1
+           echo "sweep rc $?" >> $OUT/sweep.log; cp -r /root/out/sweep $OUT/ 2>/dev/null; tail -15 $OUT/sweep.log ;;
+  *) echo "STEP=$STEP: give kernels, teacher, adapt2000, e16, adaptlr, sweep, gputests, largekeys, alpha3e-4 or keep" >&2; exit 2 ;;
 esac
