@@ -21,7 +21,7 @@
 #   STEP=adaptlr   after install, once or twice: adapt at half its learning rate (2.5e-5, gpu_convert_recipe.py
 #                  --adapt-lr; the best rate on the CPU model was at or below 2.5e-5), 1000 steps; reuses a sparsified
 #                  model the way e16 does. ~6-9 min.
-#   STEP=sweep     after install, three calls (resumes): the quality JSON's GPU recipe with adapt (D2DMoE and
+#   STEP=sweep     after install, three calls (resumes): the quality JSON's GPU recipe with adapt (D2DMoE, a tau per layer, and
 #                  MoEfication, 1000 adapt steps each, then the tau / k sweep: SOTU/Brown/BBC perplexity, BoolQ/PIQA/
 #                  ARC-Easy); from adapt2000's sparsified model where this machine has it. ~25 min. Then here:
 #                  python benchmarks/gpu_convert_recipe.py --merge FETCHED/sweep --out benchmarks/results/quality-gemma3-270m.json
@@ -66,7 +66,7 @@ case "${STEP:?give STEP=kernels, teacher, adapt2000, e16, adaptlr, sweep, gputes
   adaptlr) W=$(sparsified); recipe alr --adapt-lr 2.5e-5 ${W:+--sparsified-from $W} ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
   sweep)   W=$(sparsified); mkdir -p /root/sweep && cp --update=none /root/recipe/gemma3-270m-q4_k_m.gguf /root/sweep/ 2>/dev/null
-           timeout $T python3 benchmarks/gpu_convert_recipe.py --methods d2dmoe,moefication --minutes $(( (T - 40) / 60 )) \
+           timeout $T python3 benchmarks/gpu_convert_recipe.py --methods d2dmoe-per-layer,moefication --minutes $(( (T - 40) / 60 )) \
              --work /root/sweep --out /root/out/sweep ${W:+--sparsified-from $W} >> $OUT/sweep.log 2>&1
            echo "sweep rc $?" >> $OUT/sweep.log; cp -r /root/out/sweep $OUT/ 2>/dev/null; tail -15 $OUT/sweep.log ;;
   *) echo "STEP=$STEP: give kernels, teacher, adapt2000, e16, adaptlr, sweep, gputests, largekeys, alpha3e-4 or keep" >&2; exit 2 ;;
