@@ -355,6 +355,7 @@ def main():
             "sparsify_activation": results["recipe"]["sparsify"].get("activation", "relu"),
             "hoyer_alpha": results["recipe"]["sparsify"]["alpha"],
             "adapt_steps": results["recipe"].get("adapt", {}).get("steps", 0),
+            "adapt_lr": results["recipe"].get("adapt", {}).get("lr"),
             "split": results["recipe"].get("split", LEGACY_SPLIT)}
     for key, value in (("corpus", corpus), ("expert_size", RECIPE["expert_size"]),
                        ("sparsify_steps", RECIPE["sparsify"]["steps"]), ("generated", RECIPE["sparsify"].get("generated", 0.0)),
@@ -362,6 +363,7 @@ def main():
                        ("sparsify_activation", RECIPE["sparsify"].get("activation", "relu")),
                        ("hoyer_alpha", RECIPE["sparsify"]["alpha"]),
                        ("adapt_steps", RECIPE.get("adapt", {}).get("steps", 0)),
+                       ("adapt_lr", RECIPE.get("adapt", {}).get("lr")),
                        ("split", RECIPE["split"])):
         if held[key] != value:  # its finished reports would be taken as this run's
             raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "
