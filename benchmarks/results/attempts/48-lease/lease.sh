@@ -36,13 +36,15 @@ cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 T=${T:-560}
 install() { python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1; }   # this tree as the package (the kernel steps; the payload installs it too)
-recipe() { mkdir -p /root/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m.gguf /root/$1/ 2>/dev/null
-           timeout $T python3 benchmarks/gpu_convert_recipe.py --methods d2dmoe-per-layer --no-sweep --minutes 30 \
-             --work /root/$1 --out /root/out/$1 "${@:2}" >> $OUT/$1.log 2>&1; echo "$1 rc $?" >> $OUT/$1.log
-           cp -r /root/out/$1 $OUT/ 2>/dev/null; grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
+convert() { mkdir -p /root/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m.gguf /root/$1/ 2>/dev/null
+            timeout $T python3 benchmarks/gpu_convert_recipe.py --work /root/$1 --out /root/out/$1 "${@:2}" >> $OUT/$1.log 2>&1
+            echo "$1 rc $?" >> $OUT/$1.log; cp -r /root/out/$1 $OUT/ 2>/dev/null; }   # a recipe run in /root/$1, log $OUT/$1.log
+recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}"                  # one conversion, no sweep
+           grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
 sparsified() { test -f /root/ad2000/stages/sparsify/stage.json && echo /root/ad2000; }   # STEP=adapt2000's sparsified
                   # model (the recipe's sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it
-case "${STEP:?give STEP=kernels, teacher, adapt2000, e16, adaptlr, sweep, gputests, largekeys, alpha3e-4 or keep}" in
+STEPS="kernels, teacher, adapt2000, e16, adaptlr, sweep, gputests, largekeys, alpha3e-4 or keep"
+case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
              python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
@@ -65,9 +67,7 @@ case "${STEP:?give STEP=kernels, teacher, adapt2000, e16, adaptlr, sweep, gputes
   e16)     W=$(sparsified); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
   adaptlr) W=$(sparsified); recipe alr --adapt-lr 2.5e-5 ${W:+--sparsified-from $W} ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
-  sweep)   W=$(sparsified); mkdir -p /root/sweep && cp --update=none /root/recipe/gemma3-270m-q4_k_m.gguf /root/sweep/ 2>/dev/null
-           timeout $T python3 benchmarks/gpu_convert_recipe.py --methods d2dmoe-per-layer,moefication --minutes $(( (T - 40) / 60 )) \
-             --work /root/sweep --out /root/out/sweep ${W:+--sparsified-from $W} >> $OUT/sweep.log 2>&1
-           echo "sweep rc $?" >> $OUT/sweep.log; cp -r /root/out/sweep $OUT/ 2>/dev/null; tail -15 $OUT/sweep.log ;;
-  *) echo "STEP=$STEP: give kernels, teacher, adapt2000, e16, adaptlr, sweep, gputests, largekeys, alpha3e-4 or keep" >&2; exit 2 ;;
+  sweep)   W=$(sparsified); convert sweep --methods d2dmoe-per-layer,moefication --minutes $(( (T - 40) / 60 )) \
+             ${W:+--sparsified-from $W}; tail -15 $OUT/sweep.log ;;
+  *) echo "STEP=$STEP: give $STEPS" >&2; exit 2 ;;
 esac
