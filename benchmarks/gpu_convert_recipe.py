@@ -191,6 +191,17 @@ def sparsify_recipe(base: dict, steps: int) -> dict:
             "save_every": max(base["save_every"], steps // 12)}
 
 
+def run_options(r: dict) -> dict:
+    """The options of a recipe (``recipe.json``'s, or this run's ``RECIPE`` with its corpus) that a --work's
+    finished stages and reports depend on: a run resumes a --work only where all of them agree."""
+    return {"corpus": r.get("corpus", "sotu"), "expert_size": r["expert_size"], "sparsify_steps": r["sparsify"]["steps"],
+            "generated": r["sparsify"].get("generated", 0.0),
+            "teacher_engine": r["sparsify"].get("generated_engine", "auto"),
+            "sparsify_activation": r["sparsify"].get("activation", "relu"), "hoyer_alpha": r["sparsify"]["alpha"],
+            "adapt_steps": r.get("adapt", {}).get("steps", 0), "adapt_lr": r.get("adapt", {}).get("lr"),
+            "split": r.get("split", LEGACY_SPLIT)}
+
+
 def adapt_recipe(sparsify: dict, steps: int) -> dict:
     """The adapt stage's options for ``steps`` steps: sparsify's batch, sequence length, saving and distillation
     (the original model as teacher), half its peak learning rate (it starts from a trained model), and passes
@@ -348,23 +359,8 @@ def main():
     corpus = args.corpus or "sotu"
     results = json.loads(state_file.read_text()) if state_file.exists() else \
         {"provenance": provenance(), "recipe": {**RECIPE, "corpus": corpus}}
-    held = {"corpus": results["recipe"].get("corpus", "sotu"), "expert_size": results["recipe"]["expert_size"],
-            "sparsify_steps": results["recipe"]["sparsify"]["steps"],
-            "generated": results["recipe"]["sparsify"].get("generated", 0.0),
-            "teacher_engine": results["recipe"]["sparsify"].get("generated_engine", "auto"),
-            "sparsify_activation": results["recipe"]["sparsify"].get("activation", "relu"),
-            "hoyer_alpha": results["recipe"]["sparsify"]["alpha"],
-            "adapt_steps": results["recipe"].get("adapt", {}).get("steps", 0),
-            "adapt_lr": results["recipe"].get("adapt", {}).get("lr"),
-            "split": results["recipe"].get("split", LEGACY_SPLIT)}
-    for key, value in (("corpus", corpus), ("expert_size", RECIPE["expert_size"]),
-                       ("sparsify_steps", RECIPE["sparsify"]["steps"]), ("generated", RECIPE["sparsify"].get("generated", 0.0)),
-                       ("teacher_engine", RECIPE["sparsify"].get("generated_engine", "auto")),
-                       ("sparsify_activation", RECIPE["sparsify"].get("activation", "relu")),
-                       ("hoyer_alpha", RECIPE["sparsify"]["alpha"]),
-                       ("adapt_steps", RECIPE.get("adapt", {}).get("steps", 0)),
-                       ("adapt_lr", RECIPE.get("adapt", {}).get("lr")),
-                       ("split", RECIPE["split"])):
+    held, wanted = run_options(results["recipe"]), run_options({**RECIPE, "corpus": corpus})
+    for key, value in wanted.items():
         if held[key] != value:  # its finished reports would be taken as this run's
             raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "
                              f"Fix: pass another --work (or the same --{key.replace('_', '-')} to resume)")
