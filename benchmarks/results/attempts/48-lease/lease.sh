@@ -1,7 +1,7 @@
 #!/bin/bash
 # The next leases' measurements (planned in sessions 47-48), one device call each; STEP picks it, T caps it (seconds).
-#   STEP=kernels   bare machine OK (stage payload chunk 0 in the same call): the full kernel table on the H100 under
-#                  the file that got the H200's small-T keys in session 47 (docs/kernels.md attempt 39); ~3 min.
+#   STEP=kernels   bare machine OK (stage payload chunk 0 in the same call): the full kernel table under the device's
+#                  file (bench_kernels.py); ~45 s warm, ~80 s on a fresh machine (session 50).
 #   STEP=teacher   after the payload's install (benchmarks/device/install_payload.sh), twice (it resumes): the
 #                  teacher-text recipe (--generated 0.5) with the recipe's default 1000 adapt steps, a tau per layer;
 #                  against session 47's 21.87 (no teacher text) and session 42's sparsified 21.12. ~16 min in all.
@@ -29,8 +29,9 @@
 #                  but 26.14 at 50% before adapt, session 43) with 1000 adapt steps. ~12 min.
 # Session 48 ran kernels and teacher (docs/kernels.md attempt 39-40, docs/converter.md). Session 49 ran gputests,
 # keep, alpha3e-4 and largekeys (results in attempts/49-lease/; attempt 41 put the large-T keys into the H100 file):
-# next, gputests and kernels again under that file, then adapt2000, e16, adaptlr and sweep (one lease holds
-# about two of the four).
+# Session 50 ran gputests and kernels under that file, then tune_kernels.py --paths gemm and kernels again
+# (attempt 42, attempts/50-lease/; no recipe step: the first 20 minutes went to machines that did not start):
+# next, adapt2000, e16, adaptlr and sweep (one lease holds about two of the four; sweep alone needs ~25 min).
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
