@@ -19,6 +19,9 @@ and vLLM into chunks of one call each; the last call runs ``benchmarks/device/in
 held-out unchanged) the cache's ``moby-dick/`` and ``ham-mail/`` must travel too (made here by
 ``load_corpus("@mixed")``, ~8 MB). Back here:
 ``python benchmarks/gpu_convert_recipe.py --merge FETCHED --out benchmarks/results/quality-gemma3-270m.json``.
+A sweep one lease cannot finish (the machine is gone with its checkpoints) is finished on a new machine with
+``--methods`` naming the conversions it did not reach, the same --work name and options; ``--merge FIRST SECOND``
+joins them, refusing unless both runs' dense model measured the same (the recipe is deterministic: one sparsified model).
 Checked end to end on the CPU with ``--smoke``.
 
 Longer sparsity training (the authors' ~1B tokens against the recipe's ~4M): ``--sparsify-steps N`` with a
@@ -76,6 +79,8 @@ TOP_K_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 TASKS = ("boolq", "piqa", "arc_easy")
 GGUF = "gemma3-270m-q4_k_m.gguf"
 TITLE = "Gemma 3 270M, GPU recipe: quality vs compute"
+# what --out gets (what the device call fetches): the sweep, the original model's measures, the run's state
+SWEEP, ORIGINAL, RUN = (f"convert-recipe-gemma3-270m{s}.json" for s in ("-sweep", "-original", ""))
 ITEMS = 200
 
 
@@ -125,10 +130,10 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
     opts = EvalOptions(taus=TAUS, top_k_fractions=TOP_K_FRACTIONS, corpora=tuple(corpora), tokens=c["eval_tokens"],
                        seq_len=c["seq_len"], tasks=tasks, items=ITEMS if not smoke else 4, batch=8, device="auto",
                        tags=(("conversion", "gpu-recipe"),) + ((("smoke", "true"),) if smoke else ()))
-    original = evaluate(work / "stages" / "dense", [], opts, out=out / "convert-recipe-gemma3-270m-original.json",
+    original = evaluate(work / "stages" / "dense", [], opts, out=out / ORIGINAL,
                         resume=True, deadline=deadline, title="original (GELU-tanh gate)")
     points = evaluate(work / "stages" / "sparsify", [work / m for m in methods], opts,
-                      out=out / "convert-recipe-gemma3-270m-sweep.json", resume=True, deadline=deadline)
+                      out=out / SWEEP, resume=True, deadline=deadline)
     return original, points
 
 
@@ -259,19 +264,21 @@ def stage_fingerprint(work: Path, name: str = "sparsify") -> str:
     return json.loads((work / "stages" / name / "stage.json").read_text())["fingerprint"]
 
 
-def merge(fetched: Path, quality: Path) -> None:
+def merge(fetched: list[Path], quality: Path) -> None:
     """Here, after the device run: the sweep (with the original model's measures) becomes the
     ``gpu_recipe`` part of ``quality-gemma3-270m.json`` (whose ``dense``/``points`` are the CPU-default
-    conversion), with its plots beside it as ``quality-gemma3-270m-gpu-recipe-*.png``."""
+    conversion), with its plots beside it as ``quality-gemma3-270m-gpu-recipe-*.png``. A sweep a lease
+    could not finish is merged from two or more fetched folders (``combine_sweeps``), the first the one whose run and
+    original model's measures are kept."""
     from d2dmoe_converter.evaluate import plot_all
 
-    if not (fetched / "convert-recipe-gemma3-270m-sweep.json").is_file():
-        raise SystemExit(f"[recipe] --merge {fetched}: no convert-recipe-gemma3-270m-sweep.json there (a --no-sweep "
-                         f"run, or one cut before its sweep). Fix: rerun the device command without --no-sweep and "
-                         f"fetch its --out folder")
-    sweep_result = json.loads((fetched / "convert-recipe-gemma3-270m-sweep.json").read_text())
-    sweep_result["original"] = json.loads((fetched / "convert-recipe-gemma3-270m-original.json").read_text())["dense"]
-    run = json.loads((fetched / "convert-recipe-gemma3-270m.json").read_text())
+    for f in fetched:
+        if not (f / SWEEP).is_file():
+            raise SystemExit(f"[recipe] --merge {f}: no {SWEEP} there (a --no-sweep run, or one cut before its "
+                             f"sweep). Fix: rerun the device command without --no-sweep and fetch its --out folder")
+    sweep_result = combine_sweeps([json.loads((f / SWEEP).read_text()) for f in fetched], fetched)
+    sweep_result["original"] = json.loads((fetched[0] / ORIGINAL).read_text())["dense"]
+    run = json.loads((fetched[0] / RUN).read_text())
     sweep_result["provenance"], sweep_result["recipe"] = run["provenance"], run["recipe"]
     sweep_result["note"] = (f"dense = the sparsity-fine-tuned model the experts are cut from (activation "
                             f"{run['recipe']['sparsify'].get('activation', 'relu')}); original = "
@@ -279,11 +286,55 @@ def merge(fetched: Path, quality: Path) -> None:
     if run["recipe"].get("adapt", {}).get("steps"):
         sweep_result["note"] += (f"; each conversion was then fine-tuned {run['recipe']['adapt']['steps']} steps under "
                                  "its own selection at its calibrated budget (adapt), so its weights are not dense's")
+    if len(fetched) > 1:
+        sweep_result["note"] += (f"; swept over {len(fetched)} device runs of the same recipe (their dense model "
+                                 "measured the same in each: 'parts')")
     doc = json.loads(quality.read_text())
     doc["gpu_recipe"] = sweep_result
     quality.write_text(json.dumps(doc, indent=1))
     paths = plot_all(sweep_result, quality.with_name(quality.stem + "-gpu-recipe.json"), TITLE)
     print(f"[recipe] merged into {quality}; plots {', '.join(str(p) for p in paths.values())}")
+
+
+def combine_sweeps(parts: list[dict], names: list[Path]) -> dict:
+    """One sweep from the points of several device runs of the same recipe (the second run with ``--methods``
+    naming what the first did not reach). The recipe is deterministic on one GPU type (session 51: the
+    D2DMoE report repeated session 47's to the digit), and it must be shown: every part's dense model
+    must measure the same as the first's, so the parts were swept on the same sparsified model. Refused
+    unless every checkpoint has all its points (``unfinished_checkpoints``)."""
+    from d2dmoe_converter.evaluate import unfinished_checkpoints
+
+    whole = {**parts[0], "points": list(parts[0]["points"])}
+    for part, name in zip(parts[1:], names[1:]):
+        for key in ("dense_model", "options", "data"):
+            if part.get(key) != whole.get(key):
+                raise SystemExit(f"[recipe] --merge {name}: its sweep's {key} is not {names[0]}'s. Fix: merge "
+                                 f"sweeps of one recipe run the same way (the same --work and recipe options)")
+        if set(part["checkpoints"]) - set(whole["checkpoints"]):
+            raise SystemExit(f"[recipe] --merge {name}: checkpoints {sorted(set(part['checkpoints']) - set(whole['checkpoints']))} "
+                             f"are not among {names[0]}'s. Fix: give first the folder of the run with every method")
+        differ = [f"ppl {c}: {a} vs {part['dense']['ppl'].get(c)}" for c, a in whole["dense"]["ppl"].items()
+                  if not math.isclose(a, part["dense"]["ppl"].get(c, math.nan), rel_tol=1e-6)]
+        differ += [f"{t}: {a} vs {part['dense']['tasks'].get(t)}" for t, a in whole["dense"]["tasks"].items()
+                   if a != part["dense"]["tasks"].get(t)]
+        if differ:
+            raise SystemExit(f"[recipe] --merge {name}: its dense model is not {names[0]}'s ({'; '.join(differ)}), so "
+                             f"its conversions were cut from another sparsified model. Fix: run the whole sweep in "
+                             f"one lease (gpu_convert_recipe.py without --methods)")
+        done = {(p["checkpoint"], p["setting"]) for p in whole["points"]}
+        whole["points"] += [p for p in part["points"] if (p["checkpoint"], p["setting"]) not in done]
+        whole["flops_per_token_moe"] = {**whole.get("flops_per_token_moe", {}), **part.get("flops_per_token_moe", {})}
+        whole["seconds"] = round(float(whole.get("seconds") or 0) + float(part.get("seconds") or 0), 1)
+    missing = unfinished_checkpoints(whole)
+    if missing:
+        raise SystemExit(f"[recipe] --merge {', '.join(map(str, names))}: the sweep lacks points of {', '.join(missing)}. "
+                         f"Fix: rerun the device command to finish it (it resumes while the machine is held), or on "
+                         f"a new machine run it with --methods naming those conversions and give both folders")
+    whole["complete"] = True
+    if len(parts) > 1:
+        whole["parts"] = [{"folder": str(n), "checkpoints": p["checkpoints"], "points": len(p["points"]),
+                           "seconds": p.get("seconds")} for p, n in zip(parts, names)]
+    return whole
 
 
 def print_reports(results: dict, methods: tuple[str, ...]) -> None:
@@ -342,8 +393,9 @@ def main():
     ap.add_argument("--no-sweep", action="store_true",
                     help="conversions only: each report's perplexity at the calibrated tau on held-out tokens is the "
                          "measure (a lever's comparison in a few device minutes; the sweep takes several more)")
-    ap.add_argument("--merge", type=Path, metavar="FETCHED",
-                    help="here, after the device run: merge the fetched --out folder into --out's quality JSON")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="FETCHED",
+                    help="here, after the device run: merge the fetched --out folder into --out's quality JSON; a "
+                         "sweep finished over several runs (--methods): every folder, the one with all methods first")
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, args.out)
@@ -367,7 +419,7 @@ def main():
 
     def save():
         state_file.write_text(json.dumps(results, indent=2))
-        shutil.copy(state_file, args.out / "convert-recipe-gemma3-270m.json")
+        shutil.copy(state_file, args.out / RUN)
 
     import transformers
 
@@ -402,8 +454,7 @@ def main():
     if args.no_sweep:
         return print_reports(results, methods)
 
-    kept = [("recipe-sweep.json", "convert-recipe-gemma3-270m-sweep.json"),
-            ("recipe-original.json", "convert-recipe-gemma3-270m-original.json")]
+    kept = [("recipe-sweep.json", SWEEP), ("recipe-original.json", ORIGINAL)]
     for mine, theirs in kept:  # $OUT is new on every call: bring back the points so far
         if (args.work / mine).exists():
             shutil.copy(args.work / mine, args.out / theirs)
@@ -414,9 +465,9 @@ def main():
             shutil.copy(args.out / theirs, args.work / mine)
     results["original"] = original["dense"]
     result["original"] = original["dense"]  # the reference line the target is stated against, in the plots
-    (args.out / "convert-recipe-gemma3-270m-sweep.json").write_text(json.dumps(result, indent=1))
-    plot_all(result, args.out / "convert-recipe-gemma3-270m-sweep.json", TITLE)
-    results["sweep"] = {"file": "convert-recipe-gemma3-270m-sweep.json", "complete": result["complete"],
+    (args.out / SWEEP).write_text(json.dumps(result, indent=1))
+    plot_all(result, args.out / SWEEP, TITLE)
+    results["sweep"] = {"file": SWEEP, "complete": result["complete"],
                         "points": [{k: p.get(k) for k in ("method", "setting", "ffn_compute", "model_compute", "ppl",
                                                           "tasks")}
                                    for p in result["points"]]}

@@ -177,21 +177,48 @@ def build_moe(ckpt: Checkpoint, dense: DenseModel, device) -> torch.nn.Module:
 
 
 def settings_for(ckpt: Checkpoint, opts: EvalOptions) -> list[tuple[str, float, int, bool, tuple[float, ...]]]:
-    """(label, tau, top_k, oracle, layer_tau) per sweep point of this checkpoint; with ``opts.oracle``
-    D2DMoE checkpoints get each tau twice, the second time selecting on the true expert output norms.
-    A checkpoint with per-layer taus is measured at its calibrated taus, then at each sweep tau as its
-    layer taus scaled by sweep tau / its tau (the allocation's shape kept, its level swept)."""
-    if ckpt.method == "moefication":
-        E = ckpt.d2dmoe["num_experts"][0]
+    """(label, tau, top_k, oracle, layer_tau) per sweep point of this checkpoint (``sweep_settings``)."""
+    return sweep_settings(ckpt.method, ckpt.d2dmoe["num_experts"][0], tuple(ckpt.d2dmoe.get("layer_tau") or ()),
+                          ckpt.d2dmoe.get("tau", 0.0), opts)
+
+
+def sweep_settings(method: str, num_experts: int, layer_tau: tuple[float, ...], tau0: float,
+                   opts: EvalOptions) -> list[tuple[str, float, int, bool, tuple[float, ...]]]:
+    """(label, tau, top_k, oracle, layer_tau) per sweep point of a checkpoint of ``method`` with ``num_experts``
+    experts in its first FFN layer and calibrated ``tau0`` / ``layer_tau``; with ``opts.oracle`` D2DMoE
+    checkpoints get each tau twice, the second time selecting on the true expert output norms. A checkpoint
+    with per-layer taus is measured at its calibrated taus, then at each sweep tau as its layer taus scaled by
+    sweep tau / its tau (the allocation's shape kept, its level swept)."""
+    if method == "moefication":
+        E = num_experts
         ks = sorted({max(1, min(E, round(f * E))) for f in opts.top_k_fractions}, reverse=True)
         return [(f"k={k}/{E}", 0.0, k, False, ()) for k in ks]
-    layer_tau, tau0 = tuple(ckpt.d2dmoe.get("layer_tau") or ()), ckpt.d2dmoe.get("tau", 0.0)
     if layer_tau and tau0 > 0:
         scaled = [(f"tau={t:g} per-layer", float(t), 0, False, tuple(min(1.0, x * (t / tau0)) for x in layer_tau))
                   for t in opts.taus]
         return [("calibrated per-layer", float(tau0), 0, False, layer_tau), *scaled]
     points = [(f"tau={t:g}", float(t), 0, False, ()) for t in opts.taus]
     return points + ([(f"tau={t:g} oracle", float(t), 0, True, ()) for t in opts.taus] if opts.oracle else [])
+
+
+def unfinished_checkpoints(result: dict) -> list[str]:
+    """The checkpoints of a sweep JSON (``evaluate``'s) whose points do not cover every setting
+    ``sweep_settings`` gives them, read from the JSON alone: a sweep finished over two device runs is
+    whole only when every checkpoint is (``gpu_convert_recipe.py --merge`` checks it)."""
+    o = result["options"]
+    opts = EvalOptions(taus=tuple(o["taus"]), top_k_fractions=tuple(o["top_k_fractions"]), oracle=o.get("oracle", False))
+    missing = []
+    for c in result["checkpoints"]:
+        points = [p for p in result["points"] if p["checkpoint"] == c]
+        if not points:
+            missing.append(c)
+            continue
+        first = points[0]   # points come in settings' order: the first carries a per-layer one's calibrated taus
+        wanted = sweep_settings(first["method"].removesuffix("-oracle"), first["usage"]["num_experts"][0],
+                                tuple(first.get("layer_tau") or ()), first["tau"], opts)
+        if {s[0] for s in wanted} - {p["setting"] for p in points}:
+            missing.append(c)
+    return missing
 
 
 # ---------------------------------------------------------------- compute model

@@ -319,7 +319,7 @@ def test_merge_puts_the_sweep_into_the_quality_json(tmp_path, adapt_steps):
                                                                          "recipe": run_recipe}))
     quality = tmp_path / "quality-gemma3-270m.json"
     quality.write_text(json.dumps({**committed, "gpu_recipe": {}}))
-    recipe.merge(fetched, quality)
+    recipe.merge([fetched], quality)
     doc = json.loads(quality.read_text())
     assert {k: v for k, v in doc.items() if k != "gpu_recipe"} == \
         {k: v for k, v in committed.items() if k != "gpu_recipe"}   # the CPU conversion, the other GPU runs
@@ -329,6 +329,104 @@ def test_merge_puts_the_sweep_into_the_quality_json(tmp_path, adapt_steps):
     assert ("fine-tuned 1000 steps under its own selection" in merged["note"]) == bool(adapt_steps)
     assert {p.name for p in tmp_path.glob("*.png")} == {
         f"quality-gemma3-270m-gpu-recipe-{k}.png" for k in ("quality", "quality-ffn", "usage")}
+
+
+def split_sweep(sweep: dict, first_checkpoints: int) -> tuple[dict, dict]:
+    """A whole sweep as two device runs would have left it: the first run (every method) cut after the
+    points of its first ``first_checkpoints`` checkpoints, the second run with --methods naming the rest."""
+    head = sweep["checkpoints"][:first_checkpoints]
+    a = {**sweep, "points": [p for p in sweep["points"] if p["checkpoint"] in head], "complete": False}
+    b = {**sweep, "checkpoints": sweep["checkpoints"][first_checkpoints:], "complete": True,
+         "points": [p for p in sweep["points"] if p["checkpoint"] not in head]}
+    return a, b
+
+
+def write_fetched(folder: Path, sweep: dict, original: dict, run: dict | None = None) -> Path:
+    folder.mkdir()
+    (folder / recipe.SWEEP).write_text(json.dumps(sweep))
+    (folder / recipe.ORIGINAL).write_text(json.dumps({"dense": original}))
+    (folder / recipe.RUN).write_text(json.dumps(run or {"provenance": {"git_sha": folder.name}, "recipe": {
+        "sparsify": {"activation": "relu"}, "adapt": {"steps": 1000}}}))
+    return folder
+
+
+def committed_sweep() -> tuple[dict, dict]:
+    old = json.loads((ROOT / "benchmarks" / "results" / "quality-gemma3-270m.json").read_text())["gpu_recipe"]
+    assert len(old["checkpoints"]) == 2 and old["complete"]
+    return {k: v for k, v in old.items() if k not in ("original", "provenance", "recipe", "note")}, old["original"]
+
+
+def test_merge_joins_a_sweep_finished_over_two_runs(tmp_path):
+    """A sweep cut before its second method (session 51) and that method's points from a second run of the same
+    recipe merge into the whole sweep: every point once, in order, the first run's provenance and original
+    model, the parts named; the same points as the sweep run in one go."""
+    whole, original = committed_sweep()
+    a, b = split_sweep(whole, 1)
+    quality = tmp_path / "quality-gemma3-270m.json"
+    quality.write_text(json.dumps({"gpu_recipe": {}}))
+    first = write_fetched(tmp_path / "first", a, original)
+    second = write_fetched(tmp_path / "second", b, {"ppl": {"sotu": 1.0}})   # the second's original is not used
+    recipe.merge([first, second], quality)
+    merged = json.loads(quality.read_text())["gpu_recipe"]
+    assert merged["points"] == whole["points"] and merged["complete"] is True
+    assert merged["original"] == original and merged["provenance"] == {"git_sha": "first"}
+    assert [(p["folder"], p["points"]) for p in merged["parts"]] == [(str(first), len(a["points"])),
+                                                                     (str(second), len(b["points"]))]
+    assert "swept over 2 device runs" in merged["note"]
+    merged_twice = tmp_path / "again.json"
+    merged_twice.write_text(json.dumps({"gpu_recipe": {}}))
+    recipe.merge([first, second, second], merged_twice)   # a folder given twice adds no point twice
+    assert json.loads(merged_twice.read_text())["gpu_recipe"]["points"] == whole["points"]
+
+
+def test_merge_refuses_parts_that_do_not_make_one_sweep(tmp_path):
+    """Refused, naming the fix, with the quality JSON untouched: a sweep still missing points (alone, or with
+    a second run that lacks one), and a second run whose dense model measured otherwise (another sparsified
+    model) or whose options differ."""
+    whole, original = committed_sweep()
+    a, b = split_sweep(whole, 1)
+    quality = tmp_path / "quality-gemma3-270m.json"
+    quality.write_text(json.dumps({"gpu_recipe": {"kept": True}}))
+    first = write_fetched(tmp_path / "first", a, original)
+    cases = {
+        "alone": ([], "lacks points of .*moefication.*--methods naming those conversions and give both folders"),
+        "short": ([{**b, "points": b["points"][:-1]}], "lacks points of .*moefication"),
+        "other-dense": ([{**b, "dense": {**b["dense"], "ppl": {**b["dense"]["ppl"], "sotu": b["dense"]["ppl"]["sotu"]
+                                                             * 1.001}}}],
+                        "dense model is not .*first's \\(ppl sotu.*another sparsified model.*in one lease"),
+        "other-options": ([{**b, "options": {**b["options"], "tokens": 1}}], "options is not .*first's"),
+        "stranger": ([{**b, "checkpoints": ["/elsewhere/moefication"]}], "are not among .*first's"),
+    }
+    for name, (rest, message) in cases.items():
+        folders = [first] + [write_fetched(tmp_path / f"{name}-{i}", r, original) for i, r in enumerate(rest)]
+        with pytest.raises(SystemExit, match=message):
+            recipe.merge(folders, quality)
+        assert json.loads(quality.read_text()) == {"gpu_recipe": {"kept": True}}
+
+
+def test_unfinished_checkpoints_reads_a_sweep_json():
+    """What --merge checks, read from a sweep JSON alone: it agrees with ``complete`` on every sweep under
+    benchmarks/results (D2DMoE with one tau and a tau per layer, MoEfication, oracle points), one point less
+    leaves its checkpoint unfinished, and session 51's cut sweep lacks exactly its MoEfication points."""
+    from d2dmoe_converter.evaluate import unfinished_checkpoints
+
+    sweeps = []
+    for f in sorted((ROOT / "benchmarks" / "results").rglob("*.json")):
+        doc = json.loads(f.read_text())
+        if isinstance(doc, dict):
+            sweeps += [r for r in (doc, *doc.values())
+                       if isinstance(r, dict) and {"points", "checkpoints", "options"} <= r.keys()]
+    assert len(sweeps) >= 8 and any(r["options"].get("oracle") for r in sweeps)
+    assert {p["method"] for r in sweeps for p in r["points"]} >= {"d2dmoe", "d2dmoe-per-layer", "moefication",
+                                                                    "d2dmoe-oracle"}
+    for r in sweeps:
+        assert (unfinished_checkpoints(r) == []) == r["complete"]
+        for drop in (0, len(r["points"]) - 1) if r["complete"] and r["points"] else ():
+            cut = {**r, "points": r["points"][:drop] + r["points"][drop + 1:]}
+            assert unfinished_checkpoints(cut) == [r["points"][drop]["checkpoint"]]
+    cut51 = json.loads((ROOT / "benchmarks/results/attempts/51-lease/sweep" / recipe.SWEEP).read_text())
+    assert unfinished_checkpoints(cut51) == ["/root/sweep/moefication"]
+    assert unfinished_checkpoints({**cut51, "checkpoints": cut51["checkpoints"][:1]}) == []
 
 
 def test_merge_of_a_run_without_a_sweep_names_the_fix(tmp_path):

@@ -21,30 +21,39 @@
 #   STEP=adaptlr   after install, once or twice: adapt at half its learning rate (2.5e-5, gpu_convert_recipe.py
 #                  --adapt-lr; the best rate on the CPU model was at or below 2.5e-5), 1000 steps; reuses a sparsified
 #                  model the way e16 does. ~6-9 min.
-#   STEP=sweep     after install, three calls (resumes): the quality JSON's GPU recipe with adapt (D2DMoE, a tau per layer, and
+#   STEP=sweep     after install, four calls (resumes): the quality JSON's GPU recipe with adapt (D2DMoE, a tau per layer, and
 #                  MoEfication, 1000 adapt steps each, then the tau / k sweep: SOTU/Brown/BBC perplexity, BoolQ/PIQA/
-#                  ARC-Easy); from adapt2000's sparsified model where this machine has it. ~25 min. Then here:
+#                  ARC-Easy); from adapt2000's sparsified model where this machine has it. ~30 min: session 51's three
+#                  calls (1610 s) stopped 4 MoEfication points (~2.5 min) short, so it needs a lease of its own. Then here:
 #                  python benchmarks/gpu_convert_recipe.py --merge FETCHED/sweep --out benchmarks/results/quality-gemma3-270m.json
+#   STEP=sweepmoe  after install, two calls: what session 51's sweep did not reach, on a fresh machine: the same recipe with
+#                  MoEfication alone (sparsify again, routers, adapt, its 4 points, the dense and original models). ~15 min.
+#                  Then here (--merge checks that both runs' dense model measured the same, i.e. one sparsified model):
+#                  python benchmarks/gpu_convert_recipe.py --merge benchmarks/results/attempts/51-lease/sweep FETCHED/sweep \
+#                    --out benchmarks/results/quality-gemma3-270m.json
 #   STEP=keep      after install, twice: GELU-tanh kept (--sparsify-activation keep; sparsified 20.51 against ReLU's 21.63,
 #                  but 26.14 at 50% before adapt, session 43) with 1000 adapt steps. ~12 min.
 # Session 48 ran kernels and teacher (docs/kernels.md attempt 39-40, docs/converter.md). Session 49 ran gputests,
 # keep, alpha3e-4 and largekeys (results in attempts/49-lease/; attempt 41 put the large-T keys into the H100 file):
 # Session 50 ran gputests and kernels under that file, then tune_kernels.py --paths gemm and kernels again
 # (attempt 42, attempts/50-lease/; no recipe step: the first 20 minutes went to machines that did not start):
-# next, adapt2000, e16, adaptlr and sweep (one lease holds about two of the four; sweep alone needs ~25 min).
+# Session 51 ran sweep (attempts/51-lease/: D2DMoE's 9 points; MoEfication's adapted checkpoint, no points).
+# Next: sweepmoe (then --merge), with adapt2000 (~14 min) in the same lease; then e16, adaptlr.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 T=${T:-560}
 install() { python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1; }   # this tree as the package (the kernel steps; the payload installs it too)
-convert() { mkdir -p /root/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m.gguf /root/$1/ 2>/dev/null
-            timeout $T python3 benchmarks/gpu_convert_recipe.py --work /root/$1 --out /root/out/$1 "${@:2}" >> $OUT/$1.log 2>&1
-            echo "$1 rc $?" >> $OUT/$1.log; cp -r /root/out/$1 $OUT/ 2>/dev/null; }   # a recipe run in /root/$1, log $OUT/$1.log
+convert() { mkdir -p /root/$1 $OUT/$1 && cp --update=none /root/recipe/gemma3-270m-q4_k_m.gguf /root/$1/ 2>/dev/null
+            timeout $T python3 benchmarks/gpu_convert_recipe.py --work /root/$1 --out /root/res/$1 "${@:2}" >> $OUT/$1.log 2>&1
+            echo "$1 rc $?" >> $OUT/$1.log; cp /root/res/$1/*.json $OUT/$1/ 2>/dev/null
+            for f in /root/res/$1/*-sweep-*.png /root/res/$1/*-sparsify.png; do    # a call brings back 8 files at most:
+              [ -f $f ] && [ $(ls $OUT/$1 | wc -l) -lt 6 ] && cp $f $OUT/$1/; done; }  # the JSONs first (session 51 lost two)
 recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}"                  # one conversion, no sweep
            grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
 sparsified() { test -f /root/ad2000/stages/sparsify/stage.json && echo /root/ad2000; }   # STEP=adapt2000's sparsified
                   # model (the recipe's sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it
-STEPS="kernels, teacher, adapt2000, e16, adaptlr, sweep, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, teacher, adapt2000, e16, adaptlr, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
@@ -69,6 +78,8 @@ case "${STEP:?give STEP=$STEPS}" in
   adaptlr) W=$(sparsified); recipe alr --adapt-lr 2.5e-5 ${W:+--sparsified-from $W} ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
   sweep)   W=$(sparsified); convert sweep --methods d2dmoe-per-layer,moefication --minutes $(( (T - 40) / 60 )) \
+             ${W:+--sparsified-from $W}; tail -15 $OUT/sweep.log ;;
+  sweepmoe) W=$(sparsified); convert sweep --methods moefication --minutes $(( (T - 40) / 60 )) \
              ${W:+--sparsified-from $W}; tail -15 $OUT/sweep.log ;;
   *) echo "STEP=$STEP: give $STEPS" >&2; exit 2 ;;
 esac
