@@ -17,7 +17,7 @@
 #                  (session 47), so a sparsified model nearer the original may now win at 50%. ~12 min.
 #   STEP=e16       after install, once or twice: 16-neuron experts (128 per layer, co-activation split) with the default
 #                  1000 adapt steps (-13% at 50% on the CPU model, docs/converter.md); starts from STEP=adapt2000's
-#                  sparsified model when this machine has it (else sparsifies anew). ~7-9 min.
+#                  or STEP=sweep(moe)'s sparsified model when this machine has one (else sparsifies anew). ~7-9 min.
 #   STEP=adaptlr   after install, once or twice: adapt at half its learning rate (2.5e-5, gpu_convert_recipe.py
 #                  --adapt-lr; the best rate on the CPU model was at or below 2.5e-5), 1000 steps; reuses a sparsified
 #                  model the way e16 does. ~6-9 min.
@@ -38,7 +38,8 @@
 # Session 50 ran gputests and kernels under that file, then tune_kernels.py --paths gemm and kernels again
 # (attempt 42, attempts/50-lease/; no recipe step: the first 20 minutes went to machines that did not start):
 # Session 51 ran sweep (attempts/51-lease/: D2DMoE's 9 points; MoEfication's adapted checkpoint, no points).
-# Next: sweepmoe (then --merge), with adapt2000 (~14 min) in the same lease; then e16, adaptlr.
+# Next: sweepmoe (~15 min, then --merge), then e16 or adaptlr in the same lease (~7 min each from the sweep's
+# sparsified model); adapt2000 (~14 min) in a lease of its own.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -51,8 +52,9 @@ convert() { mkdir -p /root/$1 $OUT/$1 && cp --update=none /root/recipe/gemma3-27
               [ -f $f ] && [ $(ls $OUT/$1 | wc -l) -lt 6 ] && cp $f $OUT/$1/; done; }  # the JSONs first (session 51 lost two)
 recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}"                  # one conversion, no sweep
            grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
-sparsified() { test -f /root/ad2000/stages/sparsify/stage.json && echo /root/ad2000; }   # STEP=adapt2000's sparsified
-                  # model (the recipe's sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it
+sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
+                 && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
+                 # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
 STEPS="kernels, teacher, adapt2000, e16, adaptlr, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
@@ -74,12 +76,12 @@ case "${STEP:?give STEP=$STEPS}" in
            echo "largekeys rc $?" >> "$OUT/largekeys.log"; tail -60 "$OUT/largekeys.log" ;;
   alpha3e-4) recipe a3e4 --hoyer-alpha 3e-4 ;;
   keep)    recipe keep --sparsify-activation keep ;;
-  e16)     W=$(sparsified); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
-  adaptlr) W=$(sparsified); recipe alr --adapt-lr 2.5e-5 ${W:+--sparsified-from $W} ;;
+  e16)     W=$(sparsified e16); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
+  adaptlr) W=$(sparsified alr); recipe alr --adapt-lr 2.5e-5 ${W:+--sparsified-from $W} ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
-  sweep)   W=$(sparsified); convert sweep --methods d2dmoe-per-layer,moefication --minutes $(( (T - 40) / 60 )) \
+  sweep)   W=$(sparsified sweep); convert sweep --methods d2dmoe-per-layer,moefication --minutes $(( (T - 40) / 60 )) \
              ${W:+--sparsified-from $W}; tail -15 $OUT/sweep.log ;;
-  sweepmoe) W=$(sparsified); convert sweep --methods moefication --minutes $(( (T - 40) / 60 )) \
+  sweepmoe) W=$(sparsified sweep); convert sweep --methods moefication --minutes $(( (T - 40) / 60 )) \
              ${W:+--sparsified-from $W}; tail -15 $OUT/sweep.log ;;
   *) echo "STEP=$STEP: give $STEPS" >&2; exit 2 ;;
 esac
