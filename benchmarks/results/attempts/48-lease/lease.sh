@@ -24,7 +24,7 @@
 #   STEP=sweep     after install, four calls (resumes): the quality JSON's GPU recipe with adapt (D2DMoE, a tau per layer, and
 #                  MoEfication, 1000 adapt steps each, then the tau / k sweep: SOTU/Brown/BBC perplexity, BoolQ/PIQA/
 #                  ARC-Easy); from adapt2000's sparsified model where this machine has it. ~30 min: session 51's three
-#                  calls (1610 s) stopped 4 MoEfication points (~2.5 min) short, so it needs a lease of its own. Then here:
+#                  calls (1611 s) stopped 4 MoEfication points (~2.5 min) short, so it needs a lease of its own. Then here:
 #                  python benchmarks/gpu_convert_recipe.py --merge FETCHED/sweep --out benchmarks/results/quality-gemma3-270m.json
 #   STEP=sweepmoe  after install, two calls: what session 51's sweep did not reach, on a fresh machine: the same recipe with
 #                  MoEfication alone (sparsify again, routers, adapt, its 4 points, the dense and original models). ~15 min.
