@@ -28,7 +28,8 @@
 #                  python benchmarks/gpu_convert_recipe.py --merge FETCHED/sweep --out benchmarks/results/quality-gemma3-270m.json
 #   STEP=sweepmoe  after install, two calls: what session 51's sweep did not reach, on a fresh machine: the same recipe with
 #                  MoEfication alone (sparsify again, routers, adapt, its 4 points, the dense and original models). ~15 min.
-#                  Then here (--merge checks that both runs' dense model measured the same, i.e. one sparsified model):
+#                  Then here (--merge checks that both runs' dense model measured the same, i.e. one sparsified model,
+#                  and that the sweep options are 767ae48's: a change to EvalOptions, TAUS or ITEMS before it is refused):
 #                  python benchmarks/gpu_convert_recipe.py --merge benchmarks/results/attempts/51-lease/sweep FETCHED/sweep \
 #                    --out benchmarks/results/quality-gemma3-270m.json
 #   STEP=keep      after install, twice: GELU-tanh kept (--sparsify-activation keep; sparsified 20.51 against ReLU's 21.63,
