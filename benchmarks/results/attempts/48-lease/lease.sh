@@ -80,9 +80,7 @@ case "${STEP:?give STEP=$STEPS}" in
   e16)     W=$(sparsified e16); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
   adaptlr) W=$(sparsified alr); recipe alr --adapt-lr 2.5e-5 ${W:+--sparsified-from $W} ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
-  sweep)   W=$(sparsified sweep); convert sweep --methods d2dmoe-per-layer,moefication --minutes $(( (T - 40) / 60 )) \
-             ${W:+--sparsified-from $W}; tail -15 $OUT/sweep.log ;;
-  sweepmoe) W=$(sparsified sweep); convert sweep --methods moefication --minutes $(( (T - 40) / 60 )) \
-             ${W:+--sparsified-from $W}; tail -15 $OUT/sweep.log ;;
+  sweep|sweepmoe) W=$(sparsified sweep); M=d2dmoe-per-layer,moefication; [ $STEP = sweepmoe ] && M=moefication
+           convert sweep --methods $M --minutes $(( (T - 40) / 60 )) ${W:+--sparsified-from $W}; tail -15 $OUT/sweep.log ;;
   *) echo "STEP=$STEP: give $STEPS" >&2; exit 2 ;;
 esac
