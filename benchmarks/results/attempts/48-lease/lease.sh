@@ -2,6 +2,8 @@
 # The next leases' measurements (planned in sessions 47-48), one device call each; STEP picks it, T caps it (seconds).
 #   STEP=kernels   bare machine OK (stage payload chunk 0 in the same call): the full kernel table under the device's
 #                  file (bench_kernels.py); ~45 s warm, ~80 s on a fresh machine (session 50).
+#   STEP=gemmguard bare machine OK: tune_kernels.py --paths gemm (now also guarding 10% routings) on this device, its
+#                  file copied into kernels/configs/, then the full kernel table under it; ~3.5 min warm.
 #   STEP=teacher   after the payload's install (benchmarks/device/install_payload.sh), twice (it resumes): the
 #                  teacher-text recipe (--generated 0.5) with the recipe's default 1000 adapt steps, a tau per layer;
 #                  against session 47's 21.87 (no teacher text) and session 42's sparsified 21.12. ~16 min in all.
@@ -56,7 +58,7 @@ recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}
 sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
                  && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
                  # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
-STEPS="kernels, teacher, adapt2000, e16, adaptlr, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, gemmguard, teacher, adapt2000, e16, adaptlr, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
@@ -80,6 +82,13 @@ case "${STEP:?give STEP=$STEPS}" in
   e16)     W=$(sparsified e16); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
   adaptlr) W=$(sparsified alr); recipe alr --adapt-lr 2.5e-5 ${W:+--sparsified-from $W} ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
+  gemmguard) install     # tune_kernels.py --paths gemm with the 10% guard (4f18ccc), then the table under its file
+           timeout $T python3 benchmarks/tune_kernels.py --out "$OUT" --paths gemm > "$OUT/tune-gemm.log" 2>&1
+           echo "tune rc $?" >> "$OUT/tune-gemm.log"; grep "gemm: {" "$OUT/tune-gemm.log"
+           F=$OUT/$(python3 -c "import torch;print(torch.cuda.get_device_name().replace(' ','_'))").json
+           [ -f $F ] && cp $F kernels/configs/ && D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-unknown} timeout $T \
+             python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
+           tail -5 "$OUT/kernels.log" ;;
   sweep|sweepmoe) W=$(sparsified sweep); M=d2dmoe-per-layer,moefication; [ $STEP = sweepmoe ] && M=moefication
            convert sweep --methods $M --minutes $(( (T - 40) / 60 )) ${W:+--sparsified-from $W}; tail -15 $OUT/sweep.log ;;
   *) echo "STEP=$STEP: give $STEPS" >&2; exit 2 ;;
