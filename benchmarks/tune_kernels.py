@@ -18,7 +18,7 @@ the fused kernel (small routers) keep the fused kernel.
 
 ``--paths gemm`` sets the cuBLAS-GEMM masked path's token range per shape instead: it times the
 device's dispatch (gemm off) against the gemm path with each of GEMM_BLOCKS, at GEMM_TOKENS and the
-five routings of GEMM_ROUTINGS, on every shape and expert size of bench_kernels.py, and keeps
+three routings of GEMM_ROUTINGS, on every shape and expert size of bench_kernels.py, and keeps
 ``gemm_tier``'s choice (attempt 24's rule; the path never skips weights, so it wins only where every
 expert runs anyway and Triton's tiles lose).
 """
@@ -56,9 +56,7 @@ GRID = {
 
 GEMM_TOKENS = (64, 256, 1024, 4096, 16384)
 GEMM_BLOCKS = (dict(BLOCK_T=64, BLOCK_C=128, num_warps=4), dict(BLOCK_T=32, BLOCK_C=256, num_warps=4))
-GEMM_ROUTINGS = ((0.3, "independent"), (0.3, "shared"), (1.0, "independent"), (0.1, "independent"), (0.1, "shared"))
-GAIN_ROUTINGS = ("independent", "shared", "all")  # attempt 24's gain: 30% independent, 30% shared, 100%
-KEEP_ROUTINGS = ("independent", "independent@0.1", "shared@0.1")  # sparse routings the path may not slow by > 5%
+GEMM_ROUTINGS = ((0.3, "independent"), (0.3, "shared"), (1.0, "independent"))
 ALL_TOKENS = 1 << 30
 KEEP_MARGIN = 0.98  # a candidate replaces the device's values only if it is more than 2% faster
 TIERED = ("fused", "masked", "gemm")  # the paths whose configs dispatch reads through token_tier
@@ -109,22 +107,14 @@ def candidate_config(cfg: dict, path: str, d: int, es: int, tokens: int, cand: d
     return taking_path(shaped, path, d, es, tokens if upto is None else upto)
 
 
-def routing_name(fraction: float, routing: str) -> str:
-    """The key of a GEMM_ROUTINGS entry in ``gemm_tier``'s times: "all" (100%), the routing (30%), or
-    "routing@fraction" (other fractions)."""
-    return "all" if fraction == 1.0 else routing if fraction == 0.3 else f"{routing}@{fraction:g}"
-
-
 def gemm_tier(times: dict, blocks=GEMM_BLOCKS) -> dict:
     """The gemm@dDeE config from measured layer times ``{T: {"device": {routing: us}, i: {routing: us}}}``
-    (i indexes ``blocks``; routings as ``routing_name`` names them: "independent", "shared", "all" =
-    100% of experts, "independent@0.1", "shared@0.1"; times without the 10% routings are judged without them).
+    (i indexes ``blocks``; routings "independent", "shared", "all" = 100% of experts).
 
-    A candidate wins at T where its geometric-mean speed-up over GAIN_ROUTINGS beats the dispatch by
+    A candidate wins at T where its geometric-mean speed-up over the routings beats the dispatch by
     more than 2%, its slowest routing is faster than the dispatch's slowest, and it gives up at most 5%
-    at each of KEEP_ROUTINGS it was timed at: 30% independent, and 10% independent and shared (the path
-    cannot skip weights, so it must not trade away the sparsity a model was converted for; session 50's
-    H100 run, timed without the 10% routings, turned Gemma-2B e=128 T=1024 at 10% from 1.82x to 0.99x). The path is on, with one candidate's blocks, over the longest run of
+    at 30% independent routing (the path cannot skip weights, so it must not trade away the sparsity a
+    model was converted for). The path is on, with one candidate's blocks, over the longest run of
     consecutive T that candidate wins (of equal runs, the one with the larger gain: single marginal
     wins flip between runs), bounded at the geometric midpoints to the measured T outside the run;
     off (max_tokens 0) where no candidate wins anywhere."""
@@ -135,9 +125,9 @@ def gemm_tier(times: dict, blocks=GEMM_BLOCKS) -> dict:
         for t in tokens + [None]:  # None closes the last run
             if t is not None:
                 dev, mine = times[t]["device"], times[t][i]
-                gain = math.exp(sum(math.log(dev[r] / mine[r]) for r in GAIN_ROUTINGS) / len(GAIN_ROUTINGS))
+                gain = math.exp(sum(math.log(dev[r] / mine[r]) for r in dev) / len(dev))
                 if gain > 1.02 and max(mine.values()) < max(dev.values()) and \
-                        all(mine[r] <= dev[r] / 0.95 for r in KEEP_ROUTINGS if r in dev):
+                        mine["independent"] <= dev["independent"] / 0.95:
                     run, gain_sum = run + [t], gain_sum + math.log(gain)
                     continue
             if run and (best is None or (len(run), gain_sum, -i) > best[0]):
@@ -157,7 +147,6 @@ def tune_gemm(dev: dict, tuned: dict) -> None:
     plain = {k: v for k, v in dev.items() if not k.startswith("gemm@")}  # shape keys would override "gemm"
     base = {**plain, "gemm": {**dev["gemm"], "max_tokens": 0}}
     cands = [{**plain, "gemm": {**dev["gemm"], **b, "min_tokens": 1, "max_tokens": ALL_TOKENS}} for b in GEMM_BLOCKS]
-    print("gemm: us per layer at " + "/".join(routing_name(f, r) for f, r in GEMM_ROUTINGS), flush=True)
     for d, dff, gated, act, width, sizes in BENCH_SHAPES.values():
         n = copies_for((3 if gated else 2) * d * dff * 2)
         for es in sizes:
@@ -172,7 +161,7 @@ def tune_gemm(dev: dict, tuned: dict) -> None:
                 times[T] = {"device": {}, **{i: {} for i in range(len(cands))}}
                 for fraction, routing in GEMM_ROUTINGS:
                     scores = routing_scores(T, dff // es, fraction, routing, torch.bfloat16)[0]
-                    name = routing_name(fraction, routing)
+                    name = "all" if fraction == 1.0 else routing
                     for key, cfg in [("device", base), *enumerate(cands)]:
                         times[T][key][name] = moe_us(x, scores, ws, 0.99, act, counters, reps_for(T), cfg)
                 print(f"  d={d} e={es} T={T} gemm: " + "; ".join(

@@ -55,8 +55,8 @@ from d2dmoe_converter.dense import DenseModel, load_dense, load_tokenizer
 from d2dmoe_converter.eval_data import (CORPORA, LENGTH_NORMALISED, TASKS, check_available, corpus_documents,
                                         task_items)
 from d2dmoe_converter.hf_model import build_model
-from d2dmoe_converter.moe_model import (attach_experts, expert_layers, ffn_layers, perplexity, projection_layers,
-                                        set_selection)
+from d2dmoe_converter.moe_model import (attach_experts, counting, expert_layers, ffn_layers, perplexity,
+                                        projection_layers, set_selection)
 from d2dmoe_converter.attention import dense_projection_names
 from d2dmoe_converter.split import dense_ffn_names
 from d2dmoe_vllm.config import CheckpointError, valid_tau
@@ -310,21 +310,28 @@ def prepare_data(dense: DenseModel, opts: EvalOptions, tok=None) -> EvalData:
 
 @torch.no_grad()
 def choice_logprobs(model, ctx: list[int], conts: list[list[int]]) -> list[float]:
-    """log P(continuation | ctx) summed over the continuation's tokens, for each continuation. Every
-    choice is a separate unpadded sequence (so the expert counters see only real tokens); when all
-    continuations are single tokens, one forward of the prompt serves them all."""
+    """log P(continuation | ctx) summed over the continuation's tokens, for each continuation. One
+    forward scores all of an item's choices: the sequences ctx + choice padded on the right, where
+    causal attention keeps padding out of every real position (the expert counters skip it,
+    ``counting``); when all continuations are single tokens, one forward of the prompt serves them all."""
     device = next(model.parameters()).device
     if all(len(c) == 1 for c in conts):
         logits = model(input_ids=torch.tensor([ctx], device=device), logits_to_keep=1).logits[0, -1]
         lp = torch.log_softmax(logits.float(), -1)
-        return [lp[c[0]].item() for c in conts]
-    out = []
-    for c in conts:
-        ids = torch.tensor([ctx + c], device=device)
-        logits = model(input_ids=ids, logits_to_keep=len(c) + 1).logits[0, :-1]
-        lp = torch.log_softmax(logits.float(), -1)
-        out.append(lp.gather(-1, torch.tensor(c, device=device)[:, None]).sum().item())
-    return out
+        return lp[[c[0] for c in conts]].tolist()
+    longest = max(map(len, conts))
+    ids = torch.zeros(len(conts), len(ctx) + longest, dtype=torch.long)
+    target = torch.zeros(len(conts), longest, dtype=torch.long)
+    real = torch.zeros(len(conts), len(ctx) + longest, dtype=torch.bool)
+    for i, c in enumerate(conts):
+        ids[i, : len(ctx) + len(c)] = torch.tensor(ctx + c)
+        target[i, : len(c)] = torch.tensor(c)
+        real[i, : len(ctx) + len(c)] = True
+    ids, target, real = ids.to(device), target.to(device), real.to(device)
+    with counting(model, real):  # logits at positions len(ctx)-1 .. len(ctx)+longest-2 predict the choices
+        logits = model(input_ids=ids, logits_to_keep=longest + 1).logits[:, :-1]
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, target[..., None])[..., 0]
+    return torch.where(real[:, len(ctx):], lp, 0.0).sum(-1).tolist()
 
 
 def score_choices(logprobs: list[float], choices: list[str] | None, normalise: bool) -> int:

@@ -7,6 +7,7 @@ the tests use it as the model-level reference vLLM must match.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ class ReferenceMoEMLP(nn.Module):
         self.per_token: list[torch.Tensor] = []   # experts executed by each token, when ``record`` is on
         self.record = False
         self.oracle = False
+        self.counted: torch.Tensor | None = None  # [tokens] bool: the rows the counters see (None: all; ``counting``)
 
     @property
     def num_experts(self) -> int:
@@ -59,10 +61,11 @@ class ReferenceMoEMLP(nn.Module):
             scores = router_scores(flat, t["router.in_proj.weight"].to(flat.dtype),
                                    t["router.out_proj.weight"].to(flat.dtype))
         mask = select_experts(scores, self.tau, self.top_k)
-        self.tokens += flat.shape[0]
-        self.pairs += int(mask.sum())
+        seen = mask if self.counted is None else mask[self.counted]
+        self.tokens += seen.shape[0]
+        self.pairs += int(seen.sum())
         if self.record:
-            self.per_token.append(mask.sum(-1).cpu())
+            self.per_token.append(seen.sum(-1).cpu())
         out = dynamic_k_experts_reference(flat, mask, t["experts.w_in"], t["experts.w_up"], t["experts.w_out"],
                                           t["experts.b_in"], t["b_out"], self.activation)
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -102,6 +105,20 @@ def ffn_layers(model: nn.Module) -> list[ReferenceMoEMLP]:
 
 def projection_layers(model: nn.Module) -> list[ReferenceMoEMLP]:
     return [m for m in expert_layers(model) if m.module != "mlp"]
+
+
+@contextmanager
+def counting(model: nn.Module, rows: torch.Tensor):
+    """Within it, the expert layers count only the tokens where ``rows`` (bool, one per token of the
+    forward's [batch, seq] flattened) is true: padding run to batch sequences is not executed compute."""
+    layers = expert_layers(model)
+    for m in layers:
+        m.counted = rows.reshape(-1)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.counted = None
 
 
 def set_selection(model: nn.Module, tau: float = 0.0, top_k: int = 0, oracle: bool = False,

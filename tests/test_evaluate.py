@@ -183,6 +183,34 @@ def test_choice_scoring_picks_greedy_continuation(dense_dir):
     assert score_choices([-4.0, -6.0], ["a", "abcdefgh"], True) == 1  # per character: -0.75 beats -4
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma3_text"])
+def test_batched_choices_match_one_forward_each_and_count_real_tokens(dense_dir, converted_dir, model_type):
+    """An item's choices of different lengths scored in one right-padded forward: the log-probs of one
+    forward per choice (the scorer before session 52), and the expert counters see the same tokens and
+    token-expert pairs as those forwards (padding is not counted), at a tau that drops experts."""
+    dense = load_dense(dense_dir(model_type))
+    model = build_moe(load_checkpoint(converted_dir(model_type), dense), dense, "cpu")
+    gen = torch.Generator().manual_seed(5)
+    vocab = dense.config["vocab_size"]
+    ctx = torch.randint(10, vocab, (23,), generator=gen).tolist()
+    conts = [torch.randint(10, vocab, (n,), generator=gen).tolist() for n in (3, 1, 7, 2)]
+    set_selection(model, tau=0.3)
+    batched = choice_logprobs(model, ctx, conts)
+    layers = expert_layers(model)
+    seen = [(m.tokens, m.pairs) for m in layers]
+    set_selection(model, tau=0.3)
+    one_each = []
+    with torch.no_grad():
+        for c in conts:
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ctx + c])).logits[0].float(), -1)
+            one_each.append(sum(lp[len(ctx) - 1 + i, t].item() for i, t in enumerate(c)))
+    assert batched == pytest.approx(one_each, rel=1e-5, abs=1e-4) and not any(map(math.isnan, batched))
+    assert seen == [(m.tokens, m.pairs) for m in layers]
+    assert seen[0][0] == sum(len(ctx) + len(c) for c in conts)
+    assert 0 < sum(p for _, p in seen) < sum(t * m.num_experts for (t, _), m in zip(seen, layers))  # tau drops some
+    assert all(m.counted is None for m in layers)  # counting ends with the forward
+
+
 def test_relufied_tau0_and_moefication_topk(dense_dir, converted_dir, tmp_path):
     """A ReLU-fied Gemma 3 at tau = 0 is the ReLU-fied dense model; MoEfication's k = E/2 runs half the FFN."""
     from d2dmoe_converter.hf_model import relu_config

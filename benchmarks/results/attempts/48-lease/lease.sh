@@ -2,8 +2,6 @@
 # The next leases' measurements (planned in sessions 47-48), one device call each; STEP picks it, T caps it (seconds).
 #   STEP=kernels   bare machine OK (stage payload chunk 0 in the same call): the full kernel table under the device's
 #                  file (bench_kernels.py); ~45 s warm, ~80 s on a fresh machine (session 50).
-#   STEP=gemmguard bare machine OK: tune_kernels.py --paths gemm (now also guarding 10% routings) on this device, its
-#                  file copied into kernels/configs/, then the full kernel table under it; ~3.5 min warm.
 #   STEP=teacher   after the payload's install (benchmarks/device/install_payload.sh), twice (it resumes): the
 #                  teacher-text recipe (--generated 0.5) with the recipe's default 1000 adapt steps, a tau per layer;
 #                  against session 47's 21.87 (no teacher text) and session 42's sparsified 21.12. ~16 min in all.
@@ -29,7 +27,8 @@
 #                  calls (1611 s) stopped 4 MoEfication points (~2.5 min) short, so it needs a lease of its own. Then here:
 #                  python benchmarks/gpu_convert_recipe.py --merge FETCHED/sweep --out benchmarks/results/quality-gemma3-270m.json
 #   STEP=sweepmoe  after install, two calls: what session 51's sweep did not reach, on a fresh machine: the same recipe with
-#                  MoEfication alone (sparsify again, routers, adapt, its 4 points, the dense and original models). ~15 min.
+#                  MoEfication alone (sparsify again, routers, adapt, its 4 points, the dense and original models). ~13 min
+#                  (session 51's stage times, with the batched task scorer of session 52).
 #                  Then here (--merge checks that both runs' dense model measured the same, i.e. one sparsified model,
 #                  and that the sweep options are 767ae48's: a change to EvalOptions, TAUS or ITEMS before it is refused):
 #                  python benchmarks/gpu_convert_recipe.py --merge benchmarks/results/attempts/51-lease/sweep FETCHED/sweep \
@@ -41,8 +40,13 @@
 # Session 50 ran gputests and kernels under that file, then tune_kernels.py --paths gemm and kernels again
 # (attempt 42, attempts/50-lease/; no recipe step: the first 20 minutes went to machines that did not start):
 # Session 51 ran sweep (attempts/51-lease/: D2DMoE's 9 points; MoEfication's adapted checkpoint, no points).
-# Next: sweepmoe (~15 min, then --merge), then e16 or adaptlr in the same lease (~7 min each from the sweep's
-# sparsified model); adapt2000 (~14 min) in a lease of its own.
+# Session 52 (H100; the first 17 minutes went to machines that did not start) ran the gemm tuner with a 10% guard
+# and the kernel table under its file and the committed one (attempt 43, refuted, reverted), the batched task
+# scorer against the old one on the original model (attempts/52-lease/scorer_check.py: same picks on all 600
+# items, tasks 30.3 s -> 11.7 s per model) and the GPU suite under the guarded file.
+# Next: sweepmoe (~13 min with the batched scorer, then --merge), then e16 or adaptlr in the same lease (~7 min
+# each from the sweep's sparsified model); adapt2000 (~14 min) in a lease of its own. Or, in a lease of its own, the
+# whole sweep (~24 min with the payload), which needs no merge.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -58,7 +62,7 @@ recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}
 sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
                  && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
                  # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
-STEPS="kernels, gemmguard, teacher, adapt2000, e16, adaptlr, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, teacher, adapt2000, e16, adaptlr, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
@@ -82,13 +86,6 @@ case "${STEP:?give STEP=$STEPS}" in
   e16)     W=$(sparsified e16); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
   adaptlr) W=$(sparsified alr); recipe alr --adapt-lr 2.5e-5 ${W:+--sparsified-from $W} ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
-  gemmguard) install     # tune_kernels.py --paths gemm with the 10% guard (4f18ccc), then the table under its file
-           timeout $T python3 benchmarks/tune_kernels.py --out "$OUT" --paths gemm > "$OUT/tune-gemm.log" 2>&1
-           echo "tune rc $?" >> "$OUT/tune-gemm.log"; grep "gemm: {" "$OUT/tune-gemm.log"
-           F=$OUT/$(python3 -c "import torch;print(torch.cuda.get_device_name().replace(' ','_'))").json
-           [ -f $F ] && cp $F kernels/configs/ && D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-unknown} timeout $T \
-             python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
-           tail -5 "$OUT/kernels.log" ;;
   sweep|sweepmoe) W=$(sparsified sweep); M=d2dmoe-per-layer,moefication; [ $STEP = sweepmoe ] && M=moefication
            convert sweep --methods $M --minutes $(( (T - 40) / 60 )) ${W:+--sparsified-from $W}; tail -15 $OUT/sweep.log ;;
   *) echo "STEP=$STEP: give $STEPS" >&2; exit 2 ;;
