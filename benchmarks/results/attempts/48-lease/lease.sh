@@ -27,7 +27,7 @@
 #                  calls (1611 s) stopped 4 MoEfication points (~2.5 min) short, so it needs a lease of its own. Then here:
 #                  python benchmarks/gpu_convert_recipe.py --merge FETCHED/sweep --out benchmarks/results/quality-gemma3-270m.json
 #   STEP=sweepmoe  after install, two calls: what session 51's sweep did not reach, on a fresh machine: the same recipe with
-#                  MoEfication alone (sparsify again, routers, adapt, its 4 points, the dense and original models). ~13 min
+#                  MoEfication alone (sparsify again, routers, adapt, its 4 points, the dense and original models). ~14 min
 #                  (session 51's stage times, with the batched task scorer of session 52).
 #                  Then here (--merge checks that both runs' dense model measured the same, i.e. one sparsified model,
 #                  and that the sweep options are 767ae48's: a change to EvalOptions, TAUS or ITEMS before it is refused):
@@ -43,10 +43,10 @@
 # Session 52 (H100; the first 17 minutes went to machines that did not start) ran the gemm tuner with a 10% guard
 # and the kernel table under its file and the committed one (attempt 43, refuted, reverted), the batched task
 # scorer against the old one on the original model (attempts/52-lease/scorer_check.py: same picks on all 600
-# items, tasks 30.3 s -> 11.7 s per model) and the GPU suite under the guarded file.
-# Next: sweepmoe (~13 min with the batched scorer, then --merge), then e16 or adaptlr in the same lease (~7 min
+# items; PIQA + ARC-Easy 22.8 s -> 7.9 s per model) and the GPU suite under the guarded file.
+# Next: sweepmoe (~14 min with the batched scorer, then --merge), then e16 or adaptlr in the same lease (~7 min
 # each from the sweep's sparsified model); adapt2000 (~14 min) in a lease of its own. Or, in a lease of its own, the
-# whole sweep (~24 min with the payload), which needs no merge.
+# whole sweep (~25 min with the payload), which needs no merge.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30

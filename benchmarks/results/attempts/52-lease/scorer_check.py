@@ -1,4 +1,5 @@
-"""Old scorer (one forward per choice) vs batched, on the real Gemma 3 270M (CPU, fp32): same picks?"""
+"""One forward per choice (the committed scorer for multi-token choices; for single-token choices it ran one
+forward, this check two) vs the batched scorer, on the real Gemma 3 270M (fp32, CUDA when present): same picks?"""
 import os, sys, time, torch, json
 from pathlib import Path
 from d2dmoe_vllm.demo import default_model_gguf
