@@ -40,7 +40,7 @@
 # Session 50 ran gputests and kernels under that file, then tune_kernels.py --paths gemm and kernels again
 # (attempt 42, attempts/50-lease/; no recipe step: the first 20 minutes went to machines that did not start):
 # Session 51 ran sweep (attempts/51-lease/: D2DMoE's 9 points; MoEfication's adapted checkpoint, no points).
-# Session 52 (H100; the first 17 minutes went to machines that did not start) ran the gemm tuner with a 10% guard
+# Session 52 (H100; the first 14 minutes went to machines that did not start) ran the gemm tuner with a 10% guard
 # and the kernel table under its file and the committed one (attempt 43, refuted, reverted), the batched task
 # scorer against the old one on the original model (attempts/52-lease/scorer_check.py: same picks on all 600
 # items; PIQA + ARC-Easy 22.8 s -> 7.9 s per model) and the GPU suite under the guarded file.
