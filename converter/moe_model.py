@@ -33,10 +33,37 @@ class ReferenceMoEMLP(nn.Module):
         self.t, self.module = tensors, module
         self.tau, self.top_k, self.activation = tau, top_k, activation
         self.tokens = self.pairs = 0
-        self.per_token: list[torch.Tensor] = []   # experts executed by each token, when ``record`` is on
+        self.per_token = []   # experts executed by each token, when ``record`` is on
         self.record = False
         self.oracle = False
         self.counted: torch.Tensor | None = None  # [tokens] bool: the rows the counters see (None: all; ``counting``)
+
+    # The counters stay on the device until read: an int() or .cpu() per layer per forward would stall
+    # the host twice a layer. Setting one (to 0) resets it.
+    @property
+    def tokens(self) -> int:
+        return int(self._tokens)
+
+    @tokens.setter
+    def tokens(self, value: int) -> None:
+        self._tokens = value
+
+    @property
+    def pairs(self) -> int:
+        return int(self._pairs)
+
+    @pairs.setter
+    def pairs(self, value: int) -> None:
+        self._pairs = value
+
+    @property
+    def per_token(self) -> list[torch.Tensor]:
+        """Experts executed by each counted token, one CPU tensor per recorded forward."""
+        return [k[k >= 0].cpu() for k in self._per_token]
+
+    @per_token.setter
+    def per_token(self, value: list) -> None:
+        self._per_token = list(value)
 
     @property
     def num_experts(self) -> int:
@@ -61,11 +88,15 @@ class ReferenceMoEMLP(nn.Module):
             scores = router_scores(flat, t["router.in_proj.weight"].to(flat.dtype),
                                    t["router.out_proj.weight"].to(flat.dtype))
         mask = select_experts(scores, self.tau, self.top_k)
-        seen = mask if self.counted is None else mask[self.counted]
-        self.tokens += seen.shape[0]
-        self.pairs += int(seen.sum())
+        k = mask.sum(-1)   # experts per token
+        if self.counted is None:
+            self._tokens = self._tokens + k.shape[0]
+        else:              # padding: not counted, and -1 in the record
+            k = k.masked_fill(~self.counted, -1)
+            self._tokens = self._tokens + self.counted.sum()
+        self._pairs = self._pairs + k.clamp(min=0).sum()
         if self.record:
-            self.per_token.append(seen.sum(-1).cpu())
+            self._per_token.append(k)
         out = dynamic_k_experts_reference(flat, mask, t["experts.w_in"], t["experts.w_up"], t["experts.w_out"],
                                           t["experts.b_in"], t["b_out"], self.activation)
         return out.reshape(*x.shape[:-1], out.shape[-1])
