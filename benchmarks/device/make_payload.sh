@@ -4,9 +4,11 @@
 # evaluation data (Brown, BBC, BoolQ / PIQA / ARC-Easy) -- into ONE
 # tar stream cut into chunks that each fit one device call beside the working tree (64 MiB in all).
 # Session 39 staged it in 7 calls of ~5 s each (one call per chunk), then one install call:
-#   call k (k = 0 .. N-2):  mkdir -p /root/stage && cp .devcarry/pk/chunk.k /root/stage/      carry [".devcarry/pk"]
-#   call N-1 (the last):     cp .devcarry/pK/chunk.K /root/stage/ && bash benchmarks/device/install_payload.sh && ...
+#   call k (k = 0 .. N-2):  mkdir -p /root/stage && cp .devcarry/pk/chunk.* /root/stage/      carry [".devcarry/pk"]
+#   call N-1 (the last):     cp .devcarry/pK/chunk.* /root/stage/ && bash benchmarks/device/install_payload.sh && ...
 #                            (K = N-1; that folder also holds chunks.txt: the count and sha256 install_payload checks)
+# Chunk files are numbered with two digits (chunk.00, chunk.01, ...: 10 chunks in session 53, and a glob must list
+# them in order past 10), their folders without (p0, p1, ...).
 # SLIM=1: vLLM and the wheels only (3 chunks, not 8), for work that reads no model or text: the teacher-text
 # sampler's profile (benchmarks/profile_teacher_text.py, random weights), the synthetic serving benchmarks.
 # Needs: ../shared/device/make-vllm-bundle.sh (the vLLM parts, built here if .devcarry/{a,b,c} are missing) and
@@ -19,14 +21,14 @@ TREE=$({ git ls-files -z; git ls-files -z -o --exclude-standard; } | du -cb --fi
 CHUNK=$(( 64 * 1024 * 1024 - TREE - 8000000 ))   # 8 MB spare: the tree grows between sessions (1 MB, then 4 MB ran out)
 cut_chunks() {   # $1: the folder whose chunk.* files become .devcarry/p0 .. pN-1, chunks.txt beside the last
   SUM=$(cat "$1"/chunk.* | sha256sum | cut -d' ' -f1); COUNT=$(ls "$1"/chunk.* | wc -l)
-  for f in "$1"/chunk.*; do n=${f##*.}; mkdir -p ".devcarry/p$n"; mv "$f" ".devcarry/p$n/"; done
+  for f in "$1"/chunk.*; do n=$((10#${f##*.})); mkdir -p ".devcarry/p$n"; mv "$f" ".devcarry/p$n/"; done
   echo "$COUNT $SUM" > ".devcarry/p$((COUNT - 1))/chunks.txt"
   du -sb .devcarry/p[0-9]*
   echo "chunks of <= $CHUNK bytes (tracked tree $TREE bytes); one device call per chunk, the install in the last"; }
 if [ "${RESPLIT:-0}" = 1 ]; then
   C=$(mktemp -d); trap 'rm -rf "$C"' EXIT
   want=$(cat .devcarry/p*/chunks.txt)
-  cat $(ls .devcarry/p[0-9]*/chunk.* | sort -t. -k3 -n) | split -b "$CHUNK" -d -a 1 - "$C/chunk."
+  cat $(ls .devcarry/p[0-9]*/chunk.* | sort -t. -k3 -n) | split -b "$CHUNK" -d -a 2 - "$C/chunk."
   [ "$(cat "$C"/chunk.* | sha256sum | cut -d' ' -f1)" = "$(echo "$want" | cut -d' ' -f2)" ] || { echo "resplit: sha256 changed"; exit 1; }
   rm -rf .devcarry/p[0-9]*; cut_chunks "$C"; exit 0
 fi
@@ -60,5 +62,5 @@ done
 tar -C "$E" -cJf "$P/evaldata.tar.xz" . && rm -rf "$E"
 fi
 rm -rf .devcarry/p[0-9]*
-tar -cf - -C "$P" . | split -b "$CHUNK" -d -a 1 - "$C/chunk."
+tar -cf - -C "$P" . | split -b "$CHUNK" -d -a 2 - "$C/chunk."
 cut_chunks "$C"
