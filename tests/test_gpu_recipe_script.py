@@ -1,10 +1,12 @@
-"""The GPU recipe script's start from another run's sparsified model (``--sparsified-from``): it takes
-that run's GGUF as the source (the stage fingerprints name the file), copies only finished stages, and
-refuses a run that has not finished them, or a --work that holds another expert size. (The whole script
-runs end to end with --smoke in minutes; too slow for the suite.)"""
+"""The GPU recipe script: its start from another run's sparsified model (``--sparsified-from``: that run's GGUF
+as the source, only finished stages copied, refused where they are not finished or the --work holds another
+expert size), its options, the merge of a sweep finished over two runs; and the whole script end to end on a
+tiny Gemma 3 (``--smoke --dense``), the two-run flow of a lease that ran out included. (With the real
+Gemma 3 270M, ``--smoke`` takes minutes: too slow for the suite.)"""
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -484,3 +486,46 @@ def test_sparsified_from_a_run_of_other_sparsify_options_is_refused_before_any_c
     with pytest.raises(SystemExit, match=r"activation relu there, keep here.*alpha 0.001 there, 0.003 here.*Fix:"):
         recipe.copy_sparsified(src, work)
     assert not work.exists()
+
+
+def run_script(*args: str) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_convert_recipe.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def run_recipe(*args: str) -> None:
+    run_script("--smoke", "--expert-size", "32", "--minutes", "30", *args)
+
+
+def moefication_points(sweep: dict) -> list:
+    return [(p["setting"], p["ffn_compute"], p["ppl"], p["tasks"]) for p in sweep["points"] if p["method"] == "moefication"]
+
+
+def test_end_to_end_on_a_tiny_model_and_a_sweep_finished_on_a_new_machine(dense_dir, tmp_path):
+    """The device flow on a tiny Gemma 3: a run of both methods whose lease ended before MoEfication's points (its
+    points cut from the sweep, as session 51's was), then on a new machine (the --work gone) ``--methods
+    moefication`` alone, then ``--merge`` of the two: a complete sweep whose MoEfication points are those of a run
+    that did it all (the recipe is deterministic). ``--methods moefication`` alone stopped with a missing routers
+    stage before its sweep until session 53."""
+    dense, work = dense_dir("gemma3_text"), tmp_path / "work"
+    run_recipe("--dense", str(dense), "--methods", "d2dmoe-per-layer,moefication", "--work", str(work),
+               "--out", str(tmp_path / "first"))
+    whole = json.loads((tmp_path / "first" / recipe.SWEEP).read_text())
+    run = json.loads((tmp_path / "first" / recipe.RUN).read_text())
+    assert whole["complete"] and [p["method"] for p in whole["points"]] == ["d2dmoe"] * len(recipe.TAUS) + \
+        ["moefication"] * len(recipe.TOP_K_FRACTIONS)
+    assert {"report_d2dmoe-per-layer", "report_moefication", "routers", "routers-moefication", "original"} <= set(run)
+    assert run["recipe"]["dense"] == str(dense.resolve()) and run["sweep"]["complete"]
+    cut = {**whole, "complete": False, "points": [p for p in whole["points"] if p["method"] != "moefication"]}
+    (tmp_path / "first" / recipe.SWEEP).write_text(json.dumps(cut))
+    shutil.rmtree(work)                                   # a new machine: every stage trained again
+    run_recipe("--dense", str(dense), "--methods", "moefication", "--work", str(work), "--out", str(tmp_path / "second"))
+    second = json.loads((tmp_path / "second" / recipe.RUN).read_text())
+    assert "routers-moefication" in second and "routers" not in second
+    quality = tmp_path / "quality.json"
+    quality.write_text(json.dumps({"dense": {}, "points": []}))
+    run_script("--merge", str(tmp_path / "first"), str(tmp_path / "second"), "--out", str(quality))
+    merged = json.loads(quality.read_text())["gpu_recipe"]
+    assert merged["complete"] and len(merged["parts"]) == 2 and len(merged["points"]) == len(whole["points"])
+    assert moefication_points(merged) == moefication_points(whole) != []
