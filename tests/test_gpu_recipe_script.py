@@ -73,6 +73,9 @@ def test_refuses_a_run_without_a_finished_sparsify_stage(tmp_path):
     (["--adapt-lr", "2.5e-5"], "holds a run with adapt_lr 5e-05, not 2.5e-05"),
     (["--adapt-lr", "0"], "--adapt-lr 0: a learning rate, > 0"),
     (["--adapt-steps", "0", "--adapt-lr", "1e-5"], "--adapt-lr 1e-05: there is no adapt stage (--adapt-steps 0)"),
+    (["--dense", "no-such-model"], "--dense no-such-model: does not exist"),
+    (["--dense", str(ROOT), "--sparsified-from", "other"], "--dense and --sparsified-from"),
+    (["--dense", str(ROOT)], f"holds a run with dense None, not {ROOT}"),
 ])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, args, message):
     work = tmp_path / "work"
