@@ -23,7 +23,8 @@ A sweep one lease cannot finish (the machine is gone with its checkpoints) is fi
 ``--methods`` naming the conversions it did not reach, the same --work name and options; ``--merge FIRST SECOND``
 joins them, refusing unless both runs' dense model measured the same (the recipe is deterministic: one sparsified model).
 Checked end to end on the CPU with ``--smoke``; ``--smoke --dense DIR`` on a tiny model runs the whole script in about a
-minute (the suite does so, a sweep over two runs and its merge included: ``tests/test_gpu_recipe_script.py``).
+minute (the suite does so: a sweep over two runs and its merge, and a lever run from another run's sparsified model;
+``tests/test_gpu_recipe_script.py``).
 
 Longer sparsity training (the authors' ~1B tokens against the recipe's ~4M): ``--sparsify-steps N`` with a
 --work of its own; the state is saved about 12 times a run, so the same command in the next call of the lease
@@ -221,23 +222,33 @@ def adapt_recipe(sparsify: dict, steps: int) -> dict:
                 passes=max(1, math.ceil(tokens / per_pass)))
 
 
+def run_source(work: Path) -> Path | None:
+    """The dense checkpoint a --work's run converted where it was given (--dense), else None (the GGUF in it)."""
+    state = work / "recipe.json"
+    dense = json.loads(state.read_text())["recipe"].get("dense") if state.is_file() else None
+    return Path(dense) if dense else None
+
+
 def copy_sparsified(src: Path, work: Path) -> Path:
-    """Start ``work`` from another run's finished dense + sparsify stages; returns that run's GGUF, the
-    source to convert from (the stage fingerprints name the source file: a copy would not match). The
-    converter's fingerprints then decide whether the stages are reused (same ReLU and sparsify options)."""
-    gguf = src / GGUF
+    """Start ``work`` from another run's finished dense + sparsify stages; returns that run's source (its GGUF,
+    or its --dense), the source to convert from (the stage fingerprints name the source file: a copy would not
+    match). The converter's fingerprints then decide whether the stages are reused (same ReLU and sparsify
+    options). A GGUF's dense stage is its dequantised copy; an HF directory has none."""
+    source = run_source(src) or src / GGUF
     check_same_sparsify(src)
-    for name in (GGUF, "stages/dense/stage.json", "stages/sparsify/stage.json"):
-        if not (src / name).is_file():
-            raise SystemExit(f"[recipe] --sparsified-from {src}: no finished {name.removesuffix('/stage.json')} "
-                             f"there. Fix: finish that run first (rerun its command), or drop --sparsified-from")
-    for name in ("stages/dense", "stages/sparsify"):
+    stages = ("stages/sparsify",) if source.is_dir() else ("stages/dense", "stages/sparsify")
+    missing = [] if source.exists() else [source.name]
+    missing += [stage for stage in stages if not (src / stage / "stage.json").is_file()]
+    if missing:
+        raise SystemExit(f"[recipe] --sparsified-from {src}: no finished {missing[0]} there. Fix: finish that run "
+                         f"first (rerun its command), or drop --sparsified-from")
+    for name in stages:
         have, want = src / name, work / name
         if not want.exists():
             want.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(have, want)
             print(f"[recipe] {name} copied from {src}")
-    return gguf
+    return source
 
 
 def check_same_sparsify(src: Path) -> None:
@@ -420,7 +431,8 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     state_file = args.work / "recipe.json"
     corpus = args.corpus or "sotu"
-    source = {"dense": str(args.dense.resolve())} if args.dense else {}   # recorded only where not the embedded GGUF
+    dense = args.dense.resolve() if args.dense else run_source(args.sparsified_from) if args.sparsified_from else None
+    source = {"dense": str(dense)} if dense else {}   # recorded only where not the embedded GGUF
     results = json.loads(state_file.read_text()) if state_file.exists() else \
         {"provenance": provenance(), "recipe": {**RECIPE, "corpus": corpus, **source}}
     held, wanted = run_options(results["recipe"]), run_options({**RECIPE, "corpus": corpus, **source})

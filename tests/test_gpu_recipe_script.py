@@ -532,3 +532,20 @@ def test_end_to_end_on_a_tiny_model_and_a_sweep_finished_on_a_new_machine(dense_
     merged = json.loads(quality.read_text())["gpu_recipe"]
     assert merged["complete"] and len(merged["parts"]) == 2 and len(merged["points"]) == len(whole["points"])
     assert moefication_points(merged) == moefication_points(whole) != []
+
+
+def test_a_lever_run_starts_from_a_tiny_runs_sparsified_model(dense_dir, tmp_path):
+    """The lease's lever steps (``STEP=e16``, ``STEP=adaptlr``) end to end on a tiny Gemma 3: ``--sparsified-from``
+    a finished ``--no-sweep`` run converts from that run's source (its --dense here, its GGUF on the device) and
+    reuses its sparsify stage, with 16-neuron experts and adapt at another learning rate."""
+    dense = dense_dir("gemma3_text")
+    run_recipe("--dense", str(dense), "--methods", "d2dmoe-per-layer", "--no-sweep", "--work", str(tmp_path / "a"),
+               "--out", str(tmp_path / "out-a"))
+    run_recipe("--sparsified-from", str(tmp_path / "a"), "--expert-size", "16", "--adapt-lr", "2.5e-5",
+               "--methods", "d2dmoe-per-layer", "--no-sweep", "--work", str(tmp_path / "b"), "--out", str(tmp_path / "out-b"))
+    a, b = (json.loads((tmp_path / f"out-{x}" / recipe.RUN).read_text()) for x in "ab")
+    first, lever = a["report_d2dmoe-per-layer"], b["report_d2dmoe-per-layer"]
+    assert (first["expert_size"], lever["expert_size"]) == (32, 16) and lever["experts_per_layer"] == 16
+    assert str(lever["seconds"]["sparsify"]).startswith("skipped") and not str(first["seconds"]["sparsify"]).startswith("skipped")
+    assert b["recipe"]["dense"] == str(dense.resolve()) and b["recipe"]["adapt"]["lr"] == 2.5e-5
+    assert b["sparsify"] == a["sparsify"] and "sweep" not in b

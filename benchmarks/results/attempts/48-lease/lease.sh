@@ -50,7 +50,7 @@
 # (attempts/53-lease/). A fresh machine needs all 10 payload chunks (make_payload.sh; ~4 s of device time each);
 # the machine goes back after 30 s idle, so send the chunk calls together (one message ran them back to back).
 # sweepmoe (--methods moefication alone) would have stopped before its sweep until session 53 (a missing routers stage
-# record); the suite now runs the whole two-run flow on a tiny model (tests/test_gpu_recipe_script.py).
+# record); the suite now runs the two-run flow and the e16 / adaptlr flow on a tiny model (tests/test_gpu_recipe_script.py).
 # Next: sweepmoe (~14 min with the batched scorer, then --merge), then e16 or adaptlr in the same lease (~7 min
 # each from the sweep's sparsified model); adapt2000 (~14 min) in a lease of its own. Or, in a lease of its own, the
 # whole sweep (~25 min with the payload), which needs no merge.
