@@ -51,9 +51,9 @@
 # the machine goes back after 30 s idle, so send the chunk calls together (one message ran them back to back).
 # sweepmoe (--methods moefication alone) would have stopped before its sweep until session 53 (a missing routers stage
 # record); the suite now runs the two-run flow and the e16 / adaptlr flow on a tiny model (tests/test_gpu_recipe_script.py).
-# Next: sweepmoe (~14 min with the batched scorer, then --merge), then e16 or adaptlr in the same lease (~7 min
-# each from the sweep's sparsified model); adapt2000 (~14 min) in a lease of its own. Or, in a lease of its own, the
-# whole sweep (~25 min with the payload), which needs no merge.
+# Session 54 (H100, attempts/54-lease/) ran sweepmoe (586 s with the install, then 257 s; merged: gpu_recipe is the
+# sweep after adapt) and e16 (468 s: 21.66 at 49.9% against 64-neuron 21.87).
+# Next: adapt2000 (~14 min, a lease of its own), then adaptlr (~7 min from its sparsified model).
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
