@@ -296,8 +296,9 @@ def merge(fetched: list[Path], quality: Path) -> None:
     sweep_result["note"] = (f"dense = the sparsity-fine-tuned model the experts are cut from (activation "
                             f"{run['recipe']['sparsify'].get('activation', 'relu')}); original = "
                             "Gemma 3 270M as released (GELU-tanh gate), measured on the same tokens and items")
-    if run["recipe"].get("adapt", {}).get("steps"):
-        sweep_result["note"] += (f"; each conversion was then fine-tuned {run['recipe']['adapt']['steps']} steps under "
+    steps = run["recipe"].get("adapt", {}).get("steps")
+    if steps:
+        sweep_result["note"] += (f"; each conversion was then fine-tuned {steps} steps under "
                                  "its own selection at its calibrated budget (adapt), so its weights are not dense's")
     if len(fetched) > 1:
         sweep_result["note"] += (f"; swept over {len(fetched)} device runs of the same recipe (their dense model "
@@ -305,7 +306,8 @@ def merge(fetched: list[Path], quality: Path) -> None:
     doc = json.loads(quality.read_text())
     doc["gpu_recipe"] = sweep_result
     quality.write_text(json.dumps(doc, indent=1))
-    paths = plot_all(sweep_result, quality.with_name(quality.stem + "-gpu-recipe.json"), TITLE)
+    title = TITLE.replace("GPU recipe", f"GPU recipe (adapt {steps} steps)") if steps else TITLE
+    paths = plot_all(sweep_result, quality.with_name(quality.stem + "-gpu-recipe.json"), title)
     print(f"[recipe] merged into {quality}; plots {', '.join(str(p) for p in paths.values())}")
 
 

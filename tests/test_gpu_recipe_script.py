@@ -306,10 +306,14 @@ def test_adapt_lr_reaches_the_converter(monkeypatch):
 
 
 @pytest.mark.parametrize("adapt_steps", [0, 1000])
-def test_merge_puts_the_sweep_into_the_quality_json(tmp_path, adapt_steps):
+def test_merge_puts_the_sweep_into_the_quality_json(tmp_path, monkeypatch, adapt_steps):
     """--merge: the fetched sweep, with the original model's measures, the run's provenance and recipe, becomes
-    the quality JSON's ``gpu_recipe`` (its other parts kept) and gets its plots; the note says whether the
-    conversions were adapted (their weights then are not the swept dense model's)."""
+    the quality JSON's ``gpu_recipe`` (its other parts kept) and gets its plots; the note and the plots' title
+    say whether the conversions were adapted (their weights then are not the swept dense model's)."""
+    from d2dmoe_converter import evaluate
+
+    titles, plot_all = [], evaluate.plot_all
+    monkeypatch.setattr(evaluate, "plot_all", lambda r, path, title: titles.append(title) or plot_all(r, path, title))
     committed = json.loads((ROOT / "benchmarks" / "results" / "quality-gemma3-270m.json").read_text())
     old = committed["gpu_recipe"]
     fetched = tmp_path / "fetched"
@@ -332,6 +336,7 @@ def test_merge_puts_the_sweep_into_the_quality_json(tmp_path, adapt_steps):
     assert merged["points"] == old["points"] and merged["original"] == old["original"]
     assert merged["provenance"] == {"git_sha": "abc"} and merged["recipe"] == run_recipe
     assert ("fine-tuned 1000 steps under its own selection" in merged["note"]) == bool(adapt_steps)
+    assert titles == [f"Gemma 3 270M, GPU recipe{' (adapt 1000 steps)' if adapt_steps else ''}: quality vs compute"]
     assert {p.name for p in tmp_path.glob("*.png")} == {
         f"quality-gemma3-270m-gpu-recipe-{k}.png" for k in ("quality", "quality-ffn", "usage")}
 
