@@ -8,6 +8,8 @@
 #   STEP=adapt2000 after install, twice (resumes): the recipe (ReLU, alpha 1e-3, no teacher text) with 2000 adapt steps
 #                  in /root/ad2000; is 1000 steps the knee (240/600/1000: 22.79/22.25/21.87)? ~14 min. Run it first:
 #                  e16 and adaptlr start from its sparsified model.
+#   STEP=adapt1000 after install, once or twice: the recipe as it is (1000 adapt steps) from adapt2000's sparsified model,
+#                  the same-machine baseline where adapt2000 ran on another device than session 47's H100. ~7 min.
 #   STEP=gputests  bare machine OK: the kernel GPU suite (tests/test_kernels_gpu.py), the fp32 tests first (attempt 40's
 #                  fix of the masked tiles; all passed in session 49), then the rest; T caps it (~2.5 min warm).
 #   STEP=largekeys bare machine OK: the H200 file's large-T keys (gemm@ tiers, masked tiers; large-t-keys.json) against
@@ -69,7 +71,7 @@ recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}
 sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
                  && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
                  # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
-STEPS="kernels, teacher, adapt2000, e16, adaptlr, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, teacher, adapt2000, adapt1000, e16, adaptlr, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
@@ -93,6 +95,7 @@ case "${STEP:?give STEP=$STEPS}" in
   e16)     W=$(sparsified e16); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
   adaptlr) W=$(sparsified alr); recipe alr --adapt-lr 2.5e-5 ${W:+--sparsified-from $W} ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
+  adapt1000) W=$(sparsified a1000); recipe a1000 ${W:+--sparsified-from $W} ;;
   sweep|sweepmoe) W=$(sparsified sweep); M=d2dmoe-per-layer,moefication; [ $STEP = sweepmoe ] && M=moefication
            convert sweep --methods $M --minutes $(( (T - 40) / 60 )) ${W:+--sparsified-from $W}; tail -15 $OUT/sweep.log ;;
   *) echo "STEP=$STEP: give $STEPS" >&2; exit 2 ;;
