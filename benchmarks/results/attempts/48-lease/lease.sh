@@ -22,7 +22,8 @@
 #                  or STEP=sweep(moe)'s sparsified model when this machine has one (else sparsifies anew). ~7-9 min.
 #   STEP=adaptlr   after install, once or twice: adapt at half its learning rate (2.5e-5, gpu_convert_recipe.py
 #                  --adapt-lr; the best rate on the CPU model was at or below 2.5e-5), 1000 steps; reuses a sparsified
-#                  model the way e16 does. ~6-9 min.
+#                  model the way e16 does. ~6-9 min. ADAPT=600: 600 steps (against session 47's 22.25 at 600 steps,
+#                  default rate; ~2 min less), for a lease with ~14 min left.
 #   STEP=sweep     after install, four calls (resumes): the quality JSON's GPU recipe with adapt (D2DMoE, a tau per layer, and
 #                  MoEfication, 1000 adapt steps each, then the tau / k sweep: SOTU/Brown/BBC perplexity, BoolQ/PIQA/
 #                  ARC-Easy); from adapt2000's sparsified model where this machine has it. ~30 min: session 51's three
@@ -93,7 +94,7 @@ case "${STEP:?give STEP=$STEPS}" in
   alpha3e-4) recipe a3e4 --hoyer-alpha 3e-4 ;;
   keep)    recipe keep --sparsify-activation keep ;;
   e16)     W=$(sparsified e16); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
-  adaptlr) W=$(sparsified alr); recipe alr --adapt-lr 2.5e-5 ${W:+--sparsified-from $W} ;;
+  adaptlr) W=$(sparsified alr); recipe alr --adapt-lr 2.5e-5 ${ADAPT:+--adapt-steps $ADAPT} ${W:+--sparsified-from $W} ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
   adapt1000) W=$(sparsified a1000); recipe a1000 ${W:+--sparsified-from $W} ;;
   sweep|sweepmoe) W=$(sparsified sweep); M=d2dmoe-per-layer,moefication; [ $STEP = sweepmoe ] && M=moefication
