@@ -56,7 +56,12 @@
 # record); the suite now runs the two-run flow and the e16 / adaptlr flow on a tiny model (tests/test_gpu_recipe_script.py).
 # Session 54 (H100, attempts/54-lease/) ran sweepmoe (586 s with the install, then 257 s; merged: gpu_recipe is the
 # sweep after adapt) and e16 (468 s: 21.66 at 49.9% against 64-neuron 21.87).
-# Next: adapt2000 (~14 min, a lease of its own), then adaptlr (~7 min from its sparsified model).
+# Session 55 got no machine: 15 calls for an H100 or an H200 from 05:11 to 06:52 found none or were refused (1800 s of
+# device time spent on starts; the tool refuses a start under 240 s left).
+# Next: adapt2000 (14-17 min with the install: session 54's H100 stage times, adapt 0.28-0.37 s a step), a lease of its
+# own, then adaptlr (~7 min from its sparsified model). On an H200 (no H100 came), adapt2000 then adapt1000 (the
+# same-machine baseline, ~7 min), since the 21.87 to beat is the H100's. With under ~14 min left on a fresh machine:
+# STEP=adaptlr ADAPT=600 (~10 min with the install, against session 47's 22.25 at 600 steps on the H100).
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
