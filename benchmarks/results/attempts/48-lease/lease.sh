@@ -56,8 +56,8 @@
 # record); the suite now runs the two-run flow and the e16 / adaptlr flow on a tiny model (tests/test_gpu_recipe_script.py).
 # Session 54 (H100, attempts/54-lease/) ran sweepmoe (586 s with the install, then 257 s; merged: gpu_recipe is the
 # sweep after adapt) and e16 (468 s: 21.66 at 49.9% against 64-neuron 21.87).
-# Session 55 got no machine: 15 calls for an H100 or an H200 from 05:11 to 06:52 found none or were refused (1800 s of
-# device time spent on starts; the tool refuses a start under 240 s left).
+# Session 55 got no machine: 19 calls for an H100 or an H200 from 05:11 to 06:52 found none or were refused (1512 s of
+# its 1800 s of device time went to starts that failed; the tool refuses a start under 240 s left).
 # Next: adapt2000 (14-17 min with the install: session 54's H100 stage times, adapt 0.28-0.37 s a step), a lease of its
 # own, then adaptlr (~7 min from its sparsified model). On an H200 (no H100 came), adapt2000 then adapt1000 (the
 # same-machine baseline, ~7 min), since the 21.87 to beat is the H100's. With under ~14 min left on a fresh machine:
