@@ -6,7 +6,7 @@
 #                  teacher-text recipe (--generated 0.5) with the recipe's default 1000 adapt steps, a tau per layer;
 #                  against session 47's 21.87 (no teacher text) and session 42's sparsified 21.12. ~16 min in all.
 #   STEP=adapt2000 after install, twice (resumes): the recipe (ReLU, alpha 1e-3, no teacher text) with 2000 adapt steps
-#                  in /root/ad2000; is 1000 steps the knee (240/600/1000: 22.79/22.25/21.87)? ~14 min. Run it first:
+#                  in /root/ad2000; is 1000 steps the knee (240/600/1000: 22.79/22.25/21.87)? 14-17 min. Run it first:
 #                  e16 and adaptlr start from its sparsified model.
 #   STEP=adapt1000 after install, once or twice: the recipe as it is (1000 adapt steps) from adapt2000's sparsified model,
 #                  the same-machine baseline where adapt2000 ran on another device than session 47's H100. ~7 min.
