@@ -26,7 +26,7 @@ def rows_of(label: str, run: dict) -> list[dict]:
     common = {"run": label, "split": recipe.get("split", "kmeans"), "expert_size": recipe["expert_size"],
               "sparsify_steps": recipe["sparsify"]["steps"], "generated": recipe["sparsify"].get("generated", 0.0),
               "activation": recipe["sparsify"].get("activation", "relu"), "hoyer_alpha": recipe["sparsify"]["alpha"],
-              "adapt_steps": recipe.get("adapt", {}).get("steps", 0),
+              "adapt_steps": recipe.get("adapt", {}).get("steps", 0), "adapt_lr": recipe.get("adapt", {}).get("lr"),
               "final_hoyer": sparsify.get("final_hoyer"), "final_zero_fraction": sparsify.get("final_zero_fraction"),
               "final_task_loss": sparsify.get("final_task_loss"), "device": run["provenance"]["device"],
               "date": run["provenance"]["date"]}
@@ -49,6 +49,7 @@ def rows_of(label: str, run: dict) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Horizontal bars, a group per run (top to bottom in the order given), so the chart grows down, not sideways."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,8 +58,8 @@ def plot(rows: list[dict], path: Path) -> None:
     runs = list(dict.fromkeys(r["run"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     bars = ["sparsified (100%)"] + methods
-    width = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(1.5 * len(runs) + 4.5, 5.2))
+    height = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(runs) * len(bars) / 2 + 2.2))
     for b, name in enumerate(bars):
         for i, run in enumerate(runs):
             mine = [r for r in rows if r["run"] == run]
@@ -68,18 +69,19 @@ def plot(rows: list[dict], path: Path) -> None:
                 hit = [r for r in mine if r["method"] == name]
                 if not hit:
                     continue
-                value, text = hit[0]["ppl"], f"{hit[0]['ffn_compute']:.1%}"
-            x = i + (b - (len(bars) - 1) / 2) * width
-            ax.bar(x, value, width, color=f"C{b}", label=name if i == 0 or name not in ax.get_legend_handles_labels()[1] else None)
-            ax.text(x, value, f"{value:.1f}\n{text}", ha="center", va="bottom", fontsize=7)
+                value, text = hit[0]["ppl"], f" at {hit[0]['ffn_compute']:.1%}"
+            y = i + (b - (len(bars) - 1) / 2) * height
+            ax.barh(y, value, height, color=f"C{b}", label=name if name not in ax.get_legend_handles_labels()[1] else None)
+            ax.text(value, y, f" {value:.2f}{text}", va="center", ha="left", fontsize=7)
     original = rows[0]["ppl_original"]
-    ax.axhline(original, color="k", lw=1, label=f"original {original:.2f}")
-    ax.axhline(original * TARGET, color="k", ls="--", lw=1, label=f"target +5% ({original * TARGET:.2f})")
-    ax.set_xticks(range(len(runs)), [textwrap.fill(run, 16, break_on_hyphens=False) for run in runs], fontsize=8)
-    ax.set_ylabel("held-out perplexity (SOTU 2016-2021)")
-    ax.set_ylim(0, max(r["ppl"] for r in rows) * 1.18)
-    ax.set_title("Gemma 3 270M, GPU recipe: perplexity at the calibrated 50% FFN budget, by lever")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.axvline(original, color="k", lw=1, label=f"original {original:.2f}")
+    ax.axvline(original * TARGET, color="k", ls="--", lw=1, label=f"target +5% ({original * TARGET:.2f})")
+    ax.set_yticks(range(len(runs)), [textwrap.fill(run, 40, break_on_hyphens=False) for run in runs], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("held-out perplexity (SOTU 2016-2021)")
+    ax.set_xlim(0, max(r["ppl"] for r in rows) * 1.22)
+    ax.set_title("Gemma 3 270M, GPU recipe: perplexity at the calibrated 50% FFN budget, by lever", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -227,12 +227,14 @@ def test_recipe_levers_tabulates_each_conversion_against_its_sparsified_model(tm
     assert [r["hoyer_alpha"] for r in rows] == [recipe.RECIPE["sparsify"]["alpha"]] * 3
     adapted = run("coactivation", 22.0, 23.0)   # after adapt the report's dense model is the adapted one
     adapted["report_d2dmoe"]["adapt"] = {"steps": 240, "before": {"ppl_dense": 24.0, "ppl_converted": 27.0}}
-    adapted["recipe"]["adapt"] = {"steps": 240}
+    adapted["recipe"]["adapt"] = {"steps": 240, "lr": 2.5e-5}
     paths["ad"] = tmp_path / "ad.json"
     paths["ad"].write_text(json.dumps(adapted))
     assert subprocess.run(script + [f"adapt={paths['ad']}"], capture_output=True, text=True, timeout=300).returncode == 0
     row = json.loads(out.read_text())["rows"][0]
-    assert (row["ppl_sparsified"], row["adapt_steps"], round(row["vs_sparsified"], 6)) == (24.0, 240, round(22 / 24 - 1, 6))
+    assert (row["ppl_sparsified"], row["adapt_steps"], row["adapt_lr"], round(row["vs_sparsified"], 6)) == (
+        24.0, 240, 2.5e-5, round(22 / 24 - 1, 6))
+    assert [r["adapt_lr"] for r in rows] == [None] * 3   # no adapt stage: no rate
     assert [round(r["vs_sparsified"], 6) for r in rows] == [0.25, 0.125, round(26 / 24 - 1, 6)]
     assert out.with_suffix(".png").stat().st_size > 10_000
 

@@ -10,6 +10,8 @@
 #                  e16 and adaptlr start from its sparsified model.
 #   STEP=adapt1000 after install, once or twice: the recipe as it is (1000 adapt steps) from adapt2000's sparsified model,
 #                  the same-machine baseline where adapt2000 ran on another device than session 47's H100. ~7 min.
+#   STEP=serve     after install, once or twice (--reuse resumes by engine): bench_serve.py's Gemma-2B-shape table
+#                  (FRACTIONS=0.1,0.3,0.5 unless given) under this device's name, graphs up to 8192 tokens. ~8-10 min.
 #   STEP=gputests  bare machine OK: the kernel GPU suite (tests/test_kernels_gpu.py), the fp32 tests first (attempt 40's
 #                  fix of the masked tiles; all passed in session 49), then the rest; T caps it (~2.5 min warm).
 #   STEP=largekeys bare machine OK: the H200 file's large-T keys (gemm@ tiers, masked tiers; large-t-keys.json) against
@@ -20,7 +22,7 @@
 #   STEP=e16       after install, once or twice: 16-neuron experts (128 per layer, co-activation split) with the default
 #                  1000 adapt steps (-13% at 50% on the CPU model, docs/converter.md); starts from STEP=adapt2000's
 #                  or STEP=sweep(moe)'s sparsified model when this machine has one (else sparsifies anew). ~7-9 min.
-#   STEP=adaptlr   after install, once or twice: adapt at half its learning rate (2.5e-5, gpu_convert_recipe.py
+#   STEP=adaptlr   after install, once or twice: adapt at half its learning rate (LR=2.5e-5 unless given; gpu_convert_recipe.py
 #                  --adapt-lr; the best rate on the CPU model was at or below 2.5e-5), 1000 steps; reuses a sparsified
 #                  model the way e16 does. ~6-9 min. ADAPT=600: 600 steps (against session 47's 22.25 at 600 steps,
 #                  default rate; ~2 min less), for a lease with ~14 min left.
@@ -58,10 +60,11 @@
 # sweep after adapt) and e16 (468 s: 21.66 at 49.9% against 64-neuron 21.87).
 # Session 55 got no machine: 19 calls for an H100 or an H200 from 05:11 to 06:52 found none or were refused (1512 s of
 # its 1800 s of device time went to starts that failed; the tool refuses a start under 240 s left).
-# Next: adapt2000 (14-17 min with the install: session 54's H100 stage times, adapt 0.28-0.37 s a step), a lease of its
-# own, then adaptlr (~7 min from its sparsified model). On an H200 (no H100 came), adapt2000 then adapt1000 (the
-# same-machine baseline, ~7 min), since the 21.87 to beat is the H100's. With under ~14 min left on a fresh machine:
-# STEP=adaptlr ADAPT=600 (~10 min with the install, against session 47's 22.25 at 600 steps on the H100).
+# Session 56 (H100, attempts/56-lease/) ran adapt2000 (two calls: cut at adapt step 560, resumed; 21.62 at 50.0%
+# against 1000 steps' 21.87, the prediction ~21.4) and adaptlr at 2.5e-5 (22.15: worse than 5e-5's 21.87).
+# Next: serve (the Gemma-2B-shape table of issue 5 on the H100: fractions 10/30/50%, batches 1-256, 128/128 and
+# 1024/128, graphs up to 8192 tokens; 4 engines of ~60-80 s start each, ~8-10 min, one or two calls, --reuse resumes),
+# then adaptlr at twice the rate (STEP=adaptlr LR=1e-4, ~11 min on a fresh machine: it sparsifies anew).
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -77,7 +80,7 @@ recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}
 sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
                  && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
                  # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
-STEPS="kernels, teacher, adapt2000, adapt1000, e16, adaptlr, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, teacher, adapt2000, adapt1000, e16, adaptlr, serve, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
@@ -99,7 +102,13 @@ case "${STEP:?give STEP=$STEPS}" in
   alpha3e-4) recipe a3e4 --hoyer-alpha 3e-4 ;;
   keep)    recipe keep --sparsify-activation keep ;;
   e16)     W=$(sparsified e16); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
-  adaptlr) W=$(sparsified alr); recipe alr --adapt-lr 2.5e-5 ${ADAPT:+--adapt-steps $ADAPT} ${W:+--sparsified-from $W} ;;
+  adaptlr) W=$(sparsified alr); recipe alr --adapt-lr ${LR:-2.5e-5} ${ADAPT:+--adapt-steps $ADAPT} ${W:+--sparsified-from $W} ;;
+  serve)   install   # the Gemma-2B-shape table of issue 5 under this device's name; --reuse: a rerun resumes engine by engine
+           timeout $T python3 benchmarks/bench_serve.py --synthetic-gemma2b --fractions ${FRACTIONS:-0.1,0.3,0.5} \
+             --batches 1,8,64,256 --shapes 128x128,1024x128 --repeats 2 --work /root/serve --reuse --out "$OUT" \
+             --capture-sizes 1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192 > "$OUT/serve.log" 2>&1
+           echo "serve rc $?" >> "$OUT/serve.log"; tar czf "$OUT/serve-engine-logs.tgz" -C /root/serve $(cd /root/serve && ls *.log)
+           grep -v "it/s" "$OUT/serve.log" | tail -45 ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
   adapt1000) W=$(sparsified a1000); recipe a1000 ${W:+--sparsified-from $W} ;;
   sweep|sweepmoe) W=$(sparsified sweep); M=d2dmoe-per-layer,moefication; [ $STEP = sweepmoe ] && M=moefication
