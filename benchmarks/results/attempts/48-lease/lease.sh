@@ -12,6 +12,9 @@
 #                  the same-machine baseline where adapt2000 ran on another device than session 47's H100. ~7 min.
 #   STEP=serve     after install, once or twice (--reuse resumes by engine): bench_serve.py's Gemma-2B-shape table
 #                  (FRACTIONS=0.1,0.3,0.5 unless given) under this device's name, graphs up to 8192 tokens. ~8-10 min.
+#   STEP=condprobe bare machine OK (stage payload chunk 0 in the same call, as kernels): can the expert layer pick
+#                  the gemm or the Triton path on the device, in a CUDA graph (IF nodes)? API, replay check, cost
+#                  against the better path at 10/30/100% (attempts/56-lease/probe_conditional.py). ~2 min.
 #   STEP=gputests  bare machine OK: the kernel GPU suite (tests/test_kernels_gpu.py), the fp32 tests first (attempt 40's
 #                  fix of the masked tiles; all passed in session 49), then the rest; T caps it (~2.5 min warm).
 #   STEP=largekeys bare machine OK: the H200 file's large-T keys (gemm@ tiers, masked tiers; large-t-keys.json) against
@@ -64,7 +67,8 @@
 # against 1000 steps' 21.87, the prediction ~21.4) and adaptlr at 2.5e-5 (22.15: worse than 5e-5's 21.87).
 # Next: serve (the Gemma-2B-shape table of issue 5 on the H100: fractions 10/30/50%, batches 1-256, 128/128 and
 # 1024/128, graphs up to 8192 tokens; 4 engines of ~60-80 s start each, ~8-10 min, one or two calls, --reuse resumes),
-# then adaptlr at twice the rate (STEP=adaptlr LR=1e-4, ~11 min on a fresh machine: it sparsifies anew).
+# then condprobe (~2 min), then adaptlr at twice the rate (STEP=adaptlr LR=1e-4, ~11 min on a fresh machine: it
+# sparsifies anew).
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -80,7 +84,7 @@ recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}
 sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
                  && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
                  # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
-STEPS="kernels, teacher, adapt2000, adapt1000, e16, adaptlr, serve, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, teacher, adapt2000, adapt1000, e16, adaptlr, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
@@ -103,6 +107,9 @@ case "${STEP:?give STEP=$STEPS}" in
   keep)    recipe keep --sparsify-activation keep ;;
   e16)     W=$(sparsified e16); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
   adaptlr) W=$(sparsified alr); recipe alr --adapt-lr ${LR:-2.5e-5} ${ADAPT:+--adapt-steps $ADAPT} ${W:+--sparsified-from $W} ;;
+  condprobe) install   # attempts/56-lease/probe_conditional.py: the path chosen on the device (CUDA graph IF nodes)
+           timeout $T python3 benchmarks/results/attempts/56-lease/probe_conditional.py --out "$OUT" > "$OUT/condprobe.log" 2>&1
+           echo "condprobe rc $?" >> "$OUT/condprobe.log"; tail -40 "$OUT/condprobe.log" ;;
   serve)   install   # the Gemma-2B-shape table of issue 5 under this device's name; --reuse: a rerun resumes engine by engine
            timeout $T python3 benchmarks/bench_serve.py --synthetic-gemma2b --fractions ${FRACTIONS:-0.1,0.3,0.5} \
              --batches 1,8,64,256 --shapes 128x128,1024x128 --repeats 2 --work /root/serve --reuse --out "$OUT" \
