@@ -7,6 +7,10 @@
   row max) up to ``router.tail_max_tokens``; the tail inside the fused / masked kernels where the
   config says ``own_router`` (small routers); the torch router above; the one-launch Triton router
   for up to ``router.max_tokens`` tokens (off by default: slower on the H100, see the kernels note);
+- ``choice.min_tokens`` <= T <= ``choice.max_tokens`` (off in every shipped config), the stacked layout, and a
+  CUDA graph being captured: both the gemm path and the skipping path below are captured, each under a CUDA
+  graph IF node, and the device picks one per replay from the executed pair count (above ``choice.fraction``
+  of T x E: gemm). The host knows T, not how many experts a batch selects; eager calls keep the host rule;
 - ``gemm.min_tokens`` <= T <= ``gemm.max_tokens`` and the plugin's stacked weight layout
   (``layout.py``): the dense MLP's cuBLAS GEMMs with the router's first layer stacked into the up
   GEMM, the router tail, and the selection + activation in one elementwise Triton launch
@@ -74,6 +78,63 @@ def route(x, router_in, router_out, tau, top_k, counters, cfg, own_max):
     return (scores, *selection_rule(scores, tau, top_k))
 
 
+def capturing_graph(x):
+    """The CUDA graph this stream is capturing, where the torch build can branch inside it (IF nodes); else
+    None (eager, CPU, or a torch without the API)."""
+    if not x.is_cuda or not torch.cuda.is_current_stream_capturing():
+        return None
+    get = getattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", None)
+    return None if get is None else get()
+
+
+_WARMED = set()  # keys (shape, tiers, T % 16, ...) whose two choice paths have run eagerly: their kernels are built
+
+
+def warm_both_paths(key, run_gemm, run_skipping, counters):
+    """Eager calls in the choice range run the host rule's path; a graph captured later at this T holds both
+    choice paths, and no Triton kernel should compile during a capture. So the first eager call per ``key``
+    (per set of kernels a capture would build, not per T) also runs both, into scratch counters (vLLM runs
+    every capture size eagerly before capturing it)."""
+    _WARMED.add(key)
+    scratch = torch.zeros_like(counters)
+    run_gemm(scratch)
+    run_skipping(scratch)
+
+
+def device_chosen_experts(graph, pred, run_gemm, run_skipping, out_shape, x):
+    """Both paths captured into ``graph``, each under an IF node (``pred``, then not ``pred``), writing one
+    output buffer: the graph after the nodes reads fixed addresses."""
+    out = torch.empty(out_shape, device=x.device, dtype=x.dtype)
+    for cond, run in ((pred, run_gemm), (torch.logical_not(pred), run_skipping)):
+        graph.begin_capture_to_if_node(cond)
+        try:
+            out.copy_(run())
+        finally:
+            graph.end_capture_to_conditional_node()
+    return out
+
+
+def executed_pairs_above(scores, ref, factor, fraction):
+    """Device predicate: more than ``fraction`` of the T x E (token, expert) pairs selected (the selection
+    rule: score >= factor * the token's reference). No host synchronisation."""
+    T, E = scores.shape
+    return (scores.float() >= factor * ref.unsqueeze(1)).sum() > int(fraction * T * E)
+
+
+def skipping_experts(x, scores, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg, masked,
+                     in_masked):
+    """The paths that skip unselected experts' work, on given scores (T above the fused decode range)."""
+    D, ES = x.shape[1], w_in.shape[1]
+    if in_masked:
+        return masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters, masked, "scores",
+                                    scores=scores, ref=ref, tau=factor)
+    args = (x, scores, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters)
+    decode = path_config(cfg, "decode", D, ES)
+    if x.shape[0] <= decode["max_tokens"]:
+        return decode_experts(*args, decode)
+    return grouped_experts(*args, path_config(cfg, "grouped", D, ES))
+
+
 def in_kernel_routing(route_override, tau, sharded, expert_offset, E):
     """(scores, ref, factor) for paths that run the router's tail themselves: none given (they select
     from their own tail) unless a benchmark overrides them; sharded scores as the local experts' view."""
@@ -107,6 +168,33 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
         counters[1] += T * E
         return dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation)
     gemm = token_tier(path_config(cfg, "gemm", D, ES), T) if "gemm" in cfg else None  # older configs: off
+    fused = token_tier(path_config(cfg, "fused", D, ES), T)  # blocks per token count (H200: bigger slices at T=3)
+    choice = token_tier(path_config(cfg, "choice", D, ES), T) if "choice" in cfg else None
+    if (choice is not None and gemm is not None and top_k == 0 and choice["min_tokens"] <= T <= choice["max_tokens"]
+            and T > fused["max_tokens"] and x.is_cuda and stacked_up_view(w_in, w_up, router_in) is not None):
+        graph = capturing_graph(x)
+        in_masked = masked["min_tokens"] <= T <= masked["max_tokens"]
+        # what decides which kernels a capture at this T would build: the shape, the tiers, Triton's T % 16
+        key = (x.device.index, D, ES, E, x.dtype, activation, w_up is not None, b_in is not None, T % 16 == 0,
+               repr(gemm), repr(masked), in_masked, T <= path_config(cfg, "decode", D, ES)["max_tokens"],
+               T <= cfg["router"].get("hidden_max_tokens", 0), T <= cfg["router"]["tail_max_tokens"])
+        # a capture without IF nodes (older torch) keeps the host rule and warms nothing into the graph
+        if graph is not None or (key not in _WARMED and not torch.cuda.is_current_stream_capturing()):
+            stacked = stacked_up_view(w_in, w_up, router_in)
+            routing = route(x, router_in, router_out, tau, 0, counters, cfg, own_max=False)
+            scores, ref, factor = routing if route_override is None else route_override
+            if sharded:
+                scores = scores[:, expert_offset : expert_offset + E]
+            run_gemm = lambda c=counters: gemm_masked_experts(  # noqa: E731
+                x, stacked, router_out, factor, w_in, w_up, w_out, b_in, b_out, activation, c, gemm, cfg["router"],
+                scores=scores, ref=ref, expert_offset=expert_offset)
+            run_skipping = lambda c=counters: skipping_experts(  # noqa: E731
+                x, scores, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, c, cfg, masked, in_masked)
+            if graph is not None:
+                return device_chosen_experts(graph, executed_pairs_above(scores, ref, factor, choice["fraction"]),
+                                             run_gemm, run_skipping, (T, w_out.shape[2]), x)
+            warm_both_paths(key, run_gemm, run_skipping, counters)
+        # eager: the host rule below
     stacked = None
     if gemm is not None and top_k == 0 and gemm["min_tokens"] <= T <= gemm["max_tokens"]:
         stacked = stacked_up_view(w_in, w_up, router_in)
@@ -121,7 +209,6 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
         sc, ref, factor = in_kernel_routing(route_override, tau, sharded, expert_offset, E)
         return persistent_decode_experts(x, sc, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters,
                                          persistent, router_in=router_in, router_out=router_out)
-    fused = token_tier(path_config(cfg, "fused", D, ES), T)  # blocks per token count (H200: bigger slices at T=3)
     in_fused = T <= fused["max_tokens"]
     in_masked = not in_fused and masked["min_tokens"] <= T <= masked["max_tokens"]
     own_router = top_k == 0 and ((in_fused and fused.get("own_router", False)) or
@@ -152,11 +239,5 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
                                            activation, counters, balanced, own_max=own)
         return fused_decode_experts(x, scores, scores if own else ref, factor, w_in, w_up, w_out, b_in, b_out,
                                     activation, counters, fused, own_max=own)
-    if in_masked:
-        return masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters, masked, "scores",
-                                    scores=scores, ref=ref, tau=factor)
-    args = (x, scores, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters)
-    decode = path_config(cfg, "decode", D, ES)
-    if T <= decode["max_tokens"]:
-        return decode_experts(*args, decode)
-    return grouped_experts(*args, path_config(cfg, "grouped", D, ES))
+    return skipping_experts(x, scores, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters, cfg,
+                            masked, in_masked)

@@ -276,6 +276,26 @@ def check_in_kernel_router(x, w, tau, cfg, dtype, tol=1e-2):
     assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
+def capture_without_sync(layer, warm):
+    """``warm()`` on a side stream (the kernels build outside the capture), then, with host synchronisation an
+    error, ``warm()`` again eagerly and ``layer()`` captured into a graph; returns (graph, its output)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        warm()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        warm()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return graph, out
+
+
 def check_graph_replay_and_no_sync(shape, T, cfg, seed, stacked=False):
     """Own router, the given config: no host synchronisation while running and capturing; the graph
     replays new inputs (hence new routing) exactly as eager calls compute them."""
@@ -285,20 +305,7 @@ def check_graph_replay_and_no_sync(shape, T, cfg, seed, stacked=False):
     counters = torch.zeros(3, dtype=torch.int64, device="cuda")
     layer = lambda c=counters: dynamic_k_experts_triton(x, w["router_in"], w["router_out"], 0.5, 0, *experts(w),  # noqa: E731
                                                         "relu", c, cfg)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        layer()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        layer()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = layer()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    graph, out = capture_without_sync(layer, layer)
     outs = []
     for seed in range(3):
         x.copy_(inputs(T, d, E, torch.bfloat16, torch.Generator(device="cuda").manual_seed(200 + seed))[0])
@@ -672,3 +679,72 @@ def test_persistent_barrier_survives_many_calls_and_capture_first():
             torch.testing.assert_close(out_first, eager, rtol=0, atol=0)
     torch.cuda.synchronize()
     assert pers._BARRIERS[torch.cuda.current_device()][0].item() == 0
+
+
+def choice_cfg(d, es, fraction=0.4):
+    """The device's config with the path chosen on the device (CUDA graph IF nodes) at every T above the fused
+    range for (d, es): the gemm path above ``fraction`` of the T x E pairs, the skipping paths below."""
+    cfg = kernel_config(torch.cuda.get_device_name())
+    return {**cfg, "choice": {"min_tokens": 1, "max_tokens": 0, "fraction": fraction},
+            f"choice@d{d}e{es}": {"min_tokens": 1, "max_tokens": 1 << 30}}
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("T", [64, 300, 2048])
+def test_device_choice_runs_the_path_the_selection_asks_for(shape, T):
+    """One graph holding both paths under IF nodes, replayed with a sparse (10%) and a dense (90%) selection
+    written into the same score buffers: each replay equals, bit for bit, an eager call of the path the
+    predicate names (gemm above 40% of the pairs, the skipping path below), stays within bf16 tolerance of the
+    fp64 reference, and counts that replay's pairs; capturing does not synchronise with the host."""
+    import d2dmoe_kernels.dispatch as dispatch
+    from d2dmoe_kernels.layout import stacked_up_view
+
+    if not hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph"):
+        pytest.fail(f"torch {torch.__version__} has no CUDA graph conditional nodes: the choice path cannot be "
+                    f"captured (it keeps the host rule); the device tool's torch 2.11 is expected to have them")
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=300 + T, stacked=True)
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    cfg = choice_cfg(d, es)
+    scores = torch.zeros(T, E, device="cuda", dtype=torch.bfloat16)
+    ref = torch.ones(T, device="cuda")
+    override = (scores, ref, 0.9)   # chosen experts score 1.0, the others 0.5
+
+    def select(fraction, seed):
+        k = max(1, round(fraction * E))
+        rank = torch.rand(T, E, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
+        mask = torch.zeros(T, E, device="cuda", dtype=torch.bool)
+        mask.scatter_(1, rank.argsort(dim=1)[:, :k], True)
+        scores.copy_(torch.where(mask, 1.0, 0.5).to(torch.bfloat16))
+        return mask
+
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    layer = lambda c=counters: dynamic_k_experts_triton(x, w["router_in"], w["router_out"], 0.5, 0, *experts(w),  # noqa: E731
+                                                        "relu", c, cfg, route_override=override)
+    masked = token_tier(path_config(cfg, "masked", d, es), T)
+    gemm = token_tier(path_config(cfg, "gemm", d, es), T)
+    scratch = torch.zeros(3, dtype=torch.int64, device="cuda")
+    paths = {  # the two branches, eagerly, on the same override
+        "gemm": lambda: dispatch.gemm_masked_experts(
+            x, stacked_up_view(w["w_in"], w["w_up"], w["router_in"]), w["router_out"], 0.9, *experts(w), "relu",
+            scratch, gemm, path_config(cfg, "router", d, es), scores=scores, ref=ref),
+        "skip": lambda: dispatch.skipping_experts(x, scores, ref, 0.9, *experts(w), "relu", scratch, cfg, masked,
+                                                  masked["min_tokens"] <= T <= masked["max_tokens"])}
+    select(0.3, 1)
+    # eager first: the host rule, and (first call for these kernels) both choice paths, so the capture builds none
+    graph, out = capture_without_sync(layer, lambda: layer(torch.zeros(3, dtype=torch.int64, device="cuda")))
+    differ = []
+    for i, (fraction, want) in enumerate([(0.1, "skip"), (0.9, "gemm"), (0.1, "skip"), (0.9, "gemm")]):
+        mask = select(fraction, 10 + i)
+        counters.zero_()
+        graph.replay()
+        eager = {name: run_path().clone() for name, run_path in paths.items()}
+        torch.cuda.synchronize()
+        assert not torch.isnan(out).any()
+        expected = ref64(x, mask, w, "relu")
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2
+        assert counters[:2].tolist() == [T, int(mask.sum())]
+        differ.append(not torch.equal(eager["gemm"], eager["skip"]))
+        if differ[-1]:
+            torch.testing.assert_close(out, eager[want], rtol=0, atol=0)
+    assert any(differ), "the two paths gave the same bits on every selection: the test cannot tell which ran"

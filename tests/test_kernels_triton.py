@@ -211,6 +211,33 @@ def test_dispatch_dynamic_k(T, d_out):
     assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
+def test_device_choice_predicate_and_eager_rule():
+    """The path chosen on the device (CUDA graphs only): its predicate is a device tensor (no host sync) that
+    counts the pairs the selection rule runs; off the GPU / outside a capture there is no graph to branch in,
+    so a config that enables the choice computes what the host rule computes (the GPU suite checks the
+    captured branches: test_device_choice_runs_the_path_the_selection_asks_for)."""
+    from d2dmoe_kernels.dispatch import capturing_graph, executed_pairs_above
+
+    scores = torch.tensor([[1.0, 0.95, 0.2, 0.1], [0.5, 1.0, 0.9, 0.0]])
+    ref = scores.amax(-1)
+    # 0.9 x the row max: 2 of row 0, 2 of row 1 -> 4 of 8 pairs
+    pred = executed_pairs_above(scores, ref, 0.9, 0.4)
+    assert isinstance(pred, torch.Tensor) and pred.dtype == torch.bool and pred.dim() == 0 and bool(pred)
+    assert not bool(executed_pairs_above(scores, ref, 0.9, 0.5))     # 4 > 4 is false
+    assert bool(executed_pairs_above(scores, ref, 0.0, 0.99))        # tau 0: all 8
+    assert capturing_graph(torch.zeros(2, 4)) is None
+    E, ES, D, T = 8, 16, 32, 30
+    w = layer(E, ES, D, True, 11)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=5)
+    outs = []
+    for cfg in (SMALL, dict(SMALL, gemm=dict(min_tokens=1, max_tokens=0, BLOCK_T=16, BLOCK_C=16, num_warps=4),
+                              choice=dict(min_tokens=1, max_tokens=1 << 30, fraction=0.4))):
+        outs.append(dynamic_k_experts_triton(x, r_in, r_out, 0.6, 0, *w.values(), "gelu_tanh",
+                                             torch.zeros(3, dtype=torch.int64), cfg))
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("T,balanced", [(2, False), (2, True), (6, False), (30, False)])
 @pytest.mark.parametrize("tau", [0.0, 0.6])
 def test_expert_shards_add_up(T, tau, balanced):

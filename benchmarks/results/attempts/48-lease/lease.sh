@@ -14,7 +14,8 @@
 #                  (FRACTIONS=0.1,0.3,0.5 unless given) under this device's name, graphs up to 8192 tokens. ~8-10 min.
 #   STEP=condprobe bare machine OK (stage payload chunk 0 in the same call, as kernels): can the expert layer pick
 #                  the gemm or the Triton path on the device, in a CUDA graph (IF nodes)? API, replay check, cost
-#                  against the better path at 10/30/100% (attempts/56-lease/probe_conditional.py). ~2 min.
+#                  against the better path at 10/30/100% (attempts/56-lease/probe_conditional.py), then the GPU test of the
+#                  dispatch's choice path (tests/test_kernels_gpu.py -k device_choice, 9 tests). ~3 min.
 #   STEP=gputests  bare machine OK: the kernel GPU suite (tests/test_kernels_gpu.py), the fp32 tests first (attempt 40's
 #                  fix of the masked tiles; all passed in session 49), then the rest; T caps it (~2.5 min warm).
 #   STEP=largekeys bare machine OK: the H200 file's large-T keys (gemm@ tiers, masked tiers; large-t-keys.json) against
@@ -109,7 +110,9 @@ case "${STEP:?give STEP=$STEPS}" in
   adaptlr) W=$(sparsified alr); recipe alr --adapt-lr ${LR:-2.5e-5} ${ADAPT:+--adapt-steps $ADAPT} ${W:+--sparsified-from $W} ;;
   condprobe) install   # attempts/56-lease/probe_conditional.py: the path chosen on the device (CUDA graph IF nodes)
            timeout $T python3 benchmarks/results/attempts/56-lease/probe_conditional.py --out "$OUT" > "$OUT/condprobe.log" 2>&1
-           echo "condprobe rc $?" >> "$OUT/condprobe.log"; tail -40 "$OUT/condprobe.log" ;;
+           echo "condprobe rc $?" >> "$OUT/condprobe.log"; tail -40 "$OUT/condprobe.log"
+           timeout 120 python3 -m pytest -m gpu tests/test_kernels_gpu.py -k device_choice -q -rf -p no:cacheprovider \
+             > "$OUT/condtest.log" 2>&1; echo "condtest rc $?" >> "$OUT/condtest.log"; tail -15 "$OUT/condtest.log" ;;
   serve)   install   # the Gemma-2B-shape table of issue 5 under this device's name; --reuse: a rerun resumes engine by engine
            timeout $T python3 benchmarks/bench_serve.py --synthetic-gemma2b --fractions ${FRACTIONS:-0.1,0.3,0.5} \
              --batches 1,8,64,256 --shapes 128x128,1024x128 --repeats 2 --work /root/serve --reuse --out "$OUT" \

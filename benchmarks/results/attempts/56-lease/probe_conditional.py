@@ -10,13 +10,14 @@ mechanism behind ``torch.cond`` under graph capture). This probe answers, on the
 1. does the device's torch have that API (torch 2.11 on the payload; 2.13 here has it)?
 2. is it correct: one graph holding both paths under IF / IF-NOT nodes on a device predicate, replayed with the
    predicate flipped between replays, gives each path's output bit for bit?
-3. what does it cost: the conditional layer (the predicate from the selection + two IF nodes + both paths'
-   launches captured) against the faster path alone, at 10% / 30% / 100% of experts, independent and shared.
+3. what does it cost: the dispatch's ``choice`` path (kernels/dispatch.py: the router, the predicate from the
+   selection, two IF nodes, both paths captured) against each path alone, at 10% / 30% / 100% of experts,
+   independent and shared.
 
-Prediction (written before it runs): the API is there (PR 168912 went into torch before 2.11's branch cut; if not,
-the probe says so and stops); outputs match exactly (the same kernels run); the conditional costs ~3-6 us over
-the faster path (a predicate reduction over T x E scores + the IF nodes' launch), so at T >= 1024 it lands within
-~2% of the better path in every row, which turns Gemma-2B e=128 T=4096 at 100% from 0.38x into ~0.9x of dense and
+Prediction (written before it runs): the API is there (torch 2.13 has it; if the payload's 2.11 does not,
+the probe says so and stops); outputs match exactly (the same kernels run); the choice costs ~5-20 us over the
+better path (the router run before the choice, the predicate over T x E scores, the output copy, the IF nodes),
+so at Gemma-2B T >= 1024 it lands within ~2% of the better path in every row, which turns Gemma-2B e=128 T=4096 at 100% from 0.38x into ~0.9x of dense and
 leaves the rows where both paths lose to dense (GPT-2 at T >= 16: the best of both files still leaves 159-165 rows
 below 0.95x, attempts/52-lease) where they are.
 
@@ -54,34 +55,15 @@ def has_api() -> dict:
 
 def with_gemm(cfg: dict, d: int, es: int, on: bool) -> dict:
     """``cfg`` with the gemm path forced on at every T (the tuner's first blocks) or off, for this shape."""
-    keys = {"min_tokens": 1, "max_tokens": (1 << 30) if on else 0, "BLOCK_T": 64, "BLOCK_C": 128, "num_warps": 4}
+    keys = {"min_tokens": 1, "max_tokens": (1 << 30) if on else 0, "BLOCK_T": 64, "BLOCK_C": 128, "num_warps": 4,
+            "by_tokens": []}
     return {**cfg, f"gemm@d{d}e{es}": keys}
 
 
-def predicate(routing, E: int) -> torch.Tensor:
-    """True where the executed fraction exceeds THRESHOLD: a device tensor, no host sync (the selection rule:
-    score >= tau * row max)."""
-    scores, ref, factor = routing
-    executed = (scores.float() >= factor * ref.unsqueeze(1)).sum()
-    return executed > int(THRESHOLD * scores.shape[0] * E)
-
-
-def conditional_forward(x, routing, w, activation, counters, cfg_gemm, cfg_skip, E):
-    """The layer with its path chosen on the device: IF pred -> gemm path, IF NOT pred -> the Triton path, both
-    writing one output buffer (the graph after the node reads fixed addresses)."""
-    if not torch.cuda.is_current_stream_capturing():  # warm-up (eager): run both, so both are compiled
-        moe_forward(x, routing, w, TAU, activation, counters, cfg_gemm)
-        return moe_forward(x, routing, w, TAU, activation, counters, cfg_skip)
-    pred = predicate(routing, E)
-    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
-    out = torch.empty_like(x)
-    for cond, cfg in ((pred, cfg_gemm), (torch.logical_not(pred), cfg_skip)):
-        graph.begin_capture_to_if_node(cond)
-        try:
-            out.copy_(moe_forward(x, routing, w, TAU, activation, counters, cfg))
-        finally:
-            graph.end_capture_to_conditional_node()
-    return out
+def with_choice(cfg: dict, d: int, es: int) -> dict:
+    """``cfg`` (gemm blocks set) with the dispatch's path chosen on the device for this shape at every T."""
+    return {**cfg, "choice": {"min_tokens": 1, "max_tokens": 0, "fraction": THRESHOLD},
+            f"choice@d{d}e{es}": {"min_tokens": 1, "max_tokens": 1 << 30}}
 
 
 def check_flip(x, routing, w, activation, counters, cfg_gemm, cfg_skip, E) -> dict:
@@ -136,6 +118,7 @@ def main() -> None:
         moe_ws = [make_moe(d, dff, gated, es, width, dtype) for _ in range(n)]
         counters = torch.zeros(3, dtype=torch.int64, device="cuda")
         cfg_gemm, cfg_skip = with_gemm(base, d, es, True), with_gemm(base, d, es, False)
+        cfg_choice = with_choice(cfg_gemm, d, es)
         key = f"{name} e={es} T={T}"
         routing, _ = routing_scores(T, E, 0.3, "independent", dtype)
         try:
@@ -151,8 +134,8 @@ def main() -> None:
             times = {}
             for label, fn in (("gemm", lambda w: moe_forward(x, routing, w, TAU, activation, counters, cfg_gemm)),
                               ("skip", lambda w: moe_forward(x, routing, w, TAU, activation, counters, cfg_skip)),
-                              ("conditional", lambda w: conditional_forward(x, routing, w, activation, counters,
-                                                                            cfg_gemm, cfg_skip, E))):
+                              ("conditional", lambda w: moe_forward(x, routing, w, TAU, activation, counters,
+                                                                    cfg_choice))):
                 times[label] = time_us(graphed([lambda w=w, fn=fn: fn(w) for w in moe_ws], reps))
             best = min(times["gemm"], times["skip"])
             row = dict(shape=name, expert_size=es, tokens=T, fraction=round(real, 4), routing=kind,
