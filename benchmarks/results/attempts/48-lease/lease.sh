@@ -10,6 +10,9 @@
 #                  e16 and adaptlr start from its sparsified model.
 #   STEP=adapt1000 after install, once or twice: the recipe as it is (1000 adapt steps) from adapt2000's sparsified model,
 #                  the same-machine baseline where adapt2000 ran on another device than session 47's H100. ~7 min.
+#   STEP=kernelschoice bare machine OK: the full kernel table (as kernels) with the dispatch's choice path on at
+#                  T >= 256 for every shape (FRACTION=0.4 unless given: gemm above that share of the pairs); only
+#                  after condprobe passed. ~1.5 min. The JSON is kernels-<device>.json like kernels': rename it.
 #   STEP=serve     after install, once or twice (--reuse resumes by engine): bench_serve.py's Gemma-2B-shape table
 #                  (FRACTIONS=0.1,0.3,0.5 unless given) under this device's name, graphs up to 8192 tokens. ~8-10 min.
 #   STEP=condprobe bare machine OK (stage payload chunk 0 in the same call, as kernels): can the expert layer pick
@@ -66,10 +69,11 @@
 # its 1800 s of device time went to starts that failed; the tool refuses a start under 240 s left).
 # Session 56 (H100, attempts/56-lease/) ran adapt2000 (two calls: cut at adapt step 560, resumed; 21.62 at 50.0%
 # against 1000 steps' 21.87, the prediction ~21.4) and adaptlr at 2.5e-5 (22.15: worse than 5e-5's 21.87).
-# Next: serve (the Gemma-2B-shape table of issue 5 on the H100: fractions 10/30/50%, batches 1-256, 128/128 and
-# 1024/128, graphs up to 8192 tokens; 4 engines of ~60-80 s start each, ~8-10 min, one or two calls, --reuse resumes),
-# then condprobe (~2 min), then adaptlr at twice the rate (STEP=adaptlr LR=1e-4, ~11 min on a fresh machine: it
-# sparsifies anew).
+# Next: condprobe in the install's call (~3 min: the API, the flipped replay, the choice's cost, its GPU test), then
+# kernelschoice if it passed (~1.5 min; FRACTION from the probe's rows), then serve (the Gemma-2B-shape table of
+# issue 5 on the H100: fractions 10/30/50%, batches 1-256, 128/128 and 1024/128, graphs up to 8192 tokens; 4 engines
+# of ~60-80 s start each, ~8-10 min, one or two calls, --reuse resumes), then adaptlr at twice the rate
+# (STEP=adaptlr LR=1e-4, ~11 min on a fresh machine: it sparsifies anew).
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -85,7 +89,7 @@ recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}
 sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
                  && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
                  # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
-STEPS="kernels, teacher, adapt2000, adapt1000, e16, adaptlr, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, kernelschoice, teacher, adapt2000, adapt1000, e16, adaptlr, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
@@ -113,6 +117,19 @@ case "${STEP:?give STEP=$STEPS}" in
            echo "condprobe rc $?" >> "$OUT/condprobe.log"; tail -40 "$OUT/condprobe.log"
            timeout 120 python3 -m pytest -m gpu tests/test_kernels_gpu.py -k device_choice -q -rf -p no:cacheprovider \
              > "$OUT/condtest.log" 2>&1; echo "condtest rc $?" >> "$OUT/condtest.log"; tail -15 "$OUT/condtest.log" ;;
+  kernelschoice) install   # the kernel table with the choice path on for every shape at T >= 256 (the device file
+           python3 - <<'PY'     # edited here, on the device's copy of the tree: the next call's copy is clean again)
+import json, os, torch
+from d2dmoe_kernels.configs import config_file
+f = config_file(torch.cuda.get_device_name())
+cfg = json.loads(f.read_text())
+cfg["choice"] = {"min_tokens": 256, "max_tokens": 1 << 30, "fraction": float(os.environ.get("FRACTION", "0.4"))}
+f.write_text(json.dumps(cfg, indent=1))
+print("choice on in", f, cfg["choice"])
+PY
+           D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-unknown}+choice timeout $T python3 benchmarks/bench_kernels.py --out "$OUT" \
+             > "$OUT/kernels-choice.log" 2>&1; echo "kernelschoice rc $?" >> "$OUT/kernels-choice.log"
+           tail -40 "$OUT/kernels-choice.log" ;;
   serve)   install   # the Gemma-2B-shape table of issue 5 under this device's name; --reuse: a rerun resumes engine by engine
            timeout $T python3 benchmarks/bench_serve.py --synthetic-gemma2b --fractions ${FRACTIONS:-0.1,0.3,0.5} \
              --batches 1,8,64,256 --shapes 128x128,1024x128 --repeats 2 --work /root/serve --reuse --out "$OUT" \
