@@ -8,6 +8,9 @@
 #   STEP=adapt2000 after install, twice (resumes): the recipe (ReLU, alpha 1e-3, no teacher text) with 2000 adapt steps
 #                  in /root/ad2000; is 1000 steps the knee (240/600/1000: 22.79/22.25/21.87)? 14-17 min. Run it first:
 #                  e16 and adaptlr start from its sparsified model.
+#   STEP=stack     after install, twice (resumes): the three levers that each bought ~1% at 50% since session 47,
+#                  together: alpha 3e-4 (21.78), 16-neuron experts (21.66), 2000 adapt steps (21.62), against 21.87.
+#                  Prediction (session 56): ~21.0-21.2 if they add (+18-19%), not +5%. ~16-18 min, a lease of its own.
 #   STEP=adapt1000 after install, once or twice: the recipe as it is (1000 adapt steps) from adapt2000's sparsified model,
 #                  the same-machine baseline where adapt2000 ran on another device than session 47's H100. ~7 min.
 #   STEP=kernelschoice bare machine OK: the full kernel table (as kernels) with the dispatch's choice path on at
@@ -89,7 +92,7 @@ recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}
 sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
                  && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
                  # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
-STEPS="kernels, kernelschoice, teacher, adapt2000, adapt1000, e16, adaptlr, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, kernelschoice, teacher, adapt2000, stack, adapt1000, e16, adaptlr, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
@@ -137,6 +140,7 @@ PY
            echo "serve rc $?" >> "$OUT/serve.log"; tar czf "$OUT/serve-engine-logs.tgz" -C /root/serve $(cd /root/serve && ls *.log)
            grep -v "it/s" "$OUT/serve.log" | tail -45 ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
+  stack)   recipe stack --hoyer-alpha 3e-4 --expert-size 16 --adapt-steps 2000 ;;
   adapt1000) W=$(sparsified a1000); recipe a1000 ${W:+--sparsified-from $W} ;;
   sweep|sweepmoe) W=$(sparsified sweep); M=d2dmoe-per-layer,moefication; [ $STEP = sweepmoe ] && M=moefication
            convert sweep --methods $M --minutes $(( (T - 40) / 60 )) ${W:+--sparsified-from $W}; tail -15 $OUT/sweep.log ;;
