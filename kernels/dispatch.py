@@ -81,24 +81,30 @@ def route(x, router_in, router_out, tau, top_k, counters, cfg, own_max):
 def capturing_graph(x):
     """The CUDA graph this stream is capturing, where the torch build can branch inside it (IF nodes); else
     None (eager, CPU, or a torch without the API)."""
-    if not x.is_cuda or not torch.cuda.is_current_stream_capturing():
+    if not x.is_cuda or not conditional_nodes() or not torch.cuda.is_current_stream_capturing():
         return None
-    get = getattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", None)
-    return None if get is None else get()
+    return torch.cuda.CUDAGraph.get_currently_capturing_graph()
 
 
-_WARMED = set()  # keys (shape, tiers, T % 16, ...) whose two choice paths have run eagerly: their kernels are built
+def conditional_nodes() -> bool:
+    """Whether this torch can capture CUDA graph IF nodes: the API, a CUDA (not ROCm) build, CUDA >= 12.4."""
+    cuda = torch.version.cuda
+    return (hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph") and torch.version.hip is None
+            and cuda is not None and tuple(int(v) for v in cuda.split(".")[:2]) >= (12, 4))
 
 
-def warm_both_paths(key, run_gemm, run_skipping, counters):
+_WARMED = set()  # (device, shapes, T, dtype, ...) whose two choice paths have run eagerly: their kernels are built
+
+
+def warm_both_paths(key, run_gemm, run_skipping, scratch):
     """Eager calls in the choice range run the host rule's path; a graph captured later at this T holds both
-    choice paths, and no Triton kernel should compile during a capture. So the first eager call per ``key``
-    (per set of kernels a capture would build, not per T) also runs both, into scratch counters (vLLM runs
-    every capture size eagerly before capturing it)."""
-    _WARMED.add(key)
-    scratch = torch.zeros_like(counters)
+    choice paths, and no Triton kernel may compile during a capture (launch parameters follow T: tiles, scan
+    blocks, chunks). So the first eager call per shape and T also runs both, into scratch counters (vLLM runs
+    every capture size eagerly before capturing it): two extra layer runs once per T in the choice range. The
+    key holds no config: a process serves with one (a benchmark that switches configs warms per shape and T)."""
     run_gemm(scratch)
     run_skipping(scratch)
+    _WARMED.add(key)
 
 
 def device_chosen_experts(graph, pred, run_gemm, run_skipping, out_shape, x):
@@ -170,32 +176,33 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
     gemm = token_tier(path_config(cfg, "gemm", D, ES), T) if "gemm" in cfg else None  # older configs: off
     fused = token_tier(path_config(cfg, "fused", D, ES), T)  # blocks per token count (H200: bigger slices at T=3)
     choice = token_tier(path_config(cfg, "choice", D, ES), T) if "choice" in cfg else None
+    stacked = None
     if (choice is not None and gemm is not None and top_k == 0 and choice["min_tokens"] <= T <= choice["max_tokens"]
-            and T > fused["max_tokens"] and x.is_cuda and stacked_up_view(w_in, w_up, router_in) is not None):
+            and T > fused["max_tokens"] and x.is_cuda):
+        stacked = stacked_up_view(w_in, w_up, router_in)
+    if stacked is not None:
         graph = capturing_graph(x)
-        in_masked = masked["min_tokens"] <= T <= masked["max_tokens"]
-        # what decides which kernels a capture at this T would build: the shape, the tiers, Triton's T % 16
-        key = (x.device.index, D, ES, E, x.dtype, activation, w_up is not None, b_in is not None, T % 16 == 0,
-               repr(gemm), repr(masked), in_masked, T <= path_config(cfg, "decode", D, ES)["max_tokens"],
-               T <= cfg["router"].get("hidden_max_tokens", 0), T <= cfg["router"]["tail_max_tokens"])
+        key = (x.device.index, D, ES, E, T, x.dtype, activation, w_up is not None, b_in is not None,
+               b_out is not None, router_in.shape[0])  # T, not tiers: scan blocks and chunks follow T too
         # a capture without IF nodes (older torch) keeps the host rule and warms nothing into the graph
         if graph is not None or (key not in _WARMED and not torch.cuda.is_current_stream_capturing()):
-            stacked = stacked_up_view(w_in, w_up, router_in)
-            routing = route(x, router_in, router_out, tau, 0, counters, cfg, own_max=False)
+            in_masked = masked["min_tokens"] <= T <= masked["max_tokens"]
+            c = counters if graph is not None else torch.zeros_like(counters)  # warm-up: scratch counters
+            routing = route(x, router_in, router_out, tau, 0, c, cfg, own_max=False)
             scores, ref, factor = routing if route_override is None else route_override
             if sharded:
                 scores = scores[:, expert_offset : expert_offset + E]
-            run_gemm = lambda c=counters: gemm_masked_experts(  # noqa: E731
+            run_gemm = lambda c=c: gemm_masked_experts(  # noqa: E731
                 x, stacked, router_out, factor, w_in, w_up, w_out, b_in, b_out, activation, c, gemm, cfg["router"],
                 scores=scores, ref=ref, expert_offset=expert_offset)
-            run_skipping = lambda c=counters: skipping_experts(  # noqa: E731
+            run_skipping = lambda c=c: skipping_experts(  # noqa: E731
                 x, scores, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, c, cfg, masked, in_masked)
             if graph is not None:
                 return device_chosen_experts(graph, executed_pairs_above(scores, ref, factor, choice["fraction"]),
                                              run_gemm, run_skipping, (T, w_out.shape[2]), x)
-            warm_both_paths(key, run_gemm, run_skipping, counters)
+            warm_both_paths(key, run_gemm, run_skipping, c)
         # eager: the host rule below
-    stacked = None
+        stacked = None
     if gemm is not None and top_k == 0 and gemm["min_tokens"] <= T <= gemm["max_tokens"]:
         stacked = stacked_up_view(w_in, w_up, router_in)
     if stacked is not None:  # up GEMM (router's first layer stacked in), router tail, select + act, down GEMM

@@ -216,7 +216,7 @@ def test_device_choice_predicate_and_eager_rule():
     counts the pairs the selection rule runs; off the GPU / outside a capture there is no graph to branch in,
     so a config that enables the choice computes what the host rule computes (the GPU suite checks the
     captured branches: test_device_choice_runs_the_path_the_selection_asks_for)."""
-    from d2dmoe_kernels.dispatch import capturing_graph, executed_pairs_above
+    from d2dmoe_kernels.dispatch import capturing_graph, conditional_nodes, executed_pairs_above
 
     scores = torch.tensor([[1.0, 0.95, 0.2, 0.1], [0.5, 1.0, 0.9, 0.0]])
     ref = scores.amax(-1)
@@ -226,6 +226,8 @@ def test_device_choice_predicate_and_eager_rule():
     assert not bool(executed_pairs_above(scores, ref, 0.9, 0.5))     # 4 > 4 is false
     assert bool(executed_pairs_above(scores, ref, 0.0, 0.99))        # tau 0: all 8
     assert capturing_graph(torch.zeros(2, 4)) is None
+    if torch.version.cuda is None:   # a CPU (or ROCm) build has no CUDA graph IF nodes
+        assert conditional_nodes() is False
     E, ES, D, T = 8, 16, 32, 30
     w = layer(E, ES, D, True, 11)
     x = torch.randn(T, D)

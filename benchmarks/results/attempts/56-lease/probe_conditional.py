@@ -21,6 +21,11 @@ so at Gemma-2B T >= 1024 it lands within ~2% of the better path in every row, wh
 leaves the rows where both paths lose to dense (GPT-2 at T >= 16: the best of both files still leaves 159-165 rows
 below 0.95x, attempts/52-lease) where they are.
 
+Each timed graph also records its capture's peak memory above the inputs (MiB): both branches of every call are
+captured on their own streams, so a graph of many calls may hold more than one path's temporaries per call.
+The d640 / d768 rows' "skip" is the host rule (the masked kernel with the router tail inside), the choice's skip
+branch the masked kernel on the router's scores: there the cost over the better path includes that difference.
+
 Timing as bench_kernels.py: graphs of back-to-back layer calls over rotated weight copies, do_bench medians.
 Writes OUT/probe-conditional.json and prints the table.
 """
@@ -48,9 +53,12 @@ TAU = 0.99        # bench_kernels' routing: chosen experts score in [0.995, 1], 
 
 
 def has_api() -> dict:
+    from d2dmoe_kernels.dispatch import conditional_nodes
+
     graph = torch.cuda.CUDAGraph
-    return {name: hasattr(graph, name) for name in
-            ("get_currently_capturing_graph", "begin_capture_to_if_node", "end_capture_to_conditional_node")}
+    return {**{name: hasattr(graph, name) for name in
+               ("get_currently_capturing_graph", "begin_capture_to_if_node", "end_capture_to_conditional_node")},
+            "dispatch_conditional_nodes": conditional_nodes()}
 
 
 def with_gemm(cfg: dict, d: int, es: int, on: bool) -> dict:
@@ -131,16 +139,23 @@ def main() -> None:
             continue
         for fraction, kind in ROUTINGS:
             routing, real = routing_scores(T, E, fraction, kind, dtype)
-            times = {}
+            times, peaks = {}, {}
             for label, fn in (("gemm", lambda w: moe_forward(x, routing, w, TAU, activation, counters, cfg_gemm)),
                               ("skip", lambda w: moe_forward(x, routing, w, TAU, activation, counters, cfg_skip)),
                               ("conditional", lambda w: moe_forward(x, routing, w, TAU, activation, counters,
                                                                     cfg_choice))):
-                times[label] = time_us(graphed([lambda w=w, fn=fn: fn(w) for w in moe_ws], reps))
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                graph = graphed([lambda w=w, fn=fn: fn(w) for w in moe_ws], reps)
+                peaks[label] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)  # MiB above the inputs
+                times[label] = time_us(graph)
+                del graph
             best = min(times["gemm"], times["skip"])
             row = dict(shape=name, expert_size=es, tokens=T, fraction=round(real, 4), routing=kind,
                        dense_us=round(dense_us, 2), **{f"{k}_us": round(v, 2) for k, v in times.items()},
                        conditional_over_best_us=round(times["conditional"] - best, 2),
+                       graph_peak_mib={k: v for k, v in peaks.items()},
                        speedup_conditional=round(dense_us / times["conditional"], 3),
                        speedup_best=round(dense_us / best, 3))
             doc["rows"].append(row)
