@@ -31,6 +31,8 @@ Path configs may carry ``by_tokens`` tiers (blocks per token count). No host syn
 selection, counts and tile schedules stay on the device.
 """
 
+import functools
+
 import torch
 
 from d2dmoe_kernels.configs import kernel_config, path_config, token_tier
@@ -86,6 +88,7 @@ def capturing_graph(x):
     return torch.cuda.CUDAGraph.get_currently_capturing_graph()
 
 
+@functools.cache
 def conditional_nodes() -> bool:
     """Whether this torch can capture CUDA graph IF nodes: the API, a CUDA (not ROCm) build, CUDA >= 12.4."""
     cuda = torch.version.cuda
@@ -141,6 +144,16 @@ def skipping_experts(x, scores, ref, factor, w_in, w_up, w_out, b_in, b_out, act
     return grouped_experts(*args, path_config(cfg, "grouped", D, ES))
 
 
+def selection(x, router_in, router_out, tau, top_k, counters, cfg, own_max, route_override, sharded, expert_offset,
+              E):
+    """(scores, ref, factor) the kernels select with: the router's (``route``) unless a benchmark overrides
+    them; sharded, a strided view of the local experts' columns (the kernels index scores by local expert
+    with the full row stride)."""
+    routing = route(x, router_in, router_out, tau, top_k, counters, cfg, own_max)
+    scores, ref, factor = routing if route_override is None else route_override
+    return (scores[:, expert_offset : expert_offset + E] if sharded else scores), ref, factor
+
+
 def in_kernel_routing(route_override, tau, sharded, expert_offset, E):
     """(scores, ref, factor) for paths that run the router's tail themselves: none given (they select
     from their own tail) unless a benchmark overrides them; sharded scores as the local experts' view."""
@@ -175,10 +188,12 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
         return dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation)
     gemm = token_tier(path_config(cfg, "gemm", D, ES), T) if "gemm" in cfg else None  # older configs: off
     fused = token_tier(path_config(cfg, "fused", D, ES), T)  # blocks per token count (H200: bigger slices at T=3)
+    in_fused = T <= fused["max_tokens"]
+    in_masked = not in_fused and masked["min_tokens"] <= T <= masked["max_tokens"]
     choice = token_tier(path_config(cfg, "choice", D, ES), T) if "choice" in cfg else None
     stacked = None
     if (choice is not None and gemm is not None and top_k == 0 and choice["min_tokens"] <= T <= choice["max_tokens"]
-            and T > fused["max_tokens"] and x.is_cuda):
+            and not in_fused and x.is_cuda):
         stacked = stacked_up_view(w_in, w_up, router_in)
     if stacked is not None:
         graph = capturing_graph(x)
@@ -186,12 +201,9 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
                b_out is not None, router_in.shape[0])  # T, not tiers: scan blocks and chunks follow T too
         # a capture without IF nodes (older torch) keeps the host rule and warms nothing into the graph
         if graph is not None or (key not in _WARMED and not torch.cuda.is_current_stream_capturing()):
-            in_masked = masked["min_tokens"] <= T <= masked["max_tokens"]
             c = counters if graph is not None else torch.zeros_like(counters)  # warm-up: scratch counters
-            routing = route(x, router_in, router_out, tau, 0, c, cfg, own_max=False)
-            scores, ref, factor = routing if route_override is None else route_override
-            if sharded:
-                scores = scores[:, expert_offset : expert_offset + E]
+            scores, ref, factor = selection(x, router_in, router_out, tau, 0, c, cfg, False, route_override, sharded,
+                                            expert_offset, E)
             run_gemm = lambda c=c: gemm_masked_experts(  # noqa: E731
                 x, stacked, router_out, factor, w_in, w_up, w_out, b_in, b_out, activation, c, gemm, cfg["router"],
                 scores=scores, ref=ref, expert_offset=expert_offset)
@@ -216,8 +228,6 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
         sc, ref, factor = in_kernel_routing(route_override, tau, sharded, expert_offset, E)
         return persistent_decode_experts(x, sc, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters,
                                          persistent, router_in=router_in, router_out=router_out)
-    in_fused = T <= fused["max_tokens"]
-    in_masked = not in_fused and masked["min_tokens"] <= T <= masked["max_tokens"]
     own_router = top_k == 0 and ((in_fused and fused.get("own_router", False)) or
                                  (in_masked and masked.get("own_router", False)))
     if own_router:  # the router's tail runs inside the expert kernel: router GEMM + 2 launches
@@ -234,10 +244,8 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
                                     hid=hid, router_out=router_out, expert_offset=expert_offset, router_in=router_in)
     own_max = (in_fused and top_k == 0 and E <= OWN_MAX_MAX_EXPERTS and not sharded
                and (T > cfg["router"]["tail_max_tokens"] or fused.get("split_tail", False)))
-    routing = route(x, router_in, router_out, tau, top_k, counters, cfg, own_max)
-    scores, ref, factor = routing if route_override is None else route_override
-    if sharded:  # a strided view: the kernels index scores by local expert with the full row stride
-        scores = scores[:, expert_offset : expert_offset + E]
+    scores, ref, factor = selection(x, router_in, router_out, tau, top_k, counters, cfg, own_max, route_override,
+                                    sharded, expert_offset, E)
     if in_fused:
         own = ref is None
         balanced = path_config(cfg, "balanced", D, ES)

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_kernels import (SHAPES, copies_for, dense_forward, graphed, make_dense, make_moe, moe_forward,  # noqa: E402
                            reps_for, routing_scores, time_us)
 from d2dmoe_kernels.configs import kernel_config  # noqa: E402
+from d2dmoe_kernels.dispatch import conditional_nodes, device_chosen_experts  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 CASES = [("gemma-2b-ffn", 128, 4096), ("gemma-2b-ffn", 256, 4096), ("gemma-2b-ffn", 128, 1024),
@@ -53,8 +54,6 @@ TAU = 0.99        # bench_kernels' routing: chosen experts score in [0.995, 1], 
 
 
 def has_api() -> dict:
-    from d2dmoe_kernels.dispatch import conditional_nodes
-
     graph = torch.cuda.CUDAGraph
     return {**{name: hasattr(graph, name) for name in
                ("get_currently_capturing_graph", "begin_capture_to_if_node", "end_capture_to_conditional_node")},
@@ -82,14 +81,10 @@ def check_flip(x, routing, w, activation, counters, cfg_gemm, cfg_skip, E) -> di
     flag = torch.zeros((), dtype=torch.bool, device="cuda")
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        cap = torch.cuda.CUDAGraph.get_currently_capturing_graph()
-        out = torch.empty_like(x)
-        for cond, cfg in ((flag, cfg_gemm), (torch.logical_not(flag), cfg_skip)):
-            cap.begin_capture_to_if_node(cond)
-            try:
-                out.copy_(moe_forward(x, routing, w, TAU, activation, counters, cfg))
-            finally:
-                cap.end_capture_to_conditional_node()
+        out = device_chosen_experts(torch.cuda.CUDAGraph.get_currently_capturing_graph(), flag,
+                                    lambda: moe_forward(x, routing, w, TAU, activation, counters, cfg_gemm),
+                                    lambda: moe_forward(x, routing, w, TAU, activation, counters, cfg_skip),
+                                    x.shape, x)
     result = {}
     for value in (True, False, True):
         flag.fill_(value)
