@@ -36,8 +36,10 @@ honest load.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -107,8 +109,10 @@ def worker(spec: dict) -> dict:
         # backend) hit an illegal memory access in profile_run, dense model too. Off, with the custom
         # all-reduce, until --custom-all-reduce says otherwise.
         compilation["pass_config"] = {"fuse_allreduce_rms": False}
+    # every JIT compile logged, not the first per kernel name (vLLM's default warns once per name)
+    monitor = {"jit_monitor_verbose": True} if "jit_monitor_verbose" in engine_arg_names() else {}
     t0 = time.time()
-    llm = LLM(model=spec["model"], tensor_parallel_size=spec["tp"], dtype=spec["dtype"], max_model_len=max_len,
+    llm = LLM(**monitor, model=spec["model"], tensor_parallel_size=spec["tp"], dtype=spec["dtype"], max_model_len=max_len,
               skip_tokenizer_init=True, seed=0, enable_prefix_caching=False, gpu_memory_utilization=spec["memory"], max_num_seqs=max(spec["batches"]),
               hf_overrides=spec.get("hf_overrides") or None, disable_custom_all_reduce=not spec["custom_all_reduce"],
               compilation_config=compilation, async_scheduling=spec.get("async_scheduling", False))
@@ -124,6 +128,7 @@ def worker(spec: dict) -> dict:
             full = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True, detokenize=False)
             first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
             llm.generate(ps, full, use_tqdm=False)                        # warm-up, same shape
+            print(f"{spec['name']} {TIMED_MARK}", flush=True)   # the log's compiles after this are the timed runs'
 
             def timed(params):
                 t = time.perf_counter()
@@ -154,11 +159,50 @@ def worker(spec: dict) -> dict:
     return {"startup_s": startup, "rows": rows, "check": check, "async_scheduling": asynchronous, "stacked": stacked}
 
 
+JIT_WARNING = re.compile(r"JIT compilation during inference: (\w+)")
+TIMED_MARK = "warm-up done, timed runs next"
+
+
+def engine_arg_names() -> set:
+    from vllm.engine.arg_utils import EngineArgs
+
+    return {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+def jit_compiles_by_row(log_text: str, name: str) -> list[dict]:
+    """vLLM's JIT monitor read from an engine's log: per row, in order, the Triton kernels that compiled during
+    its warm-up generate (``warmup``) and during its timed runs (``timed``: each one a stall of seconds inside
+    the measurement). Logs without the worker's marker between the two (before session 57) put every compile
+    under ``timed``: its phase is unknown, so the row is suspect. vLLM 0.26 logs a kernel name once per
+    engine unless its monitor is verbose (the worker asks for that where the vLLM has the option)."""
+    rows, warm, pending = [], [], []
+    for line in log_text.splitlines():
+        hit = JIT_WARNING.search(line)
+        if hit:
+            pending.append(hit.group(1))
+        elif line.startswith(f"{name} {TIMED_MARK}"):
+            warm, pending = pending, []
+        elif line.startswith(f"{name} {{"):
+            rows.append({"warmup": warm, "timed": pending})
+            warm, pending = [], []
+    return rows
+
+
+def with_jit_compiles(result: dict, log: Path, name: str) -> dict:
+    """The engine's result with each row's ``jit_compiles`` (timed runs) and ``jit_compiles_warmup``, from its
+    log where there is one."""
+    found = jit_compiles_by_row(log.read_text(errors="replace"), name) if log.exists() else []
+    for i, row in enumerate(result["rows"]):
+        jit = found[i] if i < len(found) else {"warmup": [], "timed": []}
+        row["jit_compiles"], row["jit_compiles_warmup"] = jit["timed"], jit["warmup"]
+    return result
+
+
 def run_engine(spec: dict, work: Path, reuse: bool = False) -> dict:
     path, out = work / f"{spec['name']}.json", work / f"{spec['name']}.out.json"
     if reuse and out.exists() and path.exists() and json.loads(path.read_text()) == spec:
         print(f"{spec['name']}: reusing {out}", flush=True)
-        return json.loads(out.read_text())
+        return with_jit_compiles(json.loads(out.read_text()), work / f"{spec['name']}.log", spec["name"])
     out.unlink(missing_ok=True)
     path.write_text(json.dumps(spec))
     env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1", "VLLM_USE_FLASHINFER_SAMPLER": "0",
@@ -174,7 +218,7 @@ def run_engine(spec: dict, work: Path, reuse: bool = False) -> dict:
     if not out.exists():
         print(log.read_text()[-5000:])
         raise SystemExit(f"{spec['name']}: engine failed (log: {work / spec['name']}.log)")
-    return json.loads(out.read_text())
+    return with_jit_compiles(json.loads(out.read_text()), log, spec["name"])
 
 
 def merge_rows(rounds: dict, model_name: str) -> list[dict]:
@@ -201,7 +245,11 @@ def merge_rows(rounds: dict, model_name: str) -> list[dict]:
                          "d2dmoe_prefill_tok_s": med(x["prefill_tok_s"] for x in ms),
                          "prefill_speedup": med(prefill), "prefill_speedup_rounds": prefill,
                          "ttft_ms": med(x["ttft_ms"] for x in ms), "itl_ms": med(x["itl_ms"] for x in ms),
-                         "dense_ttft_ms": med(x["ttft_ms"] for x in ds), "dense_itl_ms": med(x["itl_ms"] for x in ds)})
+                         "dense_ttft_ms": med(x["ttft_ms"] for x in ds), "dense_itl_ms": med(x["itl_ms"] for x in ds),
+                         "jit_compiles": sorted({k for x in ms for k in x.get("jit_compiles", [])}),
+                         "dense_jit_compiles": sorted({k for x in ds for k in x.get("jit_compiles", [])}),
+                         "jit_compiles_warmup": sorted({k for x in ms for k in x.get("jit_compiles_warmup", [])}),
+                         "dense_jit_compiles_warmup": sorted({k for x in ds for k in x.get("jit_compiles_warmup", [])})})
     return rows
 
 
@@ -221,6 +269,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                          if (r["setting"], r["tp"], r["prompt_len"], r["gen_len"]) == (setting, tp, p, g))
             ax.plot([b for b, _, _ in pts], [v for _, v, _ in pts], "o-",
                     label=f"{100 * sum(f for _, _, f in pts) / len(pts):.0f}% executed, tp {tp}, {p}/{g}")
+        stalled = [(r["batch"], r[key]) for r in rows if r.get("jit_compiles") or r.get("dense_jit_compiles")]
+        if stalled:   # a Triton kernel compiled during the row: its time holds a stall of seconds
+            ax.plot(*zip(*stalled), "kx", ms=11, mew=2, ls="none", label="Triton kernels compiled during the row")
         ax.axhline(1.0, color="gray", ls=":", lw=1, label="dense")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch (concurrent requests)")
@@ -336,11 +387,13 @@ def main() -> int:
     runs = {key: res[0] for key, res in rounds.items()}  # tp scaling and tp checks: the first round
     rows = merge_rows(rounds, model_name)
     print(f"{'setting':9s} {'tp':>2s} {'exec':>5s} {'batch':>5s} {'P/G':>9s} {'dense tok/s':>11s} {'d2dmoe':>9s} "
-          f"{'x':>5s} {'prefill x':>9s} {'ttft ms':>8s} {'itl ms':>7s}")
+          f"{'x':>5s} {'prefill x':>9s} {'ttft ms':>8s} {'itl ms':>7s}  JIT compiles (d2dmoe / dense)")
     for r in rows:
+        jit = (f"{len(r['jit_compiles'])} / {len(r['dense_jit_compiles'])}"
+               if r["jit_compiles"] or r["dense_jit_compiles"] else "")
         print(f"{r['setting']:9s} {r['tp']:2d} {r['fraction']:5.2f} {r['batch']:5d} {r['prompt_len']:>4d}/{r['gen_len']:<4d} "
               f"{r['dense_tok_s']:11.0f} {r['d2dmoe_tok_s']:9.0f} {r['speedup']:5.2f} {r['prefill_speedup']:9.2f} "
-              f"{r['ttft_ms']:8.1f} {r['itl_ms']:7.2f}")
+              f"{r['ttft_ms']:8.1f} {r['itl_ms']:7.2f}  {jit}")
 
     for key, res in runs.items():
         if res.get("stacked"):

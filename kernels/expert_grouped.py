@@ -18,10 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from d2dmoe_kernels.triton_common import ACT_CODES, expert_hidden, fp32_dots, mma, num_programs, selected
+from d2dmoe_kernels.triton_common import (ACT_CODES, ANY_TOKEN_COUNT, expert_hidden, fp32_dots, mma, num_programs,
+                                          selected)
 
 
-@triton.jit
+@triton.jit(**ANY_TOKEN_COUNT)
 def _count_kernel(scores_ptr, rowmax_ptr, tau, counts_ptr, T, NTB, stride_s, BLOCK_T: tl.constexpr):
     tb = tl.program_id(0)
     e = tl.program_id(1)
@@ -30,7 +31,7 @@ def _count_kernel(scores_ptr, rowmax_ptr, tau, counts_ptr, T, NTB, stride_s, BLO
     tl.store(counts_ptr + e * NTB + tb, tl.sum(sel.to(tl.int32), axis=0))
 
 
-@triton.jit
+@triton.jit(**ANY_TOKEN_COUNT)
 def _scan_kernel(counts_ptr, starts_ptr, tile_start_ptr, counters_ptr, T, E, NTB, BM: tl.constexpr,
                  BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
     offs = tl.arange(0, BLOCK)
@@ -43,7 +44,10 @@ def _scan_kernel(counts_ptr, starts_ptr, tile_start_ptr, counters_ptr, T, E, NTB
     tl.atomic_add(counters_ptr + 1, total.to(tl.int64), sem="relaxed")
     offs_e = tl.arange(0, BLOCK_E)
     emask = offs_e < E
-    first = tl.load(starts_ptr + offs_e * NTB, mask=emask, other=0)    # (same program: stores above are visible)
+    # the loads below read what other threads of this program stored above: a block-wide barrier orders them
+    # (without it the last expert's `nxt`, the total, could be read before its store; session 57's review)
+    tl.debug_barrier()
+    first = tl.load(starts_ptr + offs_e * NTB, mask=emask, other=0)
     nxt = tl.load(starts_ptr + (offs_e + 1) * NTB, mask=emask, other=0)
     tiles = tl.where(emask, (nxt - first + BM - 1) // BM, 0)
     tincl = tl.cumsum(tiles, axis=0)
@@ -51,7 +55,7 @@ def _scan_kernel(counts_ptr, starts_ptr, tile_start_ptr, counters_ptr, T, E, NTB
     tl.store(tile_start_ptr, 0)
 
 
-@triton.jit
+@triton.jit(**ANY_TOKEN_COUNT)
 def _fill_kernel(scores_ptr, rowmax_ptr, tau, starts_ptr, tokens_ptr, slot_ptr, T, NTB, E, stride_s,
                  BLOCK_T: tl.constexpr):
     tb = tl.program_id(0)
@@ -88,7 +92,7 @@ def _tile(tile, nch, tile_start_ptr, starts_ptr, E, NTB, LOG2E: tl.constexpr, BM
     return e, tile % nch, first, rows, rows < count
 
 
-@triton.jit
+@triton.jit(**ANY_TOKEN_COUNT)
 def _grouped_up_kernel(
     x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, h_ptr, tokens_ptr, starts_ptr, tile_start_ptr,
     D, ES, E, NTB, stride_x,
@@ -109,7 +113,7 @@ def _grouped_up_kernel(
                  mask=rmask[:, None] & jmask[None, :])
 
 
-@triton.jit
+@triton.jit(**ANY_TOKEN_COUNT)
 def _grouped_down_kernel(
     h_ptr, w_out_ptr, y_ptr, starts_ptr, tile_start_ptr,
     DO, ES, E, NTB,
@@ -135,7 +139,7 @@ def _grouped_down_kernel(
                  mask=rmask[:, None] & nmask[None, :])
 
 
-@triton.jit
+@triton.jit(**ANY_TOKEN_COUNT)
 def _gather_reduce_kernel(
     y_ptr, slot_ptr, b_out_ptr, out_ptr, T, DO, E, stride_o,
     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -187,7 +191,10 @@ def _grouped_pass(x, scores, rowmax, tau, w_in, w_up, w_out, b_in, b_out, activa
     h = torch.empty((T * E, ES), device=dev, dtype=x.dtype)
     y = torch.empty((T * E, DO), device=dev, dtype=x.dtype)
     _count_kernel[(ntb, E)](scores, rowmax, tau, counts, T, ntb, scores.stride(0), BLOCK_T=block_t)
-    _scan_kernel[(1,)](counts, starts, tile_start, counters, T, E, ntb, BM=bm, BLOCK=triton.next_power_of_2(E * ntb),
+    # the scan's block covers a full chunk's E x token blocks, whatever this pass's T: one compile per config, so a
+    # pass of a new size (a prefill chunk's remainder, outside any CUDA graph) never compiles it again
+    scan_block = triton.next_power_of_2(E * max(ntb, triton.cdiv(cfg["chunk_tokens"], block_t)))
+    _scan_kernel[(1,)](counts, starts, tile_start, counters, T, E, ntb, BM=bm, BLOCK=scan_block,
                        BLOCK_E=triton.next_power_of_2(E))
     _fill_kernel[(ntb, E)](scores, rowmax, tau, starts, tokens, slot, T, ntb, E, scores.stride(0), BLOCK_T=block_t)
     log2e = max(1, (E - 1).bit_length() + 1)

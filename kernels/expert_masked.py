@@ -33,8 +33,8 @@ import triton.language as tl
 
 from d2dmoe_kernels.configs import for_element_size
 from d2dmoe_kernels.router_tail import tile
-from d2dmoe_kernels.triton_common import (ACT_CODES, await_producer, expert_hidden, fp32_dots, neuron_selected,
-                                           pdl_launch, router_select, selected, use_pdl)
+from d2dmoe_kernels.triton_common import (ACT_CODES, ANY_TOKEN_COUNT, await_producer, expert_hidden, fp32_dots,
+                                           neuron_selected, pdl_launch, router_select, selected, use_pdl)
 
 MODES = {"scores": 0, "router": 1, "router+override": 2, "all": 3}
 # The up kernel's tile widths that shrink for 4-byte weights (``for_element_size``): x [BLOCK_T, BLOCK_K] and
@@ -43,7 +43,7 @@ MODES = {"scores": 0, "router": 1, "router+override": 2, "all": 3}
 TILE_WIDTHS = ("BLOCK_K",)
 
 
-@triton.jit
+@triton.jit(**ANY_TOKEN_COUNT)
 def _masked_up_kernel(
     x_ptr, hid_ptr, w1_ptr, w2_ptr, scores_ptr, ref_ptr, tau, guard, w_in_ptr, w_up_ptr, b_in_ptr, h_ptr, counters_ptr,
     T, D, ES, E, ER, W, E_OFF, PAIRS, stride_x, stride_h, stride_s,

@@ -21,10 +21,10 @@ import triton.language as tl
 
 from d2dmoe_kernels.expert_masked import down_gemm
 from d2dmoe_kernels.router_tail import router_tail, tile
-from d2dmoe_kernels.triton_common import ACT_CODES, activation, fp32_dots, neuron_selected
+from d2dmoe_kernels.triton_common import ACT_CODES, ANY_TOKEN_COUNT, activation, fp32_dots, neuron_selected
 
 
-@triton.jit
+@triton.jit(**ANY_TOKEN_COUNT)
 def _select_act_kernel(
     g_ptr, b_in_ptr, scores_ptr, ref_ptr, tau, h_ptr, counters_ptr,
     T, ES, E, UP_OFF, stride_g, stride_s,

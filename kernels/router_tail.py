@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from d2dmoe_kernels.triton_common import (await_producer, fp32_dots, pdl_launch, prefetch_l2, prefetch_ok,
-                                          router_hidden_block, router_tile, use_pdl)
+from d2dmoe_kernels.triton_common import (ANY_TOKEN_COUNT, await_producer, fp32_dots, pdl_launch, prefetch_l2,
+                                          prefetch_ok, router_hidden_block, router_tile, use_pdl)
 
 
 def tile(block, n):
@@ -22,7 +22,7 @@ def tile(block, n):
     return max(16, min(block, triton.next_power_of_2(n)))
 
 
-@triton.jit
+@triton.jit(**ANY_TOKEN_COUNT)
 def _router_tail_kernel(
     hid_ptr, w2_ptr, scores_ptr, rowmax_ptr, T, E, W, stride_h, stride_s,
     UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -52,7 +52,7 @@ def _router_tail_kernel(
         tl.store(rowmax_ptr + offs_t, rmax, mask=tmask)
 
 
-@triton.jit
+@triton.jit(**ANY_TOKEN_COUNT)
 def _router_hidden_kernel(
     x_ptr, w1_ptr, hid_ptr, T, D, W, stride_x,
     UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,

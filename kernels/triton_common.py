@@ -16,6 +16,15 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2}
 
+# Token counts (T, and NTB: token blocks) reach the kernels as plain ints, and Triton compiles one variant per
+# value class (1, a multiple of 16, other). vLLM's CUDA graphs fix T to their captured sizes, but a prefill chunk
+# above the largest one (and every step in eager mode) runs at whatever T the scheduler made: a class no earlier
+# call had compiled the kernel again in the middle of serving (the H100 serve run of session 57: vLLM's JIT
+# monitor caught the grouped path's six kernels compiling at batch 256, 1-6 s stalls inside timed runs). Kernels
+# that run at such sizes take their token counts unspecialized: one compile per config, whatever T. The decode
+# kernels (T <= a few tokens, always inside a captured graph when serving) keep the specialization.
+ANY_TOKEN_COUNT = dict(do_not_specialize=("T", "NTB"))
+
 try:  # grid dependency control (programmatic dependent launch, sm_90+; triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     HAS_PDL = True

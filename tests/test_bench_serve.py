@@ -143,3 +143,54 @@ def test_bench_cpu_op_quick(tmp_path):
     assert {"date", "git_sha", "torch", "command", "threads", "rows"} <= set(result)
     assert len(result["rows"]) == 4
     assert all(r["dense_us"] > 0 and r["d2dmoe_us"] > 0 and 0.25 < r["fraction"] < 0.35 for r in result["rows"])
+
+
+ENGINE_LOG = """\
+(EngineCore pid=2472) INFO 12-07 12:17:46 [jit_monitor.py:79] Kernel JIT monitor activated; monitored JIT compilations during inference will use mode=warn.
+d2dmoe-0.5-tp1 {'batch': 64, 'prompt_len': 128, 'gen_len': 128, 'tok_s': 14660.6}
+(EngineCore pid=2472) WARNING 12-07 12:17:51 [jit_monitor.py:135] Triton kernel JIT compilation during inference: _count_kernel. This causes a latency spike; consider extending warmup to cover this shape/config.
+(EngineCore pid=2472) WARNING 12-07 12:17:51 [jit_monitor.py:135] Triton kernel JIT compilation during inference: _scan_kernel. This causes a latency spike; consider extending warmup to cover this shape/config.
+d2dmoe-0.5-tp1 {'batch': 256, 'prompt_len': 128, 'gen_len': 128, 'tok_s': 21285.4}
+d2dmoe-0.5-tp1 {'batch': 1, 'prompt_len': 1024, 'gen_len': 128, 'tok_s': 449.1}
+(EngineCore pid=2472) WARNING 12-07 12:18:04 [jit_monitor.py:135] Triton kernel JIT compilation during inference: _grouped_up_kernel. This causes a latency spike; consider extending warmup to cover this shape/config.
+"""  # lines of the H100 serve run's engine log (session 57; the last warning came before a row not shown)
+
+
+MARKED_LOG = """\
+d2dmoe-0.3-tp1 warm-up done, timed runs next
+d2dmoe-0.3-tp1 {'batch': 64, 'prompt_len': 128, 'gen_len': 128, 'tok_s': 15455.4}
+(EngineCore pid=7) WARNING 12-08 10:00:01 [jit_monitor.py:137] Triton kernel JIT compilation during inference: _count_kernel (signature: *bf16, i32). This causes a latency spike; consider extending warmup to cover this shape/config.
+d2dmoe-0.3-tp1 warm-up done, timed runs next
+(EngineCore pid=7) WARNING 12-08 10:00:09 [jit_monitor.py:137] Triton kernel JIT compilation during inference: _count_kernel (signature: *bf16, i64). This causes a latency spike; consider extending warmup to cover this shape/config.
+d2dmoe-0.3-tp1 {'batch': 256, 'prompt_len': 128, 'gen_len': 128, 'tok_s': 10330.4}
+"""  # the worker's marker between warm-up and timed runs; a verbose monitor (details after the name, repeats logged)
+
+
+def test_jit_compiles_are_attributed_to_rows(tmp_path):
+    """vLLM's JIT monitor warnings in an engine log go to the row printed next: before the worker's marker to its
+    warm-up, after it to its timed runs (an older log without markers: all to the timed runs, phase unknown).
+    The merged row lists the D2DMoE and the dense engine's compiles apart, and the plot marks a stalled row."""
+    from bench_serve import jit_compiles_by_row, merge_rows, plot, with_jit_compiles
+
+    assert jit_compiles_by_row(ENGINE_LOG, "d2dmoe-0.5-tp1") == [
+        {"warmup": [], "timed": []}, {"warmup": [], "timed": ["_count_kernel", "_scan_kernel"]},
+        {"warmup": [], "timed": []}]
+    assert jit_compiles_by_row(ENGINE_LOG, "dense-tp1") == []        # another engine's rows are not these
+    assert jit_compiles_by_row(MARKED_LOG, "d2dmoe-0.3-tp1") == [
+        {"warmup": [], "timed": []}, {"warmup": ["_count_kernel"], "timed": ["_count_kernel"]}]
+    log = tmp_path / "d2dmoe-0.5-tp1.log"
+    log.write_text(ENGINE_LOG)
+
+    def engine(log_path, name):
+        rows = [{"batch": b, "prompt_len": p, "gen_len": 128, "tok_s": 100.0, "prefill_tok_s": 1000.0, "ttft_ms": 1.0,
+                 "itl_ms": 1.0, "executed_fraction": 0.5} for b, p in [(64, 128), (256, 128), (1, 1024)]]
+        return with_jit_compiles({"rows": rows}, log_path, name)
+
+    moe = engine(log, "d2dmoe-0.5-tp1")
+    assert [r["jit_compiles"] for r in moe["rows"]] == [[], ["_count_kernel", "_scan_kernel"], []]
+    dense = engine(tmp_path / "dense-tp1.log", "dense-tp1")          # no log: nothing known, nothing listed
+    rows = merge_rows({("dense", 1): [dense], ("0.5", 1): [moe]}, "m")
+    assert [r["jit_compiles"] for r in rows] == [[], ["_count_kernel", "_scan_kernel"], []]
+    assert all(r["dense_jit_compiles"] == [] and r["jit_compiles_warmup"] == [] for r in rows)
+    plot(rows, tmp_path / "serve.png", "stalled rows marked")             # the plot marks the stalled row
+    assert (tmp_path / "serve.png").stat().st_size > 10_000

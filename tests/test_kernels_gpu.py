@@ -751,3 +751,43 @@ def test_device_choice_runs_the_path_the_selection_asks_for(shape, T):
         if differ[-1]:
             torch.testing.assert_close(out, eager[want], rtol=0, atol=0)
     assert any(differ), "the two paths gave the same bits on every selection: the test cannot tell which ran"
+
+
+def large_t_kernels() -> dict:
+    """The Triton kernels of the modules that run at large T, by name."""
+    mods = ("expert_grouped", "expert_masked", "expert_masked_gemm", "router_tail")
+    return {name: obj for m in mods for name, obj in vars(importlib.import_module(f"d2dmoe_kernels.{m}")).items()
+            if name.endswith("_kernel") and hasattr(obj, "device_caches")}
+
+
+def compiled_variants() -> dict:
+    """Compiled variants per large-T kernel (the first item of Triton's per-device cache entry: its kernels)."""
+    return {name: sum(len(c[0]) for c in k.device_caches.values()) for name, k in large_t_kernels().items()}
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_new_token_counts_compile_nothing(shape, stacked):
+    """Prefill chunks above vLLM's captured sizes run at any T: after one call per token tier, a T of another
+    value class (odd, not a multiple of 16) in the same tier compiles no kernel again (session 57: the grouped
+    path's kernels compiled mid-serving before they took their token counts unspecialized)."""
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, 57, stacked=stacked)
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    # one path and tier per pair (the device files' tiers break at 16, 64, 255-256, 1024, 4095); T and NTB (256-token
+    # scan blocks) of another class; 8177: passes of 4096 + 4081 tokens against 4096 + 4080
+    pairs = [(496, 497), (2032, 2033), (3856, 3841), (8176, 8177)]
+    for k in large_t_kernels().values():   # earlier tests' compiles must not hide a new variant
+        k.device_caches.clear()
+    for warm, _ in pairs:
+        run(inputs(warm, d, E, torch.bfloat16, g)[0], w, 0.5, counters)
+    torch.cuda.synchronize()
+    before = compiled_variants()
+    assert sum(before.values()) > 0, "no large-T kernel ran: the check would prove nothing"
+    for _, T in pairs:
+        x = inputs(T, d, E, torch.bfloat16, g)[0]
+        out = run(x, w, 0.5, counters)
+        assert out.shape == (T, d) and not torch.isnan(out).any()
+    torch.cuda.synchronize()
+    after = compiled_variants()
+    assert after == before, {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}

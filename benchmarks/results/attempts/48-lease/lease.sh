@@ -72,11 +72,12 @@
 # its 1800 s of device time went to starts that failed; the tool refuses a start under 240 s left).
 # Session 56 (H100, attempts/56-lease/) ran adapt2000 (two calls: cut at adapt step 560, resumed; 21.62 at 50.0%
 # against 1000 steps' 21.87, the prediction ~21.4) and adaptlr at 2.5e-5 (22.15: worse than 5e-5's 21.87).
-# Next: condprobe in the install's call (~3 min: the API, the flipped replay, the choice's cost, its GPU test), then
-# kernelschoice if it passed (~1.5 min; FRACTION from the probe's rows), then serve (the Gemma-2B-shape table of
-# issue 5 on the H100: fractions 10/30/50%, batches 1-256, 128/128 and 1024/128, graphs up to 8192 tokens; 4 engines
-# of ~60-80 s start each, ~8-10 min, one or two calls, --reuse resumes), then adaptlr at twice the rate
-# (STEP=adaptlr LR=1e-4, ~11 min on a fresh machine: it sparsifies anew).
+# Session 57 (H100 after 4 failed starts, 720 s of its 1800 s; attempts/57-lease/) ran condprobe (the payload's torch
+# 2.11 has no CUDA graph IF nodes: the choice cannot run under vLLM 0.26; kernelschoice is moot there), serve in one
+# call (584 s with the install: the full table; four rows stalled on Triton compiles mid-run, fixed since, attempt 45)
+# and gputests (fp32 192 passed; the rest cut at 39% by the call's limit, no failure before it).
+# Next: serve again (~8-10 min; the four stalled rows, and bench_serve now lists compiles per row), then
+# gputests -k "new_token_counts or device_choice" plus the rest of the suite (~3 min), then adaptlr LR=1e-4 (~11 min).
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
