@@ -22,7 +22,7 @@
 #                  the gemm or the Triton path on the device, in a CUDA graph (IF nodes)? API, replay check, cost
 #                  against the better path at 10/30/100% (attempts/56-lease/probe_conditional.py), then the GPU test of the
 #                  dispatch's choice path (tests/test_kernels_gpu.py -k device_choice, 9 tests). ~3 min.
-#   STEP=gputests  bare machine OK: the kernel GPU suite (tests/test_kernels_gpu.py), the fp32 tests first (attempt 40's
+#   STEP=gputests  bare machine OK: the kernel GPU suite (tests/test_kernels_gpu.py; K="expr": those tests before all), the fp32 tests first (attempt 40's
 #                  fix of the masked tiles; all passed in session 49), then the rest; T caps it (~2.5 min warm).
 #   STEP=largekeys bare machine OK: the H200 file's large-T keys (gemm@ tiers, masked tiers; large-t-keys.json) against
 #                  the H100 file at T=256-16384 (compare_configs.py), before any goes into the H100 file; ~4 min.
@@ -77,7 +77,8 @@
 # call (584 s with the install: the full table; four rows stalled on Triton compiles mid-run, fixed since, attempt 45)
 # and gputests (fp32 192 passed; the rest cut at 39% by the call's limit, no failure before it).
 # Next: serve again (~8-10 min; the four stalled rows, and bench_serve now lists compiles per row), then
-# gputests -k "new_token_counts or device_choice" plus the rest of the suite (~3 min), then adaptlr LR=1e-4 (~11 min).
+# K="new_token_counts or grouped or cuda_graph" STEP=gputests (the new test and the scan barrier first; the whole
+# suite needs ~6 min warm, two calls), then adaptlr LR=1e-4 (~11 min).
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -102,7 +103,11 @@ case "${STEP:?give STEP=$STEPS}" in
   teacher) recipe teacher --generated 0.5 ;;
   gputests) install
            S0=$(date +%s)
-           timeout $T python3 -m pytest -m gpu tests/test_kernels_gpu.py -k fp32 -q -rf -p no:cacheprovider > "$OUT/gpu-fp32.log" 2>&1
+           if [ -n "${K:-}" ]; then   # K="...": these tests first (pytest -k), e.g. what changed since the last run
+             timeout $T python3 -m pytest -m gpu tests/test_kernels_gpu.py -k "$K" -q -rf -p no:cacheprovider \
+               > "$OUT/gpu-k.log" 2>&1; echo "k rc $?" >> "$OUT/gpu-k.log"; tail -3 "$OUT/gpu-k.log"; fi
+           timeout $(( T - $(date +%s) + S0 )) python3 -m pytest -m gpu tests/test_kernels_gpu.py -k fp32 -q -rf \
+             -p no:cacheprovider > "$OUT/gpu-fp32.log" 2>&1
            echo "fp32 rc $?" >> "$OUT/gpu-fp32.log"; tail -3 "$OUT/gpu-fp32.log"
            timeout $(( T - $(date +%s) + S0 )) python3 -m pytest -m gpu tests/test_kernels_gpu.py -k "not fp32" -q -rf \
              -p no:cacheprovider > "$OUT/gpu-rest.log" 2>&1; echo "rest rc $?" >> "$OUT/gpu-rest.log"; tail -3 "$OUT/gpu-rest.log" ;;
