@@ -221,6 +221,11 @@ def run_engine(spec: dict, work: Path, reuse: bool = False) -> dict:
     return with_jit_compiles(json.loads(out.read_text()), log, spec["name"])
 
 
+def stalled(row: dict) -> bool:
+    """Whether a Triton kernel compiled during the row's timed runs, in either engine (a stall of seconds)."""
+    return bool(row.get("jit_compiles") or row.get("dense_jit_compiles"))
+
+
 def merge_rows(rounds: dict, model_name: str) -> list[dict]:
     """One row per (setting, tp, shape, batch) from {(setting, tp): [engine result per round]}: each
     quantity the median over rounds, the ratios against dense taken round by round (the dense engine
@@ -246,10 +251,9 @@ def merge_rows(rounds: dict, model_name: str) -> list[dict]:
                          "prefill_speedup": med(prefill), "prefill_speedup_rounds": prefill,
                          "ttft_ms": med(x["ttft_ms"] for x in ms), "itl_ms": med(x["itl_ms"] for x in ms),
                          "dense_ttft_ms": med(x["ttft_ms"] for x in ds), "dense_itl_ms": med(x["itl_ms"] for x in ds),
-                         "jit_compiles": sorted({k for x in ms for k in x.get("jit_compiles", [])}),
-                         "dense_jit_compiles": sorted({k for x in ds for k in x.get("jit_compiles", [])}),
-                         "jit_compiles_warmup": sorted({k for x in ms for k in x.get("jit_compiles_warmup", [])}),
-                         "dense_jit_compiles_warmup": sorted({k for x in ds for k in x.get("jit_compiles_warmup", [])})})
+                         **{f"{who}{key}": sorted({k for x in xs for k in x.get(key, [])})   # over rounds
+                            for who, xs in (("", ms), ("dense_", ds))
+                            for key in ("jit_compiles", "jit_compiles_warmup")}})
     return rows
 
 
@@ -269,9 +273,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                          if (r["setting"], r["tp"], r["prompt_len"], r["gen_len"]) == (setting, tp, p, g))
             ax.plot([b for b, _, _ in pts], [v for _, v, _ in pts], "o-",
                     label=f"{100 * sum(f for _, _, f in pts) / len(pts):.0f}% executed, tp {tp}, {p}/{g}")
-        stalled = [(r["batch"], r[key]) for r in rows if r.get("jit_compiles") or r.get("dense_jit_compiles")]
-        if stalled:   # a Triton kernel compiled during the row: its time holds a stall of seconds
-            ax.plot(*zip(*stalled), "kx", ms=11, mew=2, ls="none", label="Triton kernels compiled during the row")
+        marks = [(r["batch"], r[key]) for r in rows if stalled(r)]
+        if marks:
+            ax.plot(*zip(*marks), "kx", ms=11, mew=2, ls="none", label="Triton kernels compiled during the row")
         ax.axhline(1.0, color="gray", ls=":", lw=1, label="dense")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch (concurrent requests)")
@@ -389,8 +393,7 @@ def main() -> int:
     print(f"{'setting':9s} {'tp':>2s} {'exec':>5s} {'batch':>5s} {'P/G':>9s} {'dense tok/s':>11s} {'d2dmoe':>9s} "
           f"{'x':>5s} {'prefill x':>9s} {'ttft ms':>8s} {'itl ms':>7s}  JIT compiles (d2dmoe / dense)")
     for r in rows:
-        jit = (f"{len(r['jit_compiles'])} / {len(r['dense_jit_compiles'])}"
-               if r["jit_compiles"] or r["dense_jit_compiles"] else "")
+        jit = f"{len(r['jit_compiles'])} / {len(r['dense_jit_compiles'])}" if stalled(r) else ""
         print(f"{r['setting']:9s} {r['tp']:2d} {r['fraction']:5.2f} {r['batch']:5d} {r['prompt_len']:>4d}/{r['gen_len']:<4d} "
               f"{r['dense_tok_s']:11.0f} {r['d2dmoe_tok_s']:9.0f} {r['speedup']:5.2f} {r['prefill_speedup']:9.2f} "
               f"{r['ttft_ms']:8.1f} {r['itl_ms']:7.2f}  {jit}")

@@ -101,8 +101,8 @@ _WARMED = set()  # (device, shapes, T, dtype, ...) whose two choice paths have r
 
 def warm_both_paths(key, run_gemm, run_skipping, scratch):
     """Eager calls in the choice range run the host rule's path; a graph captured later at this T holds both
-    choice paths, and no Triton kernel may compile during a capture (launch parameters follow T: tiles, scan
-    blocks, chunks). So the first eager call per shape and T also runs both, into scratch counters (vLLM runs
+    choice paths, and no Triton kernel may compile during a capture (launch parameters follow T: tiles, grouped
+    chunks, the decode kernels' specialization). So the first eager call per shape and T also runs both, into scratch counters (vLLM runs
     every capture size eagerly before capturing it): two extra layer runs once per T in the choice range. The
     key holds no config: a process serves with one (a benchmark that switches configs warms per shape and T)."""
     run_gemm(scratch)
@@ -198,7 +198,7 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
     if stacked is not None:
         graph = capturing_graph(x)
         key = (x.device.index, D, ES, E, T, x.dtype, activation, w_up is not None, b_in is not None,
-               b_out is not None, router_in.shape[0])  # T, not tiers: scan blocks and chunks follow T too
+               b_out is not None, router_in.shape[0])  # T, not tiers: chunks and decode kernels follow T too
         # a capture without IF nodes (older torch) keeps the host rule and warms nothing into the graph
         if graph is not None or (key not in _WARMED and not torch.cuda.is_current_stream_capturing()):
             c = counters if graph is not None else torch.zeros_like(counters)  # warm-up: scratch counters
