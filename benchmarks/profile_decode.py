@@ -3,8 +3,8 @@
 Each engine runs in its own process with the engine core in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
 so ``torch.profiler`` sees the model's kernels (CUDA graphs included). Per batch size it reports the
 wall time per decode step (as ``bench_serve.py`` measures ITL), the GPU kernel time per step, and the
-kernels that take the most time. With ``--async-scheduling`` each model also runs with vLLM's async
-scheduling (the CPU prepares step n+1 while the GPU runs step n).
+kernels that take the most time. ``--scheduling async`` runs each model with vLLM's async scheduling (the
+CPU prepares step n+1 while the GPU runs step n; what ``bench_serve.py`` measures), ``both`` runs it twice.
 
     python benchmarks/profile_decode.py --synthetic-gemma2b --fraction 0.3 --batches 1,8 --out DIR
 """
@@ -98,7 +98,8 @@ def main() -> int:
     ap.add_argument("--fraction", type=float, default=0.3)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--async-scheduling", action="store_true", help="also run every model with async scheduling")
+    ap.add_argument("--scheduling", choices=("sync", "async", "both"), default="sync",
+                    help="vLLM's scheduling for every model (async: bench_serve.py's; both: each model twice)")
     ap.add_argument("--memory", type=float, default=0.85, help="vLLM gpu_memory_utilization (on the CPU: of RAM)")
     ap.add_argument("--only", choices=("dense", "d2dmoe"), default=None, help="profile one model only")
     ap.add_argument("--work", type=Path, default=None)
@@ -118,7 +119,7 @@ def main() -> int:
     base = {"memory": args.memory, "vocab": 8192 if args.small else 256000, "prompt_len": args.prompt_len,
             "batches": [int(b) for b in args.batches.split(",")]}
     specs = []
-    for asyn in ([False, True] if args.async_scheduling else [False]):
+    for asyn in {"sync": [False], "async": [True], "both": [False, True]}[args.scheduling]:
         suffix = "-async" if asyn else ""
         specs += [{**base, "name": "dense" + suffix, "model": str(work / "model" / "dense"), "async": asyn},
                   {**base, "name": f"d2dmoe-{args.fraction:g}" + suffix, "model": str(work / "model" / "d2dmoe"),

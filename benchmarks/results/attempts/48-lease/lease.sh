@@ -18,6 +18,9 @@
 #                  after condprobe passed. ~1.5 min. The JSON is kernels-<device>.json like kernels': rename it.
 #   STEP=serve     after install, once or twice (--reuse resumes by engine): bench_serve.py's Gemma-2B-shape table
 #                  (FRACTIONS=0.1,0.3,0.5 unless given) under this device's name, graphs up to 8192 tokens. ~8-10 min.
+#   STEP=profile   after STEP=serve on the same machine (its model in /root/serve): batch-1 decode at 30%, dense against
+#                  D2DMoE, async scheduling, GPU kernel time per step against wall time per step (profile_decode.py):
+#                  is the H100 machine's step host-bound (inferred in sessions 39 and 57, not profiled)? ~3-4 min.
 #   STEP=condprobe bare machine OK (stage payload chunk 0 in the same call, as kernels): can the expert layer pick
 #                  the gemm or the Triton path on the device, in a CUDA graph (IF nodes)? API, replay check, cost
 #                  against the better path at 10/30/100% (attempts/56-lease/probe_conditional.py), then the GPU test of the
@@ -94,7 +97,7 @@ recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}
 sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
                  && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
                  # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
-STEPS="kernels, kernelschoice, teacher, adapt2000, stack, adapt1000, e16, adaptlr, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, profile, kernelschoice, teacher, adapt2000, stack, adapt1000, e16, adaptlr, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
@@ -145,6 +148,10 @@ PY
              --capture-sizes 1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192 > "$OUT/serve.log" 2>&1
            echo "serve rc $?" >> "$OUT/serve.log"; tar czf "$OUT/serve-engine-logs.tgz" -C /root/serve $(cd /root/serve && ls *.log)
            grep -v "it/s" "$OUT/serve.log" | tail -45 ;;
+  profile) install
+           timeout $T python3 benchmarks/profile_decode.py --synthetic-gemma2b --fraction 0.3 --batches 1,8 \
+             --scheduling async --work /root/serve --out "$OUT" > "$OUT/profile.log" 2>&1
+           echo "profile rc $?" >> "$OUT/profile.log"; grep -v "^   .*ms .*x  " "$OUT/profile.log" | tail -30 ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
   stack)   recipe stack --hoyer-alpha 3e-4 --expert-size 16 --adapt-steps 2000 ;;
   adapt1000) W=$(sparsified a1000); recipe a1000 ${W:+--sparsified-from $W} ;;
