@@ -2,8 +2,9 @@
 
 Each engine runs in its own process with the engine core in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
 so ``torch.profiler`` sees the model's kernels (CUDA graphs included). Per batch size it reports the
-wall time per decode step (as ``bench_serve.py`` measures ITL), the GPU kernel time per step, and the
-kernels that take the most time. ``--scheduling async`` runs each model with vLLM's async scheduling (the
+wall time per decode step (as ``bench_serve.py`` measures ITL), the GPU time per step (kernel times summed,
+and the GPU's busy time: their union, which is what bounds the step), the kernels that take the most
+time, and the host ops of a prefill and of a decode step. ``--scheduling async`` runs each model with vLLM's async scheduling (the
 CPU prepares step n+1 while the GPU runs step n; what ``bench_serve.py`` measures), ``both`` runs it twice.
 
     python benchmarks/profile_decode.py --synthetic-gemma2b --fraction 0.3 --batches 1,8 --out DIR
@@ -35,6 +36,35 @@ def kernel_table(prof) -> list[dict]:
         if t and str(getattr(e, "device_type", "")).endswith("CUDA"):
             rows.append({"kernel": e.key[:120], "calls": e.count, "us": t})
     return sorted(rows, key=lambda r: -r["us"])
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Time covered by at least one interval: the GPU's busy time from its kernels' [start, end). A sum of
+    kernel times counts overlap twice, and our kernels overlap by design (programmatic dependent launch:
+    the reduction starts while the fused kernel runs and waits inside), so only the union says how long
+    the GPU worked."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def gpu_busy_us(prof) -> float:
+    return busy_us([(e.time_range.start, e.time_range.end) for e in prof.events()
+                    if str(getattr(e, "device_type", "")).endswith("CUDA")])
+
+
+def cpu_ops(prof) -> dict[str, tuple[int, float]]:
+    return {e.key[:100]: (e.count, e.self_cpu_time_total) for e in prof.key_averages()}
+
+
+def per_step_ops(full: dict, first: dict, steps: int, top: int = 25) -> list[dict]:
+    """Host ops of the decode steps: a whole generate's less the prefill-only generate's, per step."""
+    rows = [{"op": op, "calls": (n - first.get(op, (0, 0.0))[0]) / steps,
+             "self_cpu_us": (us - first.get(op, (0, 0.0))[1]) / steps} for op, (n, us) in full.items()]
+    return sorted(rows, key=lambda r: -r["self_cpu_us"])[:top]
 
 
 def worker(spec: dict) -> dict:
@@ -75,18 +105,25 @@ def worker(spec: dict) -> dict:
         prof, prof1 = profiled(full), profiled(first)
         k_full, k_first = kernel_table(prof), kernel_table(prof1)
         gpu_full, gpu_first = sum(r["us"] for r in k_full), sum(r["us"] for r in k_first)
+        busy_full, busy_first = gpu_busy_us(prof), gpu_busy_us(prof1)
         row = {"batch": batch, "itl_ms": 1e3 * (t_full - t_first) / (GEN - 1), "ttft_ms": 1e3 * t_first,
+               # kernel times summed (overlapping kernels counted twice) and the GPU's busy time (their union)
                "gpu_ms_per_decode_step": (gpu_full - gpu_first) / 1e3 / (GEN - 1), "gpu_ms_prefill": gpu_first / 1e3,
-               "top_kernels": k_full[:14]}
+               "gpu_busy_ms_per_decode_step": (busy_full - busy_first) / 1e3 / (GEN - 1),
+               "gpu_busy_ms_prefill": busy_first / 1e3, "top_kernels": k_full[:14],
+               "decode_cpu_ops": per_step_ops(cpu_ops(prof), cpu_ops(prof1), GEN - 1)}
         row["prefill_cpu_ops"] = [{"op": e.key[:100], "calls": e.count, "self_cpu_us": e.self_cpu_time_total}
                                   for e in sorted(prof1.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]]
         out["batches"].append(row)
-        print(spec["name"], {k: v for k, v in row.items() if k != "top_kernels"}, flush=True)
+        print(spec["name"], {k: v for k, v in row.items() if not k.endswith(("_kernels", "_ops"))}, flush=True)
         for r in row["top_kernels"]:
             print(f"   {r['us'] / 1e3:9.2f} ms {r['calls']:6d}x  {r['kernel']}", flush=True)
         print(f"   prefill-only generate, host ops by self CPU time:", flush=True)
         for r in row["prefill_cpu_ops"]:
             print(f"   {r['self_cpu_us'] / 1e3:9.2f} ms {r['calls']:6d}x  {r['op']}", flush=True)
+        print(f"   per decode step, host ops by self CPU time:", flush=True)
+        for r in row["decode_cpu_ops"][:12]:
+            print(f"   {r['self_cpu_us'] / 1e3:9.3f} ms {r['calls']:8.1f}x  {r['op']}", flush=True)
     return out
 
 

@@ -105,12 +105,29 @@ def test_profile_decode_cpu(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "profile-decode.json").read_text())
+    layers = json.loads((tmp_path / "work" / "model" / "dense" / "config.json").read_text())["num_hidden_layers"]
     assert set(result["engines"]) == {"dense", "d2dmoe-0.3"} and 0 < result["tau"] < 1
     for name, engine in result["engines"].items():
         (row,) = engine["batches"]
         assert row["batch"] == 1 and row["itl_ms"] > 0 and row["ttft_ms"] > 0
         ops = {op["op"] for op in row["prefill_cpu_ops"]}
         assert ("d2dmoe::dynamic_k_experts" in ops) == (name != "dense"), sorted(ops)[:30]
+        # no graphs on the CPU: every decode step calls the op once per layer, on the host
+        per_step = {op["op"]: op["calls"] for op in row["decode_cpu_ops"]}
+        assert per_step.get("d2dmoe::dynamic_k_experts", 0) == (0 if name == "dense" else layers), per_step
+        assert row["gpu_busy_ms_per_decode_step"] == 0 == row["gpu_ms_per_decode_step"]  # no CUDA kernels here
+
+
+def test_gpu_busy_time_is_the_union_of_kernel_intervals():
+    """Overlapping kernels (programmatic dependent launch) count once; gaps do not count."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_decode import busy_us
+
+    assert busy_us([]) == 0
+    assert busy_us([(0, 10), (20, 25)]) == 15                 # a gap of 10
+    assert busy_us([(0, 10), (5, 12)]) == 12                   # overlap counted once
+    assert busy_us([(5, 12), (0, 10), (1, 3), (12, 14)]) == 14  # nested, unsorted, touching
+    assert busy_us([(0, 30), (2, 4), (6, 8)]) == 30
 
 
 def test_rounds_merge_ratio_by_round():

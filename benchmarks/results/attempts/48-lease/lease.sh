@@ -18,9 +18,12 @@
 #                  after condprobe passed. ~1.5 min. The JSON is kernels-<device>.json like kernels': rename it.
 #   STEP=serve     after install, once or twice (--reuse resumes by engine): bench_serve.py's Gemma-2B-shape table
 #                  (FRACTIONS=0.1,0.3,0.5 unless given) under this device's name, graphs up to 8192 tokens. ~8-10 min.
-#   STEP=profile   after STEP=serve on the same machine (its model in /root/serve): batch-1 decode at 30%, dense against
-#                  D2DMoE, async scheduling, GPU kernel time per step against wall time per step (profile_decode.py):
-#                  is the H100 machine's step host-bound (inferred in sessions 39 and 57, not profiled)? ~3-4 min.
+#   STEP=profile   after install (reuses STEP=serve's model in /root/serve where this machine has it, else writes
+#                  one, ~25 s): decode at 30%, batch 1 and 256, dense against D2DMoE, async scheduling
+#                  (profile_decode.py): wall per step against the GPU's busy time per step (the union of kernel
+#                  intervals) and the host ops of a decode step. Session 58's profile (sums of kernel times, which
+#                  PDL overlap inflates) could not say what D2DMoE's step waits on: ~0.8 ms a step at batch 1,
+#                  ~2 ms more than dense's at batch 256 (docs/kernels.md attempt 46). ~4.5 min.
 #   STEP=condprobe bare machine OK (stage payload chunk 0 in the same call, as kernels): can the expert layer pick
 #                  the gemm or the Triton path on the device, in a CUDA graph (IF nodes)? API, replay check, cost
 #                  against the better path at 10/30/100% (attempts/56-lease/probe_conditional.py), then the GPU test of the
@@ -79,9 +82,12 @@
 # 2.11 has no CUDA graph IF nodes: the choice cannot run under vLLM 0.26; kernelschoice is moot there), serve in one
 # call (584 s with the install: the full table; four rows stalled on Triton compiles mid-run, fixed since, attempt 45)
 # and gputests (fp32 192 passed; the rest cut at 39% by the call's limit, no failure before it).
-# Next: serve again (~8-10 min; the four stalled rows, and bench_serve now lists compiles per row), then
-# K="new_token_counts or grouped or cuda_graph" STEP=gputests (the new test and the scan barrier first; the whole
-# suite needs ~6 min warm, two calls), then adaptlr LR=1e-4 (~11 min).
+# Session 58 (H100 after two failed starts, attempts/58-lease/) ran K="new_token_counts or grouped or cuda_graph"
+# STEP=gputests (all passed; the rest of the suite in a second call from its 34%: passed), serve (584 s with the
+# install: no compile in any row; batch 256 at 128/128 still 0.81-0.83x), profile_decode at batch 1 and 256 by hand
+# (before busy time and decode host ops were recorded) and kernels (the table under unspecialized T; ratios unmoved).
+# Next: STEP=profile (after install, ~4.5 min: what D2DMoE's decode step waits on), then adaptlr LR=1e-4 (~11 min);
+# stack in a lease of its own.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -148,9 +154,9 @@ PY
              --capture-sizes 1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192 > "$OUT/serve.log" 2>&1
            echo "serve rc $?" >> "$OUT/serve.log"; tar czf "$OUT/serve-engine-logs.tgz" -C /root/serve $(cd /root/serve && ls *.log)
            grep -v "it/s" "$OUT/serve.log" | tail -45 ;;
-  profile) install
-           timeout $T python3 benchmarks/profile_decode.py --synthetic-gemma2b --fraction 0.3 --batches 1,8 \
-             --scheduling async --work /root/serve --out "$OUT" > "$OUT/profile.log" 2>&1
+  profile) install; W=/root/profile; [ -f /root/serve/model/taus.json ] && W=/root/serve   # serve's model, or one of its own
+           timeout $T python3 benchmarks/profile_decode.py --synthetic-gemma2b --fraction 0.3 --batches 1,256 \
+             --scheduling async --work $W --out "$OUT" > "$OUT/profile.log" 2>&1
            echo "profile rc $?" >> "$OUT/profile.log"; grep -v "^   .*ms .*x  " "$OUT/profile.log" | tail -30 ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
   stack)   recipe stack --hoyer-alpha 3e-4 --expert-size 16 --adapt-steps 2000 ;;
