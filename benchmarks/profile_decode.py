@@ -3,9 +3,10 @@
 Each engine runs in its own process with the engine core in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
 so ``torch.profiler`` sees the model's kernels (CUDA graphs included). Per batch size it reports the
 wall time per decode step (as ``bench_serve.py`` measures ITL), the GPU time per step (kernel times summed,
-and the GPU's busy time: their union, which is what bounds the step), the kernels that take the most
-time, and the host ops of a prefill and of a decode step. ``--scheduling async`` runs each model with vLLM's async scheduling (the
-CPU prepares step n+1 while the GPU runs step n; what ``bench_serve.py`` measures), ``both`` runs it twice.
+and the GPU's busy time: their union, what the step costs on the GPU), the kernels that take the most
+time, and the host ops of a prefill and of a decode step. ``--scheduling async`` runs each model with
+vLLM's async scheduling (the CPU prepares step n+1 while the GPU runs step n; what ``bench_serve.py``
+measures), ``both`` runs each model twice, without and with it.
 
     python benchmarks/profile_decode.py --synthetic-gemma2b --fraction 0.3 --batches 1,8 --out DIR
 """
