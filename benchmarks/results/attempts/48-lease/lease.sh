@@ -23,7 +23,9 @@
 #                  (profile_decode.py): wall per step against the GPU's busy time per step (the union of kernel
 #                  intervals) and the host ops of a decode step. Session 58's profile (sums of kernel times, which
 #                  PDL overlap inflates) could not say what D2DMoE's step waits on: ~0.8 ms a step at batch 1,
-#                  ~2 ms more than dense's at batch 256 (docs/kernels.md attempt 46). ~4.5 min.
+#                  ~2 ms more than dense's at batch 256 (docs/kernels.md attempt 46). ~4.5 min. Then, if time
+#                  allows, P=1024 B=64 STEP=profile (~2.5 min): the prefill of 64 x 1024 tokens, 1.45x where the FFN
+#                  alone is ~1.9x at 30% (gpu_busy_ms_prefill against ttft_ms: what the rest of the step costs).
 #   STEP=condprobe bare machine OK (stage payload chunk 0 in the same call, as kernels): can the expert layer pick
 #                  the gemm or the Triton path on the device, in a CUDA graph (IF nodes)? API, replay check, cost
 #                  against the better path at 10/30/100% (attempts/56-lease/probe_conditional.py), then the GPU test of the
@@ -155,9 +157,11 @@ PY
            echo "serve rc $?" >> "$OUT/serve.log"; tar czf "$OUT/serve-engine-logs.tgz" -C /root/serve $(cd /root/serve && ls *.log)
            grep -v "it/s" "$OUT/serve.log" | tail -45 ;;
   profile) install; W=/root/profile; [ -f /root/serve/model/taus.json ] && W=/root/serve   # serve's model, or one of its own
-           timeout $T python3 benchmarks/profile_decode.py --synthetic-gemma2b --fraction 0.3 --batches 1,256 \
-             --scheduling async --work $W --out "$OUT" > "$OUT/profile.log" 2>&1
-           echo "profile rc $?" >> "$OUT/profile.log"; grep -v "^   .*ms .*x  " "$OUT/profile.log" | tail -30 ;;
+           mkdir -p $OUT/profile-p${P:-128}
+           timeout $T python3 benchmarks/profile_decode.py --synthetic-gemma2b --fraction 0.3 --batches ${B:-1,256} \
+             --prompt-len ${P:-128} --scheduling async --work $W --out $OUT/profile-p${P:-128} \
+             > $OUT/profile-p${P:-128}/profile.log 2>&1; echo "profile rc $?" >> $OUT/profile-p${P:-128}/profile.log
+           grep -v "^   .*ms .*x  " $OUT/profile-p${P:-128}/profile.log | tail -30 ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
   stack)   recipe stack --hoyer-alpha 3e-4 --expert-size 16 --adapt-steps 2000 ;;
   adapt1000) W=$(sparsified a1000); recipe a1000 ${W:+--sparsified-from $W} ;;
