@@ -10,7 +10,12 @@ the same shape; each time is the median of ``--repeats`` runs:
   - prefill tok/s  = batch * prompt_len / wall time of the same prompts with max_tokens = 1;
   - ttft_ms        = that prefill-only wall time (every request arrives at t = 0, so it is the last
                      request's time to first token);
-  - itl_ms         = (whole - prefill-only) / (gen_len - 1), the mean time between decode steps.
+  - itl_ms         = (whole - prefill-only) / (gen_len - 1), the mean time between decode steps;
+  - step_ms, steps = the median time between the engine's steps during the whole generate and their
+                     number (vLLM's own generate loop, time-stamped: ``generate_timed``). With chunked
+                     prefill, requests that finished their prefill decode while later ones still
+                     prefill, so itl_ms mixes decode steps with the prefill they ride along; step_ms is
+                     the steady decode step (prefill and mixed steps are a few of ~gen_len).
 The executed fraction is the engine's own compute report over the timed generate. Engine instances
 differ by more than repeats inside one do (at small batches a step's time depends on how much of
 vLLM's host work the engine hides, which varies between processes: attempt 20 in docs/kernels.md), so ``--rounds N`` starts every
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -53,6 +59,29 @@ from d2dmoe_converter.eval_data import CORPORA
 
 CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_GEN = 32, 64, 32
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]  # CUDA-graph token counts (the batches benchmarked are among them)
+_request_ids = itertools.count()
+
+
+def generate_timed(llm, ps: list[dict], params) -> tuple[float, list, list[float]]:
+    """``llm.generate(ps, params)`` as vLLM runs it (requests added, then ``step()`` until none is
+    unfinished, only final outputs built), with a time stamp after every step: (wall time, the finished
+    outputs in prompt order, each step's duration in seconds). One ``step()`` is one engine step."""
+    from vllm.sampling_params import RequestOutputKind
+
+    params = params.clone()
+    params.output_kind = RequestOutputKind.FINAL_ONLY  # what LLM.generate asks for
+    engine, run = llm.llm_engine, next(_request_ids)
+    t0 = time.perf_counter()
+    for i, p in enumerate(ps):
+        engine.add_request(f"t{run}-{i}", p, params)
+    stamps, done = [time.perf_counter()], {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        stamps.append(time.perf_counter())
+    outs = [done[f"t{run}-{i}"] for i in range(len(ps))]
+    return stamps[-1] - t0, outs, [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def text_prompts(corpus: str, dense_dir: Path, shapes: list, batches: list, vocab: int) -> dict:
@@ -130,20 +159,17 @@ def worker(spec: dict) -> dict:
             llm.generate(ps, full, use_tqdm=False)                        # warm-up, same shape
             print(f"{spec['name']} {TIMED_MARK}", flush=True)   # the log's compiles after this are the timed runs'
 
-            def timed(params):
-                t = time.perf_counter()
-                outs = llm.generate(ps, params, use_tqdm=False)
-                return time.perf_counter() - t, outs
-
-            t_first = statistics.median(timed(first)[0] for _ in range(spec["repeats"]))
+            t_first = statistics.median(generate_timed(llm, ps, first)[0] for _ in range(spec["repeats"]))
             if moe:
                 reset_engine_counters(llm)
-            runs = [timed(full) for _ in range(spec["repeats"])]
-            t_all, outs = statistics.median(t for t, _ in runs), runs[0][1]
+            runs = [generate_timed(llm, ps, full) for _ in range(spec["repeats"])]
+            t_all, outs = statistics.median(t for t, _, _ in runs), runs[0][1]
             assert all(len(o.outputs[0].token_ids) == gen_len for o in outs)
             rows.append({"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "tok_s": batch * gen_len / t_all,
                          "prefill_tok_s": batch * prompt_len / t_first, "ttft_ms": 1e3 * t_first,
                          "itl_ms": 1e3 * (t_all - t_first) / max(gen_len - 1, 1),
+                         "step_ms": 1e3 * statistics.median(d for _, _, steps in runs for d in steps),
+                         "steps": statistics.median(len(steps) for _, _, steps in runs),
                          "executed_fraction": engine_compute_report(llm)["overall_fraction"] if moe else 1.0})
             print(spec["name"], rows[-1], flush=True)
     check = None
@@ -251,6 +277,8 @@ def merge_rows(rounds: dict, model_name: str) -> list[dict]:
                          "prefill_speedup": med(prefill), "prefill_speedup_rounds": prefill,
                          "ttft_ms": med(x["ttft_ms"] for x in ms), "itl_ms": med(x["itl_ms"] for x in ms),
                          "dense_ttft_ms": med(x["ttft_ms"] for x in ds), "dense_itl_ms": med(x["itl_ms"] for x in ds),
+                         **{f"{who}{key}": med(x[key] for x in xs) for who, xs in (("", ms), ("dense_", ds))
+                            for key in ("step_ms", "steps") if all(key in x for x in xs)},  # older results lack them
                          **{f"{who}{key}": sorted({k for x in xs for k in x.get(key, [])})   # over rounds
                             for who, xs in (("", ms), ("dense_", ds))
                             for key in ("jit_compiles", "jit_compiles_warmup")}})

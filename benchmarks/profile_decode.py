@@ -2,7 +2,8 @@
 
 Each engine runs in its own process with the engine core in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
 so ``torch.profiler`` sees the model's kernels (CUDA graphs included). Per batch size it reports the
-wall time per decode step (as ``bench_serve.py`` measures ITL), the GPU time per step (kernel times summed,
+wall time per decode step (as ``bench_serve.py`` measures ITL, and the time of every engine step of a
+whole generate, whose median is the steady decode step), the GPU time per step (kernel times summed,
 and the GPU's busy time: their union, what the step costs on the GPU), the kernels that take the most
 time, and the host ops of a prefill and of a decode step. ``--scheduling async`` runs each model with
 vLLM's async scheduling (the CPU prepares step n+1 while the GPU runs step n; what ``bench_serve.py``
@@ -16,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench_serve import CAPTURE_SIZES, prompts
+from bench_serve import CAPTURE_SIZES, generate_timed, prompts
 from provenance import ROOT, provenance
 
 GEN = 64
@@ -87,9 +88,7 @@ def worker(spec: dict) -> dict:
         llm.generate(ps, full, use_tqdm=False)
 
         def timed(params):
-            t = time.perf_counter()
-            llm.generate(ps, params, use_tqdm=False)
-            return time.perf_counter() - t
+            return generate_timed(llm, ps, params)
 
         def profiled(params):
             sync()
@@ -102,12 +101,17 @@ def worker(spec: dict) -> dict:
         # interleaved, minimum of each: host noise (a busy CPU) only ever adds time, and a median of
         # separate runs could put the first-token time above the full generation's
         runs = [(timed(first), timed(full)) for _ in range(3)]
-        t_first, t_full = min(r[0] for r in runs), min(r[1] for r in runs)
+        t_first, t_full = min(r[0][0] for r in runs), min(r[1][0] for r in runs)
+        steps = [d for r in runs for d in r[1][2]]
         prof, prof1 = profiled(full), profiled(first)
         k_full, k_first = kernel_table(prof), kernel_table(prof1)
         gpu_full, gpu_first = sum(r["us"] for r in k_full), sum(r["us"] for r in k_first)
         busy_full, busy_first = gpu_busy_us(prof), gpu_busy_us(prof1)
         row = {"batch": batch, "itl_ms": 1e3 * (t_full - t_first) / (GEN - 1), "ttft_ms": 1e3 * t_first,
+               # the steady decode step: the median time between engine steps (bench_serve's step_ms)
+               "step_ms": 1e3 * statistics.median(steps), "steps": len(steps) / len(runs),
+               # every step of the fastest whole generate, in order: prefill and mixed steps stand out
+               "step_ms_each": [round(1e3 * d, 3) for d in min((r[1] for r in runs), key=lambda r: r[0])[2]],
                # kernel times summed (overlapping kernels counted twice) and the GPU's busy time (their union)
                "gpu_ms_per_decode_step": (gpu_full - gpu_first) / 1e3 / (GEN - 1), "gpu_ms_prefill": gpu_first / 1e3,
                "gpu_busy_ms_per_decode_step": (busy_full - busy_first) / 1e3 / (GEN - 1),
@@ -116,7 +120,8 @@ def worker(spec: dict) -> dict:
         row["prefill_cpu_ops"] = [{"op": e.key[:100], "calls": e.count, "self_cpu_us": e.self_cpu_time_total}
                                   for e in sorted(prof1.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]]
         out["batches"].append(row)
-        print(spec["name"], {k: v for k, v in row.items() if not k.endswith(("_kernels", "_ops"))}, flush=True)
+        print(spec["name"], {k: v for k, v in row.items() if not k.endswith(("_kernels", "_ops", "_each"))}, flush=True)
+        print("   steps (ms):", " ".join(f"{d:.2f}" for d in row["step_ms_each"]), flush=True)
         for r in row["top_kernels"]:
             print(f"   {r['us'] / 1e3:9.2f} ms {r['calls']:6d}x  {r['kernel']}", flush=True)
         print(f"   prefill-only generate, host ops by self CPU time:", flush=True)

@@ -29,6 +29,13 @@ def test_bench_serve_cpu(tmp_path):
                 "ttft_ms", "itl_ms"} <= set(row)
         assert 0.15 < row["fraction"] < 0.45  # synthetic routing hits roughly the 30% asked for
         assert row["dense_tok_s"] > 0 and row["d2dmoe_tok_s"] > 0 and row["ttft_ms"] > 0
+        # the time-stamped generate loop: every generated token took an engine step, and the median step
+        # lies within the whole generate (batch * gen_len tokens at tok_s)
+        whole_ms = {"": 1e3 * row["batch"] * row["gen_len"] / row["d2dmoe_tok_s"],
+                    "dense_": 1e3 * row["batch"] * row["gen_len"] / row["dense_tok_s"]}
+        for who, ms in whole_ms.items():
+            assert row["gen_len"] <= row[f"{who}steps"] <= 2 * row["gen_len"] + 2, row
+            assert 0 < row[f"{who}step_ms"] < ms, row
     assert (out / "serve-cpu.png").stat().st_size > 10_000
     assert result["settings"]["async_scheduling"] is True and result["settings"]["capture_sizes"][-1] == 256
     assert set(result["async_scheduling_used"]) == {"dense-tp1", "0.3-tp1"}
@@ -106,10 +113,15 @@ def test_profile_decode_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "profile-decode.json").read_text())
     layers = json.loads((tmp_path / "work" / "model" / "dense" / "config.json").read_text())["num_hidden_layers"]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_decode import GEN as gen
     assert set(result["engines"]) == {"dense", "d2dmoe-0.3"} and 0 < result["tau"] < 1
     for name, engine in result["engines"].items():
         (row,) = engine["batches"]
         assert row["batch"] == 1 and row["itl_ms"] > 0 and row["ttft_ms"] > 0
+        # every engine step of the fastest whole generate: one per generated token at least
+        assert gen <= len(row["step_ms_each"]) <= 2 * gen + 2 and min(row["step_ms_each"]) > 0, row["step_ms_each"]
+        assert min(row["step_ms_each"]) <= row["step_ms"] <= max(row["step_ms_each"])
         ops = {op["op"] for op in row["prefill_cpu_ops"]}
         assert ("d2dmoe::dynamic_k_experts" in ops) == (name != "dense"), sorted(ops)[:30]
         # no graphs on the CPU: every decode step calls the op once per layer, on the host

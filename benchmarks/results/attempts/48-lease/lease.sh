@@ -21,7 +21,9 @@
 #   STEP=profile   after install (reuses STEP=serve's model in /root/serve where this machine has it, else writes
 #                  one, ~25 s): decode at 30%, batch 1 and 256, dense against D2DMoE, async scheduling
 #                  (profile_decode.py): wall per step against the GPU's busy time per step (the union of kernel
-#                  intervals) and the host ops of a decode step. Session 58's profile (sums of kernel times, which
+#                  intervals), the host ops of a decode step and every engine step's time (step_ms_each: is
+#                  D2DMoE's steady decode step at batch 256 slower than dense's, or are a few steps slow? docs/kernels.md
+#                  attempt 47). Session 58's profile (sums of kernel times, which
 #                  PDL overlap inflates) could not say what D2DMoE's step waits on: ~0.8 ms a step at batch 1,
 #                  ~2 ms more than dense's at batch 256 (docs/kernels.md attempt 46). ~4.5 min. Then, if time
 #                  allows, P=1024 B=64 STEP=profile (~2.5 min): the prefill of 64 x 1024 tokens, 1.45x where the FFN
@@ -88,8 +90,10 @@
 # STEP=gputests (all passed; the rest of the suite in a second call from its 34%: passed), serve (584 s with the
 # install: no compile in any row; batch 256 at 128/128 still 0.81-0.83x), profile_decode at batch 1 and 256 by hand
 # (before busy time and decode host ops were recorded) and kernels (the table under unspecialized T; ratios unmoved).
-# Next: STEP=profile (after install, ~4.5 min: what D2DMoE's decode step waits on), then adaptlr LR=1e-4 (~11 min);
-# stack in a lease of its own.
+# Session 59 had 138 s of device time at its start (less than a start): no lease. bench_serve and profile_decode
+# time every engine step since (step_ms, steps; profile_decode's step_ms_each).
+# Next: STEP=profile (after install, ~4.5 min: what D2DMoE's decode step waits on, and whether batch 256's extra
+# time is in its steady decode steps), then adaptlr LR=1e-4 (~11 min); stack in a lease of its own.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
