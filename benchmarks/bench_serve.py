@@ -20,7 +20,9 @@ The executed fraction is the engine's own compute report over the timed generate
 differ by more than repeats inside one do (at small batches a step's time depends on how much of
 vLLM's host work the engine hides, which varies between processes: attempt 20 in docs/kernels.md), so ``--rounds N`` starts every
 engine N times, alternating dense and D2DMoE; each row then reports the median over rounds and
-every round's ratio (``speedup_rounds``, ``prefill_speedup_rounds``). With
+every round's ratio (``speedup_rounds``, ``prefill_speedup_rounds``). ``--cpus auto`` pins every engine to
+the same CPUs, one per physical core near the GPU: at batches of 64-256 a decode step waits on vLLM's
+host work, whose speed an unpinned engine instance draws at random (attempt 48). With
 ``--tp-check`` the same greedy prompts run at every tensor-parallel size and the tokens and
 log-probabilities are compared against the first one. ``stacked_layout`` records, per D2DMoE engine and
 worker, whether each expert layer kept the plugin's one-buffer ``[w_in; w_up; router_in]`` layout after
@@ -84,6 +86,62 @@ def generate_timed(llm, ps: list[dict], params) -> tuple[float, list, list[float
     return stamps[-1] - t0, outs, [b - a for a, b in zip(stamps, stamps[1:])]
 
 
+def parse_cpu_list(text: str) -> list[int]:
+    """A Linux CPU list ("0-7,16,18-19") as sorted CPU numbers."""
+    cpus = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(cpus)
+
+
+def gpu_pci_address() -> str | None:
+    """The first GPU's PCI address as sysfs names it ("0000:19:00.0"), from nvidia-smi; None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=pci.bus_id", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0].lower()[-12:] if out else None  # nvidia-smi pads the domain to 8 digits, sysfs to 4
+
+
+def cpu_set(choice: str, sysfs: Path = Path("/sys"), gpu_pci: str | None = None) -> list[int] | None:
+    """The CPUs every engine is pinned to (dense and D2DMoE alike; vLLM's engine-core process inherits the
+    mask): None for "all" (no pinning), a CPU list such as "0-7,16", or "auto": one logical CPU per physical
+    core among the GPU's NUMA-local CPUs (all allowed CPUs where sysfs does not say; ``gpu_pci``: the GPU's
+    PCI address, "" for none, None to ask nvidia-smi). At batch 64-256 a decode
+    step waits on vLLM's host work (GPU busy ~3.3 ms of a 5-8 ms step at 256), and an unpinned engine
+    instance ran either fast or ~1.5x slower on the host, which alone moved the batch-256 ratio from 0.81x
+    to 1.48x (docs/kernels.md attempt 48)."""
+    if choice == "all":
+        return None
+    allowed = set(os.sched_getaffinity(0))
+    if choice != "auto":
+        try:
+            cpus = [c for c in parse_cpu_list(choice) if c in allowed]
+        except ValueError:
+            cpus = []
+        if not cpus:
+            raise SystemExit(f"--cpus {choice}: not a list of CPUs this process may use ({sorted(allowed)}). "
+                             "Fix: give CPUs from that set (e.g. 0-3,8), 'auto' or 'all'")
+        return cpus
+    gpu_pci = gpu_pci_address() if gpu_pci is None else gpu_pci
+    local = sysfs / "bus" / "pci" / "devices" / (gpu_pci or "-") / "local_cpulist"
+    pool = (allowed & set(parse_cpu_list(local.read_text())) if local.is_file() else set()) or allowed
+    cpu = sysfs / "devices" / "system" / "cpu"
+    return sorted({min(set(parse_cpu_list(f.read_text())) & pool) if f.is_file() else c  # a core's first thread
+                   for c in pool for f in [cpu / f"cpu{c}" / "topology" / "thread_siblings_list"]})
+
+
+def pin_to(cpus: list[int] | None) -> list[int]:
+    """Pin this worker (and the engine processes it starts) to ``cpus`` (None: leave as is); the CPUs it
+    may run on."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    return sorted(os.sched_getaffinity(0))
+
+
 def text_prompts(corpus: str, dense_dir: Path, shapes: list, batches: list, vocab: int) -> dict:
     """{"<batch>x<prompt_len>": [[token ids]] * batch}: held-out documents of ``corpus`` in the dense
     checkpoint's tokenizer, cut as the converter cuts its evaluation text (``token_sequences``: documents
@@ -131,6 +189,7 @@ def worker(spec: dict) -> dict:
 
     from d2dmoe_vllm.stats import engine_compute_report, reset_engine_counters, stacked_layouts
 
+    cpus = pin_to(spec.get("cpus"))
     max_len = max([p + g for p, g in spec["shapes"]] + [CHECK_PROMPT_LEN + CHECK_GEN]) + 8
     compilation = {"cudagraph_capture_sizes": spec.get("capture_sizes", CAPTURE_SIZES)}
     if spec["tp"] > 1 and not spec["custom_all_reduce"]:
@@ -182,7 +241,8 @@ def worker(spec: dict) -> dict:
                  for o in outs]
     # per worker, per expert layer: did the plugin's one-buffer [w_in; w_up; router_in] layout survive loading
     stacked = llm.apply_model(stacked_layouts) if moe else None
-    return {"startup_s": startup, "rows": rows, "check": check, "async_scheduling": asynchronous, "stacked": stacked}
+    return {"startup_s": startup, "rows": rows, "check": check, "async_scheduling": asynchronous, "stacked": stacked,
+            "cpus": cpus}
 
 
 JIT_WARNING = re.compile(r"JIT compilation during inference: (\w+)")
@@ -355,6 +415,9 @@ def main() -> int:
                          "(benchmarks/results/attempts/12-*)")
     ap.add_argument("--capture-sizes", default=",".join(map(str, CAPTURE_SIZES)),
                     help="token counts vLLM captures CUDA graphs for (prefill chunks above the largest run eagerly)")
+    ap.add_argument("--cpus", default="all", help="pin every engine to these CPUs: 'all' (no pinning), 'auto' (one "
+                    "logical CPU per physical core near the GPU) or a list such as 0-7 (an engine's host speed "
+                    "otherwise varies between instances by up to ~1.5x; docs/kernels.md attempt 48)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (the median is reported)")
     ap.add_argument("--rounds", type=int, default=1, help="start every engine this many times, dense and D2DMoE "
                     "alternating (engine-to-engine spread; rows report medians and every round's ratio)")
@@ -401,7 +464,10 @@ def main() -> int:
             "capture_sizes": [int(c) for c in args.capture_sizes.split(",")],
             "batches": [int(b) for b in args.batches.split(",")],
             # lists, not tuples: a spec must equal itself read back from JSON (--reuse compares them)
-            "shapes": [[int(v) for v in s.split("x")] for s in args.shapes.split(",")], "tp_check": args.tp_check}
+            "shapes": [[int(v) for v in s.split("x")] for s in args.shapes.split(",")], "tp_check": args.tp_check,
+            "cpus": cpu_set(args.cpus)}
+    if base["cpus"]:
+        print(f"every engine pinned to CPUs {base['cpus']} (--cpus {args.cpus})", flush=True)
     if args.prompt_text:
         base["text_prompts"] = text_prompts(args.prompt_text, dense, base["shapes"], base["batches"], vocab)
         print(f"prompts: held-out {args.prompt_text} text in {dense}'s tokenizer", flush=True)
@@ -454,6 +520,7 @@ def main() -> int:
               "startup_s": {f"{k[0]}-tp{k[1]}": v["startup_s"] for k, v in runs.items()},
               "async_scheduling_used": {f"{k[0]}-tp{k[1]}": v.get("async_scheduling") for k, v in runs.items()},
               "stacked_layout": {f"{k[0]}-tp{k[1]}": v.get("stacked") for k, v in runs.items() if v.get("stacked")},
+              "engine_cpus": {f"{k[0]}-tp{k[1]}": v.get("cpus") for k, v in runs.items()},
               "rows": rows, "tp_scaling": tp_scaling, "tp_check": tp_checks}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "serve-" + result["device"].replace(" ", "-").lower() + (f"-{args.tag}" if args.tag else "") + ".json"

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_serve import CAPTURE_SIZES, generate_timed, prompts
+from bench_serve import CAPTURE_SIZES, cpu_set, generate_timed, pin_to, prompts
 from provenance import ROOT, provenance
 
 GEN = 64
@@ -73,6 +73,7 @@ def worker(spec: dict) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
+    cpus = pin_to(spec.get("cpus"))
     llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=GEN + spec["prompt_len"] + 8,
               skip_tokenizer_init=True,
               seed=0, enable_prefix_caching=False, gpu_memory_utilization=spec["memory"],
@@ -80,7 +81,8 @@ def worker(spec: dict) -> dict:
               hf_overrides=spec.get("hf_overrides") or None, async_scheduling=spec["async"],
               compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES})
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    out = {"async_scheduling": bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling), "batches": []}
+    out = {"async_scheduling": bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling), "batches": [],
+           "cpus": cpus}
     for batch in spec["batches"]:
         ps = prompts(batch, spec["prompt_len"], spec["vocab"], seed=batch)
         full = SamplingParams(temperature=0.0, max_tokens=GEN, ignore_eos=True, detokenize=False)
@@ -144,6 +146,8 @@ def main() -> int:
                     help="vLLM's scheduling for every model (async: bench_serve.py's; both: each model twice)")
     ap.add_argument("--memory", type=float, default=0.85, help="vLLM gpu_memory_utilization (on the CPU: of RAM)")
     ap.add_argument("--only", choices=("dense", "d2dmoe"), default=None, help="profile one model only")
+    ap.add_argument("--cpus", default="all", help="pin both engines to these CPUs: 'all', 'auto' or a list "
+                    "(bench_serve.py --cpus)")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "attempts")
     args = ap.parse_args()
@@ -159,7 +163,8 @@ def main() -> int:
                       **({"expert_size": 64} if args.small else {})))
     tau = taus[args.fraction]
     base = {"memory": args.memory, "vocab": 8192 if args.small else 256000, "prompt_len": args.prompt_len,
-            "batches": [int(b) for b in args.batches.split(",")]}
+            "batches": [int(b) for b in args.batches.split(",")],
+            "cpus": cpu_set(args.cpus)}
     specs = []
     for asyn in {"sync": [False], "async": [True], "both": [False, True]}[args.scheduling]:
         suffix = "-async" if asyn else ""

@@ -3,6 +3,7 @@ model in one run; the JSON has the issue's fields, the engine executed about the
 and the plot is drawn. Speed is not asserted (CPU timings mean little)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_serve_cpu(tmp_path):
     out = tmp_path / "out"
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--synthetic-small", "--fractions", "0.3",
            "--dtype", "float32", "--memory", "0.2", "--batches", "1,4", "--shapes", "32x8", "--repeats", "1",
-           "--work", str(tmp_path / "work"), "--out", str(out)]
+           "--work", str(tmp_path / "work"), "--out", str(out), "--cpus", cpus]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "serve-cpu.json").read_text())
+    # every engine ran on the CPUs asked for (all this machine lets it use: pinning costs the CPU run nothing)
+    assert result["settings"]["cpus"] == sorted(os.sched_getaffinity(0))
+    assert result["engine_cpus"] == {"dense-tp1": result["settings"]["cpus"], "0.3-tp1": result["settings"]["cpus"]}
     assert {"device", "date", "git_sha", "vllm", "rows"} <= set(result)
     assert len(result["rows"]) == 2
     for row in result["rows"]:
@@ -223,3 +228,37 @@ def test_jit_compiles_are_attributed_to_rows(tmp_path):
     assert all(r["dense_jit_compiles"] == [] and r["jit_compiles_warmup"] == [] for r in rows)
     plot(rows, tmp_path / "serve.png", "stalled rows marked")             # the plot marks the stalled row
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+def test_cpu_set_pins_one_thread_per_core_near_the_gpu(tmp_path, monkeypatch):
+    """--cpus: 'auto' keeps the GPU's NUMA-local CPUs, one hyperthread per core; lists are checked; 'all' pins
+    nothing. A fake sysfs: 8 CPUs, cores {0,4} {1,5} {2,6} {3,7}, the GPU local to CPUs 0-1 and 4-5."""
+    import bench_serve
+    from bench_serve import cpu_set
+
+    monkeypatch.setattr(bench_serve.os, "sched_getaffinity", lambda pid: set(range(8)))
+    for c in range(8):
+        topo = tmp_path / "devices" / "system" / "cpu" / f"cpu{c}" / "topology"
+        topo.mkdir(parents=True)
+        topo.joinpath("thread_siblings_list").write_text(f"{c % 4},{c % 4 + 4}\n")
+    gpu = tmp_path / "bus" / "pci" / "devices" / "0000:19:00.0"
+    gpu.mkdir(parents=True)
+    gpu.joinpath("local_cpulist").write_text("0-1,4-5\n")
+    assert cpu_set("auto", tmp_path, "0000:19:00.0") == [0, 1]
+    assert cpu_set("auto", tmp_path, "") == [0, 1, 2, 3]          # no GPU: one thread of every core
+    assert cpu_set("auto", tmp_path / "none", "") == list(range(8))  # no topology: every allowed CPU
+    assert cpu_set("2-3,6", tmp_path) == [2, 3, 6] and cpu_set("all", tmp_path) is None
+    for bad in ("9", "x-y", ""):
+        with pytest.raises(SystemExit, match="--cpus"):
+            cpu_set(bad, tmp_path)
+
+
+def test_pin_to_sets_the_workers_affinity():
+    """The worker pins itself (the engine-core process it starts inherits the mask)."""
+    import os
+
+    first = min(os.sched_getaffinity(0))
+    code = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from bench_serve import pin_to; print(pin_to([{first}]))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"[{first}]"
