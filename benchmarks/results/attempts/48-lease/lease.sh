@@ -18,6 +18,8 @@
 #                  after condprobe passed. ~1.5 min. The JSON is kernels-<device>.json like kernels': rename it.
 #   STEP=serve     after install, once or twice (--reuse resumes by engine): bench_serve.py's Gemma-2B-shape table
 #                  (FRACTIONS=0.1,0.3,0.5 unless given) under this device's name, graphs up to 8192 tokens. ~8-10 min.
+#   STEP=pinned    after install (SLIM payload): bench_serve.py --cpus ${CPUS:-auto} --rounds 2 at 30%, batch 1, 64, 256,
+#                  128/128 (attempt 48's three-batch run, engines pinned); ~4.5 min.
 #   STEP=profile   after install (reuses STEP=serve's model in /root/serve where this machine has it, else writes
 #                  one, ~25 s): decode at 30%, batch 1 and 256, dense against D2DMoE, async scheduling
 #                  (profile_decode.py): wall per step against the GPU's busy time per step (the union of kernel
@@ -92,8 +94,13 @@
 # (before busy time and decode host ops were recorded) and kernels (the table under unspecialized T; ratios unmoved).
 # Session 59 had 138 s of device time at its start (less than a start): no lease. bench_serve and profile_decode
 # time every engine step since (step_ms, steps; profile_decode's step_ms_each).
-# Next: STEP=profile (after install, ~4.5 min: what D2DMoE's decode step waits on, and whether batch 256's extra
-# time is in its steady decode steps), then adaptlr LR=1e-4 (~11 min); stack in a lease of its own.
+# Session 60 (H200 after four starts that found no machine; a SLIM=1 payload, 4 chunks, is all the synthetic steps
+# need; attempts/60-lease/) ran STEP=profile and bench_serve at batch 256 and --rounds 2 at batch 1, 64, 256 by hand
+# (docs/kernels.md attempt 48): batch 256 is host-bound, and an engine instance's host runs fast or ~1.5x slow at
+# random, which alone set session 58's 0.82x (same-mode pairs: 0.98x, 1.09x). serve and profile now pass --cpus
+# (CPUS=auto unless given: every engine pinned to one thread per core near the GPU).
+# Next: STEP=pinned (SLIM payload, ~4.5 min after install: is every batch-256 instance in one mode with --cpus auto,
+# ratio 0.98-1.09x each round?), then adaptlr LR=1e-4 (~11 min, full payload); stack in a lease of its own.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -109,7 +116,7 @@ recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}
 sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
                  && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
                  # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
-STEPS="kernels, profile, kernelschoice, teacher, adapt2000, stack, adapt1000, e16, adaptlr, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, profile, pinned, kernelschoice, teacher, adapt2000, stack, adapt1000, e16, adaptlr, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
@@ -156,16 +163,22 @@ PY
            tail -40 "$OUT/kernels-choice.log" ;;
   serve)   install   # the Gemma-2B-shape table of issue 5 under this device's name; --reuse: a rerun resumes engine by engine
            timeout $T python3 benchmarks/bench_serve.py --synthetic-gemma2b --fractions ${FRACTIONS:-0.1,0.3,0.5} \
-             --batches 1,8,64,256 --shapes 128x128,1024x128 --repeats 2 --work /root/serve --reuse --out "$OUT" \
+             --batches 1,8,64,256 --shapes 128x128,1024x128 --repeats 2 --cpus ${CPUS:-auto} --work /root/serve --reuse --out "$OUT" \
              --capture-sizes 1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192 > "$OUT/serve.log" 2>&1
            echo "serve rc $?" >> "$OUT/serve.log"; tar czf "$OUT/serve-engine-logs.tgz" -C /root/serve $(cd /root/serve && ls *.log)
            grep -v "it/s" "$OUT/serve.log" | tail -45 ;;
   profile) install; W=/root/profile; [ -f /root/serve/model/taus.json ] && W=/root/serve   # serve's model, or one of its own
            mkdir -p $OUT/profile-p${P:-128}
            timeout $T python3 benchmarks/profile_decode.py --synthetic-gemma2b --fraction 0.3 --batches ${B:-1,256} \
-             --prompt-len ${P:-128} --scheduling async --work $W --out $OUT/profile-p${P:-128} \
+             --prompt-len ${P:-128} --scheduling async --cpus ${CPUS:-auto} --work $W --out $OUT/profile-p${P:-128} \
              > $OUT/profile-p${P:-128}/profile.log 2>&1; echo "profile rc $?" >> $OUT/profile-p${P:-128}/profile.log
            grep -v "^   .*ms .*x  " $OUT/profile-p${P:-128}/profile.log | tail -30 ;;
+  pinned)  install; mkdir -p $OUT/pinned
+           timeout $T python3 benchmarks/bench_serve.py --synthetic-gemma2b --fractions 0.3 --batches 1,64,256 \
+             --shapes 128x128 --repeats 3 --rounds 2 --cpus ${CPUS:-auto} --work /root/pinned --out $OUT/pinned \
+             --capture-sizes 1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192 > $OUT/pinned/serve.log 2>&1
+           echo "pinned rc $?" >> $OUT/pinned/serve.log; cp /root/pinned/*.log $OUT/pinned/ 2>/dev/null
+           grep -v "it/s" $OUT/pinned/serve.log | tail -14 ;;
   adapt2000) recipe ad2000 --adapt-steps 2000 ;;
   stack)   recipe stack --hoyer-alpha 3e-4 --expert-size 16 --adapt-steps 2000 ;;
   adapt1000) W=$(sparsified a1000); recipe a1000 ${W:+--sparsified-from $W} ;;
