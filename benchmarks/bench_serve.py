@@ -135,11 +135,25 @@ def cpu_set(choice: str, sysfs: Path = Path("/sys"), gpu_pci: str | None = None)
 
 
 def pin_to(cpus: list[int] | None) -> list[int]:
-    """Pin this worker (and the engine processes it starts) to ``cpus`` (None: leave as is); the CPUs it
+    """Pin this worker to ``cpus`` (None: leave as is; the processes it starts inherit the mask); the CPUs it
     may run on."""
     if cpus:
         os.sched_setaffinity(0, cpus)
     return sorted(os.sched_getaffinity(0))
+
+
+def child_cpus() -> list[list[int]]:
+    """The CPU mask of every process this worker started (vLLM's engine core, compile workers): whether the
+    pinning reached them (vLLM may set its own affinity)."""
+    import psutil
+
+    masks = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            masks.append(sorted(os.sched_getaffinity(child.pid)))
+        except OSError:  # gone in between
+            pass
+    return masks
 
 
 def text_prompts(corpus: str, dense_dir: Path, shapes: list, batches: list, vocab: int) -> dict:
@@ -242,7 +256,7 @@ def worker(spec: dict) -> dict:
     # per worker, per expert layer: did the plugin's one-buffer [w_in; w_up; router_in] layout survive loading
     stacked = llm.apply_model(stacked_layouts) if moe else None
     return {"startup_s": startup, "rows": rows, "check": check, "async_scheduling": asynchronous, "stacked": stacked,
-            "cpus": cpus}
+            "cpus": cpus, "child_cpus": child_cpus()}
 
 
 JIT_WARNING = re.compile(r"JIT compilation during inference: (\w+)")
@@ -520,7 +534,8 @@ def main() -> int:
               "startup_s": {f"{k[0]}-tp{k[1]}": v["startup_s"] for k, v in runs.items()},
               "async_scheduling_used": {f"{k[0]}-tp{k[1]}": v.get("async_scheduling") for k, v in runs.items()},
               "stacked_layout": {f"{k[0]}-tp{k[1]}": v.get("stacked") for k, v in runs.items() if v.get("stacked")},
-              "engine_cpus": {f"{k[0]}-tp{k[1]}": v.get("cpus") for k, v in runs.items()},
+              "engine_cpus": {f"{k[0]}-tp{k[1]}": {"worker": v.get("cpus"), "children": v.get("child_cpus")}
+                              for k, v in runs.items()},
               "rows": rows, "tp_scaling": tp_scaling, "tp_check": tp_checks}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "serve-" + result["device"].replace(" ", "-").lower() + (f"-{args.tag}" if args.tag else "") + ".json"
