@@ -20,6 +20,9 @@
 #                  (FRACTIONS=0.1,0.3,0.5 unless given) under this device's name, graphs up to 8192 tokens. ~8-10 min.
 #   STEP=pinned    after install (SLIM payload): bench_serve.py --cpus ${CPUS:-auto} --rounds 2 at 30%, batch 1, 64, 256,
 #                  128/128 (attempt 48's three-batch run, engines pinned); ~4.5 min.
+#   STEP=floor     after install (SLIM payload): vLLM's host step alone -- profile_decode.py --small (d 256, 4 layers,
+#                  vocab 8192: a step's GPU work is tens of us) at batch 1 and 256, async, pinned; the step time left is
+#                  the engine's own. Attempt 48 reads batch 1 as host-bound at ~2.1-2.4 ms a step; ~2 min.
 #   STEP=profile   after install (reuses STEP=serve's model in /root/serve where this machine has it, else writes
 #                  one, ~25 s): decode at 30%, batch 1 and 256, dense against D2DMoE, async scheduling
 #                  (profile_decode.py): wall per step against the GPU's busy time per step (the union of kernel
@@ -100,7 +103,7 @@
 # random, which alone set session 58's 0.82x (same-mode pairs: 0.98x, 1.09x). serve and profile now pass --cpus
 # (CPUS=auto unless given: every engine pinned to one thread per core near the GPU).
 # Next: STEP=pinned (SLIM payload, ~4.5 min after install: is every batch-256 instance in one mode with --cpus auto,
-# ratio 0.98-1.09x each round?), then adaptlr LR=1e-4 (~11 min, full payload); stack in a lease of its own.
+# ratio 0.98-1.09x each round?) and STEP=floor (~2 min: vLLM's host step with a tiny model), then adaptlr LR=1e-4 (~11 min, full payload); stack in a lease of its own.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/root/vsite:${PYTHONPATH:-} D2DMOE_CACHE=/root/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -116,7 +119,7 @@ recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}
 sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
                  && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
                  # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
-STEPS="kernels, profile, pinned, kernelschoice, teacher, adapt2000, stack, adapt1000, e16, adaptlr, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, profile, pinned, floor, kernelschoice, teacher, adapt2000, stack, adapt1000, e16, adaptlr, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
@@ -173,6 +176,10 @@ PY
              --prompt-len ${P:-128} --scheduling async --cpus ${CPUS:-auto} --work $W --out $OUT/profile-p${P:-128} \
              > $OUT/profile-p${P:-128}/profile.log 2>&1; echo "profile rc $?" >> $OUT/profile-p${P:-128}/profile.log
            grep -v "^   .*ms .*x  " $OUT/profile-p${P:-128}/profile.log | tail -30 ;;
+  floor)   install; mkdir -p $OUT/floor
+           timeout $T python3 benchmarks/profile_decode.py --small --batches 1,256 --scheduling async --cpus ${CPUS:-auto} \
+             --work /root/floor --out $OUT/floor > $OUT/floor/profile.log 2>&1; echo "floor rc $?" >> $OUT/floor/profile.log
+           grep -v "^   .*ms .*x  " $OUT/floor/profile.log | tail -12 ;;
   pinned)  install; mkdir -p $OUT/pinned
            timeout $T python3 benchmarks/bench_serve.py --synthetic-gemma2b --fractions 0.3 --batches 1,64,256 \
              --shapes 128x128 --repeats 3 --rounds 2 --cpus ${CPUS:-auto} --work /root/pinned --out $OUT/pinned \
