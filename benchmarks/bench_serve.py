@@ -119,11 +119,13 @@ def cpu_set(choice: str, sysfs: Path = Path("/sys"), gpu_pci: str | None = None)
     allowed = set(os.sched_getaffinity(0))
     if choice != "auto":
         try:
-            cpus = [c for c in parse_cpu_list(choice) if c in allowed]
+            cpus = parse_cpu_list(choice)
         except ValueError:
             cpus = []
-        if not cpus:
-            raise SystemExit(f"--cpus {choice}: not a list of CPUs this process may use ({sorted(allowed)}). "
+        outside = sorted(set(cpus) - allowed)
+        if not cpus or outside:  # a CPU the process may not use is an error, not silently dropped
+            what = f"CPUs {outside} are not among" if outside else "not a list of"
+            raise SystemExit(f"--cpus {choice}: {what} the CPUs this process may use ({sorted(allowed)}). "
                              "Fix: give CPUs from that set (e.g. 0-3,8), 'auto' or 'all'")
         return cpus
     gpu_pci = gpu_pci_address() if gpu_pci is None else gpu_pci

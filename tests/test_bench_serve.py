@@ -256,6 +256,8 @@ def test_cpu_set_pins_one_thread_per_core_near_the_gpu(tmp_path, monkeypatch):
     for bad in ("9", "x-y", ""):
         with pytest.raises(SystemExit, match="--cpus"):
             cpu_set(bad, tmp_path)
+    with pytest.raises(SystemExit, match=r"CPUs \[8, 9\] are not among"):  # part allowed: refused, not trimmed
+        cpu_set("6-9", tmp_path)
 
 
 def test_pin_to_sets_the_workers_affinity():
