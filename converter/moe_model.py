@@ -79,15 +79,20 @@ class ReferenceMoEMLP(nn.Module):
         """Multiply-adds of one expert on one token."""
         return pair_macs(self.t["experts.w_in"], self.t["experts.w_up"], self.t["experts.w_out"])
 
-    def forward(self, x, *args, **kwargs):
+    def select(self, flat: torch.Tensor) -> torch.Tensor:
+        """[T, E] bool: the experts each token of ``flat`` [T, d] runs under the layer's selection (no counting)."""
         t = self.t
-        flat = x.reshape(-1, x.shape[-1])
         if self.oracle:
             scores = router_targets(flat, t, self.activation, "d2dmoe")
         else:
             scores = router_scores(flat, t["router.in_proj.weight"].to(flat.dtype),
                                    t["router.out_proj.weight"].to(flat.dtype))
-        mask = select_experts(scores, self.tau, self.top_k)
+        return select_experts(scores, self.tau, self.top_k)
+
+    def forward(self, x, *args, **kwargs):
+        t = self.t
+        flat = x.reshape(-1, x.shape[-1])
+        mask = self.select(flat)
         k = mask.sum(-1)   # experts per token
         if self.counted is None:
             self._tokens = self._tokens + k.shape[0]
