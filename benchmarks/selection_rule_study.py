@@ -12,7 +12,7 @@ tokens to the same FFN budget:
 - ``max``: R_e >= tau * max_e R_e (the paper's; every kernel computes this reference);
 - ``l2``: R_e >= tau * ||R||_2 (the whole output's norm if the experts' outputs were orthogonal);
 - ``sum``: R_e >= tau * sum_e R_e (a bound on the whole output's norm; the same as a mean, tau scaled by E);
-- ``cum``: drop the smallest experts while their summed R_e^2 stays <= tau^2 * sum_e R_e^2 (needs a sort per
+- ``cum``: drop the smallest experts while their summed R_e^2 stays < tau^2 * sum_e R_e^2 (needs a sort per
   token: the rule the others approximate).
 
 ``max``, ``l2`` and ``sum`` are a row reduction each, as cheap in a kernel as the max is. Scored by held-out
@@ -52,7 +52,7 @@ def select_by(rule: str, scores: torch.Tensor, tau: float) -> torch.Tensor:
     if rule == "cum":
         q = s.pow(2)
         small, idx = q.sort(-1)                                       # ascending: the smallest are dropped first
-        drop = small.cumsum(-1) <= tau**2 * q.sum(-1, keepdim=True)
+        drop = small.cumsum(-1) < tau**2 * q.sum(-1, keepdim=True)   # strict: tau = 0 drops nothing, not the zeros
         return torch.ones_like(top).scatter(-1, idx, ~drop) | top
     ref = {"max": lambda: s.amax(-1), "l2": lambda: s.norm(dim=-1), "sum": lambda: s.sum(-1)}[rule]()
     return (s >= tau * ref[:, None]) | top
