@@ -62,10 +62,14 @@ def dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation):
     return h @ w2 if b_out is None else torch.addmm(b_out, h, w2)  # bias in the GEMM epilogue
 
 
-def route(x, router_in, router_out, tau, top_k, counters, cfg, own_max):
+def route(x, router_in, router_out, tau, top_k, counters, cfg, own_max, reference="max"):
     """(scores [T, E], per-token reference [T] fp32 or None, factor): expert e runs iff
-    scores >= factor * ref; ref None means the fused decode kernels take the row max themselves."""
+    scores >= factor * ref; ref None means the fused decode kernels take the row max themselves. The Triton
+    router tails take the row max (the "max" reference); other references and top-k take the torch router."""
     T = x.shape[0]
+    if top_k == 0 and reference != "max":
+        scores = router_scores(x, router_in, router_out)
+        return (scores, *selection_rule(scores, tau, 0, reference))
     if top_k == 0 and T <= cfg["router"]["max_tokens"] and fused_router_fits(router_out.shape[0], router_out.shape[1]):
         scores, rowmax = fused_router(x, router_in, router_out, counters[2:3], cfg["router"])
         return scores, rowmax, float(tau)
@@ -145,11 +149,11 @@ def skipping_experts(x, scores, ref, factor, w_in, w_up, w_out, b_in, b_out, act
 
 
 def selection(x, router_in, router_out, tau, top_k, counters, cfg, own_max, route_override, sharded, expert_offset,
-              E):
+              E, reference="max"):
     """(scores, ref, factor) the kernels select with: the router's (``route``) unless a benchmark overrides
     them; sharded, a strided view of the local experts' columns (the kernels index scores by local expert
     with the full row stride)."""
-    routing = route(x, router_in, router_out, tau, top_k, counters, cfg, own_max)
+    routing = route(x, router_in, router_out, tau, top_k, counters, cfg, own_max, reference)
     scores, ref, factor = routing if route_override is None else route_override
     return (scores[:, expert_offset : expert_offset + E] if sharded else scores), ref, factor
 
@@ -164,9 +168,12 @@ def in_kernel_routing(route_override, tau, sharded, expert_offset, E):
 
 
 def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w_out, b_in, b_out, activation,
-                             counters, cfg=None, route_override=None, expert_offset=0):
+                             counters, cfg=None, route_override=None, expert_offset=0, reference="max"):
     """``expert_offset``: the local experts are experts [offset, offset + E_local) of the router
-    (tensor parallelism; selection still uses the max over all experts).
+    (tensor parallelism; selection still uses the reference over all experts).
+    ``reference``: what tau is a fraction of (``selection_rule``); the paths that run the router's tail in
+    their own kernels take the row max, so another reference selects like top-k: torch router, then
+    the kernels on its (scores, reference, factor).
     ``route_override`` (benchmarks only): (scores, ref, factor) used for selection after the router
     has run, so a benchmark pays the router's cost but controls which experts run."""
     T, D = x.shape
@@ -186,13 +193,14 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
         counters[0] += T
         counters[1] += T * E
         return dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation)
+    max_rule = top_k == 0 and reference == "max"  # the paths with the router's tail in their kernels take the row max
     gemm = token_tier(path_config(cfg, "gemm", D, ES), T) if "gemm" in cfg else None  # older configs: off
     fused = token_tier(path_config(cfg, "fused", D, ES), T)  # blocks per token count (H200: bigger slices at T=3)
     in_fused = T <= fused["max_tokens"]
     in_masked = not in_fused and masked["min_tokens"] <= T <= masked["max_tokens"]
     choice = token_tier(path_config(cfg, "choice", D, ES), T) if "choice" in cfg else None
     stacked = None
-    if (choice is not None and gemm is not None and top_k == 0 and choice["min_tokens"] <= T <= choice["max_tokens"]
+    if (choice is not None and gemm is not None and max_rule and choice["min_tokens"] <= T <= choice["max_tokens"]
             and not in_fused and x.is_cuda):
         stacked = stacked_up_view(w_in, w_up, router_in)
     if stacked is not None:
@@ -215,20 +223,20 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
             warm_both_paths(key, run_gemm, run_skipping, c)
         # eager: the host rule below
         stacked = None
-    if gemm is not None and top_k == 0 and gemm["min_tokens"] <= T <= gemm["max_tokens"]:
+    if gemm is not None and max_rule and gemm["min_tokens"] <= T <= gemm["max_tokens"]:
         stacked = stacked_up_view(w_in, w_up, router_in)
     if stacked is not None:  # up GEMM (router's first layer stacked in), router tail, select + act, down GEMM
         sc, ref, factor = in_kernel_routing(route_override, tau, sharded, expert_offset, E)
         return gemm_masked_experts(x, stacked, router_out, factor, w_in, w_up, w_out, b_in, b_out, activation,
                                    counters, gemm, cfg["router"], scores=sc, ref=ref, expert_offset=expert_offset)
     persistent = token_tier(path_config(cfg, "persistent", D, ES), T) if "persistent" in cfg else None
-    if (persistent is not None and T <= persistent["max_tokens"] and top_k == 0 and not sharded
+    if (persistent is not None and T <= persistent["max_tokens"] and max_rule and not sharded
             and E <= OWN_MAX_MAX_EXPERTS and router_in.stride() == (D, 1) and router_out.is_contiguous()
             and x.dtype == router_in.dtype):  # the whole layer in one launch (router inside, grid barriers)
         sc, ref, factor = in_kernel_routing(route_override, tau, sharded, expert_offset, E)
         return persistent_decode_experts(x, sc, ref, factor, w_in, w_up, w_out, b_in, b_out, activation, counters,
                                          persistent, router_in=router_in, router_out=router_out)
-    own_router = top_k == 0 and ((in_fused and fused.get("own_router", False)) or
+    own_router = max_rule and ((in_fused and fused.get("own_router", False)) or
                                  (in_masked and masked.get("own_router", False)))
     if own_router:  # the router's tail runs inside the expert kernel: router GEMM + 2 launches
         # full_router: the kernel computes the router's first layer too (small routers: one launch fewer)
@@ -242,10 +250,10 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
         return masked_dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation, counters, masked,
                                     "router" if sc is None else "router+override", scores=sc, ref=ref, tau=factor,
                                     hid=hid, router_out=router_out, expert_offset=expert_offset, router_in=router_in)
-    own_max = (in_fused and top_k == 0 and E <= OWN_MAX_MAX_EXPERTS and not sharded
+    own_max = (in_fused and max_rule and E <= OWN_MAX_MAX_EXPERTS and not sharded
                and (T > cfg["router"]["tail_max_tokens"] or fused.get("split_tail", False)))
     scores, ref, factor = selection(x, router_in, router_out, tau, top_k, counters, cfg, own_max, route_override,
-                                    sharded, expert_offset, E)
+                                    sharded, expert_offset, E, reference)
     if in_fused:
         own = ref is None
         balanced = path_config(cfg, "balanced", D, ES)

@@ -46,23 +46,33 @@ def router_scores(x: torch.Tensor, router_in: torch.Tensor, router_out: torch.Te
     return F.linear(F.relu(F.linear(x, router_in)), router_out).abs()
 
 
-def selection_rule(scores: torch.Tensor, tau: float, top_k: int = 0) -> tuple[torch.Tensor, float]:
+REFERENCES = ("max", "sum")  # what dynamic-k's tau is a fraction of (``selection_rule``)
+
+
+def selection_rule(scores: torch.Tensor, tau: float, top_k: int = 0, reference: str = "max") -> tuple[torch.Tensor, float]:
     """(per-token reference value [T] in fp32, factor): expert e runs iff R_e >= factor * reference.
 
-    Dynamic-k (top_k == 0, paper convention): reference = max_e R_e, factor = tau, so tau = 0 runs
-    every expert and the arg-max expert always runs. Top-k (top_k > 0, the MoEfication baseline):
-    reference = the k-th largest score, factor = 1 (experts tied with the k-th also run).
-    Every implementation (reference, CPU, Triton) selects through this one rule, in fp32.
+    Dynamic-k (top_k == 0) with ``reference`` "max" (the paper's): reference = max_e R_e, factor = tau, so
+    tau = 0 runs every expert and the arg-max expert always runs. With "sum": expert e runs iff
+    R_e >= tau * sum_e R_e or it is the arg-max, i.e. reference = min(tau * sum_e R_e, max_e R_e), factor = 1;
+    at the same compute it keeps more of each token's output (docs/converter.md, "What tau is a fraction
+    of"). Top-k (top_k > 0, the MoEfication baseline): reference = the k-th largest score, factor = 1
+    (experts tied with the k-th also run). Every implementation (reference, CPU, Triton) selects through
+    this one rule, in fp32.
     """
     s = scores.float()
     if top_k > 0:
         return s.topk(min(top_k, s.shape[-1]), dim=-1).values[:, -1].contiguous(), 1.0
+    if reference == "sum":
+        return torch.minimum(float(tau) * s.sum(dim=-1), s.amax(dim=-1)), 1.0
+    if reference != "max":
+        raise ValueError(f"selection reference {reference!r}: not one of {REFERENCES}")
     return s.amax(dim=-1), float(tau)
 
 
-def select_experts(scores: torch.Tensor, tau: float, top_k: int = 0) -> torch.Tensor:
+def select_experts(scores: torch.Tensor, tau: float, top_k: int = 0, reference: str = "max") -> torch.Tensor:
     """Boolean [T, E] mask of the experts each token runs (see ``selection_rule``)."""
-    ref, factor = selection_rule(scores, tau, top_k)
+    ref, factor = selection_rule(scores, tau, top_k, reference)
     return scores.float() >= factor * ref[:, None]
 
 

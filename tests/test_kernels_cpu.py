@@ -34,6 +34,49 @@ def test_selection_rule():
     assert select_experts(s, 0.0, top_k=2)[2].tolist() == [False, True, True, False]
 
 
+def test_selection_rule_against_the_sum():
+    """reference "sum": e runs iff R_e >= tau * sum_e R_e, or it is the arg-max; tau 0 runs all, tau 1 one."""
+    s = torch.tensor([[1.0, 0.5, 0.2, 0.9], [0.0, 0.0, 0.0, 0.0], [0.3, 3.0, 2.9, 0.1], [1.0, 1.0, 1.0, 1.0]])
+    assert select_experts(s, 0.0, reference="sum").all()
+    assert select_experts(s, 1.0, reference="sum").tolist() == [[True, False, False, False], [True] * 4,
+                                                                [False, True, False, False], [True] * 4]
+    assert select_experts(s, 0.3, reference="sum").tolist() == [[True, False, False, True], [True] * 4,
+                                                                [False, True, True, False], [True] * 4]  # ties with the arg-max run
+    assert select_experts(s, 0.34, reference="sum").tolist()[0] == [True, False, False, True]   # 0.9 >= 0.34 * 2.6
+    assert select_experts(s, 0.35, reference="sum").tolist()[0] == [True, False, False, False]  # 0.9 < 0.35 * 2.6
+    g = torch.Generator().manual_seed(3)
+    r = torch.rand(200, 16, generator=g) ** 3
+    for tau in (0.02, 0.05, 0.1, 0.3):   # fewer experts than max at the same tau; the arg-max always runs
+        m = select_experts(r, tau, reference="sum")
+        assert m[torch.arange(200), r.argmax(-1)].all() and (m <= select_experts(r, tau)).all()
+        assert torch.equal(m, (r >= tau * r.sum(-1, keepdim=True)) | (r >= r.amax(-1, keepdim=True)))
+    with pytest.raises(ValueError, match="'mean'"):
+        select_experts(r, 0.1, reference="mean")
+
+
+def test_custom_op_selects_against_the_sum():
+    """The op's CPU body takes the reference; the schema's default is the paper's max."""
+    import d2dmoe_kernels.op  # noqa: F401  (registers torch.ops.d2dmoe)
+
+    E, e, d = 8, 16, 32
+    w = make_layer(E, e, d, True, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x, r_in, r_out = torch.randn(40, d, generator=g), torch.randn(24, d, generator=g), torch.randn(E, 24, generator=g)
+    args = (x, r_in, r_out, 0.1, 0, 0, w["w_in"], w["w_up"], w["w_out"], w["b_in"], w["b_out"], "relu")
+    scores = router_scores(x, r_in, r_out)
+    for reference in ("max", "sum"):
+        counters = torch.zeros(3, dtype=torch.int64)
+        out = torch.ops.d2dmoe.dynamic_k_experts(*args, counters, reference)
+        mask = select_experts(scores, 0.1, reference=reference)
+        assert rel_err(out, dynamic_k_experts_reference(x, mask, **w, activation="relu")) < 1e-5
+        assert counters.tolist() == [40, int(mask.sum()), 0]
+    assert 0 < int(select_experts(scores, 0.1, reference="sum").sum()) < int(select_experts(scores, 0.1).sum())
+    counters = torch.zeros(3, dtype=torch.int64)
+    default = torch.ops.d2dmoe.dynamic_k_experts(*args, counters)
+    assert counters[1] == int(select_experts(scores, 0.1).sum())
+    assert rel_err(default, dynamic_k_experts_reference(x, select_experts(scores, 0.1), **w, activation="relu")) < 1e-5
+
+
 @pytest.mark.parametrize("gated,activation", [(False, "gelu_tanh"), (False, "relu"), (True, "relu"), (True, "gelu_tanh"), (False, "gelu")])
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 @pytest.mark.parametrize("tau", TAUS)

@@ -77,9 +77,9 @@ def ref64(x, mask, w, act):
     return dynamic_k_experts_reference(x.double(), mask, **f64, activation=act)
 
 
-def run(x, w, tau, counters, act="gelu_tanh", top_k=0, route_override=None):
+def run(x, w, tau, counters, act="gelu_tanh", top_k=0, route_override=None, reference="max"):
     return dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, top_k, *experts(w), act, counters,
-                                    route_override=route_override)
+                                    route_override=route_override, reference=reference)
 
 
 def poison_allocator(dtype):
@@ -103,6 +103,24 @@ def test_matches_fp64_reference(dtype, shape, T, tau, stacked):
     assert not torch.isnan(out).any()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1, 2, 3, 16, 64, 300, 2048])
+@pytest.mark.parametrize("tau", [0.0, 0.03, 0.1, 1.0])
+def test_sum_reference_matches_fp64_reference(shape, T, tau):
+    """reference "sum" with the router's own scores, on the device's config (every path it picks by T)."""
+    d, dff, es, gated = shape
+    w, E, g = make(d, dff, es, gated, torch.bfloat16, seed=300 + T + int(tau * 100))
+    x, _ = inputs(T, d, E, torch.bfloat16, g)
+    counters = torch.zeros(3, dtype=torch.int64, device="cuda")
+    out = run(x, w, tau, counters, reference="sum")
+    scores = router_scores(x, w["router_in"], w["router_out"])
+    mask = select_experts(scores, tau, reference="sum")
+    ref = ref64(x, mask, w, "gelu_tanh")
+    assert not torch.isnan(out).any()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
     assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
@@ -194,13 +212,13 @@ def test_no_host_synchronisation(T):
     w, E, g = make(d, dff, es, gated, torch.bfloat16, 4)
     x, _ = inputs(T, d, E, torch.bfloat16, g)
     counters = torch.zeros(3, dtype=torch.int64, device="cuda")
-    for tau, k in ((0.5, 0), (0.0, 0), (0.0, 4)):
-        run(x, w, tau, counters, "relu", top_k=k)  # compile first
+    for tau, k, ref in ((0.5, 0, "max"), (0.0, 0, "max"), (0.0, 4, "max"), (0.05, 0, "sum")):
+        run(x, w, tau, counters, "relu", top_k=k, reference=ref)  # compile first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for tau, k in ((0.5, 0), (0.0, 0), (0.0, 4)):
-            run(x, w, tau, counters, "relu", top_k=k)
+        for tau, k, ref in ((0.5, 0, "max"), (0.0, 0, "max"), (0.0, 4, "max"), (0.05, 0, "sum")):
+            run(x, w, tau, counters, "relu", top_k=k, reference=ref)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 

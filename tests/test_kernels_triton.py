@@ -211,6 +211,30 @@ def test_dispatch_dynamic_k(T, d_out):
     assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
+@pytest.mark.parametrize("own_router", [False, True])
+@pytest.mark.parametrize("tau", [0.0, 0.04, 0.12, 1.0])
+@pytest.mark.parametrize("T", [1, 3, 9, 30])  # fused decode, masked, grouped (SMALL: masked up to 64 with own_router)
+def test_dispatch_selects_against_the_sum(T, tau, own_router):
+    """reference "sum" on every path, including the ones whose kernels take the row max themselves (fused
+    router, router tail, own_router): those must not run, or the selection would be the max rule's."""
+    E, ES, D = 8, 16, 32
+    w = layer(E, ES, D, True, 41)
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, seed=50 + T)
+    cfg = dict(SMALL, router=dict(ROUTER, tail_max_tokens=64), fused=dict(FUSED, own_router=own_router),
+               masked=dict(MASKED, max_tokens=16, own_router=own_router))
+    counters = torch.zeros(3, dtype=torch.int64)
+    out = dynamic_k_experts_triton(x, r_in, r_out, tau, 0, *w.values(), "gelu_tanh", counters, cfg, reference="sum")
+    scores = router_scores(x, r_in, r_out)
+    mask = select_experts(scores, tau, reference="sum")
+    if tau == 1.0:
+        assert (mask.sum(-1) == 1).all()
+    if tau == 0.12:
+        assert int(mask.sum()) < int(select_experts(scores, tau).sum())  # the max rule would run more experts
+    check(out, reference(x, mask, w, "gelu_tanh"))
+    assert counters.tolist() == [T, int(mask.sum()), 0]
+
+
 def test_device_choice_predicate_and_eager_rule():
     """The path chosen on the device (CUDA graphs only): its predicate is a device tensor (no host sync) that
     counts the pairs the selection rule runs; off the GPU / outside a capture there is no graph to branch in,
