@@ -62,7 +62,7 @@ def select_by(rule: str, scores: torch.Tensor, tau: float) -> torch.Tensor:
 def rule_in(rule: str):
     """The reference model's expert layers select by ``rule`` inside (dynamic-k only)."""
     real = moe_model.select_experts
-    moe_model.select_experts = lambda scores, tau, top_k=0: select_by(rule, scores, tau)
+    moe_model.select_experts = lambda scores, tau, top_k=0, reference="max": select_by(rule, scores, tau)
     try:
         yield
     finally:

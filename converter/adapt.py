@@ -69,17 +69,18 @@ class SelectedExpertsActivation(HoyerActivation):
     the mask the activation then applies: dropped experts' neurons give 0 and get no gradient."""
 
     def __init__(self, fn: nn.Module, router: dict[str, torch.Tensor], expert_of_neuron: torch.Tensor, tau: float,
-                 top_k: int):
+                 top_k: int, reference: str = "max"):
         super().__init__(fn)
         self.router_in = router["router.in_proj.weight"].float()
         self.router_out = router["router.out_proj.weight"].float()
-        self.expert_of_neuron, self.tau, self.top_k = expert_of_neuron, tau, top_k
+        self.expert_of_neuron, self.tau, self.top_k, self.reference = expert_of_neuron, tau, top_k, reference
         self.keep: torch.Tensor | None = None
 
     def select(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         with torch.autocast(x.device.type, enabled=False):
-            mask = select_experts(router_scores(flat, self.router_in, self.router_out), self.tau, self.top_k)
+            mask = select_experts(router_scores(flat, self.router_in, self.router_out), self.tau, self.top_k,
+                                  self.reference)
         self.keep = mask[:, self.expert_of_neuron].reshape(*x.shape[:-1], -1)
 
     def forward(self, x):
@@ -88,9 +89,11 @@ class SelectedExpertsActivation(HoyerActivation):
 
 def select_experts_in_ffns_(model: nn.Module, routers: list[dict[str, torch.Tensor]], orders: list[torch.Tensor],
                             num_experts: int, tau: float, top_k: int = 0,
-                            layer_tau: tuple[float, ...] | list[float] = ()) -> list[SelectedExpertsActivation]:
+                            layer_tau: tuple[float, ...] | list[float] = (),
+                            reference: str = "max") -> list[SelectedExpertsActivation]:
     """Wrap every FFN's activation of ``model`` in its SelectedExpertsActivation, in place, at the
-    checkpoint's selection (``layer_tau``, one per layer, replaces ``tau`` as in the plugin)."""
+    checkpoint's selection (``layer_tau``, one per layer, replaces ``tau`` as in the plugin; ``reference``:
+    what tau is a fraction of)."""
     layers = decoder_layers(model)
     taus = list(layer_tau) or [tau] * len(layers)
     device = next(model.parameters()).device
@@ -98,7 +101,7 @@ def select_experts_in_ffns_(model: nn.Module, routers: list[dict[str, torch.Tens
     for layer, router, order, t in zip(layers, routers, orders, taus, strict=True):
         name = activation_attr(layer.mlp)
         act = SelectedExpertsActivation(getattr(layer.mlp, name), {k: v.to(device) for k, v in router.items()},
-                                        expert_of_neuron(order.to(device), num_experts), float(t), top_k)
+                                        expert_of_neuron(order.to(device), num_experts), float(t), top_k, reference)
         setattr(layer.mlp, name, act)
         layer.mlp.register_forward_pre_hook(lambda mod, args, act=act: act.select(args[0]))
         acts.append(act)

@@ -42,11 +42,15 @@ class CalibrateOptions:
     sensitivity_tokens: int = 1024  # calibration tokens of each per-layer sensitivity pass
     tau_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)  # per-layer taus tried, as multiples of the global tau
     blends: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # candidates: one tau moved this far toward the allocation
+    reference: str = "max"        # what tau is a fraction of: the top score (the paper's) or the scores' sum
 
     def stage_key(self) -> dict:
         """What the calibration stage's fingerprint holds: every field, less the per-layer ones when
-        calibrating one tau (changing them must not redo it; work dirs from before keep their stage)."""
+        calibrating one tau (changing them must not redo it; work dirs from before keep their stage), and
+        less the reference when it is the paper's max (so those work dirs keep theirs too)."""
         fields = asdict(self)
+        if self.reference == "max":
+            del fields["reference"]
         if not self.per_layer:
             return {k: v for k, v in fields.items() if k not in PER_LAYER_FIELDS}
         # session 43: the candidates' scale takes ``iterations`` bisection steps (before, half: ~1% under budget)

@@ -102,6 +102,11 @@ def parser() -> argparse.ArgumentParser:
                     help="calibrate a tau per FFN layer (with --budget): each layer's quality cost of dropping experts "
                          "is measured and the budget spent where it costs least; kept only if it beats one tau on the "
                          "calibration text (layers x 5 extra perplexity passes)")
+    cg.add_argument("--reference", choices=("max", "sum"), default=c.reference,
+                    help="what tau is a fraction of: expert e runs iff its router score >= tau x the token's top "
+                         "score (max, the paper's) or >= tau x the sum of its scores (sum; the top expert always "
+                         "runs): at the same compute sum keeps more of each token's output (docs/converter.md, "
+                         "'What tau is a fraction of')")
     cg.add_argument("--sensitivity-tokens", type=int, default=c.sensitivity_tokens,
                     help=f"calibration tokens per per-layer sensitivity pass (default {c.sensitivity_tokens})")
     t = AdaptOptions()
@@ -156,7 +161,7 @@ def options(args: argparse.Namespace) -> ConvertOptions:
                               steps=args.router_steps, batch=args.router_batch, lr=args.router_lr),
         calibrate=CalibrateOptions(budget=args.budget, tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
                                    seq_len=args.seq_len, per_layer=args.tau_per_layer,
-                                   sensitivity_tokens=args.sensitivity_tokens),
+                                   sensitivity_tokens=args.sensitivity_tokens, reference=args.reference),
         adapt=AdaptOptions(steps=args.adapt_steps, batch=args.adapt_batch, accum=args.adapt_accum, seq_len=args.seq_len,
                            lr=args.adapt_lr, warmup=args.adapt_warmup, save_every=args.adapt_save_every,
                            distill=args.adapt_distill, passes=args.adapt_passes),

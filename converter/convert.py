@@ -38,6 +38,7 @@ from d2dmoe_converter.sparsify import ACTIVATIONS, SparsifyOptions, finetune, ho
 from d2dmoe_converter.split import coactivation_order, contiguous_order, dense_ffn, dense_ffn_names, dense_hidden, split_ffn
 from d2dmoe_converter.teacher_text import check_prompt, check_share, engine_for, teacher_text
 from d2dmoe_converter.workdir import Stage, fingerprint, write_json
+from d2dmoe_kernels.reference import REFERENCES
 from d2dmoe_vllm.checkpoint import layer_prefix, validate_checkpoint
 from d2dmoe_vllm.config import ARCHITECTURES, FORMAT_VERSION, CheckpointError, D2DMoEConfig, check_tau
 
@@ -108,7 +109,7 @@ def moe_config(dense: DenseModel, opts: ConvertOptions, tau: float = 0.0, top_k:
         format_version=FORMAT_VERSION, tau=check_tau(tau, "--tau"), top_k=top_k, activation=dense_activation(dense),
         gated=dense.model_type != "gpt2", expert_modules=("mlp", *(p.name for p in projections)), d_ff=dense.d_ff,
         num_experts=(E,) * L, expert_size=(e,) * L, router_width=opts.routers.width, projections=projections,
-        layer_tau=layer_tau,
+        layer_tau=layer_tau, reference=opts.calibrate.reference if opts.method == "d2dmoe" else "max",
     )
 
 
@@ -125,6 +126,11 @@ def check_options(opts: ConvertOptions) -> None:
     if opts.calibrate.per_layer and (opts.method != "d2dmoe" or opts.calibrate.budget is None):
         raise ValueError("--tau-per-layer calibrates a D2DMoE tau per layer to a compute budget: it needs "
                          "--budget and --method d2dmoe")
+    if opts.calibrate.reference not in REFERENCES:
+        raise ValueError(f"--reference {opts.calibrate.reference!r}: use one of {list(REFERENCES)}")
+    if opts.calibrate.reference != "max" and opts.method != "d2dmoe":
+        raise ValueError("--reference sets what dynamic-k's tau is a fraction of: it needs --method d2dmoe "
+                         "(MoEfication runs a fixed top-k)")
     if opts.method == "moefication" and opts.calibrate.budget is None:
         raise ValueError("--method moefication needs --budget: it sets the fixed k = budget x experts")
     if opts.routers.width <= 0:
@@ -494,7 +500,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
         def run_calibrate(part: Path) -> dict:
             model = build_model(dense, device=device)
             attach_experts(model, {**expert_state(dense, experts, routers), **projections}, dense.model_type,
-                           cfg.activation)
+                           cfg.activation, reference=opts.calibrate.reference)
             result = calibrate(model, text.calib, text.heldout, opts.method, budget, opts.tau, opts.calibrate)
             if relu or opts.sparsify.steps:  # the original (not ReLU-fied or fine-tuned) model too: the reference
                 del model
@@ -517,7 +523,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
                 if not trained.is_file():
                     model = build_model(dense, device=device)
                     select_experts_in_ffns_(model, routers, [orders[f"layer_{i}"] for i in range(L)], E, tau, top_k,
-                                            layer_tau)
+                                            layer_tau, opts.calibrate.reference)
                     teacher = (build_model(source, device=device).requires_grad_(False).eval()
                                if opts.adapt.distill else None)
                     log = finetune(model, text.adapt, opts.adapt.training(), part / "train_state.pt", teacher,
@@ -533,7 +539,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions = ConvertOpti
                 adapted = load_dense(part)
                 moe = build_model(adapted, device=device)
                 attach_experts(moe, expert_state(adapted, layer_experts(adapted, cfg, orders), routers),
-                               dense.model_type, cfg.activation)
+                               dense.model_type, cfg.activation, reference=opts.calibrate.reference)
                 # the adapted model runs its experts a little differently: the selection's taus scaled by one
                 # factor to spend the budget again (k of MoEfication is fixed)
                 found = None

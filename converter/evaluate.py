@@ -139,6 +139,8 @@ def load_checkpoint(path: str | Path, dense: DenseModel) -> Checkpoint:
     report = path / "d2dmoe_report.json"
     method = json.loads(report.read_text()).get("method") if report.is_file() else None
     method = method or ("moefication" if d2.get("top_k") else "d2dmoe")
+    if d2.get("reference", "max") != "max":
+        method += f"-{d2['reference']}"  # its own curve: tau a fraction of another reference (--reference)
     if d2.get("layer_tau"):
         method += "-per-layer"   # its own curve: a tau per FFN layer (--tau-per-layer)
     if any(m != "mlp" for m in d2.get("expert_modules", ())):
@@ -172,7 +174,8 @@ def build_moe(ckpt: Checkpoint, dense: DenseModel, device) -> torch.nn.Module:
     base.update({k: dense.state[k] for k in ffn})  # placeholders: replaced by expert layers next
     config = {k: v for k, v in ckpt.config.items() if k not in ("architectures", "dtype", "torch_dtype")}
     model = build_model(DenseModel(config, base, dense.source, dense.tokenizer), device=device)
-    attach_experts(model, {k: v.float() for k, v in ckpt.state.items()}, dense.model_type, ckpt.d2dmoe["activation"])
+    attach_experts(model, {k: v.float() for k, v in ckpt.state.items()}, dense.model_type, ckpt.d2dmoe["activation"],
+                   reference=ckpt.d2dmoe.get("reference", "max"))
     return model
 
 

@@ -25,12 +25,13 @@ EXPERT_TENSORS = ("router.in_proj.weight", "router.out_proj.weight", "experts.w_
 class ReferenceMoEMLP(nn.Module):
     """One expert layer; ``tau``/``top_k`` may be changed between forwards. ``oracle`` (a diagnostic):
     select on every expert's true output norm, what the router is trained to predict, instead of
-    the router's prediction -- the method's limit without the router's error."""
+    the router's prediction -- the method's limit without the router's error. ``reference``: what tau is
+    a fraction of (``selection_rule``), the checkpoint's ``d2dmoe.reference``."""
 
     def __init__(self, tensors: dict[str, torch.Tensor | None], tau: float, top_k: int, activation: str,
-                 module: str = "mlp"):
+                 module: str = "mlp", reference: str = "max"):
         super().__init__()
-        self.t, self.module = tensors, module
+        self.t, self.module, self.reference = tensors, module, reference
         self.tau, self.top_k, self.activation = tau, top_k, activation
         self.tokens = self.pairs = 0
         self.per_token = []   # experts executed by each token, when ``record`` is on
@@ -87,7 +88,7 @@ class ReferenceMoEMLP(nn.Module):
         else:
             scores = router_scores(flat, t["router.in_proj.weight"].to(flat.dtype),
                                    t["router.out_proj.weight"].to(flat.dtype))
-        return select_experts(scores, self.tau, self.top_k)
+        return select_experts(scores, self.tau, self.top_k, self.reference)
 
     def forward(self, x, *args, **kwargs):
         t = self.t
@@ -108,9 +109,10 @@ class ReferenceMoEMLP(nn.Module):
 
 
 def attach_experts(model: nn.Module, state: dict[str, torch.Tensor], model_type: str, activation: str,
-                   tau: float = 0.0, top_k: int = 0) -> list[ReferenceMoEMLP]:
+                   tau: float = 0.0, top_k: int = 0, reference: str = "max") -> list[ReferenceMoEMLP]:
     """Replace every FFN of ``model`` (in place) by its expert layer from a D2DMoE state dict, and
-    every attention projection the state holds experts for (ReLU, biased) by its expert layer."""
+    every attention projection the state holds experts for (ReLU, biased) by its expert layer; all of them
+    select against ``reference``."""
     device = next(model.parameters()).device
     attn_attr, names = PROJECTIONS[projection_family(model_type)]
 
@@ -120,13 +122,15 @@ def attach_experts(model: nn.Module, state: dict[str, torch.Tensor], model_type:
 
     mlps = []
     for i, layer in enumerate(decoder_layers(model)):
-        layer.mlp = ReferenceMoEMLP(tensors(layer_prefix(model_type, i) + "mlp."), tau, top_k, activation)
+        layer.mlp = ReferenceMoEMLP(tensors(layer_prefix(model_type, i) + "mlp."), tau, top_k, activation,
+                                    reference=reference)
         mlps.append(layer.mlp)
         attn = getattr(layer, attn_attr.rstrip("."))
         for name in names:
             p = projection_prefix(model_type, i, name)
             if p + "experts.w_in" in state:
-                setattr(attn, name, ReferenceMoEMLP(tensors(p), tau, top_k, PROJECTION_ACTIVATION, module=name))
+                setattr(attn, name, ReferenceMoEMLP(tensors(p), tau, top_k, PROJECTION_ACTIVATION, module=name,
+                                                    reference=reference))
     return mlps
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from d2dmoe_kernels.reference import ACTIVATIONS
+from d2dmoe_kernels.reference import ACTIVATIONS, REFERENCES
 
 FORMAT_VERSION = 1
 TAU_OVERRIDE_KEY = "d2dmoe_tau"
@@ -106,6 +106,7 @@ class D2DMoEConfig:
     router_width: int
     projections: tuple[ProjectionExperts, ...] = ()   # attention projections run as experts (may be none)
     layer_tau: tuple[float, ...] = ()   # per-layer FFN tau (calibrated per layer); empty: ``tau`` everywhere
+    reference: str = "max"              # what tau is a fraction of: the top router score (the paper's) or their sum
 
     def mlp_tau(self, layer: int) -> float:
         """The FFN threshold of ``layer`` (attention-projection experts always use ``tau``)."""
@@ -135,6 +136,8 @@ class D2DMoEConfig:
         }
         if self.layer_tau:
             out["layer_tau"] = list(self.layer_tau)
+        if self.reference != "max":   # absent: the paper's rule (checkpoints from before read the same)
+            out["reference"] = self.reference
         if self.projections:
             out["projection_experts"] = {p.name: p.to_dict() for p in self.projections}
         return out
@@ -181,6 +184,10 @@ class D2DMoEConfig:
         top_k = hf.get(TOP_K_OVERRIDE_KEY, block.get("top_k", 0))
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise _fail("d2dmoe.top_k", f"{top_k!r} is not an integer >= 0", "use 0 for dynamic-k or k > 0 for top-k")
+        reference = block.get("reference", "max")
+        if reference not in REFERENCES:
+            raise _fail("d2dmoe.reference", f"{reference!r} is unknown",
+                        f"use one of {list(REFERENCES)} (or leave it out: max), as d2dmoe-convert --reference writes it")
         activation = need("activation", str)
         if activation not in ACTIVATIONS:
             raise _fail("d2dmoe.activation", f"{activation!r} is unknown", f"use one of {list(ACTIVATIONS)}")
@@ -218,7 +225,7 @@ class D2DMoEConfig:
             raise _fail("d2dmoe.router_width", f"{router_width} is not positive", "use the trained router's hidden width")
         projections = _parse_projections(hf, block, [m for m in modules if m != "mlp"], n_layers)
         return cls(version, tau, top_k, activation, gated, modules, d_ff,
-                   per_layer["num_experts"], per_layer["expert_size"], router_width, projections, layer_tau)
+                   per_layer["num_experts"], per_layer["expert_size"], router_width, projections, layer_tau, reference)
 
 
 def partial_qkv(names) -> list[str]:

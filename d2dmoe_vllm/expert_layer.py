@@ -90,7 +90,7 @@ class DynamicKMLP(nn.Module):
         self.layer, self.tp_rank, self.tp_size, self.expert_offset = layer, tp_rank, tp_size, shard[0]
         self.num_experts, self.expert_size = E, e
         self.tau = cfg.mlp_tau(layer) if projection is None else cfg.tau
-        self.top_k, self.activation = cfg.top_k, activation
+        self.top_k, self.activation, self.reference = cfg.top_k, activation, cfg.reference
         # w_in, w_up and the router's first layer back to back in one buffer: on the GPU one cuBLAS
         # GEMM computes them together (d2dmoe_kernels.layout, expert_masked_gemm).
         w_in, w_up, router_in = stack_up_weights(shard[1], e, d_in, cfg.router_width, gated)
@@ -110,7 +110,7 @@ class DynamicKMLP(nn.Module):
         ex, r = self.experts, self.router
         return torch.ops.d2dmoe.dynamic_k_experts(
             x, r.in_proj.weight, r.out_proj.weight, self.tau, self.top_k, self.expert_offset, ex.w_in, ex.w_up,
-            ex.w_out, ex.b_in, self.b_out if self.add_b_out else None, self.activation, self.counters,
+            ex.w_out, ex.b_in, self.b_out if self.add_b_out else None, self.activation, self.counters, self.reference,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ def reference_model(dense_dir, ckpt_dir, tau, layer_tau=()):
     cfg = json.loads((ckpt_dir / "config.json").read_text())
     state = load_file(str(ckpt_dir / "model.safetensors"))
     model = tf.AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32, attn_implementation="eager")
-    attach_experts(model, state, cfg["model_type"], cfg["d2dmoe"]["activation"], tau, cfg["d2dmoe"].get("top_k", 0))
+    attach_experts(model, state, cfg["model_type"], cfg["d2dmoe"]["activation"], tau, cfg["d2dmoe"].get("top_k", 0),
+                   reference=cfg["d2dmoe"].get("reference", "max"))
     if layer_tau:
         set_selection(model, tau, cfg["d2dmoe"].get("top_k", 0), layer_tau=layer_tau)
     return model.eval()

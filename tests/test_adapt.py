@@ -33,7 +33,7 @@ def test_expert_of_neuron_inverts_the_split():
 
 
 @pytest.mark.parametrize("family,selection", [("gemma3_text", "tau"), ("gpt2", "tau"), ("gemma3_text", "layer_tau"),
-                                              ("gpt2", "top_k")])
+                                              ("gpt2", "top_k"), ("gemma3_text", "sum")])
 def test_training_model_computes_what_the_checkpoint_serves(dense_dir, family, selection):
     """The dense model with each FFN's activation masked to the router's selection gives the logits of the
     D2DMoE reference model (the experts cut from the same weights, the same routers and taus): a shuffled
@@ -45,17 +45,20 @@ def test_training_model_computes_what_the_checkpoint_serves(dense_dir, family, s
     gen = torch.Generator().manual_seed(3)
     orders = {f"layer_{i}": torch.randperm(dense.d_ff, generator=gen) for i in range(dense.num_layers)}
     routers = [init_router(dense.hidden_size, 64, E, gen) for _ in range(dense.num_layers)]
-    tau, top_k, layer_tau = 0.6, 0, ()
+    tau, top_k, layer_tau, reference = 0.6, 0, (), "max"
+    if selection == "sum":                        # tau a fraction of the router scores' sum (--reference sum)
+        tau, reference = 0.08, "sum"
     if selection == "layer_tau":
         layer_tau = tuple(0.3 + 0.6 * i for i in range(dense.num_layers))   # the last layer: mostly one expert
     elif selection == "top_k":
         tau, top_k = 0.0, 3
     moe = build_model(dense).eval()
-    attach_experts(moe, expert_state(dense, layer_experts(dense, cfg, orders), routers), dense.model_type, "relu")
+    attach_experts(moe, expert_state(dense, layer_experts(dense, cfg, orders), routers), dense.model_type, "relu",
+                   reference=reference)
     set_selection(moe, tau, top_k, layer_tau=layer_tau)
     masked = build_model(dense).eval()
     acts = select_experts_in_ffns_(masked, routers, [orders[f"layer_{i}"] for i in range(dense.num_layers)], E, tau,
-                                   top_k, layer_tau)
+                                   top_k, layer_tau, reference)
     ids = torch.randint(0, 1000, (3, 40), generator=gen)
     with torch.no_grad():
         want, got = moe(input_ids=ids).logits, masked(input_ids=ids).logits

@@ -61,6 +61,7 @@ def test_valid_checkpoint_passes(ckpt, capsys):
     (dict(d2dmoe_router_width=0), "d2dmoe.router_width", "hidden width"),
     (dict(d2dmoe_expert_modules=["attn"]), "d2dmoe.expert_modules", "subset"),
     (dict(d2dmoe_top_k=-1), "d2dmoe.top_k", "top-k"),
+    (dict(d2dmoe_reference="mean"), "d2dmoe.reference", "'max', 'sum'"),
     (dict(auto_map={"AutoModel": "evil.Model"}), "auto_map", "never run checkpoint code"),
     (dict(d2dmoe=None), "d2dmoe", "d2dmoe-convert"),
 ])
@@ -129,6 +130,16 @@ def test_deploy_time_tau_override_is_validated(ckpt):
     assert D2DMoEConfig.from_hf({**hf, "d2dmoe_top_k": 3}).top_k == 3
     with pytest.raises(CheckpointError, match=r"d2dmoe_tau: 1.2 is not a number in \[0, 1\]"):
         D2DMoEConfig.from_hf({**hf, "d2dmoe_tau": 1.2})
+
+
+def test_reference_reads_back(ckpt):
+    """d2dmoe.reference: absent means the paper's max (older checkpoints); "sum" reads back and is written back."""
+    hf = json.loads((ckpt / "config.json").read_text())
+    assert "reference" not in hf["d2dmoe"] and D2DMoEConfig.from_hf(hf).reference == "max"
+    assert "reference" not in D2DMoEConfig.from_hf(hf).to_dict()
+    edit_config(ckpt, d2dmoe_reference="sum")
+    cfg = validate_checkpoint(ckpt)
+    assert cfg.reference == "sum" and cfg.to_dict()["reference"] == "sum"
 
 
 def test_per_layer_tau_reads_back_and_overrides(ckpt, capsys):

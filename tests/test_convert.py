@@ -61,6 +61,7 @@ def test_bad_expert_size_writes_nothing(dense_dir, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--tau", "1.5"], "--tau: 1.5 is not a number in [0, 1]"),
     (["--router-width", "0"], "--router-width must be positive"),
+    (["--reference", "sum", "--method", "moefication", "--budget", "0.5"], "--reference sets what dynamic-k's tau"),
 ])
 def test_bad_options(dense_dir, tmp_path, capsys, args, message):
     assert convert_cli([str(dense_dir("gpt2")), str(tmp_path / "out")] + args) == 2

@@ -322,6 +322,33 @@ def test_tau_per_layer_calibration(pipeline, dense_dir, tmp_path, capsys):
     assert "[calibrate] done earlier" in capsys.readouterr().out
 
 
+def test_reference_sum_calibration(pipeline, dense_dir, tmp_path, capsys):
+    """--reference sum on the pipeline's finished stages: only calibrate runs again, tau is bisected against
+    the sum of the router's scores to the same budget, and the checkpoint says so; the paper's max keeps the
+    calibration fingerprint it had before the option existed."""
+    from d2dmoe_converter.calibrate import CalibrateOptions
+
+    assert "reference" not in CalibrateOptions().stage_key()
+    assert CalibrateOptions(reference="sum").stage_key()["reference"] == "sum"
+    out, work = pipeline
+    work2, out2 = tmp_path / "work", tmp_path / "moe"
+    shutil.copytree(work, work2)
+    args = [str(dense_dir("gpt2")), str(out2), "--work-dir", str(work2), "--sparsify-steps", "6", "--sparsify-batch",
+            "4", "--warmup", "2", "--sparsify-lr", "1e-3", "--hoyer-alpha", "0.05", "--save-every", "3",
+            "--budget", "0.5", *FAST, "--reference", "sum"]
+    assert convert_cli(args) == 0
+    printed = capsys.readouterr().out
+    assert all(f"[{s}] done earlier" in printed for s in ("sparsify", "split", "routers"))
+    assert "[calibrate] done earlier" not in printed
+    summed = json.loads((work2 / "calibrate" / "result.json").read_text())
+    by_max = json.loads((work / "calibrate" / "result.json").read_text())
+    assert 0.47 <= summed["calib_fraction"] <= 0.5 and abs(summed["ffn_fraction"] - 0.5) <= 0.06
+    assert 0 < summed["tau"] < by_max["tau"]        # a fraction of the sum, not of the top score
+    cfg = json.loads((out2 / "config.json").read_text())["d2dmoe"]
+    assert cfg["reference"] == "sum" and cfg["tau"] == summed["tau"]
+    assert "reference" not in json.loads((out / "config.json").read_text())["d2dmoe"]
+
+
 def test_split_model_at_tau0_equals_relufied_dense(pipeline):
     """The exported experts at tau = 0 reproduce the (sparsified, ReLU-fied) dense model's logits."""
     out, work = pipeline

@@ -86,6 +86,25 @@ def test_checkpoint_tau_matches_masked_reference(tmp_path, dense_dir, converted_
     check_against_reference(result, dense_dir("gemma2"), ckpt, 0.4)
 
 
+def test_sum_reference_checkpoint_matches_masked_reference(tmp_path, dense_dir):
+    """d2dmoe-convert --reference sum writes d2dmoe.reference; vLLM selects against the sum of the router's
+    scores as the reference model does (and not as the max rule would: fewer pairs at the same tau)."""
+    from d2dmoe_converter.cli import main as convert_cli
+
+    ckpt = tmp_path / "sum"
+    assert convert_cli([str(dense_dir("gemma3_text")), str(ckpt), "--expert-size", "16", "--relu", "--tau", "0.05",
+                        "--reference", "sum"]) == 0
+    assert json.loads((ckpt / "config.json").read_text())["d2dmoe"]["reference"] == "sum"
+    result = run_vllm(tmp_path, ckpt, report=True)
+    check_against_reference(result, dense_dir("gemma3_text"), ckpt, 0.05)
+    rows = [o["prompt_ids"] + o["tokens"][:-1] for o in result["batch"]]
+    ref = reference_model(dense_dir("gemma3_text"), ckpt, 0.05)
+    for layer in ref.modules():
+        if hasattr(layer, "reference"):
+            layer.reference = "max"
+    assert sum(p for _, p in count_pairs(ref, rows)) > sum(layer["executed_pairs"] for layer in result["report"]["layers"])
+
+
 def test_torch_compile_matches_masked_reference(tmp_path, dense_dir, converted_dir):
     """enforce_eager off: vLLM traces the model with torch.compile (full graph) on the CPU."""
     ckpt = converted_dir("gemma", relufy=True)
