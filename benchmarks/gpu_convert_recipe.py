@@ -97,11 +97,12 @@ def options(method: str, work: Path, corpus: str | None = None):
     from d2dmoe_converter.sparsify import SparsifyOptions
 
     per_layer = method == "d2dmoe-per-layer"
+    calibrate = {k: v for k, v in RECIPE["calibrate"].items() if k != "reference" or method != "moefication"}
     return ConvertOptions(expert_size=RECIPE["expert_size"], split=RECIPE["split"],
                           method="d2dmoe" if per_layer else method,
                           dtype="bfloat16", overwrite=True, work_dir=str(work / "stages"), corpus=corpus,
                           sparsify=SparsifyOptions(**RECIPE["sparsify"]), routers=RouterOptions(**RECIPE["routers"]),
-                          calibrate=CalibrateOptions(**RECIPE["calibrate"], per_layer=per_layer),
+                          calibrate=CalibrateOptions(**calibrate, per_layer=per_layer),
                           adapt=AdaptOptions(**RECIPE.get("adapt", {})))
 
 
@@ -143,13 +144,14 @@ def sweep(work: Path, out: Path, deadline: float, smoke: bool,
 def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generated: float = 0.0,
               split: str = SPLIT, teacher_engine: str = "auto", activation: str = "relu",
               alpha: float | None = None, teacher_engines: int = 1, adapt_steps: int | None = None,
-              adapt_lr: float | None = None) -> None:
+              adapt_lr: float | None = None, reference: str = "max") -> None:
     """This run's RECIPE: the smoke settings (--smoke), the expert size and split, a sparsify stage of
     ``sparsify_steps`` steps where given (else the recipe's own, or the smoke run's), the share of its
     sequences continued by the original model (``generated``, teacher_text.py), whether it ReLU-fies
     the gate or keeps GELU-tanh (``activation``), the square-Hoyer weight where given (``alpha``), and an adapt
     stage of ``adapt_steps`` steps (``adapt_recipe``) where > 0 (None: the recipe's ``ADAPT_STEPS``, or the
-    smoke run's), at peak learning rate ``adapt_lr`` where given (else half sparsify's)."""
+    smoke run's), at peak learning rate ``adapt_lr`` where given (else half sparsify's); D2DMoE's tau a fraction of
+    the router scores' ``reference`` (max, the paper's; sum: d2dmoe-convert --reference; MoEfication keeps top-k)."""
     if smoke:
         RECIPE.update(SMOKE)
     RECIPE["expert_size"] = expert_size
@@ -168,6 +170,8 @@ def configure(smoke: bool, expert_size: int, sparsify_steps: int | None, generat
         if alpha < 0:
             raise SystemExit(f"[recipe] --hoyer-alpha {alpha}: a weight, >= 0")
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "alpha": alpha}
+    if reference != "max":     # recipe.json of the runs before --reference keeps its form
+        RECIPE["calibrate"] = {**RECIPE["calibrate"], "reference": reference}
     if activation != "relu":   # recipe.json of the runs before --sparsify-activation keeps its form
         RECIPE["sparsify"] = {**RECIPE["sparsify"], "activation": activation}
     if adapt_steps is None:
@@ -400,6 +404,9 @@ def main():
     ap.add_argument("--split", choices=("kmeans", "coactivation"), default=SPLIT,
                     help=f"how neurons are grouped into experts (d2dmoe-convert --split; default {SPLIT}: k-means on "
                          f"the sparsified model's activations; kmeans: the paper's, on the gate rows)")
+    ap.add_argument("--reference", choices=("max", "sum"), default="max",
+                    help="what D2DMoE's tau is a fraction of (d2dmoe-convert --reference; default max, the paper's; "
+                         "sum: -12%% perplexity at 50%% on the CPU main job's model, docs/converter.md)")
     ap.add_argument("--dense", type=Path, metavar="PATH",
                     help="convert this dense checkpoint (HF directory or GGUF) instead of the embedded Gemma 3 270M "
                          "(with --smoke and a tiny model: the whole script on a CPU in about a minute)")
@@ -418,7 +425,8 @@ def main():
     if args.merge:
         return merge(args.merge, args.out)
     configure(args.smoke, args.expert_size, args.sparsify_steps, args.generated, args.split, args.teacher_engine,
-              args.sparsify_activation, args.hoyer_alpha, args.teacher_engines, args.adapt_steps, args.adapt_lr)
+              args.sparsify_activation, args.hoyer_alpha, args.teacher_engines, args.adapt_steps, args.adapt_lr,
+              args.reference)
     methods = tuple(m for m in args.methods.split(",") if m)
     if args.dense and args.sparsified_from:
         raise SystemExit("[recipe] --dense and --sparsified-from: a run started from another run converts that run's "

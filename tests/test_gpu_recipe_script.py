@@ -130,6 +130,24 @@ def test_longer_sparsify_reuses_the_text_in_proportion():
     assert short["passes"] == base["passes"] and short["save_every"] == base["save_every"]   # never fewer
 
 
+def test_reference_reaches_d2dmoe_calibration_only(monkeypatch, tmp_path):
+    """--reference sum: D2DMoE's conversions calibrate against the sum, MoEfication keeps top-k (the converter
+    refuses a reference with it), and the default leaves recipe.json's calibrate settings as before."""
+    import copy
+
+    from d2dmoe_converter.convert import check_options
+
+    original = copy.deepcopy(recipe.RECIPE)
+    monkeypatch.setattr(recipe, "RECIPE", copy.deepcopy(original))
+    recipe.configure(False, 64, None)
+    assert recipe.RECIPE["calibrate"] == original["calibrate"]
+    recipe.configure(False, 64, None, reference="sum")
+    for method, want in (("d2dmoe", "sum"), ("d2dmoe-per-layer", "sum"), ("moefication", "max")):
+        opts = recipe.options(method, tmp_path)
+        assert opts.calibrate.reference == want
+        check_options(opts)
+
+
 def test_smoke_keeps_its_own_sparsify_stage(monkeypatch):
     """--smoke alone runs the smoke settings' few steps (the recipe's 480 only where nothing else is asked);
     --sparsify-steps scales whichever stage the run has."""

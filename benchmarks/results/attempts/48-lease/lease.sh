@@ -51,6 +51,10 @@
 #                  --adapt-lr; the best rate on the CPU model was at or below 2.5e-5), 1000 steps; reuses a sparsified
 #                  model the way e16 does. ~6-9 min. ADAPT=600: 600 steps (against session 47's 22.25 at 600 steps,
 #                  default rate; ~2 min less), for a lease with ~14 min left.
+#   STEP=sumref    after install, once or twice: the recipe with tau a fraction of the router scores' sum (--reference sum,
+#                  session 61: -12% at 50% on the CPU main job's model, oracle -16%), 1000 adapt steps under that rule;
+#                  reuses a sparsified model the way e16 does. Prediction: below 21.87 at 50% (the selection's ~8% of
+#                  the gap shrinks), ~21.0-21.5. ~6-9 min; against the recipe's 21.87 (session 51) or a same-machine run.
 #   STEP=sweep     after install, four calls (resumes): the quality JSON's GPU recipe with adapt (D2DMoE, a tau per layer, and
 #                  MoEfication, 1000 adapt steps each, then the tau / k sweep: SOTU/Brown/BBC perplexity, BoolQ/PIQA/
 #                  ARC-Easy); from adapt2000's sparsified model where this machine has it. ~30 min: session 51's three
@@ -119,7 +123,7 @@ recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}
 sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
                  && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
                  # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
-STEPS="kernels, profile, pinned, floor, kernelschoice, teacher, adapt2000, stack, adapt1000, e16, adaptlr, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, profile, pinned, floor, kernelschoice, teacher, adapt2000, stack, adapt1000, e16, adaptlr, sumref, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
@@ -146,6 +150,7 @@ case "${STEP:?give STEP=$STEPS}" in
   keep)    recipe keep --sparsify-activation keep ;;
   e16)     W=$(sparsified e16); recipe e16 --expert-size 16 ${W:+--sparsified-from $W} ;;
   adaptlr) W=$(sparsified alr); recipe alr --adapt-lr ${LR:-2.5e-5} ${ADAPT:+--adapt-steps $ADAPT} ${W:+--sparsified-from $W} ;;
+  sumref) W=$(sparsified sum); recipe sum --reference sum ${ADAPT:+--adapt-steps $ADAPT} ${W:+--sparsified-from $W} ;;
   condprobe) install   # attempts/56-lease/probe_conditional.py: the path chosen on the device (CUDA graph IF nodes)
            timeout $T python3 benchmarks/results/attempts/56-lease/probe_conditional.py --out "$OUT" > "$OUT/condprobe.log" 2>&1
            echo "condprobe rc $?" >> "$OUT/condprobe.log"; tail -40 "$OUT/condprobe.log"
