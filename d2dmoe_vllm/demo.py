@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapt-steps", type=int, default=0,
                     help="fine-tune the model under its routers' selection for this many steps of 2 x 256 tokens "
                          "(7-8 s each for Gemma 3 270M on 2 cores; d2dmoe-convert --adapt-steps; default 0: none)")
+    ap.add_argument("--reference", choices=("max", "sum"), default="max",
+                    help="what tau is a fraction of: the top router score (max, the paper's) or their sum (sum: at the "
+                         "same compute it keeps more of each token's output; d2dmoe-convert --reference)")
     args = ap.parse_args(argv)
 
     from d2dmoe_converter.adapt import AdaptOptions
@@ -53,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.work_dir)
     opts = ConvertOptions(expert_size=args.expert_size, dtype="bfloat16", overwrite=True, work_dir=str(work / "stages"),
-                          calibrate=CalibrateOptions(budget=args.budget),
+                          calibrate=CalibrateOptions(budget=args.budget, reference=args.reference),
                           adapt=AdaptOptions.few_minutes(args.adapt_steps))
     try:  # the converter's own checks, before the default model is assembled
         check_options(opts)
     except ValueError as err:
         ap.error(str(err))
     src = Path(args.model) if args.model else default_model_gguf(work)
-    adapted = f"-adapt{args.adapt_steps}" if args.adapt_steps else ""
+    adapted = (f"-adapt{args.adapt_steps}" if args.adapt_steps else "") + ("-sum" if args.reference == "sum" else "")
     ckpt = work / f"{src.stem}-d2dmoe-e{args.expert_size}-b{args.budget}{adapted}"
     t0 = time.time()
     print(f"[1/2] converting {src} -> {ckpt} (stages kept in {work / 'stages'})")

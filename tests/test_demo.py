@@ -38,6 +38,16 @@ def test_adapt_steps_reach_the_conversion(recorded, tmp_path, steps):
     assert opts.calibrate.budget == 0.75
 
 
+@pytest.mark.parametrize("reference", ["max", "sum"])
+def test_reference_reaches_the_conversion(recorded, tmp_path, reference):
+    model = tmp_path / "model.gguf"
+    with pytest.raises(Stop):
+        demo.main(["--model", str(model), "--work-dir", str(tmp_path / "work"), "--reference", reference])
+    (_, out, opts), = recorded
+    assert opts.calibrate.reference == reference
+    assert out.name == "model-d2dmoe-e64-b0.75" + ("-sum" if reference == "sum" else "")   # its own folder
+
+
 @pytest.mark.parametrize("bad, message", [(["--adapt-steps", "-3"], "--adapt-steps must be >= 0, got -3"),
                                           (["--budget", "1.5"], "--budget 1.5 is out of range")])
 def test_bad_options_are_refused_before_any_work(recorded, tmp_path, capsys, monkeypatch, bad, message):
