@@ -65,8 +65,13 @@ def dense_experts(x, w_in, w_up, w_out, b_in, b_out, activation):
 def route(x, router_in, router_out, tau, top_k, counters, cfg, own_max, reference="max"):
     """(scores [T, E], per-token reference [T] fp32 or None, factor): expert e runs iff
     scores >= factor * ref; ref None means the fused decode kernels take the row max themselves. The Triton
-    router tails take the row max (the "max" reference); other references and top-k take the torch router."""
+    router tails take the row max (the "max" reference), or the "sum" reference in the one-program-per-token-block
+    tail; larger T and top-k take the torch router."""
     T = x.shape[0]
+    if top_k == 0 and reference == "sum" and T <= cfg["router"]["tail_max_tokens"]:  # first layer + one Triton tail
+        scores, ref = router_tail(router_hidden(x, router_in, cfg["router"]), router_out, cfg["router"],
+                                  sum_tau=float(tau))
+        return scores, ref, 1.0
     if top_k == 0 and reference != "max":
         scores = router_scores(x, router_in, router_out)
         return (scores, *selection_rule(scores, tau, 0, reference))

@@ -7,6 +7,9 @@ everything after it -- ReLU, the small second layer (E x w), |.|, the
 row max -- runs here, grid (ceil(T / BLOCK_T),), replacing four launches (ReLU, GEMM, abs, amax) and
 the fp32 cast of the torch router. Scores are rounded to the model dtype, as the torch router's are,
 and the row max is taken over the rounded scores, so selection is the same rule (``selection_rule``).
+With ``sum_tau`` (the "sum" reference) the row's reference is min(sum_tau * sum_e R_e, max_e R_e) instead
+of the max, to select with factor 1 (the sum in fp32 over expert blocks, the torch rule's summation order
+aside).
 """
 
 import torch
@@ -24,9 +27,9 @@ def tile(block, n):
 
 @triton.jit(**ANY_TOKEN_COUNT)
 def _router_tail_kernel(
-    hid_ptr, w2_ptr, scores_ptr, rowmax_ptr, T, E, W, stride_h, stride_s,
+    hid_ptr, w2_ptr, scores_ptr, rowmax_ptr, T, E, W, stride_h, stride_s, sum_tau,
     UPCAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr,
-    ROWMAX: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, THREADS: tl.constexpr,
+    ROWMAX: tl.constexpr, SUM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, THREADS: tl.constexpr,
 ):
     # ROWMAX: one program per token block walks every expert block and writes the row max; else the
     # expert blocks are spread over grid axis 1 (more programs for few tokens) and the consumer
@@ -40,6 +43,7 @@ def _router_tail_kernel(
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = offs_t < T
     rmax = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    rsum = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for e0 in range(e_first, e_last, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         emask = offs_e < E
@@ -48,6 +52,10 @@ def _router_tail_kernel(
         tl.store(scores_ptr + offs_t[:, None] * stride_s + offs_e[None, :], s.to(scores_ptr.dtype.element_ty),
                  mask=tmask[:, None] & emask[None, :])
         rmax = tl.maximum(rmax, tl.max(tl.where(emask[None, :], s, 0.0), axis=1))
+        if SUM:
+            rsum += tl.sum(tl.where(emask[None, :], s, 0.0), axis=1)
+    if SUM:  # the "sum" reference: R_e >= min(tau * sum R, max R) with factor 1 (the arg-max always runs)
+        rmax = tl.minimum(sum_tau * rsum, rmax)
     if ROWMAX:
         tl.store(rowmax_ptr + offs_t, rmax, mask=tmask)
 
@@ -92,9 +100,12 @@ def router_hidden(x, router_in, cfg=None):
     return hid
 
 
-def router_tail(hid, router_out, cfg, rowmax=True):
+def router_tail(hid, router_out, cfg, rowmax=True, sum_tau=None):
     """hid [T, w] (first layer, before ReLU), router_out [E, w] -> (scores [T, E] in the weights'
-    dtype, rowmax [T] fp32, or None with ``rowmax=False``: expert blocks spread over programs)."""
+    dtype, rowmax [T] fp32, or None with ``rowmax=False``: expert blocks spread over programs). With
+    ``sum_tau`` the second value is the "sum" reference, min(sum_tau * sum_e R_e, max_e R_e)."""
+    if sum_tau is not None and not rowmax:
+        raise ValueError("router_tail: the sum reference needs one program per token block (rowmax=True)")
     T, W = hid.shape
     E = router_out.shape[0]
     scores = torch.empty((T, E), device=hid.device, dtype=router_out.dtype)
@@ -104,9 +115,9 @@ def router_tail(hid, router_out, cfg, rowmax=True):
     block_e = tile(cfg["TAIL_BLOCK_E"] if rowmax else cfg.get("TAIL_SPLIT_BLOCK_E", 16), E)
     num_warps = 4
     _router_tail_kernel[(triton.cdiv(T, block_t), 1 if rowmax else triton.cdiv(E, block_e))](
-        hid, router_out, scores, rmax, T, E, W, hid.stride(0), scores.stride(0),
+        hid, router_out, scores, rmax, T, E, W, hid.stride(0), scores.stride(0), float(sum_tau or 0.0),
         UPCAST=fp32_dots(hid), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_W=tile(cfg["TAIL_BLOCK_W"], W),
-        ROWMAX=rowmax, PDL=pdl, PREFETCH=prefetch_ok(cfg.get("TAIL_PREFETCH", 0), hid, router_out),
+        ROWMAX=rowmax, SUM=sum_tau is not None, PDL=pdl, PREFETCH=prefetch_ok(cfg.get("TAIL_PREFETCH", 0), hid, router_out),
         THREADS=32 * num_warps, num_warps=num_warps,
         **pdl_launch(pdl),
     )

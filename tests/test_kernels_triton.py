@@ -211,17 +211,18 @@ def test_dispatch_dynamic_k(T, d_out):
     assert counters.tolist() == [T, int(mask.sum()), 0]
 
 
+@pytest.mark.parametrize("tail", [0, 64])  # the router: torch, or first layer + the Triton tail's sum reference
 @pytest.mark.parametrize("own_router", [False, True])
 @pytest.mark.parametrize("tau", [0.0, 0.04, 0.12, 1.0])
 @pytest.mark.parametrize("T", [1, 3, 9, 30])  # fused decode, masked, grouped (SMALL: masked up to 64 with own_router)
-def test_dispatch_selects_against_the_sum(T, tau, own_router):
+def test_dispatch_selects_against_the_sum(T, tau, own_router, tail):
     """reference "sum" on every path, including the ones whose kernels take the row max themselves (fused
-    router, router tail, own_router): those must not run, or the selection would be the max rule's."""
+    router, own_router): those must not run, or the selection would be the max rule's."""
     E, ES, D = 8, 16, 32
     w = layer(E, ES, D, True, 41)
     x = torch.randn(T, D)
     r_in, r_out = router(D, E, seed=50 + T)
-    cfg = dict(SMALL, router=dict(ROUTER, tail_max_tokens=64), fused=dict(FUSED, own_router=own_router),
+    cfg = dict(SMALL, router=dict(ROUTER, tail_max_tokens=tail), fused=dict(FUSED, own_router=own_router),
                masked=dict(MASKED, max_tokens=16, own_router=own_router))
     counters = torch.zeros(3, dtype=torch.int64)
     out = dynamic_k_experts_triton(x, r_in, r_out, tau, 0, *w.values(), "gelu_tanh", counters, cfg, reference="sum")
@@ -320,6 +321,23 @@ def test_router_tail_matches_torch(T, D, W, E, rowmax):
     want = router_scores(x.double(), r_in.double(), r_out.double())
     check(scores, want)
     assert torch.equal(rmax, scores.amax(-1)) if rowmax else rmax is None
+
+
+@pytest.mark.parametrize("T,D,W,E", [(1, 64, 32, 8), (5, 96, 48, 20), (37, 64, 24, 70)])
+@pytest.mark.parametrize("tau", [0.0, 0.02, 0.1, 1.0])
+def test_router_tail_sum_reference(T, D, W, E, tau):
+    """sum_tau: the tail's second output is min(tau * sum_e R_e, max_e R_e) over its rounded scores (E over
+    several expert blocks: 70 with blocks of 16), the "sum" rule's reference with factor 1."""
+    x = torch.randn(T, D)
+    r_in, r_out = router(D, E, W, seed=T)
+    scores, ref = router_tail(router_hidden(x, r_in), r_out, ROUTER, sum_tau=tau)
+    want, factor = selection_rule(scores, tau, 0, "sum")
+    assert factor == 1.0
+    torch.testing.assert_close(ref, want, rtol=1e-6, atol=0.0)
+    if tau == 1.0:
+        assert torch.equal(ref, scores.amax(-1))
+    with pytest.raises(ValueError, match="rowmax=True"):
+        router_tail(router_hidden(x, r_in), r_out, ROUTER, rowmax=False, sum_tau=tau)
 
 
 @pytest.mark.parametrize("balanced", [False, True])
