@@ -177,8 +177,9 @@ def dynamic_k_experts_triton(x, router_in, router_out, tau, top_k, w_in, w_up, w
     """``expert_offset``: the local experts are experts [offset, offset + E_local) of the router
     (tensor parallelism; selection still uses the reference over all experts).
     ``reference``: what tau is a fraction of (``selection_rule``); the paths that run the router's tail in
-    their own kernels take the row max, so another reference selects like top-k: torch router, then
-    the kernels on its (scores, reference, factor).
+    their own kernels (fused router, own_router, persistent, gemm, choice) take the row max, so the "sum"
+    reference selects as top-k does: ``route`` (the Triton tail's sum reference up to tail_max_tokens, else the
+    torch router), then the kernels on its (scores, reference, factor).
     ``route_override`` (benchmarks only): (scores, ref, factor) used for selection after the router
     has run, so a benchmark pays the router's cost but controls which experts run."""
     T, D = x.shape
