@@ -37,13 +37,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from checkpoint_study import load_study, plot_perplexity_vs_compute
 from d2dmoe_converter.calibrate import CalibrateOptions, bisect_tau
-from d2dmoe_converter.corpus import load_corpus, token_sequences
-from d2dmoe_converter.dense import load_dense, load_tokenizer
-from d2dmoe_converter.evaluate import build_moe, load_checkpoint
+from d2dmoe_converter.corpus import token_sequences
 from d2dmoe_converter.moe_model import ffn_fraction, ffn_layers, perplexity, run_base, set_selection
 from d2dmoe_converter.routers import expert_hidden
-from d2dmoe_vllm.demo import default_model_gguf
 from provenance import provenance
 
 VARIANTS = ("none", "layer", "layer-weighted", "expert")
@@ -167,23 +165,10 @@ def scored(model, layers, seqs: torch.Tensor, correction: list, tau: float, laye
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for variant, marker in zip(result["points"][0]["variants"], "os^v"):
-        pts = sorted((p["variants"][variant]["ffn_fraction"], p["variants"][variant]["ppl"]) for p in result["points"])
-        ax.plot(*zip(*pts), marker=marker, label=variant)
-    ax.axhline(result["ppl_all_experts"], color="gray", ls="--", lw=1, label="all experts")
-    ax.set_xlabel("executed FFN compute (held-out)")
-    ax.set_ylabel("held-out SOTU perplexity")
-    ax.set_yscale("log")
-    ax.set_title(f"dropped experts' mean added back: {result['checkpoint_name']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    curves = [(v, [(p["variants"][v]["ffn_fraction"], p["variants"][v]["ppl"]) for p in result["points"]],
+               {"marker": marker}) for v, marker in zip(result["points"][0]["variants"], "os^v")]
+    plot_perplexity_vs_compute(curves, result["ppl_all_experts"],
+                               f"dropped experts' mean added back: {result['checkpoint_name']}", path)
 
 
 def main() -> int:
@@ -197,18 +182,11 @@ def main() -> int:
     ap.add_argument("--name", default=None, help="names the output files (default: the checkpoint's folder name)")
     args = ap.parse_args()
     t0 = time.time()
-    cache = Path.home() / ".cache" / "d2dmoe-vllm"
-    dense = load_dense(default_model_gguf(cache))
-    ckpt = load_checkpoint(args.checkpoint, dense)
-    model = build_moe(ckpt, dense, torch.device("cpu")).eval()
+    study, ca = load_study(args.checkpoint), CalibrateOptions()
+    ckpt, model, calib, test = study.ckpt, study.model, study.calib, study.test
     layers = ffn_layers(model)
-    tok, corpus, ca = load_tokenizer(dense), load_corpus(), CalibrateOptions()
-    bos = dense.bos_token_id(tok)
-    n_cal, n_eval = -(-ca.tokens // ca.seq_len), -(-ca.eval_tokens // ca.seq_len)
-    held = token_sequences(tok, corpus.heldout, n_cal + n_eval, ca.seq_len, bos=bos, what="held-out")
-    calib, test = held[:n_cal], held[n_cal:]   # the converter's layout: its report's tokens
-    fit_seqs = token_sequences(tok, corpus.train, args.fit_seqs, ca.seq_len, bos=bos, shuffle_seed=args.seed + 17,
-                               what="fit")
+    fit_seqs = token_sequences(study.tokenizer, study.corpus.train, args.fit_seqs, ca.seq_len, bos=study.bos,
+                               shuffle_seed=args.seed + 17, what="fit")
     own_tau, layer_tau = float(ckpt.d2dmoe.get("tau", 0.0)), tuple(ckpt.d2dmoe.get("layer_tau") or ())
     settings = [("checkpoint", own_tau, layer_tau)]
     for b in (float(x) for x in args.budgets.split(",") if x):

@@ -34,12 +34,10 @@ from pathlib import Path
 import torch
 
 import d2dmoe_converter.moe_model as moe_model
+from checkpoint_study import load_study, plot_perplexity_vs_compute
 from d2dmoe_converter.calibrate import CalibrateOptions, bisect_within
-from d2dmoe_converter.corpus import load_corpus, token_sequences
-from d2dmoe_converter.dense import load_dense, load_tokenizer
-from d2dmoe_converter.evaluate import build_moe, load_checkpoint
 from d2dmoe_converter.moe_model import ffn_fraction, perplexity, run_base, set_selection
-from d2dmoe_vllm.demo import default_model_gguf
+from d2dmoe_kernels.reference import select_experts
 from provenance import provenance
 
 RULES = ("max", "l2", "sum", "cum")
@@ -47,6 +45,8 @@ RULES = ("max", "l2", "sum", "cum")
 
 def select_by(rule: str, scores: torch.Tensor, tau: float) -> torch.Tensor:
     """[T, E] bool: the experts each token runs under ``rule`` (module docstring); the arg-max always runs."""
+    if rule in ("max", "sum"):   # the rules the converter and kernels run (``selection_rule``)
+        return select_experts(scores, tau, reference=rule)
     s = scores.float()
     top = s >= s.amax(-1, keepdim=True)
     if rule == "cum":
@@ -54,8 +54,7 @@ def select_by(rule: str, scores: torch.Tensor, tau: float) -> torch.Tensor:
         small, idx = q.sort(-1)                                       # ascending: the smallest are dropped first
         drop = small.cumsum(-1) < tau**2 * q.sum(-1, keepdim=True)   # strict: tau = 0 drops nothing, not the zeros
         return torch.ones_like(top).scatter(-1, idx, ~drop) | top
-    ref = {"max": lambda: s.amax(-1), "l2": lambda: s.norm(dim=-1), "sum": lambda: s.sum(-1)}[rule]()
-    return (s >= tau * ref[:, None]) | top
+    return (s >= tau * s.norm(dim=-1, keepdim=True)) | top   # l2
 
 
 @contextmanager
@@ -89,26 +88,15 @@ def point(model, calib, test, rule: str, budget: float, oracle: bool, iterations
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    curves = []
     for rule, marker in zip(RULES, "os^v"):
         for oracle in (False, True):
-            pts = sorted((p["ffn_fraction"], p["ppl"]) for p in result["points"] if p["rule"] == rule and p["oracle"] == oracle)
+            pts = [(p["ffn_fraction"], p["ppl"]) for p in result["points"] if p["rule"] == rule and p["oracle"] == oracle]
             if pts:
-                ax.plot(*zip(*pts), marker=marker, ls=":" if oracle else "-", color=f"C{RULES.index(rule)}",
-                        label=f"{rule}{' (oracle)' if oracle else ''}")
-    ax.axhline(result["ppl_all_experts"], color="gray", ls="--", lw=1, label="all experts")
-    ax.set_xlabel("executed FFN compute (held-out)")
-    ax.set_ylabel("held-out SOTU perplexity")
-    ax.set_yscale("log")
-    ax.set_title(f"what tau is a fraction of: {result['checkpoint_name']}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+                curves.append((f"{rule}{' (oracle)' if oracle else ''}", pts,
+                               {"marker": marker, "ls": ":" if oracle else "-", "color": f"C{RULES.index(rule)}"}))
+    plot_perplexity_vs_compute(curves, result["ppl_all_experts"], f"what tau is a fraction of: {result['checkpoint_name']}",
+                               path)
 
 
 def main() -> int:
@@ -124,16 +112,10 @@ def main() -> int:
     if unknown := sorted(set(rules) - set(RULES)):
         raise SystemExit(f"--rules: unknown {unknown}. Fix: choose from {','.join(RULES)}")
     t0 = time.time()
-    dense = load_dense(default_model_gguf(Path.home() / ".cache" / "d2dmoe-vllm"))
-    ckpt = load_checkpoint(args.checkpoint, dense)
+    study, ca = load_study(args.checkpoint), CalibrateOptions()
+    ckpt, model, calib, test = study.ckpt, study.model, study.calib, study.test
     if ckpt.d2dmoe.get("top_k"):
         raise SystemExit(f"{args.checkpoint} is a top-k (MoEfication) checkpoint. Fix: pass a D2DMoE one")
-    model = build_moe(ckpt, dense, torch.device("cpu")).eval()
-    tok, corpus, ca = load_tokenizer(dense), load_corpus(), CalibrateOptions()
-    bos = dense.bos_token_id(tok)
-    n_cal, n_eval = -(-ca.tokens // ca.seq_len), -(-ca.eval_tokens // ca.seq_len)
-    held = token_sequences(tok, corpus.heldout, n_cal + n_eval, ca.seq_len, bos=bos, what="held-out")
-    calib, test = held[:n_cal], held[n_cal:]   # the converter's layout: its report's tokens
     set_selection(model, 0.0)
     ppl_all = perplexity(model, test, desc="all experts")
     runs = [(b, False) for b in args.budgets.split(",") if b] + [(b, True) for b in args.oracle_budgets.split(",") if b]

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from d2dmoe_converter.corpus import token_sequences
 from d2dmoe_converter.moe_model import (expert_layers, ffn_fraction, ffn_layers, perplexity, projection_fraction, run_base,
                                         set_selection)
 
@@ -89,6 +90,16 @@ def bisect_within(fraction, lo: float, hi: float, budget: float, iterations: int
         else:
             hi, f_hi = mid, f
     return hi, f_hi, trace
+
+
+def heldout_sequences(tokenizer, docs: tuple[str, ...], opts: CalibrateOptions, bos: int | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration, evaluation) sequences from the held-out text: the first ``opts.tokens`` set tau, the next
+    ``opts.eval_tokens`` measure perplexity and the reported fraction (the converter's report's tokens)."""
+    n_cal, n_eval = -(-opts.tokens // opts.seq_len), -(-opts.eval_tokens // opts.seq_len)
+    held = token_sequences(tokenizer, docs, n_cal + n_eval, opts.seq_len, bos=bos,
+                           what=f"calibrate ({opts.tokens} + {opts.eval_tokens} held-out tokens)")
+    return held[:n_cal], held[n_cal:]
 
 
 def bisect_tau(model, seqs: torch.Tensor, budget: float, iterations: int) -> tuple[float, float, list]:

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from d2dmoe_converter.adapt import AdaptOptions, select_experts_in_ffns_
 from d2dmoe_converter.attention import (AttentionOptions, convert_attention, dense_projection_names,
                                         load_projection_state, projection_specs, resolve_projections)
-from d2dmoe_converter.calibrate import CalibrateOptions, calibrate, check_budget, measure_quality, scale_to_budget
+from d2dmoe_converter.calibrate import (CalibrateOptions, calibrate, check_budget, heldout_sequences, measure_quality,
+                                       scale_to_budget)
 from d2dmoe_converter.corpus import load_corpus, token_sequences
 from d2dmoe_converter.dense import DenseModel, load_dense, load_tokenizer
 from d2dmoe_converter.hf_model import build_model, relu_config, state_dict_for_export
@@ -325,10 +326,7 @@ def prepare_text(dense: DenseModel, opts: ConvertOptions, measure: bool) -> Text
                                      passes=ad.passes, fix="ask for fewer adapt steps, allow more passes over the text "
                                                            "(--adapt-passes), or pass a larger corpus")
     if measure:
-        n_cal, n_eval = -(-ca.tokens // ca.seq_len), -(-ca.eval_tokens // ca.seq_len)
-        held = token_sequences(tok, corpus.heldout, n_cal + n_eval, ca.seq_len, bos=bos,
-                               what=f"calibrate ({ca.tokens} + {ca.eval_tokens} held-out tokens)")
-        data.calib, data.heldout = held[:n_cal], held[n_cal:]
+        data.calib, data.heldout = heldout_sequences(tok, corpus.heldout, ca, bos)
     return data
 
 
