@@ -1,6 +1,6 @@
 """Kernel benchmark: dense MLP (torch/cuBLAS) vs the D2DMoE layer (router + dynamic-k experts).
 
-    python benchmarks/bench_kernels.py [--quick] [--out benchmarks/results]
+    python benchmarks/bench_kernels.py [--quick] [--reference max|sum] [--out benchmarks/results]
 
 Both sides run as CUDA graphs (as vLLM replays them) and are timed with triton.testing.do_bench
 (median, after warm-up). Where a layer's weights fit in L2, several weight copies are rotated (one
@@ -8,6 +8,10 @@ graph per copy, replayed round-robin) so every call reads weights from HBM. Rout
 exact: each token's chosen experts score in [0.995, 1], the rest in [0, 0.9], tau = 0.99, so the
 executed fraction is exactly the one asked for ("independent": every token its own random experts;
 "shared": one set for all tokens). Writes kernels-<device>.json and prints the table.
+--reference sum times the layer as a checkpoint with d2dmoe.reference "sum" runs it: the router computes the sum
+reference (the Triton tail, or torch above tail_max_tokens) and the paths that take the row max in their own
+kernels are skipped; the selection is still the controlled one, so the rows compare with max's at the same pairs.
+Writes kernels-<device>-sum.json.
 """
 
 import argparse
@@ -81,18 +85,19 @@ def routing_scores(T, E, fraction, routing, dtype):
     return (scores, scores.float().amax(-1), 0.99), k / E
 
 
-def moe_forward(x, routing, w, tau, activation, counters, cfg=None):
+def moe_forward(x, routing, w, tau, activation, counters, cfg=None, reference="max"):
     # The op's CUDA body as vLLM calls it: the router runs (fused or cuBLAS, as in serving), then the
     # benchmark's controlled routing decides which experts run. cfg: a kernel config (None: the device's).
     return dynamic_k_experts_triton(x, w["router_in"], w["router_out"], tau, 0, w["w_in"], w["w_up"], w["w_out"],
-                                    w["b_in"], w["b_out"], activation, counters, cfg, route_override=routing)
+                                    w["b_in"], w["b_out"], activation, counters, cfg, route_override=routing,
+                                    reference=reference)
 
 
-def moe_us(x, routing, moe_ws, tau, activation, counters, reps, cfg=None):
+def moe_us(x, routing, moe_ws, tau, activation, counters, reps, cfg=None, reference="max"):
     """The D2DMoE layer's time (us per call): one graph of ``reps`` calls of ``moe_forward`` cycling
     through the weight copies ``moe_ws``."""
-    return time_us(graphed([lambda w=w: moe_forward(x, routing, w, tau, activation, counters, cfg) for w in moe_ws],
-                           reps))
+    return time_us(graphed([lambda w=w: moe_forward(x, routing, w, tau, activation, counters, cfg, reference)
+                            for w in moe_ws], reps))
 
 
 def graphed(fns, reps):
@@ -126,14 +131,15 @@ def copies_for(nbytes):
 
 def write(args, rows, complete):
     device = torch.cuda.get_device_name()
-    result = {**provenance(triton=triton.__version__), "dtype": "bfloat16",
+    result = {**provenance(triton=triton.__version__), "dtype": "bfloat16", "reference": args.reference,
               "method": "per-layer time = one CUDA graph of 32 (T<=64), 8 (T<=1024) or 2 back-to-back layer calls, "
                         "do_bench median (warmup 10 ms, rep 40 ms) / calls; weights rotated over "
                         f">= {L2_ROTATE_BYTES >> 20} MiB when a layer fits in L2; D2DMoE time includes the router; "
                         "dense = fused gate/up GEMM + act*mul + down GEMM (torch/cuBLAS), or fc+bias, act, proj+bias",
               "complete": complete, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"kernels-{device.replace(' ', '-').lower()}{'-quick' if args.quick else ''}.json"
+    suffix = ("-sum" if args.reference == "sum" else "") + ("-quick" if args.quick else "")
+    path = args.out / f"kernels-{device.replace(' ', '-').lower()}{suffix}.json"
     path.write_text(json.dumps(result, indent=1))
     return path
 
@@ -142,6 +148,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a small subset (smoke run)")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--reference", choices=("max", "sum"), default="max",
+                    help="what tau is a fraction of in the checkpoint timed (d2dmoe.reference)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
 
@@ -169,7 +177,8 @@ def main():
                         if fraction == 1.0 and routing == "shared":
                             continue  # identical to independent at 100%
                         scores, real = routing_scores(T, E, fraction, routing, dtype)
-                        moe_time = moe_us(x, scores, moe_ws, 0.99, activation, counters, reps)
+                        moe_time = moe_us(x, scores, moe_ws, 0.99, activation, counters, reps,
+                                          reference=args.reference)
                         rows.append(dict(shape=name, expert_size=es, tokens=T, fraction=round(real, 4), routing=routing,
                                          dense_us=round(dense_us, 2), d2dmoe_us=round(moe_time, 2),
                                          speedup=round(dense_us / moe_time, 3)))
@@ -178,7 +187,7 @@ def main():
                               f"dense {dense_us:9.1f} us  d2dmoe {moe_time:9.1f} us  x{r['speedup']:.2f}", flush=True)
                 # tau = 0 (every expert, host-known): the dense fallback
                 scores, _ = routing_scores(T, E, 1.0, "independent", dtype)
-                fb = moe_us(x, scores, moe_ws, 0.0, activation, counters, reps)
+                fb = moe_us(x, scores, moe_ws, 0.0, activation, counters, reps, reference=args.reference)
                 rows.append(dict(shape=name, expert_size=es, tokens=T, fraction=1.0, routing="tau0-fallback",
                                  dense_us=round(dense_us, 2), d2dmoe_us=round(fb, 2), speedup=round(dense_us / fb, 3)))
                 del moe_ws

@@ -55,6 +55,9 @@
 #                  session 61: -12% at 50% on the CPU main job's model, oracle -16%), 1000 adapt steps under that rule;
 #                  reuses a sparsified model the way e16 does. Prediction: below 21.87 at 50% (the selection's ~8% of
 #                  the gap shrinks), ~21.0-21.5. ~6-9 min; against the recipe's 21.87 (session 51) or a same-machine run.
+#   STEP=sumcheck  bare machine OK: the sum reference's GPU tests (tests/test_kernels_gpu.py -k "sum_reference or
+#                  no_host_synchronisation"), then the kernel table twice in one run of the machine: --reference max and
+#                  --reference sum (bench_kernels.py; the same controlled pairs, so the ratio is the sum's cost). ~3 min.
 #   STEP=sweep     after install, four calls (resumes): the quality JSON's GPU recipe with adapt (D2DMoE, a tau per layer, and
 #                  MoEfication, 1000 adapt steps each, then the tau / k sweep: SOTU/Brown/BBC perplexity, BoolQ/PIQA/
 #                  ARC-Easy); from adapt2000's sparsified model where this machine has it. ~30 min: session 51's three
@@ -120,16 +123,24 @@ convert() { mkdir -p /root/$1 $OUT/$1 && cp --update=none /root/recipe/gemma3-27
               [ -f $f ] && [ $(ls $OUT/$1 | wc -l) -lt 6 ] && cp $f $OUT/$1/; done; }  # the JSONs first (session 51 lost two)
 recipe() { convert $1 --methods d2dmoe-per-layer --no-sweep --minutes 30 "${@:2}"                  # one conversion, no sweep
            grep -h " rc \|perplexity  \|executed\|adapt   \|seconds per" $OUT/$1.log; }
-sparsified() { for w in /root/ad2000 /root/sweep; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
+sparsified() { for w in /root/ad2000 /root/sweep /root/sum; do [ $w != /root/$1 ] && test -f $w/stages/sparsify/stage.json \
                  && echo $w && return; done; }   # STEP=adapt2000's or STEP=sweep(moe)'s sparsified model (the recipe's
                  # sparsify options: ReLU, alpha 1e-3, no teacher text), where this machine has it; $1: the caller's work
-STEPS="kernels, profile, pinned, floor, kernelschoice, teacher, adapt2000, stack, adapt1000, e16, adaptlr, sumref, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
+STEPS="kernels, sumcheck, profile, pinned, floor, kernelschoice, teacher, adapt2000, stack, adapt1000, e16, adaptlr, sumref, serve, condprobe, sweep, sweepmoe, gputests, largekeys, alpha3e-4 or keep"
 case "${STEP:?give STEP=$STEPS}" in
   kernels) install
            D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} timeout $T \
              python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc $?" >> "$OUT/kernels.log"
            tail -40 "$OUT/kernels.log" ;;
   teacher) recipe teacher --generated 0.5 ;;
+  sumcheck) install
+           timeout 150 python3 -m pytest -m gpu tests/test_kernels_gpu.py -k "sum_reference or no_host_synchronisation" \
+             -q -rf -p no:cacheprovider > "$OUT/gpu-sum.log" 2>&1; echo "sum tests rc $?" >> "$OUT/gpu-sum.log"
+           tail -4 "$OUT/gpu-sum.log"
+           for R in max sum; do
+             D2DMOE_GIT_SHA=${D2DMOE_GIT_SHA:-unknown} timeout 180 python3 benchmarks/bench_kernels.py --reference $R \
+               --out "$OUT" > "$OUT/kernels-$R.log" 2>&1; echo "kernels $R rc $?" >> "$OUT/kernels-$R.log"; tail -1 "$OUT/kernels-$R.log"
+           done ;;
   gputests) install
            S0=$(date +%s)
            if [ -n "${K:-}" ]; then   # K="...": these tests first (pytest -k), e.g. what changed since the last run
