@@ -23,7 +23,7 @@ summed over tokens and per token (the mean of each token's ratio).
 ``--refit`` fits again with the first fit's correction running (later layers then see corrected inputs).
 Budgets other than the checkpoint's own are set by bisecting one tau on the calibration tokens, as the
 converter does. Writes ``dropped-bias-study-<name>.json`` + ``.png`` under ``--out``. The committed run (session 61) took the
-README's main job converted at 50%: ``d2dmoe-convert GGUF /tmp/s61/b50 --budget 0.5 --dtype bfloat16``, then
+README's main job converted at 50%: ``d2dmoe-convert GGUF /tmp/s61/b50 --budget 0.5 --dtype bfloat16 --router-steps 500`` (500: the default then), then
 ``--budgets 0.3,0.75 --name gemma3-270m-cpu-default``.
 """
 

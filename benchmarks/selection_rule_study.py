@@ -19,7 +19,7 @@ tokens to the same FFN budget:
 perplexity on the converter's own held-out tokens (its 2,048 calibration tokens skipped, the next 4,096), with
 the routers' scores, and with ``--oracle-budgets`` on every expert's true output norm too (no router error).
 Writes ``selection-rule-study-<name>.json`` + ``.png`` under ``--out``. The committed run (session 61): the
-README's main job converted at 50% (``d2dmoe-convert GGUF /tmp/s61/b50 --budget 0.5 --dtype bfloat16``), then
+README's main job converted at 50% (``d2dmoe-convert GGUF /tmp/s61/b50 --budget 0.5 --dtype bfloat16 --router-steps 500``; 500 was the default then), then
 ``--budgets 0.3,0.5,0.75 --oracle-budgets 0.5 --name gemma3-270m-cpu-default``.
 """
 
