@@ -109,7 +109,10 @@
 # (docs/kernels.md attempt 48): batch 256 is host-bound, and an engine instance's host runs fast or ~1.5x slow at
 # random, which alone set session 58's 0.82x (same-mode pairs: 0.98x, 1.09x). serve and profile now pass --cpus
 # (CPUS=auto unless given: every engine pinned to one thread per core near the GPU).
-# Next: STEP=pinned (SLIM payload, ~4.5 min after install: is every batch-256 instance in one mode with --cpus auto,
+# Sessions 61 and 62 got no machine (61: loans paused; 62: every start from 23:59 to 01:40 found none, and its 1800 s
+# went to those starts). Next, first: STEP=sumcheck (bare machine, ~3 min: the sum reference's GPU tests, never run yet,
+# and its kernel cost), then STEP=sumref (full payload, two calls: a fresh machine sparsifies first, ~11 min in all).
+# Then: STEP=pinned (SLIM payload, ~4.5 min after install: is every batch-256 instance in one mode with --cpus auto,
 # ratio 0.98-1.09x each round?) and STEP=floor (~2 min: vLLM's host step with a tiny model), then adaptlr LR=1e-4 (~11 min, full payload); stack in a lease of its own.
 # Logs and results land in $OUT; rerun = resume while the machine is held.
 cd "$(dirname "$0")/../../../.."
